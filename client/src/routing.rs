@@ -1,0 +1,137 @@
+//! Routing: the cached, epoch-versioned partition table and the connections
+//! to each member.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use parking_lot::RwLock;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::config::ClientConfig;
+use crate::error::{Error, Result};
+use crate::mux::Mux;
+use crate::proto::PartitionTableResponse;
+
+/// One member's connections: a Batch stream slot per connection.
+pub(crate) struct NodeConn {
+    pub(crate) address: String,
+    slots: Vec<Slot>,
+    next: AtomicUsize,
+    open_lock: tokio::sync::Mutex<()>,
+    max_message_bytes: usize,
+}
+
+struct Slot {
+    channel: Channel,
+    mux: RwLock<Option<Mux>>,
+}
+
+impl NodeConn {
+    pub(crate) fn new(address: &str, config: &ClientConfig) -> Result<NodeConn> {
+        let endpoint = Endpoint::from_shared(format!("http://{address}"))
+            .map_err(|e| Error::InvalidArgument(format!("bad endpoint {address}: {e}")))?
+            .connect_timeout(config.connect_timeout)
+            .tcp_nodelay(true)
+            .http2_adaptive_window(true);
+        let slots = (0..config.streams_per_node.max(1))
+            .map(|_| Slot {
+                channel: endpoint.connect_lazy(),
+                mux: RwLock::new(None),
+            })
+            .collect();
+        Ok(NodeConn {
+            address: address.to_string(),
+            slots,
+            next: AtomicUsize::new(0),
+            open_lock: tokio::sync::Mutex::new(()),
+            max_message_bytes: config.max_message_bytes,
+        })
+    }
+
+    /// A channel for unary calls.
+    pub(crate) fn channel(&self) -> Channel {
+        self.slots[0].channel.clone()
+    }
+
+    /// A live Batch stream, opened on first use and reopened after a failure.
+    pub(crate) async fn mux(&self) -> Result<Mux> {
+        let slot = &self.slots[self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len()];
+        if let Some(m) = slot.mux.read().as_ref().filter(|m| !m.is_closed()) {
+            return Ok(m.clone());
+        }
+        let _single_flight = self.open_lock.lock().await;
+        if let Some(m) = slot.mux.read().as_ref().filter(|m| !m.is_closed()) {
+            return Ok(m.clone());
+        }
+        let m = Mux::open(slot.channel.clone(), self.max_message_bytes).await?;
+        *slot.mux.write() = Some(m.clone());
+        Ok(m)
+    }
+}
+
+/// A snapshot of the partition table, resolved to connections.
+pub(crate) struct Routing {
+    pub(crate) epoch: u64,
+    pub(crate) partition_count: u32,
+    /// Owner (primary) per partition; `None` when the table has no owner yet.
+    owners: Vec<Option<Arc<NodeConn>>>,
+    /// Every member with a connection, in table order.
+    pub(crate) members: Vec<Arc<NodeConn>>,
+    /// Where to send when a partition has no known owner.
+    fallback: Arc<NodeConn>,
+}
+
+impl Routing {
+    /// Builds routing from a table answered by `from`, reusing connections
+    /// from `conns` (by address) and adding new ones to it.
+    pub(crate) fn build(
+        table: &PartitionTableResponse,
+        from: Arc<NodeConn>,
+        conns: &mut HashMap<String, Arc<NodeConn>>,
+        config: &ClientConfig,
+    ) -> Result<Routing> {
+        let mut by_name: HashMap<&str, Arc<NodeConn>> = HashMap::new();
+        let mut members = Vec::new();
+        for m in &table.members {
+            if m.address.is_empty() {
+                continue;
+            }
+            let conn = match conns.get(&m.address) {
+                Some(c) => c.clone(),
+                None => {
+                    let c = Arc::new(NodeConn::new(&m.address, config)?);
+                    conns.insert(m.address.clone(), c.clone());
+                    c
+                }
+            };
+            by_name.insert(m.name.as_str(), conn.clone());
+            members.push(conn);
+        }
+        let partition_count = table.partition_count.max(1);
+        let mut owners = vec![None; partition_count as usize];
+        for p in &table.partitions {
+            if let Some(slot) = owners.get_mut(p.partition as usize) {
+                *slot = by_name.get(p.primary.as_str()).cloned();
+            }
+        }
+        if members.is_empty() {
+            members.push(from.clone());
+        }
+        Ok(Routing {
+            epoch: table.epoch,
+            partition_count,
+            owners,
+            members,
+            fallback: from,
+        })
+    }
+
+    /// The connection for `partition`.
+    pub(crate) fn owner(&self, partition: u32) -> Arc<NodeConn> {
+        self.owners
+            .get(partition as usize)
+            .and_then(|o| o.clone())
+            .unwrap_or_else(|| self.fallback.clone())
+    }
+}

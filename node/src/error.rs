@@ -1,0 +1,91 @@
+//! The node's one error enum; mapped to the wire in `grpc::status` only.
+
+use distcache_client::proto::ErrorReason;
+
+/// Everything an engine operation can fail with.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Error {
+    /// The collection does not exist (or was deleted).
+    #[error("collection not found: {0}")]
+    CollectionNotFound(String),
+    /// A size limit was exceeded; `limit` names it (as its flag).
+    #[error("{limit} exceeded: {actual} > {max}")]
+    LimitExceeded {
+        /// The limit's flag name, e.g. `max-value-bytes`.
+        limit: &'static str,
+        /// The request's size.
+        actual: u64,
+        /// The configured limit.
+        max: u64,
+    },
+    /// The request was malformed.
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    /// The lock was not granted within the acquire timeout.
+    #[error("lock {0:?} not acquired within the acquire timeout")]
+    LockAcquireTimeout(String),
+    /// The caller's lease expired before release/extend.
+    #[error("lease of lock {0:?} expired before it was released")]
+    LockHoldTimeout(String),
+    /// The caller's token does not hold the lock.
+    #[error("lock {0:?} is not held by this fencing token")]
+    LockNotHeld(String),
+    /// The node sees less than a majority of the expected cluster.
+    #[error("quorum lost: {0}")]
+    QuorumLost(String),
+    /// This node does not own the partition.
+    #[error("partition {partition} not owned by this node (epoch {epoch})")]
+    NotOwner {
+        /// The partition asked for.
+        partition: u32,
+        /// This node's table epoch.
+        epoch: u64,
+    },
+    /// The cluster has not formed yet.
+    #[error("cluster not ready: {0}")]
+    ClusterNotReady(String),
+    /// The node is shutting down or cannot serve right now.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+    /// Anything else.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// Shorthand for results of this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// The machine-readable reason sent to clients.
+    pub fn reason(&self) -> ErrorReason {
+        match self {
+            Error::CollectionNotFound(_) => ErrorReason::CollectionNotFound,
+            Error::LimitExceeded { .. } => ErrorReason::LimitExceeded,
+            Error::InvalidArgument(_) => ErrorReason::InvalidArgument,
+            Error::LockAcquireTimeout(_) => ErrorReason::LockAcquireTimeout,
+            Error::LockHoldTimeout(_) => ErrorReason::LockHoldTimeout,
+            Error::LockNotHeld(_) => ErrorReason::LockNotHeld,
+            Error::QuorumLost(_) => ErrorReason::QuorumLost,
+            Error::NotOwner { .. } => ErrorReason::NotOwner,
+            Error::ClusterNotReady(_) => ErrorReason::ClusterNotReady,
+            Error::Unavailable(_) => ErrorReason::Unavailable,
+            Error::Internal(_) => ErrorReason::Internal,
+        }
+    }
+
+    /// The gRPC status code sent to clients.
+    pub fn code(&self) -> tonic::Code {
+        use tonic::Code;
+        match self {
+            Error::CollectionNotFound(_) => Code::NotFound,
+            Error::LimitExceeded { .. } => Code::ResourceExhausted,
+            Error::InvalidArgument(_) => Code::InvalidArgument,
+            Error::LockAcquireTimeout(_) => Code::DeadlineExceeded,
+            Error::LockHoldTimeout(_) | Error::LockNotHeld(_) => Code::FailedPrecondition,
+            Error::QuorumLost(_) | Error::NotOwner { .. } => Code::FailedPrecondition,
+            Error::ClusterNotReady(_) | Error::Unavailable(_) => Code::Unavailable,
+            Error::Internal(_) => Code::Internal,
+        }
+    }
+}

@@ -1,0 +1,7 @@
+//! The client-facing gRPC layer.
+
+mod service;
+mod status;
+
+pub use service::Api;
+pub use status::{to_proto, to_status};

@@ -1,0 +1,393 @@
+//! Per-key locks with fencing tokens, leases and a fair FIFO wait queue.
+//!
+//! Each key has a state: the holder (token + lease end, monotonic ms), the
+//! per-key fencing counter, and a queue of waiters. Whenever the lock may have
+//! become free (release, force release, lease expiry noticed by anyone) the
+//! head waiter is granted the lock directly through its oneshot: waiters never
+//! poll. A waiter sleeps until its grant, its acquire deadline, or the current
+//! lease's end (when it wakes to hand the expired lock to the queue's head).
+//!
+//! Fencing tokens are `fence += 1` per grant, so a key's tokens strictly
+//! increase. Lock states are kept after release to keep their counters.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use distcache_client::partition::lock_partition_for;
+use parking_lot::Mutex;
+use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
+
+use crate::clock::Clock;
+use crate::error::{Error, Result};
+
+/// A granted lock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Grant {
+    /// Fencing token.
+    pub token: u64,
+    /// Lease length, ms.
+    pub hold_ms: u64,
+}
+
+#[derive(Debug)]
+struct Holder {
+    token: u64,
+    lease_until: u64,
+}
+
+#[derive(Debug)]
+struct Waiter {
+    id: u64,
+    hold_ms: u64,
+    tx: oneshot::Sender<Grant>,
+}
+
+#[derive(Debug, Default)]
+struct LockState {
+    holder: Option<Holder>,
+    fence: u64,
+    last_expired: Option<u64>,
+    waiters: VecDeque<Waiter>,
+}
+
+impl LockState {
+    /// Expires a lapsed lease and, if the lock is free, grants it to the
+    /// first waiter still waiting.
+    fn progress(&mut self, now: u64) {
+        if let Some(h) = &self.holder {
+            if h.lease_until <= now {
+                self.last_expired = Some(h.token);
+                self.holder = None;
+            }
+        }
+        if self.holder.is_some() {
+            return;
+        }
+        while let Some(w) = self.waiters.pop_front() {
+            if w.tx.is_closed() {
+                continue;
+            }
+            self.fence += 1;
+            let grant = Grant {
+                token: self.fence,
+                hold_ms: w.hold_ms,
+            };
+            if w.tx.send(grant).is_ok() {
+                self.holder = Some(Holder {
+                    token: grant.token,
+                    lease_until: now.saturating_add(w.hold_ms),
+                });
+                return;
+            }
+        }
+    }
+
+    fn grant_now(&mut self, now: u64, hold_ms: u64) -> Grant {
+        self.fence += 1;
+        self.holder = Some(Holder {
+            token: self.fence,
+            lease_until: now.saturating_add(hold_ms),
+        });
+        Grant {
+            token: self.fence,
+            hold_ms,
+        }
+    }
+}
+
+type Shard = Mutex<HashMap<Bytes, LockState>>;
+
+/// All locks of a node, sharded by lock partition.
+#[derive(Debug)]
+pub struct LockTable {
+    shards: Box<[Shard]>,
+    partition_count: u32,
+    clock: Arc<dyn Clock>,
+    next_waiter: AtomicU64,
+    shutdown: CancellationToken,
+}
+
+impl LockTable {
+    /// An empty table. Waiters give up with `Unavailable` when `shutdown` fires.
+    pub fn new(partition_count: u32, clock: Arc<dyn Clock>, shutdown: CancellationToken) -> Self {
+        let partition_count = partition_count.max(1);
+        LockTable {
+            shards: (0..partition_count).map(|_| Mutex::default()).collect(),
+            partition_count,
+            clock,
+            next_waiter: AtomicU64::new(1),
+            shutdown,
+        }
+    }
+
+    fn shard(&self, key: &[u8]) -> &Shard {
+        &self.shards[lock_partition_for(key, self.partition_count) as usize]
+    }
+
+    /// Takes the lock if it is free and nobody queues for it.
+    pub fn try_acquire(&self, key: &Bytes, hold_ms: u64) -> Option<Grant> {
+        let now = self.clock.mono_ms();
+        let mut shard = self.shard(key).lock();
+        let st = shard.entry(key.clone()).or_default();
+        st.progress(now);
+        while st.waiters.front().is_some_and(|w| w.tx.is_closed()) {
+            st.waiters.pop_front();
+        }
+        (st.holder.is_none() && st.waiters.is_empty()).then(|| st.grant_now(now, hold_ms))
+    }
+
+    /// Waits in the key's FIFO queue for up to `acquire_timeout`.
+    pub async fn acquire(&self, key: &Bytes, hold_ms: u64, acquire_timeout: Duration) -> Result<Grant> {
+        let deadline = tokio::time::Instant::now() + acquire_timeout;
+        let id = self.next_waiter.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        {
+            let now = self.clock.mono_ms();
+            let mut shard = self.shard(key).lock();
+            let st = shard.entry(key.clone()).or_default();
+            st.waiters.push_back(Waiter { id, hold_ms, tx });
+            st.progress(now);
+        }
+        let mut wait = WaitGuard {
+            table: self,
+            key,
+            id,
+            rx,
+            done: false,
+        };
+        loop {
+            // Register for clock jumps before looking at the state, so a jump
+            // in between is not missed.
+            let jumps = self.clock.jumps().map(|n| n.notified());
+            tokio::pin!(jumps);
+            if let Some(n) = jumps.as_mut().as_pin_mut() {
+                n.enable();
+            }
+            let lease_left = {
+                let now = self.clock.mono_ms();
+                let mut shard = self.shard(key).lock();
+                let st = shard.entry(key.clone()).or_default();
+                st.progress(now);
+                st.holder
+                    .as_ref()
+                    .map(|h| Duration::from_millis(h.lease_until.saturating_sub(now)))
+            };
+            tokio::select! {
+                grant = &mut wait.rx => {
+                    return match grant {
+                        Ok(g) => { wait.done = true; Ok(g) }
+                        Err(_) => Err(Error::Internal("lock waiter dropped".into())),
+                    };
+                }
+                _ = tokio::time::sleep_until(deadline) => {
+                    return wait.give_up();
+                }
+                _ = self.shutdown.cancelled() => {
+                    return Err(Error::Unavailable("node is shutting down".into()));
+                }
+                _ = async {
+                    match lease_left {
+                        Some(d) => tokio::time::sleep(d).await,
+                        None => std::future::pending().await,
+                    }
+                } => {}
+                _ = async {
+                    match jumps.as_mut().as_pin_mut() {
+                        Some(n) => n.await,
+                        None => std::future::pending().await,
+                    }
+                } => {}
+            }
+        }
+    }
+
+    /// Releases the lock held with `token`.
+    pub fn release(&self, key: &Bytes, token: u64) -> Result<()> {
+        let now = self.clock.mono_ms();
+        let mut shard = self.shard(key).lock();
+        let Some(st) = shard.get_mut(key) else {
+            return Err(Error::LockNotHeld(show(key)));
+        };
+        let outcome = match &st.holder {
+            Some(h) if h.token == token && h.lease_until > now => {
+                st.holder = None;
+                Ok(())
+            }
+            _ => {
+                st.progress(now);
+                if st.last_expired == Some(token) {
+                    Err(Error::LockHoldTimeout(show(key)))
+                } else {
+                    Err(Error::LockNotHeld(show(key)))
+                }
+            }
+        };
+        st.progress(now);
+        outcome
+    }
+
+    /// Renews the lease held with `token` to `hold_ms` from now.
+    pub fn extend(&self, key: &Bytes, token: u64, hold_ms: u64) -> Result<Grant> {
+        let now = self.clock.mono_ms();
+        let mut shard = self.shard(key).lock();
+        let Some(st) = shard.get_mut(key) else {
+            return Err(Error::LockNotHeld(show(key)));
+        };
+        st.progress(now);
+        match &mut st.holder {
+            Some(h) if h.token == token => {
+                h.lease_until = now.saturating_add(hold_ms);
+                Ok(Grant { token, hold_ms })
+            }
+            _ if st.last_expired == Some(token) => Err(Error::LockHoldTimeout(show(key))),
+            _ => Err(Error::LockNotHeld(show(key))),
+        }
+    }
+
+    /// Releases the lock whoever holds it; true if it was held.
+    pub fn force_release(&self, key: &Bytes) -> bool {
+        let now = self.clock.mono_ms();
+        let mut shard = self.shard(key).lock();
+        let Some(st) = shard.get_mut(key) else { return false };
+        st.progress(now);
+        let was_held = st.holder.take().is_some();
+        st.progress(now);
+        was_held
+    }
+
+    /// The current holder's token, if the lock is held.
+    pub fn holder(&self, key: &Bytes) -> Option<u64> {
+        let now = self.clock.mono_ms();
+        let mut shard = self.shard(key).lock();
+        let st = shard.get_mut(key)?;
+        st.progress(now);
+        st.holder.as_ref().map(|h| h.token)
+    }
+}
+
+fn show(key: &[u8]) -> String {
+    String::from_utf8_lossy(key).into_owned()
+}
+
+/// Leaves the queue when an acquire ends without a grant (timeout, or the
+/// caller went away); a grant that raced in is kept or handed back.
+struct WaitGuard<'a> {
+    table: &'a LockTable,
+    key: &'a Bytes,
+    id: u64,
+    rx: oneshot::Receiver<Grant>,
+    done: bool,
+}
+
+impl WaitGuard<'_> {
+    fn give_up(&mut self) -> Result<Grant> {
+        let mut shard = self.table.shard(self.key).lock();
+        if let Some(st) = shard.get_mut(self.key) {
+            let before = st.waiters.len();
+            st.waiters.retain(|w| w.id != self.id);
+            if st.waiters.len() < before {
+                self.done = true;
+                return Err(Error::LockAcquireTimeout(show(self.key)));
+            }
+        }
+        // Not queued any more: we were granted just now; keep the grant.
+        match self.rx.try_recv() {
+            Ok(g) => {
+                self.done = true;
+                Ok(g)
+            }
+            Err(_) => {
+                self.done = true;
+                Err(Error::LockAcquireTimeout(show(self.key)))
+            }
+        }
+    }
+}
+
+impl Drop for WaitGuard<'_> {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        let now = self.table.clock.mono_ms();
+        let mut shard = self.table.shard(self.key).lock();
+        let Some(st) = shard.get_mut(self.key) else { return };
+        st.waiters.retain(|w| w.id != self.id);
+        if let Ok(g) = self.rx.try_recv() {
+            if st.holder.as_ref().is_some_and(|h| h.token == g.token) {
+                st.holder = None;
+                st.progress(now);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::ManualClock;
+
+    fn table(clock: Arc<ManualClock>) -> LockTable {
+        LockTable::new(271, clock, CancellationToken::new())
+    }
+
+    fn k(s: &str) -> Bytes {
+        Bytes::copy_from_slice(s.as_bytes())
+    }
+
+    #[test]
+    fn tokens_increase_and_release_rules_hold() {
+        let clock = ManualClock::new(0);
+        let t = table(clock.clone());
+        let g1 = t.try_acquire(&k("a"), 1_000).expect("free");
+        assert!(t.try_acquire(&k("a"), 1_000).is_none());
+        assert_eq!(t.release(&k("a"), g1.token + 7), Err(Error::LockNotHeld("a".into())));
+        t.release(&k("a"), g1.token).expect("release");
+        let g2 = t.try_acquire(&k("a"), 1_000).expect("free again");
+        assert!(g2.token > g1.token);
+        clock.advance(1_000);
+        assert_eq!(t.release(&k("a"), g2.token), Err(Error::LockHoldTimeout("a".into())));
+        let g3 = t.try_acquire(&k("a"), 1_000).expect("expired lease frees the lock");
+        assert!(g3.token > g2.token);
+        assert!(t.extend(&k("a"), g3.token, 5_000).is_ok());
+        clock.advance(4_000);
+        assert_eq!(t.holder(&k("a")), Some(g3.token));
+        assert!(t.force_release(&k("a")));
+        assert_eq!(t.holder(&k("a")), None);
+    }
+
+    #[tokio::test]
+    async fn waiter_gets_expired_lease_with_a_new_token() {
+        let clock = ManualClock::new(0);
+        let t = Arc::new(table(clock.clone()));
+        let g1 = t.try_acquire(&k("x"), 500).expect("free");
+        let t2 = t.clone();
+        let waiter = tokio::spawn(async move {
+            t2.acquire(&k("x"), 500, Duration::from_secs(30)).await
+        });
+        tokio::task::yield_now().await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!waiter.is_finished());
+        clock.advance(500);
+        let g2 = waiter.await.expect("join").expect("granted");
+        assert!(g2.token > g1.token);
+        assert_eq!(t.release(&k("x"), g1.token), Err(Error::LockHoldTimeout("x".into())));
+        assert_eq!(t.holder(&k("x")), Some(g2.token));
+    }
+
+    #[tokio::test]
+    async fn acquire_times_out_and_leaves_the_queue() {
+        let clock = ManualClock::new(0);
+        let t = table(clock);
+        let _g = t.try_acquire(&k("y"), 60_000).expect("free");
+        let e = t.acquire(&k("y"), 1_000, Duration::from_millis(30)).await;
+        assert_eq!(e, Err(Error::LockAcquireTimeout("y".into())));
+        // The timed-out waiter does not block a later try.
+        t.force_release(&k("y"));
+        assert!(t.try_acquire(&k("y"), 1_000).is_some());
+    }
+}

@@ -1,0 +1,5 @@
+//! Locks with fencing tokens.
+
+mod lock_table;
+
+pub use lock_table::{Grant, LockTable};

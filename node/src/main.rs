@@ -1,0 +1,65 @@
+//! `distcache-node`: serves one node (see `--help`).
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Parser;
+use distcache_node::clock::SystemClock;
+use distcache_node::config::NodeConfig;
+use distcache_node::{Node, server};
+
+/// distcache node: a partitioned in-memory cache served over gRPC.
+///
+/// With no flags it serves one in-memory node on 127.0.0.1:7100. Every flag
+/// can also be set by the environment variable shown.
+#[derive(Debug, Parser)]
+#[command(name = "distcache-node", version)]
+struct Cli {
+    #[command(flatten)]
+    node: NodeConfig,
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let config = cli.node;
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&config.log)
+                .context("invalid --log filter")?,
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    config.validate().map_err(anyhow::Error::msg)?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let bound = listener.local_addr()?;
+    let node = Node::new(config, bound, Arc::new(SystemClock::default()));
+    node.start();
+    tracing::info!(name = node.name(), address = %bound, "distcache node serving");
+    server::serve(listener, node, shutdown_signal()).await?;
+    tracing::info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,86 @@
+//! Serving a node on a bound listener until a shutdown future resolves.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use distcache_client::proto;
+use futures::StreamExt;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::error::{Error, Result};
+use crate::grpc::Api;
+use crate::node::Node;
+
+/// Serves every distcache service, the standard gRPC health service and
+/// server reflection on `listener` until `shutdown` resolves; then stops the
+/// node's streams and background tasks and waits for them.
+pub async fn serve(
+    listener: TcpListener,
+    node: Arc<Node>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<()> {
+    let max = usize::try_from(node.config().max_message_bytes).unwrap_or(usize::MAX);
+    let api = Api::new(node.clone());
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<proto::cache_server::CacheServer<Api>>()
+        .await;
+    health
+        .set_serving::<proto::collections_server::CollectionsServer<Api>>()
+        .await;
+    health
+        .set_serving::<proto::locks_server::LocksServer<Api>>()
+        .await;
+    health
+        .set_serving::<proto::cluster_server::ClusterServer<Api>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| Error::Internal(format!("reflection: {e}")))?;
+
+    let incoming = TcpListenerStream::new(listener).map(|s| {
+        s.inspect(|s| {
+            let _ = s.set_nodelay(true);
+        })
+    });
+    let token = node.shutdown_token().clone();
+    let signal = async move {
+        shutdown.await;
+        tracing::info!("shutting down");
+        // Ends Batch streams and lock waits so that connections can drain.
+        token.cancel();
+    };
+    tonic::transport::Server::builder()
+        .http2_adaptive_window(Some(true))
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(
+            proto::cache_server::CacheServer::new(api.clone())
+                .max_decoding_message_size(max)
+                .max_encoding_message_size(max),
+        )
+        .add_service(
+            proto::collections_server::CollectionsServer::new(api.clone())
+                .max_decoding_message_size(max)
+                .max_encoding_message_size(max),
+        )
+        .add_service(
+            proto::locks_server::LocksServer::new(api.clone())
+                .max_decoding_message_size(max)
+                .max_encoding_message_size(max),
+        )
+        .add_service(
+            proto::cluster_server::ClusterServer::new(api)
+                .max_decoding_message_size(max)
+                .max_encoding_message_size(max),
+        )
+        .serve_with_incoming_shutdown(incoming, signal)
+        .await
+        .map_err(|e| Error::Internal(format!("grpc server: {e}")))?;
+    node.shutdown().await;
+    Ok(())
+}

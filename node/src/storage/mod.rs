@@ -1,0 +1,5 @@
+//! Storage: the partitioned store with TTL and LRU. Never sees a socket.
+
+mod store;
+
+pub use store::{CollectionMeta, Limits, MAX_COLLECTION_NAME_BYTES, Store};

@@ -1,0 +1,578 @@
+//! The partitioned in-memory store: entries with TTL, collections with LRU.
+//!
+//! Layout: one `RwLock` per partition holding `collection -> key -> entry`.
+//! A collection with `max_entries` also has an LRU index (one mutex per
+//! collection) of `(partition, key)`; the index is the authority on which
+//! entries of a capped collection exist, so an entry popped from it is
+//! invisible at once and removed from its partition right after.
+//!
+//! Lock order: partition lock, then the collection's LRU mutex; never the
+//! other way round, and never two partition locks at once.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+
+use bytes::Bytes;
+use distcache_client::partition::{DEFAULT_COLLECTION, partition_for, resolve_collection};
+use lru::LruCache;
+use parking_lot::{Mutex, RwLock};
+
+use crate::clock::Clock;
+use crate::error::{Error, Result};
+
+/// Longest collection name, bytes.
+pub const MAX_COLLECTION_NAME_BYTES: usize = 255;
+
+/// Size limits applied to every request.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Largest key, bytes.
+    pub max_key_bytes: u64,
+    /// Largest value, bytes.
+    pub max_value_bytes: u64,
+    /// Most keys in one batch operation.
+    pub max_batch_keys: u64,
+}
+
+/// A collection's settings and LRU index.
+#[derive(Debug)]
+pub struct CollectionMeta {
+    /// Name.
+    pub name: Arc<str>,
+    /// Default TTL in ms (0 = none).
+    pub default_ttl_ms: u64,
+    /// Configured entry limit (0 = none).
+    pub max_entries: u64,
+    /// Limit enforced on this node (the whole `max_entries` on a single node).
+    limit: AtomicU64,
+    deleted: AtomicBool,
+    lru: Option<Mutex<LruCache<(u32, Bytes), ()>>>,
+}
+
+impl CollectionMeta {
+    fn new(name: &str, default_ttl_ms: u64, max_entries: u64) -> Self {
+        CollectionMeta {
+            name: name.into(),
+            default_ttl_ms,
+            max_entries,
+            limit: AtomicU64::new(max_entries),
+            deleted: AtomicBool::new(false),
+            lru: (max_entries > 0).then(|| Mutex::new(LruCache::unbounded())),
+        }
+    }
+
+    /// The entry limit this node enforces (LRU eviction beyond it).
+    pub fn node_limit(&self) -> u64 {
+        self.limit.load(Ordering::Relaxed)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Entry {
+    value: Bytes,
+    /// Wall-clock ms after which the entry is gone; 0 = never.
+    expires_at: u64,
+}
+
+impl Entry {
+    fn live(&self, now: u64) -> bool {
+        self.expires_at == 0 || self.expires_at > now
+    }
+}
+
+type PartitionData = HashMap<Arc<str>, HashMap<Bytes, Entry>>;
+
+/// The store of one node.
+#[derive(Debug)]
+pub struct Store {
+    partition_count: u32,
+    partitions: Box<[RwLock<PartitionData>]>,
+    collections: RwLock<HashMap<Arc<str>, Arc<CollectionMeta>>>,
+    clock: Arc<dyn Clock>,
+    limits: Limits,
+    sweep_cursor: AtomicUsize,
+}
+
+impl Store {
+    /// An empty store holding only the default collection.
+    pub fn new(partition_count: u32, clock: Arc<dyn Clock>, limits: Limits) -> Self {
+        let partition_count = partition_count.max(1);
+        let mut collections = HashMap::new();
+        collections.insert(
+            Arc::from(DEFAULT_COLLECTION),
+            Arc::new(CollectionMeta::new(DEFAULT_COLLECTION, 0, 0)),
+        );
+        Store {
+            partition_count,
+            partitions: (0..partition_count).map(|_| RwLock::default()).collect(),
+            collections: RwLock::new(collections),
+            clock,
+            limits,
+            sweep_cursor: AtomicUsize::new(0),
+        }
+    }
+
+    /// Number of partitions.
+    pub fn partition_count(&self) -> u32 {
+        self.partition_count
+    }
+
+    /// The limits in force.
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    // ------------------------------------------------------------ collections
+
+    /// The collection called `name` ("" = default).
+    pub fn collection(&self, name: &str) -> Result<Arc<CollectionMeta>> {
+        let name = resolve_collection(name);
+        self.collections
+            .read()
+            .get(name)
+            .cloned()
+            .ok_or_else(|| Error::CollectionNotFound(name.to_string()))
+    }
+
+    /// Gets collection `name` or creates it with these settings; returns it and
+    /// whether it was created. An existing collection keeps its settings.
+    pub fn get_or_create_collection(
+        &self,
+        name: &str,
+        default_ttl_ms: u64,
+        max_entries: u64,
+    ) -> Result<(Arc<CollectionMeta>, bool)> {
+        let name = resolve_collection(name);
+        validate_collection_name(name)?;
+        if let Some(c) = self.collections.read().get(name) {
+            return Ok((c.clone(), false));
+        }
+        let mut all = self.collections.write();
+        if let Some(c) = all.get(name) {
+            return Ok((c.clone(), false));
+        }
+        let meta = Arc::new(CollectionMeta::new(name, default_ttl_ms, max_entries));
+        all.insert(meta.name.clone(), meta.clone());
+        Ok((meta, true))
+    }
+
+    /// Every collection, sorted by name.
+    pub fn list_collections(&self) -> Vec<Arc<CollectionMeta>> {
+        let mut v: Vec<_> = self.collections.read().values().cloned().collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+
+    /// Clears and removes collection `name`; false if it did not exist. The
+    /// default collection cannot be deleted.
+    pub fn delete_collection(&self, name: &str) -> Result<bool> {
+        let name = resolve_collection(name);
+        if name == DEFAULT_COLLECTION {
+            return Err(Error::InvalidArgument(
+                "the default collection cannot be deleted (clear it instead)".into(),
+            ));
+        }
+        let Some(meta) = self.collections.write().remove(name) else {
+            return Ok(false);
+        };
+        // Writers re-check `deleted` under the partition lock, so nothing can
+        // land in a partition after it has been cleared below.
+        meta.deleted.store(true, Ordering::SeqCst);
+        self.clear_meta(&meta);
+        Ok(true)
+    }
+
+    // ------------------------------------------------------------ validation
+
+    fn check_key(&self, key: &[u8]) -> Result<()> {
+        check_limit("max-key-bytes", key.len(), self.limits.max_key_bytes)
+    }
+
+    fn check_value(&self, value: &[u8]) -> Result<()> {
+        check_limit("max-value-bytes", value.len(), self.limits.max_value_bytes)
+    }
+
+    fn check_batch(&self, n: usize) -> Result<()> {
+        check_limit("max-batch-keys", n, self.limits.max_batch_keys)
+    }
+
+    fn partition(&self, meta: &CollectionMeta, key: &[u8]) -> u32 {
+        partition_for(&meta.name, key, self.partition_count)
+    }
+
+    fn expiry(&self, meta: &CollectionMeta, ttl_ms: Option<u64>) -> u64 {
+        match ttl_ms.filter(|t| *t > 0).unwrap_or(meta.default_ttl_ms) {
+            0 => 0,
+            ttl => self.clock.wall_ms().saturating_add(ttl),
+        }
+    }
+
+    // ------------------------------------------------------------ single-key ops
+
+    /// The live value of `key`.
+    pub fn get(&self, collection: &str, key: &Bytes) -> Result<Option<Bytes>> {
+        let meta = self.collection(collection)?;
+        self.check_key(key)?;
+        let p = self.partition(&meta, key);
+        Ok(self.get_in(&meta, p, key))
+    }
+
+    fn get_in(&self, meta: &CollectionMeta, p: u32, key: &Bytes) -> Option<Bytes> {
+        let now = self.clock.wall_ms();
+        let part = self.partitions[p as usize].read();
+        let entry = part.get(&*meta.name)?.get(key)?;
+        if !entry.live(now) {
+            return None;
+        }
+        if let Some(lru) = &meta.lru {
+            // Touch; an entry already popped from the index is gone.
+            lru.lock().get(&(p, key.clone()))?;
+        }
+        Some(entry.value.clone())
+    }
+
+    /// Stores `value` under `key`; `ttl_ms` None or 0 = the collection default.
+    pub fn put(&self, collection: &str, key: Bytes, value: Bytes, ttl_ms: Option<u64>) -> Result<()> {
+        let meta = self.collection(collection)?;
+        self.check_key(&key)?;
+        self.check_value(&value)?;
+        let expires_at = self.expiry(&meta, ttl_ms);
+        self.put_in(&meta, key, value, expires_at)
+    }
+
+    fn put_in(&self, meta: &CollectionMeta, key: Bytes, value: Bytes, expires_at: u64) -> Result<()> {
+        let p = self.partition(meta, &key);
+        let mut evicted = Vec::new();
+        {
+            let mut part = self.partitions[p as usize].write();
+            if meta.deleted.load(Ordering::SeqCst) {
+                return Err(Error::CollectionNotFound(meta.name.to_string()));
+            }
+            let map = part.entry(meta.name.clone()).or_default();
+            map.insert(key.clone(), Entry { value, expires_at });
+            if let Some(lru) = &meta.lru {
+                let mut index = lru.lock();
+                index.put((p, key), ());
+                let limit = meta.node_limit().max(1) as usize;
+                while index.len() > limit {
+                    let Some(((vp, vk), ())) = index.pop_lru() else { break };
+                    if vp == p {
+                        map.remove(&vk);
+                    } else {
+                        evicted.push((vp, vk));
+                    }
+                }
+            }
+        }
+        for (vp, vk) in evicted {
+            self.remove_evicted(meta, vp, &vk);
+        }
+        Ok(())
+    }
+
+    /// Removes an entry popped from the LRU index unless it was put again since.
+    fn remove_evicted(&self, meta: &CollectionMeta, p: u32, key: &Bytes) {
+        let mut part = self.partitions[p as usize].write();
+        let Some(map) = part.get_mut(&*meta.name) else { return };
+        let reindexed = meta
+            .lru
+            .as_ref()
+            .is_some_and(|l| l.lock().contains(&(p, key.clone())));
+        if !reindexed {
+            map.remove(key);
+        }
+    }
+
+    /// Removes `key`; true if a live entry was there.
+    pub fn delete(&self, collection: &str, key: &Bytes) -> Result<bool> {
+        let meta = self.collection(collection)?;
+        self.check_key(key)?;
+        Ok(self.delete_in(&meta, key))
+    }
+
+    fn delete_in(&self, meta: &CollectionMeta, key: &Bytes) -> bool {
+        let p = self.partition(meta, key);
+        let now = self.clock.wall_ms();
+        let mut part = self.partitions[p as usize].write();
+        let Some(map) = part.get_mut(&*meta.name) else { return false };
+        let Some(old) = map.remove(key) else { return false };
+        let indexed = match &meta.lru {
+            Some(l) => l.lock().pop(&(p, key.clone())).is_some(),
+            None => true,
+        };
+        old.live(now) && indexed
+    }
+
+    // ------------------------------------------------------------ batch ops
+
+    /// The live values of `keys`, in request order, missing keys left out.
+    pub fn get_many(&self, collection: &str, keys: &[Bytes]) -> Result<Vec<(Bytes, Bytes)>> {
+        let meta = self.collection(collection)?;
+        self.check_batch(keys.len())?;
+        keys.iter().try_for_each(|k| self.check_key(k))?;
+        Ok(keys
+            .iter()
+            .filter_map(|k| {
+                let p = self.partition(&meta, k);
+                self.get_in(&meta, p, k).map(|v| (k.clone(), v))
+            })
+            .collect())
+    }
+
+    /// Stores every entry. All entries are validated before any is stored.
+    pub fn put_many(&self, collection: &str, entries: Vec<(Bytes, Bytes)>, ttl_ms: Option<u64>) -> Result<()> {
+        let meta = self.collection(collection)?;
+        self.check_batch(entries.len())?;
+        for (k, v) in &entries {
+            self.check_key(k)?;
+            self.check_value(v)?;
+        }
+        let expires_at = self.expiry(&meta, ttl_ms);
+        for (k, v) in entries {
+            self.put_in(&meta, k, v, expires_at)?;
+        }
+        Ok(())
+    }
+
+    /// Removes `keys`; returns how many live entries were removed.
+    pub fn delete_many(&self, collection: &str, keys: &[Bytes]) -> Result<u64> {
+        let meta = self.collection(collection)?;
+        self.check_batch(keys.len())?;
+        keys.iter().try_for_each(|k| self.check_key(k))?;
+        Ok(keys.iter().filter(|k| self.delete_in(&meta, k)).count() as u64)
+    }
+
+    // ------------------------------------------------------------ whole-collection ops
+
+    fn visible<'a>(
+        &self,
+        meta: &CollectionMeta,
+        p: u32,
+        map: &'a HashMap<Bytes, Entry>,
+        now: u64,
+    ) -> impl Iterator<Item = &'a Bytes> {
+        let index = meta.lru.as_ref().map(|l| l.lock());
+        let keys: Vec<&Bytes> = map
+            .iter()
+            .filter(|(k, e)| {
+                e.live(now)
+                    && index
+                        .as_ref()
+                        .is_none_or(|i| i.contains(&(p, (*k).clone())))
+            })
+            .map(|(k, _)| k)
+            .collect();
+        keys.into_iter()
+    }
+
+    /// Every live key of the collection.
+    pub fn keys(&self, collection: &str) -> Result<Vec<Bytes>> {
+        let meta = self.collection(collection)?;
+        let now = self.clock.wall_ms();
+        let mut out = Vec::new();
+        for (p, part) in self.partitions.iter().enumerate() {
+            let part = part.read();
+            if let Some(map) = part.get(&*meta.name) {
+                out.extend(self.visible(&meta, p as u32, map, now).cloned());
+            }
+        }
+        Ok(out)
+    }
+
+    /// Number of live entries of the collection.
+    pub fn size(&self, collection: &str) -> Result<u64> {
+        let meta = self.collection(collection)?;
+        let now = self.clock.wall_ms();
+        let mut n = 0u64;
+        for (p, part) in self.partitions.iter().enumerate() {
+            let part = part.read();
+            if let Some(map) = part.get(&*meta.name) {
+                n += self.visible(&meta, p as u32, map, now).count() as u64;
+            }
+        }
+        Ok(n)
+    }
+
+    /// Removes every entry of the collection; returns how many live ones.
+    pub fn clear(&self, collection: &str) -> Result<u64> {
+        let meta = self.collection(collection)?;
+        Ok(self.clear_meta(&meta))
+    }
+
+    fn clear_meta(&self, meta: &CollectionMeta) -> u64 {
+        let now = self.clock.wall_ms();
+        let mut removed = 0u64;
+        for (p, part) in self.partitions.iter().enumerate() {
+            let mut part = part.write();
+            let Some(map) = part.remove(&*meta.name) else { continue };
+            let mut index = meta.lru.as_ref().map(|l| l.lock());
+            for (k, e) in map {
+                let indexed = index
+                    .as_mut()
+                    .is_none_or(|i| i.pop(&(p as u32, k)).is_some());
+                if e.live(now) && indexed {
+                    removed += 1;
+                }
+            }
+        }
+        removed
+    }
+
+    // ------------------------------------------------------------ expiry
+
+    /// Removes expired entries from the next `partitions` partitions (a
+    /// bounded slice of work per call, round robin); returns how many.
+    pub fn sweep(&self, partitions: usize) -> u64 {
+        let now = self.clock.wall_ms();
+        let n = self.partitions.len();
+        let start = self.sweep_cursor.fetch_add(partitions, Ordering::Relaxed);
+        let metas = self.collections.read().clone();
+        let mut removed = 0u64;
+        for i in 0..partitions.min(n) {
+            let p = (start + i) % n;
+            let mut part = self.partitions[p].write();
+            part.retain(|name, map| {
+                let index = metas.get(name).and_then(|m| m.lru.as_ref());
+                map.retain(|k, e| {
+                    if e.live(now) {
+                        return true;
+                    }
+                    if let Some(l) = index {
+                        l.lock().pop(&(p as u32, k.clone()));
+                    }
+                    removed += 1;
+                    false
+                });
+                !map.is_empty()
+            });
+        }
+        removed
+    }
+}
+
+fn check_limit(limit: &'static str, actual: usize, max: u64) -> Result<()> {
+    if actual as u64 > max {
+        return Err(Error::LimitExceeded {
+            limit,
+            actual: actual as u64,
+            max,
+        });
+    }
+    Ok(())
+}
+
+fn validate_collection_name(name: &str) -> Result<()> {
+    if name.len() > MAX_COLLECTION_NAME_BYTES {
+        return Err(Error::InvalidArgument(format!(
+            "collection name longer than {MAX_COLLECTION_NAME_BYTES} bytes"
+        )));
+    }
+    if name.chars().any(char::is_control) {
+        return Err(Error::InvalidArgument(
+            "collection name contains control characters".into(),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::ManualClock;
+
+    fn store(clock: Arc<ManualClock>) -> Store {
+        Store::new(
+            271,
+            clock,
+            Limits {
+                max_key_bytes: 64,
+                max_value_bytes: 1024,
+                max_batch_keys: 100,
+            },
+        )
+    }
+
+    fn b(s: &str) -> Bytes {
+        Bytes::copy_from_slice(s.as_bytes())
+    }
+
+    #[test]
+    fn ttl_expires_lazily_and_sweep_removes() {
+        let clock = ManualClock::new(1_000);
+        let s = store(clock.clone());
+        s.put("", b("k"), b("v"), Some(500)).expect("put");
+        s.put("", b("forever"), b("v"), None).expect("put");
+        assert_eq!(s.get("", &b("k")).expect("get"), Some(b("v")));
+        clock.advance(499);
+        assert_eq!(s.get("", &b("k")).expect("get"), Some(b("v")));
+        clock.advance(1);
+        assert_eq!(s.get("", &b("k")).expect("get"), None);
+        assert_eq!(s.size("").expect("size"), 1);
+        assert_eq!(s.sweep(271), 1);
+        assert_eq!(s.get("", &b("forever")).expect("get"), Some(b("v")));
+    }
+
+    #[test]
+    fn default_ttl_applies_and_explicit_ttl_wins() {
+        let clock = ManualClock::new(0);
+        let s = store(clock.clone());
+        s.get_or_create_collection("c", 100, 0).expect("create");
+        s.put("c", b("a"), b("1"), None).expect("put");
+        s.put("c", b("b"), b("2"), Some(1_000)).expect("put");
+        clock.advance(100);
+        assert_eq!(s.get("c", &b("a")).expect("get"), None);
+        assert_eq!(s.get("c", &b("b")).expect("get"), Some(b("2")));
+    }
+
+    #[test]
+    fn lru_evicts_least_recently_used_and_bounds_size() {
+        let clock = ManualClock::new(0);
+        let s = store(clock);
+        s.get_or_create_collection("hot", 0, 3).expect("create");
+        for k in ["a", "b", "c"] {
+            s.put("hot", b(k), b(k), None).expect("put");
+        }
+        // Touch "a": "b" becomes the least recently used.
+        assert!(s.get("hot", &b("a")).expect("get").is_some());
+        s.put("hot", b("d"), b("d"), None).expect("put");
+        assert_eq!(s.get("hot", &b("b")).expect("get"), None);
+        for k in ["a", "c", "d"] {
+            assert!(s.get("hot", &b(k)).expect("get").is_some(), "{k}");
+        }
+        for i in 0..50 {
+            s.put("hot", b(&format!("x{i}")), b("v"), None).expect("put");
+            assert!(s.size("hot").expect("size") <= 3);
+        }
+        assert_eq!(s.size("hot").expect("size"), 3);
+        assert_eq!(s.keys("hot").expect("keys").len(), 3);
+    }
+
+    #[test]
+    fn limits_name_the_limit_and_change_nothing() {
+        let s = store(ManualClock::new(0));
+        let big_key = Bytes::from(vec![b'k'; 65]);
+        let e = s.put("", big_key, b("v"), None).expect_err("too big");
+        assert!(e.to_string().contains("max-key-bytes"), "{e}");
+        let e = s
+            .put_many("", vec![(b("ok"), b("v")), (b("big"), Bytes::from(vec![0; 1025]))], None)
+            .expect_err("too big");
+        assert!(e.to_string().contains("max-value-bytes"), "{e}");
+        assert_eq!(s.get("", &b("ok")).expect("get"), None, "batch is all or nothing");
+    }
+
+    #[test]
+    fn deleted_collection_is_not_found_and_default_is_permanent() {
+        let s = store(ManualClock::new(0));
+        s.get_or_create_collection("tmp", 0, 0).expect("create");
+        s.put("tmp", b("k"), b("v"), None).expect("put");
+        assert!(s.delete_collection("tmp").expect("delete"));
+        assert!(matches!(s.get("tmp", &b("k")), Err(Error::CollectionNotFound(_))));
+        assert!(matches!(s.put("tmp", b("k"), b("v"), None), Err(Error::CollectionNotFound(_))));
+        assert!(!s.delete_collection("tmp").expect("delete again"));
+        assert!(s.delete_collection("").is_err());
+        // Re-created: empty.
+        s.get_or_create_collection("tmp", 0, 0).expect("create");
+        assert_eq!(s.size("tmp").expect("size"), 0);
+    }
+}

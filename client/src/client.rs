@@ -302,6 +302,12 @@ impl Client {
         Collection::new(self.clone(), DEFAULT_COLLECTION.into())
     }
 
+    /// A handle on collection `name` without creating it: its operations fail
+    /// with [`Error::CollectionNotFound`] while the collection does not exist.
+    pub fn collection_handle(&self, name: &str) -> Collection {
+        Collection::new(self.clone(), name.into())
+    }
+
     /// Gets or creates collection `name` with default settings.
     pub async fn collection(&self, name: &str) -> Result<Collection> {
         self.collection_with(name, CollectionOptions::default())
@@ -463,6 +469,12 @@ impl Client {
             })
             .await?;
         Ok(resp.released)
+    }
+
+    /// Releases lock `key` held with fencing `token` (for tokens kept outside
+    /// a [`LockGuard`], e.g. by the CLI).
+    pub async fn release_lock_token(&self, key: impl AsRef<[u8]>, token: u64) -> Result<()> {
+        self.release_lock(Bytes::copy_from_slice(key.as_ref()), token).await
     }
 
     pub(crate) async fn release_lock(&self, key: Bytes, token: u64) -> Result<()> {

@@ -14,22 +14,22 @@ pub const EPOCH_METADATA: &str = "distcache-epoch";
 #[non_exhaustive]
 pub enum Error {
     /// The lock was not acquired within the acquire timeout.
-    #[error("lock acquire timeout: {0}")]
+    #[error("{0}")]
     LockAcquireTimeout(String),
     /// The lock's lease expired while it was held (reported on release/extend).
-    #[error("lock hold timeout: {0}")]
+    #[error("{0}")]
     LockHoldTimeout(String),
     /// The lock is not held by this handle's fencing token.
-    #[error("lock not held: {0}")]
+    #[error("{0}")]
     LockNotHeld(String),
     /// The answering node sees less than a majority of the cluster.
-    #[error("quorum lost: {0}")]
+    #[error("{0}")]
     QuorumLost(String),
     /// The cluster has not formed yet (no partition table).
-    #[error("cluster not ready: {0}")]
+    #[error("{0}")]
     ClusterNotReady(String),
     /// The collection does not exist (or was deleted).
-    #[error("collection not found: {0}")]
+    #[error("{0}")]
     CollectionNotFound(String),
     /// The request reached a node that does not own the partition.
     #[error("partition not owned (node epoch {epoch}): {message}")]
@@ -41,16 +41,16 @@ pub enum Error {
     },
     /// A size limit (key, value, message, batch) was exceeded; the message
     /// names the limit.
-    #[error("limit exceeded: {0}")]
+    #[error("{0}")]
     LimitExceeded(String),
     /// The request was malformed.
-    #[error("invalid argument: {0}")]
+    #[error("{0}")]
     InvalidArgument(String),
     /// The node (or the cluster) cannot serve the call right now.
-    #[error("unavailable: {0}")]
+    #[error("{0}")]
     Unavailable(String),
     /// The node failed internally.
-    #[error("internal error: {0}")]
+    #[error("{0}")]
     Internal(String),
     /// The request did not complete within the request timeout; a write may or
     /// may not have been applied.

@@ -93,6 +93,13 @@ impl LockGuard {
         self.client.release_lock(self.key.clone(), self.token).await
     }
 
+    /// Gives up the handle without releasing: the lock stays held until its
+    /// lease ends (or someone releases it with the returned token).
+    pub fn detach(mut self) -> u64 {
+        self.released = true;
+        self.token
+    }
+
     /// Renews the lease to `hold` from now.
     pub async fn extend(&mut self, hold: Duration) -> Result<()> {
         let g = self

@@ -47,7 +47,7 @@ impl Mux {
             .await?
             .into_inner();
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
-        tokio::spawn(run(rx, out_tx, inbound));
+        tokio::spawn(run(rx, out_tx, inbound, max_message_bytes));
         Ok(Mux { tx })
     }
 
@@ -72,10 +72,11 @@ async fn run(
     mut rx: mpsc::Receiver<Pending>,
     out: mpsc::UnboundedSender<BatchRequest>,
     mut inbound: tonic::Streaming<BatchResponse>,
+    max_message_bytes: usize,
 ) {
     let mut pending: HashMap<u64, Reply> = HashMap::new();
     let mut next_id: u64 = 1;
-    let why = loop {
+    let why = 'run: loop {
         tokio::select! {
             biased;
             msg = inbound.message() => match msg {
@@ -96,22 +97,27 @@ async fn run(
             },
             first = rx.recv() => {
                 let Some(first) = first else { break String::new() };
-                let mut commands = Vec::with_capacity(16);
-                let mut push = |p: Pending, commands: &mut Vec<Command>| {
-                    let id = next_id;
-                    next_id += 1;
-                    pending.insert(id, p.reply);
-                    commands.push(Command { id, op: Some(p.op) });
-                };
-                push(first, &mut commands);
-                while commands.len() < MAX_COALESCE {
-                    match rx.try_recv() {
-                        Ok(p) => push(p, &mut commands),
-                        Err(_) => break,
+                let mut carry = Some(first);
+                while let Some(first) = carry.take() {
+                    let mut batch = Coalesce::new(max_message_bytes);
+                    let mut next = Some(first);
+                    while let Some(p) = next.take() {
+                        match batch.push(p, &mut next_id, &mut pending) {
+                            Pushed::Yes => {}
+                            Pushed::Full(p) => { carry = Some(p); break; }
+                        }
+                        if batch.has_room() {
+                            next = rx.try_recv().ok();
+                        }
                     }
-                }
-                if out.send(BatchRequest { commands }).is_err() {
-                    break "stream closed".to_string();
+                    if !batch.commands.is_empty()
+                        && out.send(BatchRequest { commands: batch.commands }).is_err()
+                    {
+                        if let Some(p) = carry.take() {
+                            let _ = p.reply.send(Err(Error::Unavailable("stream closed".into())));
+                        }
+                        break 'run "stream closed".to_string();
+                    }
                 }
             }
         }
@@ -125,5 +131,58 @@ async fn run(
     }
     while let Ok(p) = rx.try_recv() {
         let _ = p.reply.send(Err(Error::Unavailable(why.clone())));
+    }
+}
+
+/// Bytes of commands coalesced into one stream message, at most.
+const COALESCE_BYTES: usize = 1 << 20;
+/// Framing slack allowed per message.
+const MESSAGE_SLACK: usize = 1024;
+
+enum Pushed {
+    Yes,
+    Full(Pending),
+}
+
+/// One outgoing `BatchRequest` being filled.
+struct Coalesce {
+    commands: Vec<Command>,
+    bytes: usize,
+    max_message_bytes: usize,
+}
+
+impl Coalesce {
+    fn new(max_message_bytes: usize) -> Self {
+        Coalesce {
+            commands: Vec::with_capacity(16),
+            bytes: 0,
+            max_message_bytes,
+        }
+    }
+
+    fn has_room(&self) -> bool {
+        self.commands.len() < MAX_COALESCE && self.bytes < COALESCE_BYTES
+    }
+
+    /// Adds `p` unless the message would grow past the limit; a command that
+    /// alone exceeds the limit is answered with `LimitExceeded` at once.
+    fn push(&mut self, p: Pending, next_id: &mut u64, pending: &mut HashMap<u64, Reply>) -> Pushed {
+        let len = p.op.encoded_len() + 16;
+        if len + MESSAGE_SLACK > self.max_message_bytes {
+            let _ = p.reply.send(Err(Error::LimitExceeded(format!(
+                "max-message-bytes exceeded: command of {len} bytes > {} bytes",
+                self.max_message_bytes
+            ))));
+            return Pushed::Yes;
+        }
+        if !self.commands.is_empty() && self.bytes + len + MESSAGE_SLACK > self.max_message_bytes {
+            return Pushed::Full(p);
+        }
+        let id = *next_id;
+        *next_id += 1;
+        pending.insert(id, p.reply);
+        self.bytes += len;
+        self.commands.push(Command { id, op: Some(p.op) });
+        Pushed::Yes
     }
 }

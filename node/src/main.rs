@@ -50,6 +50,7 @@ async fn main() -> anyhow::Result<()> {
                 .context("invalid --log filter")?,
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     config.validate().map_err(anyhow::Error::msg)?;
     let listener = tokio::net::TcpListener::bind(config.listen)

@@ -84,3 +84,52 @@ pub async fn serve(
     node.shutdown().await;
     Ok(())
 }
+
+/// A node served in the background (tests, embedding).
+#[derive(Debug)]
+pub struct Running {
+    /// The bound gRPC address.
+    pub addr: std::net::SocketAddr,
+    /// The node.
+    pub node: Arc<Node>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    join: tokio::task::JoinHandle<Result<()>>,
+}
+
+impl Running {
+    /// Binds `config.listen` (port 0 picks one), starts the node and serves it.
+    pub async fn start(
+        config: crate::config::NodeConfig,
+        clock: Arc<dyn crate::clock::Clock>,
+    ) -> Result<Running> {
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(|e| Error::Internal(format!("bind {}: {e}", config.listen)))?;
+        let addr = listener
+            .local_addr()
+            .map_err(|e| Error::Internal(e.to_string()))?;
+        let node = Node::new(config, addr, clock);
+        node.start();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let join = tokio::spawn(serve(listener, node.clone(), async {
+            let _ = rx.await;
+        }));
+        Ok(Running {
+            addr,
+            node,
+            stop: Some(tx),
+            join,
+        })
+    }
+
+    /// Stops serving and waits until the server and the node's tasks ended.
+    pub async fn stop(mut self) -> Result<()> {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        match (&mut self.join).await {
+            Ok(r) => r,
+            Err(e) => Err(Error::Internal(format!("server task: {e}"))),
+        }
+    }
+}

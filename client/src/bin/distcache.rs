@@ -1,1 +1,315 @@
-fn main(){}
+//! `distcache`: the command-line client.
+//!
+//! Exit codes: 0 ok; 1 key not found; 2 lock not acquired; 3 any other error
+//! (one line on stderr).
+
+use std::io::{Read, Write};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use distcache_client::{Client, ClientConfig, CollectionOptions, Error, LockOptions};
+
+/// Command-line client for a distcache cluster.
+#[derive(Debug, Parser)]
+#[command(name = "distcache", version)]
+struct Cli {
+    /// Seed endpoints, HOST:PORT[,...].
+    #[arg(long, env = "DISTCACHE_ENDPOINTS", default_value = "127.0.0.1:7100", value_delimiter = ',')]
+    endpoints: Vec<String>,
+    /// Request timeout, seconds.
+    #[arg(long, default_value_t = 10.0)]
+    timeout: f64,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, clap::Args)]
+struct Coll {
+    /// Collection (default: the default collection).
+    #[arg(long, short = 'c', default_value = "")]
+    collection: String,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Store VALUE under KEY (VALUE `-` reads it from stdin).
+    Put {
+        #[command(flatten)]
+        c: Coll,
+        /// Time to live, seconds (default: the collection's).
+        #[arg(long)]
+        ttl: Option<f64>,
+        key: String,
+        value: String,
+    },
+    /// Print the value of KEY alone on stdout (exit 1 if not found).
+    Get {
+        #[command(flatten)]
+        c: Coll,
+        key: String,
+    },
+    /// Remove KEY (exit 1 if it was not there).
+    Delete {
+        #[command(flatten)]
+        c: Coll,
+        key: String,
+    },
+    /// List the keys of a collection, one per line.
+    Keys {
+        #[command(flatten)]
+        c: Coll,
+    },
+    /// Print the number of entries of a collection.
+    Size {
+        #[command(flatten)]
+        c: Coll,
+    },
+    /// Remove every entry of a collection; prints how many.
+    Clear {
+        #[command(flatten)]
+        c: Coll,
+    },
+    /// List collections, one per line (`--json` for their settings).
+    Collections {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Create a collection (or show an existing one's settings).
+    CreateCollection {
+        name: String,
+        /// Default time to live of entries, seconds.
+        #[arg(long)]
+        ttl: Option<f64>,
+        /// Entry limit (LRU eviction beyond it).
+        #[arg(long)]
+        max_entries: Option<u64>,
+    },
+    /// Clear and remove a collection.
+    DeleteCollection { name: String },
+    /// Acquire lock KEY and print its fencing token; the lock stays held for
+    /// --hold seconds after this command exits (exit 2 if not acquired).
+    Lock {
+        key: String,
+        /// Lease length, seconds.
+        #[arg(long)]
+        hold: f64,
+        /// How long to wait, seconds (0 = try once).
+        #[arg(long, default_value_t = 30.0)]
+        wait: f64,
+    },
+    /// Release lock KEY held with fencing token TOKEN.
+    Unlock {
+        key: String,
+        #[arg(long)]
+        token: u64,
+    },
+    /// Release lock KEY whoever holds it.
+    ForceUnlock { key: String },
+    /// Show the cluster: epoch, partition count, safety, members.
+    Cluster {
+        /// One JSON object on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn secs(s: f64, what: &str) -> anyhow::Result<Duration> {
+    Duration::try_from_secs_f64(s).with_context(|| format!("invalid {what}: {s}"))
+}
+
+/// Outcomes that are answers, not failures.
+enum Outcome {
+    Ok,
+    NotFound,
+    LockNotAcquired,
+}
+
+async fn run(cli: Cli) -> anyhow::Result<Outcome> {
+    let mut config = ClientConfig::new(cli.endpoints.clone()).request_timeout(secs(cli.timeout, "--timeout")?);
+    config.max_retries = 2;
+    let client = Client::with_config(config).await?;
+    let coll = |c: &Coll| -> distcache_client::Collection {
+        if c.collection.is_empty() {
+            client.default_collection()
+        } else {
+            // Data commands never create collections: an unknown one is an error.
+            client.collection_handle(&c.collection)
+        }
+    };
+    let mut out = std::io::stdout().lock();
+    match cli.cmd {
+        Cmd::Put { c, ttl, key, value } => {
+            let value = if value == "-" {
+                let mut buf = Vec::new();
+                std::io::stdin().read_to_end(&mut buf).context("reading stdin")?;
+                buf
+            } else {
+                value.into_bytes()
+            };
+            let col = coll(&c);
+            match ttl {
+                Some(t) => col.put_with_ttl(key, value, secs(t, "--ttl")?).await?,
+                None => col.put(key, value).await?,
+            }
+        }
+        Cmd::Get { c, key } => match coll(&c).get(key).await? {
+            Some(v) => out.write_all(&v)?,
+            None => return Ok(Outcome::NotFound),
+        },
+        Cmd::Delete { c, key } => {
+            if !coll(&c).delete(key).await? {
+                return Ok(Outcome::NotFound);
+            }
+        }
+        Cmd::Keys { c } => {
+            for k in coll(&c).keys().await? {
+                out.write_all(&k)?;
+                out.write_all(b"\n")?;
+            }
+        }
+        Cmd::Size { c } => writeln!(out, "{}", coll(&c).size().await?)?,
+        Cmd::Clear { c } => writeln!(out, "{}", coll(&c).clear().await?)?,
+        Cmd::Collections { json } => {
+            let list = client.list_collections().await?;
+            if json {
+                let v: Vec<_> = list
+                    .iter()
+                    .map(|c| {
+                        serde_json::json!({
+                            "name": c.name,
+                            "default_ttl_ms": c.default_ttl_ms,
+                            "max_entries": c.max_entries,
+                        })
+                    })
+                    .collect();
+                writeln!(out, "{}", serde_json::Value::Array(v))?;
+            } else {
+                for c in list {
+                    writeln!(out, "{}", c.name)?;
+                }
+            }
+        }
+        Cmd::CreateCollection { name, ttl, max_entries } => {
+            let mut opts = CollectionOptions::default();
+            if let Some(t) = ttl {
+                opts = opts.default_ttl(secs(t, "--ttl")?);
+            }
+            if let Some(n) = max_entries {
+                opts = opts.max_entries(n);
+            }
+            let c = client.collection_with(&name, opts).await?;
+            if let Some(s) = c.settings() {
+                writeln!(
+                    out,
+                    "{} default_ttl_ms={} max_entries={}",
+                    s.name, s.default_ttl_ms, s.max_entries
+                )?;
+            }
+        }
+        Cmd::DeleteCollection { name } => {
+            if !client.delete_collection(&name).await? {
+                return Ok(Outcome::NotFound);
+            }
+        }
+        Cmd::Lock { key, hold, wait } => {
+            let hold = secs(hold, "--hold")?;
+            let guard = if wait == 0.0 {
+                client.try_acquire_lock(&key, hold).await?
+            } else {
+                let opts = LockOptions::default().hold(hold).wait(secs(wait, "--wait")?);
+                match client.acquire_lock(&key, opts).await {
+                    Ok(g) => Some(g),
+                    Err(Error::LockAcquireTimeout(_)) => None,
+                    Err(e) => return Err(e.into()),
+                }
+            };
+            match guard {
+                Some(g) => writeln!(out, "{}", g.detach())?,
+                None => return Ok(Outcome::LockNotAcquired),
+            }
+        }
+        Cmd::Unlock { key, token } => client.release_lock_token(&key, token).await?,
+        Cmd::ForceUnlock { key } => {
+            if !client.force_release_lock(&key).await? {
+                return Ok(Outcome::NotFound);
+            }
+        }
+        Cmd::Cluster { json } => {
+            let table = client.partition_table().await?;
+            let health = client.health().await?;
+            let mut primaries = std::collections::HashMap::<&str, u32>::new();
+            let mut backups = std::collections::HashMap::<&str, u32>::new();
+            for p in &table.partitions {
+                *primaries.entry(p.primary.as_str()).or_default() += 1;
+                for b in &p.backups {
+                    *backups.entry(b.as_str()).or_default() += 1;
+                }
+            }
+            let members: Vec<_> = table
+                .members
+                .iter()
+                .map(|m| {
+                    serde_json::json!({
+                        "name": m.name,
+                        "address": m.address,
+                        "alive": m.alive,
+                        "primaries": primaries.get(m.name.as_str()).copied().unwrap_or(0),
+                        "backups": backups.get(m.name.as_str()).copied().unwrap_or(0),
+                    })
+                })
+                .collect();
+            let v = serde_json::json!({
+                "epoch": table.epoch,
+                "partition_count": table.partition_count,
+                "safe": health.safe,
+                "quorum": health.quorum,
+                "partitions_without_backup": health.partitions_without_backup,
+                "migrations_running": health.migrations_running,
+                "members": members,
+            });
+            if json {
+                writeln!(out, "{v}")?;
+            } else {
+                writeln!(
+                    out,
+                    "epoch {}  partitions {}  safe {}  quorum {}",
+                    table.epoch, table.partition_count, health.safe, health.quorum
+                )?;
+                for m in &members {
+                    writeln!(
+                        out,
+                        "{:<24} {:<24} primaries {:>4}  backups {:>4}",
+                        m["name"].as_str().unwrap_or_default(),
+                        m["address"].as_str().unwrap_or_default(),
+                        m["primaries"],
+                        m["backups"]
+                    )?;
+                }
+            }
+        }
+    }
+    out.flush()?;
+    Ok(Outcome::Ok)
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(Outcome::Ok) => ExitCode::SUCCESS,
+        Ok(Outcome::NotFound) => {
+            eprintln!("not found");
+            ExitCode::from(1)
+        }
+        Ok(Outcome::LockNotAcquired) => {
+            eprintln!("lock not acquired");
+            ExitCode::from(2)
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(3)
+        }
+    }
+}

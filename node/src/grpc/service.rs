@@ -220,7 +220,11 @@ impl proto::cache_server::Cache for Api {
                     }
                     Ok(None) => break,
                     Err(status) => {
-                        tracing::warn!(error = %status.message(), "batch stream closed on a bad message");
+                        if status.code() == tonic::Code::OutOfRange {
+                            tracing::warn!(error = %status.message(), "batch stream refused a message");
+                        } else {
+                            tracing::debug!(error = %status.message(), "batch stream ended");
+                        }
                         let _ = tx.send(Err(status)).await;
                         break;
                     }

@@ -108,6 +108,7 @@ pub struct LockTable {
     partition_count: u32,
     clock: Arc<dyn Clock>,
     next_waiter: AtomicU64,
+    wait_rounds: AtomicU64,
     shutdown: CancellationToken,
 }
 
@@ -120,6 +121,7 @@ impl LockTable {
             partition_count,
             clock,
             next_waiter: AtomicU64::new(1),
+            wait_rounds: AtomicU64::new(0),
             shutdown,
         }
     }
@@ -160,6 +162,7 @@ impl LockTable {
             done: false,
         };
         loop {
+            self.wait_rounds.fetch_add(1, Ordering::Relaxed);
             // Register for clock jumps before looking at the state, so a jump
             // in between is not missed.
             let jumps = self.clock.jumps().map(|n| n.notified());
@@ -257,6 +260,12 @@ impl LockTable {
         let was_held = st.holder.take().is_some();
         st.progress(now);
         was_held
+    }
+
+    /// How many times waiters looked at lock state while waiting (one per
+    /// wake-up); stays near one per acquire because waiters never poll.
+    pub fn wait_rounds(&self) -> u64 {
+        self.wait_rounds.load(Ordering::Relaxed)
     }
 
     /// The current holder's token, if the lock is held.

@@ -1,0 +1,422 @@
+//! Every seed operation through the real gRPC server on 127.0.0.1:0, driven
+//! by the Rust client, including the error cases.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use distcache_client::proto::cache_client::CacheClient;
+use distcache_client::{Client, CollectionOptions, Error, LockOptions, proto};
+use distcache_node::clock::{Clock, ManualClock, SystemClock};
+use distcache_node::config::NodeConfig;
+use distcache_node::server::Running;
+
+fn config() -> NodeConfig {
+    NodeConfig {
+        listen: "127.0.0.1:0".parse().expect("addr"),
+        ..NodeConfig::default()
+    }
+}
+
+async fn start_with(config: NodeConfig, clock: Arc<dyn Clock>) -> (Running, Client) {
+    let running = Running::start(config, clock).await.expect("node starts");
+    let client = Client::connect([running.addr.to_string()])
+        .await
+        .expect("client connects");
+    (running, client)
+}
+
+async fn start() -> (Running, Client) {
+    start_with(config(), Arc::new(SystemClock::default())).await
+}
+
+#[tokio::test]
+async fn put_get_delete_and_typed_values() {
+    let (node, c) = start().await;
+    assert_eq!(c.get("k").await.expect("get"), None);
+    c.put("k", "v1").await.expect("put");
+    assert_eq!(c.get("k").await.expect("get"), Some(Bytes::from("v1")));
+    c.put("k", "v2").await.expect("overwrite");
+    assert_eq!(c.get("k").await.expect("get"), Some(Bytes::from("v2")));
+    assert!(c.delete("k").await.expect("delete"));
+    assert!(!c.delete("k").await.expect("delete again"));
+    assert_eq!(c.get("k").await.expect("get"), None);
+
+    #[derive(serde::Serialize, serde::Deserialize, PartialEq, Debug)]
+    struct User {
+        name: String,
+        role: String,
+    }
+    let users = c.collection("users").await.expect("collection");
+    let alice = User {
+        name: "Alice".into(),
+        role: "admin".into(),
+    };
+    users.put_value("user:123", &alice, None).await.expect("put typed");
+    let back: Option<User> = users.get_value("user:123").await.expect("get typed");
+    assert_eq!(back, Some(alice));
+    // Binary keys and empty values survive.
+    c.put(b"\x00\xff", Bytes::new()).await.expect("put binary");
+    assert_eq!(c.get(b"\x00\xff").await.expect("get"), Some(Bytes::new()));
+    node.stop().await.expect("stop");
+}
+
+#[tokio::test]
+async fn ttl_and_default_ttl_follow_the_clock() {
+    let clock = ManualClock::new(1_700_000_000_000);
+    let quiet_sweep = NodeConfig {
+        sweep_interval_ms: 3_600_000,
+        ..config()
+    };
+    let (node, c) = start_with(quiet_sweep, clock.clone()).await;
+    c.put_with_ttl("otp", "1234", Duration::from_secs(30)).await.expect("put");
+    c.put("forever", "x").await.expect("put");
+    let s = c
+        .collection_with(
+            "sessions",
+            CollectionOptions::default().default_ttl(Duration::from_secs(3600)),
+        )
+        .await
+        .expect("collection");
+    assert_eq!(s.settings().map(|s| s.default_ttl_ms), Some(3_600_000));
+    s.put("sess", "u1").await.expect("put");
+    s.put_with_ttl("short", "u2", Duration::from_secs(10)).await.expect("put");
+    s.put_many([("m1", "a"), ("m2", "b")], Some(Duration::from_secs(20)))
+        .await
+        .expect("put_many");
+
+    clock.advance(10_000);
+    assert_eq!(s.get("short").await.expect("get"), None);
+    assert!(s.get("m1").await.expect("get").is_some());
+    clock.advance(10_000);
+    assert!(s.get_many(["m1", "m2"]).await.expect("get_many").is_empty());
+    assert!(c.get("otp").await.expect("get").is_some());
+    clock.advance(10_000);
+    assert_eq!(c.get("otp").await.expect("get"), None);
+    assert_eq!(s.get("sess").await.expect("get"), Some(Bytes::from("u1")));
+    clock.advance(3_600_000);
+    assert_eq!(s.get("sess").await.expect("get"), None);
+    assert_eq!(s.size().await.expect("size"), 0);
+    assert_eq!(c.get("forever").await.expect("get"), Some(Bytes::from("x")));
+    // The sweep reclaims what lazy expiry hid: short, m1, m2, otp, sess.
+    assert_eq!(node.node.store.sweep(271), 5);
+    assert_eq!(node.node.store.sweep(271), 0);
+    node.stop().await.expect("stop");
+}
+
+#[tokio::test]
+async fn batch_ops_keys_size_clear() {
+    let (node, c) = start().await;
+    let col = c.collection("bulk").await.expect("collection");
+    let entries: Vec<(String, String)> = (0..200).map(|i| (format!("k{i}"), format!("v{i}"))).collect();
+    col.put_many(entries.clone(), None).await.expect("put_many");
+    assert_eq!(col.size().await.expect("size"), 200);
+    let got = col
+        .get_many(["k1", "k7", "nope", "k199"])
+        .await
+        .expect("get_many");
+    assert_eq!(got.len(), 3);
+    assert_eq!(got.get(&Bytes::from("k7")), Some(&Bytes::from("v7")));
+    assert_eq!(col.delete_many(["k1", "k2", "nope"]).await.expect("delete_many"), 2);
+    let mut keys = col.keys().await.expect("keys");
+    keys.sort();
+    assert_eq!(keys.len(), 198);
+    assert!(!keys.contains(&Bytes::from("k1")));
+    // Other collections are untouched by clear.
+    c.put("other", "x").await.expect("put");
+    assert_eq!(col.clear().await.expect("clear"), 198);
+    assert_eq!(col.size().await.expect("size"), 0);
+    assert_eq!(c.get("other").await.expect("get"), Some(Bytes::from("x")));
+    node.stop().await.expect("stop");
+}
+
+#[tokio::test]
+async fn collection_lifecycle_and_not_found() {
+    let (node, c) = start().await;
+    assert!(c.collection_exists("__default__").await.expect("exists"));
+    assert!(!c.collection_exists("tmp").await.expect("exists"));
+    let unknown = c.collection_handle("tmp");
+    assert!(matches!(unknown.put("k", "v").await, Err(Error::CollectionNotFound(_))));
+    assert!(matches!(unknown.get("k").await, Err(Error::CollectionNotFound(_))));
+    assert!(matches!(unknown.size().await, Err(Error::CollectionNotFound(_))));
+
+    let tmp = c.collection("tmp").await.expect("create");
+    tmp.put("k", "v").await.expect("put");
+    let names: Vec<String> = c
+        .list_collections()
+        .await
+        .expect("list")
+        .into_iter()
+        .map(|s| s.name)
+        .collect();
+    assert_eq!(names, vec!["__default__".to_string(), "tmp".to_string()]);
+    // get-or-create keeps the existing settings.
+    let again = c
+        .collection_with("tmp", CollectionOptions::default().max_entries(5))
+        .await
+        .expect("get");
+    assert_eq!(again.settings().map(|s| s.max_entries), Some(0));
+
+    assert!(c.delete_collection("tmp").await.expect("delete"));
+    assert!(!c.collection_exists("tmp").await.expect("exists"));
+    assert!(matches!(tmp.get("k").await, Err(Error::CollectionNotFound(_))));
+    assert!(matches!(tmp.put("k", "v").await, Err(Error::CollectionNotFound(_))));
+    assert!(matches!(
+        c.delete_collection("__default__").await,
+        Err(Error::InvalidArgument(_))
+    ));
+    assert!(matches!(
+        c.collection(&"x".repeat(300)).await,
+        Err(Error::InvalidArgument(_))
+    ));
+    // Re-created collections start empty.
+    let tmp = c.collection("tmp").await.expect("re-create");
+    assert_eq!(tmp.get("k").await.expect("get"), None);
+    node.stop().await.expect("stop");
+}
+
+#[tokio::test]
+async fn lru_never_exceeds_its_limit_and_evicts_least_recently_used() {
+    let (node, c) = start().await;
+    let hot = c
+        .collection_with("hot", CollectionOptions::default().max_entries(10))
+        .await
+        .expect("collection");
+    for i in 0..10 {
+        hot.put(format!("k{i}"), "v").await.expect("put");
+    }
+    // Touch k0: k1 is now the least recently used.
+    assert!(hot.get("k0").await.expect("get").is_some());
+    hot.put("k10", "v").await.expect("put");
+    assert_eq!(hot.get("k1").await.expect("get"), None, "k1 was the LRU entry");
+    assert!(hot.get("k0").await.expect("get").is_some());
+    for i in 11..200 {
+        hot.put(format!("k{i}"), "v").await.expect("put");
+        assert!(hot.size().await.expect("size") <= 10);
+    }
+    assert_eq!(hot.size().await.expect("size"), 10);
+    let keys = hot.keys().await.expect("keys");
+    for i in 190..200 {
+        assert!(keys.contains(&Bytes::from(format!("k{i}"))), "k{i} kept");
+    }
+    node.stop().await.expect("stop");
+}
+
+#[tokio::test]
+async fn thirty_two_acquirers_one_holder_at_a_time_increasing_tokens() {
+    let (node, c) = start().await;
+    let holders = Arc::new(AtomicU32::new(0));
+    let order = Arc::new(parking_lot_free::Order::default());
+    let mut tasks = Vec::new();
+    for _ in 0..32 {
+        let (c, holders, order) = (c.clone(), holders.clone(), order.clone());
+        tasks.push(tokio::spawn(async move {
+            let opts = LockOptions::default()
+                .hold(Duration::from_secs(30))
+                .wait(Duration::from_secs(60));
+            let g = c.acquire_lock("shared", opts).await.expect("acquire");
+            assert_eq!(holders.fetch_add(1, Ordering::SeqCst), 0, "two holders at once");
+            order.push(g.fencing_token());
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            holders.fetch_sub(1, Ordering::SeqCst);
+            g.release().await.expect("release");
+        }));
+    }
+    for t in tasks {
+        t.await.expect("task");
+    }
+    let tokens = order.take();
+    assert_eq!(tokens.len(), 32);
+    assert!(tokens.windows(2).all(|w| w[0] < w[1]), "tokens {tokens:?}");
+    // Each waiter looked at the lock about once per wake-up: no polling.
+    let rounds = node.node.locks.wait_rounds();
+    assert!(rounds <= 32 * 2, "waiters polled: {rounds} rounds for 32 acquires");
+    node.stop().await.expect("stop");
+}
+
+mod parking_lot_free {
+    use std::sync::Mutex;
+    #[derive(Default)]
+    pub struct Order(Mutex<Vec<u64>>);
+    impl Order {
+        pub fn push(&self, t: u64) {
+            if let Ok(mut v) = self.0.lock() {
+                v.push(t);
+            }
+        }
+        pub fn take(&self) -> Vec<u64> {
+            self.0.lock().map(|mut v| std::mem::take(&mut *v)).unwrap_or_default()
+        }
+    }
+}
+
+#[tokio::test]
+async fn lock_errors_hold_timeout_force_release_and_drop() {
+    let clock = ManualClock::new(0);
+    let (node, c) = start_with(config(), clock.clone()).await;
+    let g = c
+        .try_acquire_lock("res", Duration::from_secs(10))
+        .await
+        .expect("try")
+        .expect("free");
+    let t1 = g.fencing_token();
+    assert!(c.try_acquire_lock("res", Duration::from_secs(10)).await.expect("try").is_none());
+    // A non-holder's token cannot release it.
+    assert!(matches!(
+        c.release_lock_token("res", t1 + 100).await,
+        Err(Error::LockNotHeld(_))
+    ));
+    // Queue times out while the lease lasts.
+    let e = c
+        .acquire_lock("res", LockOptions::default().wait(Duration::from_millis(50)))
+        .await;
+    assert!(matches!(e, Err(Error::LockAcquireTimeout(_))), "{e:?}");
+    // The lease runs out: release reports the hold timeout.
+    clock.advance(10_000);
+    assert!(matches!(g.release().await, Err(Error::LockHoldTimeout(_))));
+
+    // A waiter gets a lock whose lease expires, with a new token.
+    let mut g2 = c
+        .acquire_lock("res", LockOptions::default().hold(Duration::from_secs(5)))
+        .await
+        .expect("acquire");
+    assert!(g2.fencing_token() > t1);
+    g2.extend(Duration::from_secs(60)).await.expect("extend");
+    let waiter = {
+        let c = c.clone();
+        tokio::spawn(async move {
+            c.acquire_lock("res", LockOptions::default().wait(Duration::from_secs(60)))
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    clock.advance(30_000);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(!waiter.is_finished(), "extended lease still holds");
+    assert!(c.force_release_lock("res").await.expect("force"));
+    let g3 = waiter.await.expect("join").expect("granted after force release");
+    assert!(g3.fencing_token() > g2.fencing_token());
+    assert!(matches!(g2.release().await, Err(Error::LockNotHeld(_))));
+    // Dropping a guard releases it in the background.
+    let t3 = g3.fencing_token();
+    drop(g3);
+    let mut freed = None;
+    for _ in 0..100 {
+        if let Some(g) = c.try_acquire_lock("res", Duration::from_secs(1)).await.expect("try") {
+            freed = Some(g);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let g4 = freed.expect("dropped guard was released");
+    assert!(g4.fencing_token() > t3);
+    g4.release().await.expect("release");
+    node.stop().await.expect("stop");
+}
+
+fn small_limits() -> NodeConfig {
+    NodeConfig {
+        max_key_bytes: 128,
+        max_value_bytes: 4 * 1024,
+        max_message_bytes: 64 * 1024,
+        max_batch_keys: 50,
+        ..config()
+    }
+}
+
+#[tokio::test]
+async fn hostile_sizes_get_clear_errors_and_the_node_keeps_serving() {
+    let (node, c) = start_with(small_limits(), Arc::new(SystemClock::default())).await;
+    c.put("ok", "fine").await.expect("put");
+
+    let e = c.put(vec![b'k'; 129], "v").await.expect_err("key too big");
+    assert!(matches!(&e, Error::LimitExceeded(m) if m.contains("max-key-bytes")), "{e}");
+    let e = c.put("k", vec![0u8; 4097]).await.expect_err("value too big");
+    assert!(matches!(&e, Error::LimitExceeded(m) if m.contains("max-value-bytes")), "{e}");
+    let e = c
+        .default_collection()
+        .get_many((0..51).map(|i| format!("k{i}")))
+        .await
+        .expect_err("too many keys");
+    assert!(matches!(&e, Error::LimitExceeded(m) if m.contains("max-batch-keys")), "{e}");
+
+    // A message over the node's max-message-bytes, by a raw gRPC client.
+    let mut raw = CacheClient::connect(format!("http://{}", node.addr))
+        .await
+        .expect("raw connect");
+    let status = raw
+        .put(proto::PutRequest {
+            collection: String::new(),
+            key: Bytes::from("big"),
+            value: Bytes::from(vec![0u8; 100 * 1024]),
+            ttl_ms: None,
+        })
+        .await
+        .expect_err("message too big");
+    assert!(status.message().contains("too large"), "{status:?}");
+
+    // Nothing else was affected, on this connection or the client's streams.
+    assert_eq!(c.get("ok").await.expect("get"), Some(Bytes::from("fine")));
+    assert_eq!(c.get("k").await.expect("get"), None);
+    assert_eq!(c.get("big").await.expect("get"), None);
+    let resp = raw
+        .get(proto::GetRequest {
+            collection: String::new(),
+            key: Bytes::from("ok"),
+        })
+        .await
+        .expect("raw get after refusal");
+    assert!(resp.into_inner().found);
+    node.stop().await.expect("stop");
+}
+
+#[tokio::test]
+async fn shutdown_ends_open_streams_and_waits_for_tasks() {
+    let (node, c) = start().await;
+    c.put("k", "v").await.expect("put");
+    // A lock waiter that would wait a minute.
+    let _held = c
+        .try_acquire_lock("l", Duration::from_secs(60))
+        .await
+        .expect("try")
+        .expect("free");
+    let waiter = {
+        let c = c.clone();
+        tokio::spawn(async move {
+            c.acquire_lock("l", LockOptions::default().wait(Duration::from_secs(60)))
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    tokio::time::timeout(Duration::from_secs(20), node.stop())
+        .await
+        .expect("shutdown completes with open streams")
+        .expect("clean stop");
+    let r = waiter.await.expect("join");
+    assert!(r.is_err(), "waiter must not get the lock from a stopped node");
+    assert!(c.get("k").await.is_err(), "node is gone");
+}
+
+#[tokio::test]
+async fn standard_health_service_reports_serving() {
+    let (node, _c) = start().await;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", node.addr))
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connect");
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let resp = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "distcache.v1.Cache".into(),
+        })
+        .await
+        .expect("health check")
+        .into_inner();
+    assert_eq!(
+        resp.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+    node.stop().await.expect("stop");
+}

@@ -1,1 +1,334 @@
-fn main(){}
+//! `loadgen`: drives a distcache cluster (and, on the same run, Redis) with N
+//! concurrent callers for S seconds and prints one JSON line per target, then
+//! the ratio.
+//!
+//! Ops: `get` (keys preloaded), `put`, `mixed` (90 % get / 10 % put),
+//! `batch` (get of K keys at once: distcache `get_many`, Redis a pipeline of
+//! K GETs). Ops are counted per key, so a batch of 16 counts 16.
+//! Redis is driven with one connection per caller (like `redis-benchmark -c N`).
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use clap::{Parser, ValueEnum};
+use distcache_client::{Client, ClientConfig};
+use hdrhistogram::Histogram;
+use redis::AsyncCommands;
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum Op {
+    Get,
+    Put,
+    Mixed,
+    Batch,
+}
+
+/// Load generator for distcache (with Redis side by side).
+#[derive(Debug, Clone, Parser)]
+#[command(name = "loadgen")]
+struct Args {
+    /// distcache seed endpoints, HOST:PORT[,...].
+    #[arg(long, value_delimiter = ',', default_value = "127.0.0.1:7100")]
+    endpoints: Vec<String>,
+    /// Operation mix.
+    #[arg(long, value_enum, default_value = "get")]
+    op: Op,
+    /// Keys per batch (op batch).
+    #[arg(long, default_value_t = 16)]
+    batch: usize,
+    /// Concurrent callers.
+    #[arg(long, default_value_t = 50)]
+    callers: usize,
+    /// Seconds per target.
+    #[arg(long, default_value_t = 10)]
+    secs: u64,
+    /// Value size, bytes.
+    #[arg(long, default_value_t = 100)]
+    value_bytes: usize,
+    /// Key space.
+    #[arg(long, default_value_t = 10_000)]
+    keys: u64,
+    /// A single Redis server to compare with.
+    #[arg(long, conflicts_with = "redis_cluster")]
+    redis: Option<String>,
+    /// A Redis Cluster (seed nodes) to compare with.
+    #[arg(long, value_delimiter = ',')]
+    redis_cluster: Option<Vec<String>>,
+    /// Skip distcache (measure only Redis).
+    #[arg(long)]
+    redis_only: bool,
+}
+
+/// One caller's connection.
+enum Conn {
+    Distcache(Client),
+    Redis(redis::aio::MultiplexedConnection),
+    RedisCluster(redis::cluster_async::ClusterConnection),
+}
+
+fn key(i: u64) -> String {
+    format!("key:{i:08}")
+}
+
+/// xorshift64*: a cheap per-caller key picker.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D) % n.max(1)
+    }
+}
+
+impl Conn {
+    /// Runs one operation; returns how many keys it covered.
+    async fn run(&mut self, op: Op, rng: &mut Rng, args: &Args, value: &Bytes) -> anyhow::Result<u64> {
+        let op = match op {
+            Op::Mixed if rng.next(10) == 0 => Op::Put,
+            Op::Mixed => Op::Get,
+            other => other,
+        };
+        match op {
+            Op::Get | Op::Mixed => {
+                let k = key(rng.next(args.keys));
+                match self {
+                    Conn::Distcache(c) => {
+                        c.get(&k).await?;
+                    }
+                    Conn::Redis(r) => {
+                        let _: Option<Vec<u8>> = r.get(&k).await?;
+                    }
+                    Conn::RedisCluster(r) => {
+                        let _: Option<Vec<u8>> = r.get(&k).await?;
+                    }
+                }
+                Ok(1)
+            }
+            Op::Put => {
+                let k = key(rng.next(args.keys));
+                match self {
+                    Conn::Distcache(c) => c.put(&k, value.clone()).await?,
+                    Conn::Redis(r) => r.set::<_, _, ()>(&k, value.as_ref()).await?,
+                    Conn::RedisCluster(r) => r.set::<_, _, ()>(&k, value.as_ref()).await?,
+                }
+                Ok(1)
+            }
+            Op::Batch => {
+                let keys: Vec<String> = (0..args.batch).map(|_| key(rng.next(args.keys))).collect();
+                match self {
+                    Conn::Distcache(c) => {
+                        c.default_collection().get_many(&keys).await?;
+                    }
+                    Conn::Redis(r) => {
+                        let mut p = redis::pipe();
+                        for k in &keys {
+                            p.get(k);
+                        }
+                        let _: Vec<Option<Vec<u8>>> = p.query_async(r).await?;
+                    }
+                    Conn::RedisCluster(r) => {
+                        let mut p = redis::pipe();
+                        for k in &keys {
+                            p.get(k);
+                        }
+                        let _: Vec<Option<Vec<u8>>> = p.query_async(r).await?;
+                    }
+                }
+                Ok(args.batch as u64)
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Target {
+    Distcache,
+    Redis,
+    RedisCluster,
+}
+
+impl Target {
+    fn name(self) -> &'static str {
+        match self {
+            Target::Distcache => "distcache",
+            Target::Redis => "redis",
+            Target::RedisCluster => "redis-cluster",
+        }
+    }
+}
+
+async fn connect(target: Target, args: &Args, shared: Option<&Client>) -> anyhow::Result<Conn> {
+    Ok(match target {
+        Target::Distcache => match shared {
+            Some(c) => Conn::Distcache(c.clone()),
+            None => bail!("no distcache client"),
+        },
+        Target::Redis => {
+            let addr = args.redis.as_deref().unwrap_or_default();
+            let client = redis::Client::open(format!("redis://{addr}/"))?;
+            Conn::Redis(client.get_multiplexed_async_connection().await?)
+        }
+        Target::RedisCluster => {
+            let nodes: Vec<String> = args
+                .redis_cluster
+                .iter()
+                .flatten()
+                .map(|a| format!("redis://{a}/"))
+                .collect();
+            let client = redis::cluster::ClusterClient::new(nodes)?;
+            Conn::RedisCluster(client.get_async_connection().await?)
+        }
+    })
+}
+
+async fn preload(conn: &mut Conn, args: &Args, value: &Bytes) -> anyhow::Result<()> {
+    let chunk = 500u64;
+    let mut start = 0;
+    while start < args.keys {
+        let end = (start + chunk).min(args.keys);
+        match conn {
+            Conn::Distcache(c) => {
+                c.default_collection()
+                    .put_many((start..end).map(|i| (key(i), value.clone())), None)
+                    .await?
+            }
+            Conn::Redis(r) => {
+                let mut p = redis::pipe();
+                for i in start..end {
+                    p.set(key(i), value.as_ref()).ignore();
+                }
+                p.query_async::<()>(r).await?;
+            }
+            Conn::RedisCluster(r) => {
+                for i in start..end {
+                    r.set::<_, _, ()>(key(i), value.as_ref()).await?;
+                }
+            }
+        }
+        start = end;
+    }
+    Ok(())
+}
+
+struct Outcome {
+    ops: u64,
+    errors: u64,
+    hist: Histogram<u64>,
+    elapsed: Duration,
+}
+
+async fn drive(target: Target, args: &Args, value: &Bytes) -> anyhow::Result<Outcome> {
+    let shared = match target {
+        Target::Distcache => Some(
+            Client::with_config(ClientConfig::new(args.endpoints.clone()))
+                .await
+                .context("connecting to distcache")?,
+        ),
+        _ => None,
+    };
+    let mut first = connect(target, args, shared.as_ref()).await?;
+    if args.op != Op::Put {
+        preload(&mut first, args, value).await.context("preload")?;
+    }
+    let mut conns = vec![first];
+    for _ in 1..args.callers {
+        conns.push(connect(target, args, shared.as_ref()).await?);
+    }
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs(args.secs);
+    let mut tasks = Vec::new();
+    for (i, mut conn) in conns.into_iter().enumerate() {
+        let value = value.clone();
+        let args = args.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ ((i as u64 + 1) * 0x1000_0001));
+            let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+            let (mut ops, mut errors) = (0u64, 0u64);
+            while Instant::now() < deadline {
+                let t0 = Instant::now();
+                match tokio::time::timeout(Duration::from_secs(10), conn.run(args.op, &mut rng, &args, &value)).await {
+                    Ok(Ok(n)) => {
+                        ops += n;
+                        hist.saturating_record(t0.elapsed().as_micros() as u64);
+                    }
+                    _ => errors += 1,
+                }
+            }
+            anyhow::Ok((ops, errors, hist))
+        }));
+    }
+    let mut out = Outcome {
+        ops: 0,
+        errors: 0,
+        hist: Histogram::new_with_bounds(1, 60_000_000, 3)?,
+        elapsed: Duration::ZERO,
+    };
+    for t in tasks {
+        let (ops, errors, hist) = t.await??;
+        out.ops += ops;
+        out.errors += errors;
+        out.hist.add(&hist)?;
+    }
+    out.elapsed = start.elapsed();
+    Ok(out)
+}
+
+fn report(target: Target, args: &Args, o: &Outcome) -> f64 {
+    let ops_per_sec = o.ops as f64 / o.elapsed.as_secs_f64().max(1e-9);
+    let line = serde_json::json!({
+        "target": target.name(),
+        "op": format!("{:?}", args.op).to_lowercase(),
+        "callers": args.callers,
+        "batch": if args.op == Op::Batch { args.batch } else { 1 },
+        "value_bytes": args.value_bytes,
+        "secs": o.elapsed.as_secs_f64(),
+        "ops": o.ops,
+        "ops_per_sec": ops_per_sec.round(),
+        "p50_us": o.hist.value_at_quantile(0.50),
+        "p99_us": o.hist.value_at_quantile(0.99),
+        "p999_us": o.hist.value_at_quantile(0.999),
+        "errors": o.errors,
+    });
+    println!("{line}");
+    ops_per_sec
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    if args.callers == 0 || args.secs == 0 || args.batch == 0 {
+        bail!("--callers, --secs and --batch must be positive");
+    }
+    let value = Bytes::from(vec![b'x'; args.value_bytes]);
+    let ours = if args.redis_only {
+        None
+    } else {
+        let o = drive(Target::Distcache, &args, &value).await?;
+        Some(report(Target::Distcache, &args, &o))
+    };
+    let peer = if args.redis.is_some() {
+        Some(Target::Redis)
+    } else if args.redis_cluster.is_some() {
+        Some(Target::RedisCluster)
+    } else {
+        None
+    };
+    if let Some(peer) = peer {
+        let o = drive(peer, &args, &value).await?;
+        let theirs = report(peer, &args, &o);
+        if let Some(ours) = ours {
+            let ratio = ours / theirs.max(1e-9);
+            println!(
+                "{}",
+                serde_json::json!({
+                    "op": format!("{:?}", args.op).to_lowercase(),
+                    "peer": peer.name(),
+                    "ratio": (ratio * 1000.0).round() / 1000.0,
+                })
+            );
+        }
+    }
+    Ok(())
+}

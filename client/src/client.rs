@@ -143,7 +143,10 @@ impl Client {
     }
 
     async fn backoff(&self, attempt: u32, err: &Error) {
-        if matches!(err, Error::NotOwner { .. } | Error::Unavailable(_) | Error::Connect(_)) {
+        if matches!(
+            err,
+            Error::NotOwner { .. } | Error::Unavailable(_) | Error::Connect(_)
+        ) {
             let _ = self.refresh().await;
         }
         let ms = 20u64 << attempt.min(6);
@@ -171,11 +174,7 @@ impl Client {
         }
     }
 
-    async fn execute_on(
-        &self,
-        node: &NodeConn,
-        op: command::Op,
-    ) -> Result<command_result::Result> {
+    async fn execute_on(&self, node: &NodeConn, op: command::Op) -> Result<command_result::Result> {
         let t = self.inner.config.request_timeout;
         match tokio::time::timeout(t, async { node.mux().await?.execute(op).await }).await {
             Ok(r) => r,
@@ -245,7 +244,11 @@ impl Client {
         loop {
             let routing = self.routing();
             let results = join_all(routing.members.iter().map(|m| call(m.channel()))).await;
-            match results.into_iter().map(|r| r.map_err(Error::from)).collect() {
+            match results
+                .into_iter()
+                .map(|r| r.map_err(Error::from))
+                .collect()
+            {
                 Err(e) if e.is_retryable() && attempt < self.inner.config.max_retries => {
                     self.backoff(attempt, &e).await;
                     attempt += 1;
@@ -394,7 +397,9 @@ impl Client {
         value: impl Into<Bytes>,
         ttl: Duration,
     ) -> Result<()> {
-        self.default_collection().put_with_ttl(key, value, ttl).await
+        self.default_collection()
+            .put_with_ttl(key, value, ttl)
+            .await
     }
 
     /// Removes `key` from the default collection; true if it was there.
@@ -415,7 +420,11 @@ impl Client {
     /// lock.release().await?;
     /// # Ok(()) }
     /// ```
-    pub async fn acquire_lock(&self, key: impl AsRef<[u8]>, opts: LockOptions) -> Result<LockGuard> {
+    pub async fn acquire_lock(
+        &self,
+        key: impl AsRef<[u8]>,
+        opts: LockOptions,
+    ) -> Result<LockGuard> {
         let key = Bytes::copy_from_slice(key.as_ref());
         let req = proto::AcquireLockRequest {
             key: key.clone(),
@@ -474,7 +483,8 @@ impl Client {
     /// Releases lock `key` held with fencing `token` (for tokens kept outside
     /// a [`LockGuard`], e.g. by the CLI).
     pub async fn release_lock_token(&self, key: impl AsRef<[u8]>, token: u64) -> Result<()> {
-        self.release_lock(Bytes::copy_from_slice(key.as_ref()), token).await
+        self.release_lock(Bytes::copy_from_slice(key.as_ref()), token)
+            .await
     }
 
     pub(crate) async fn release_lock(&self, key: Bytes, token: u64) -> Result<()> {
@@ -517,7 +527,9 @@ impl Client {
         let max = self.max_msg();
         self.unary(None, self.inner.config.request_timeout, |ch| async move {
             let mut c = ClusterClient::new(ch).max_decoding_message_size(max);
-            Ok(c.partition_table(proto::PartitionTableRequest {}).await?.into_inner())
+            Ok(c.partition_table(proto::PartitionTableRequest {})
+                .await?
+                .into_inner())
         })
         .await
     }

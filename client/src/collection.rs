@@ -244,7 +244,10 @@ impl Collection {
     }
 
     /// Removes `keys`; returns how many were present.
-    pub async fn delete_many<K: AsRef<[u8]>>(&self, keys: impl IntoIterator<Item = K>) -> Result<u64> {
+    pub async fn delete_many<K: AsRef<[u8]>>(
+        &self,
+        keys: impl IntoIterator<Item = K>,
+    ) -> Result<u64> {
         let keys: Vec<Bytes> = keys
             .into_iter()
             .map(|k| Bytes::copy_from_slice(k.as_ref()))

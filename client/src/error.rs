@@ -181,7 +181,10 @@ mod tests {
             .insert(REASON_METADATA, "NOT_OWNER".parse().expect("ascii"));
         s.metadata_mut()
             .insert(EPOCH_METADATA, "42".parse().expect("ascii"));
-        assert!(matches!(Error::from_status(&s), Error::NotOwner { epoch: 42, .. }));
+        assert!(matches!(
+            Error::from_status(&s),
+            Error::NotOwner { epoch: 42, .. }
+        ));
     }
 
     #[test]
@@ -191,7 +194,13 @@ mod tests {
         let e = Error::from_status(&tonic::Status::out_of_range("too large"));
         assert!(matches!(e, Error::LimitExceeded(_)));
         let e = Error::from_status(&tonic::Status::permission_denied("no"));
-        assert!(matches!(e, Error::Status { code: tonic::Code::PermissionDenied, .. }));
+        assert!(matches!(
+            e,
+            Error::Status {
+                code: tonic::Code::PermissionDenied,
+                ..
+            }
+        ));
     }
 
     #[test]

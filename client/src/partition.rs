@@ -95,7 +95,10 @@ mod tests {
             counts[partition_for("c", format!("key-{i}").as_bytes(), 271) as usize] += 1;
         }
         let (min, max) = (counts.iter().min().copied(), counts.iter().max().copied());
-        assert!(min > Some(800) && max < Some(1200), "min {min:?} max {max:?}");
+        assert!(
+            min > Some(800) && max < Some(1200),
+            "min {min:?} max {max:?}"
+        );
     }
 
     #[test]

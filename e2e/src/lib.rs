@@ -1,0 +1,96 @@
+//! # distcache-e2e
+//!
+//! Whole-system tests (real `distcache-node` processes on loopback, driven by
+//! the real client and CLI) and the `loadgen` load generator. This module
+//! holds the helpers the tests share: finding the workspace's binaries,
+//! picking loopback ports, and node processes that are killed when dropped.
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Path of a binary of this workspace, built next to the test executable
+/// (`cargo test --workspace` / `cargo nextest run --workspace` build them all).
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    let dir = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .expect("target profile dir");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the workspace binaries first (cargo build --workspace --bins)",
+        path.display()
+    );
+    path
+}
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free loopback port")
+}
+
+/// Waits until something accepts TCP connections at `addr`.
+pub fn wait_listening(addr: SocketAddr, timeout: Duration) -> bool {
+    let end = Instant::now() + timeout;
+    while Instant::now() < end {
+        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+/// A `distcache-node` process; killed (SIGKILL) when dropped.
+#[derive(Debug)]
+pub struct NodeProcess {
+    /// Its gRPC address.
+    pub addr: SocketAddr,
+    child: Child,
+}
+
+impl NodeProcess {
+    /// Starts `distcache-node --listen 127.0.0.1:<free port>` plus `args` and
+    /// waits until it listens.
+    pub fn start(args: &[&str]) -> NodeProcess {
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+        let child = Command::new(bin("distcache-node"))
+            .arg("--listen")
+            .arg(addr.to_string())
+            .args(args)
+            .env("DISTCACHE_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn distcache-node");
+        let node = NodeProcess { addr, child };
+        assert!(
+            wait_listening(addr, Duration::from_secs(20)),
+            "distcache-node did not listen on {addr}"
+        );
+        node
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        self.child.wait().expect("wait for node")
+    }
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

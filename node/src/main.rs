@@ -46,8 +46,7 @@ async fn main() -> anyhow::Result<()> {
     let config = cli.node;
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_new(&config.log)
-                .context("invalid --log filter")?,
+            tracing_subscriber::EnvFilter::try_new(&config.log).context("invalid --log filter")?,
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))

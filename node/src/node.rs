@@ -30,7 +30,10 @@ pub struct Node {
 impl Node {
     /// A node serving on `bound` (the actual listen address, after binding).
     pub fn new(config: NodeConfig, bound: SocketAddr, clock: Arc<dyn Clock>) -> Arc<Node> {
-        let address = config.advertise.clone().unwrap_or_else(|| bound.to_string());
+        let address = config
+            .advertise
+            .clone()
+            .unwrap_or_else(|| bound.to_string());
         let name = config.name.clone().unwrap_or_else(|| address.clone());
         let shutdown = CancellationToken::new();
         let limits = Limits {

@@ -53,7 +53,10 @@ async fn put_get_delete_and_typed_values() {
         name: "Alice".into(),
         role: "admin".into(),
     };
-    users.put_value("user:123", &alice, None).await.expect("put typed");
+    users
+        .put_value("user:123", &alice, None)
+        .await
+        .expect("put typed");
     let back: Option<User> = users.get_value("user:123").await.expect("get typed");
     assert_eq!(back, Some(alice));
     // Binary keys and empty values survive.
@@ -70,7 +73,9 @@ async fn ttl_and_default_ttl_follow_the_clock() {
         ..config()
     };
     let (node, c) = start_with(quiet_sweep, clock.clone()).await;
-    c.put_with_ttl("otp", "1234", Duration::from_secs(30)).await.expect("put");
+    c.put_with_ttl("otp", "1234", Duration::from_secs(30))
+        .await
+        .expect("put");
     c.put("forever", "x").await.expect("put");
     let s = c
         .collection_with(
@@ -81,7 +86,9 @@ async fn ttl_and_default_ttl_follow_the_clock() {
         .expect("collection");
     assert_eq!(s.settings().map(|s| s.default_ttl_ms), Some(3_600_000));
     s.put("sess", "u1").await.expect("put");
-    s.put_with_ttl("short", "u2", Duration::from_secs(10)).await.expect("put");
+    s.put_with_ttl("short", "u2", Duration::from_secs(10))
+        .await
+        .expect("put");
     s.put_many([("m1", "a"), ("m2", "b")], Some(Duration::from_secs(20)))
         .await
         .expect("put_many");
@@ -109,7 +116,9 @@ async fn ttl_and_default_ttl_follow_the_clock() {
 async fn batch_ops_keys_size_clear() {
     let (node, c) = start().await;
     let col = c.collection("bulk").await.expect("collection");
-    let entries: Vec<(String, String)> = (0..200).map(|i| (format!("k{i}"), format!("v{i}"))).collect();
+    let entries: Vec<(String, String)> = (0..200)
+        .map(|i| (format!("k{i}"), format!("v{i}")))
+        .collect();
     col.put_many(entries.clone(), None).await.expect("put_many");
     assert_eq!(col.size().await.expect("size"), 200);
     let got = col
@@ -118,7 +127,12 @@ async fn batch_ops_keys_size_clear() {
         .expect("get_many");
     assert_eq!(got.len(), 3);
     assert_eq!(got.get(&Bytes::from("k7")), Some(&Bytes::from("v7")));
-    assert_eq!(col.delete_many(["k1", "k2", "nope"]).await.expect("delete_many"), 2);
+    assert_eq!(
+        col.delete_many(["k1", "k2", "nope"])
+            .await
+            .expect("delete_many"),
+        2
+    );
     let mut keys = col.keys().await.expect("keys");
     keys.sort();
     assert_eq!(keys.len(), 198);
@@ -137,9 +151,18 @@ async fn collection_lifecycle_and_not_found() {
     assert!(c.collection_exists("__default__").await.expect("exists"));
     assert!(!c.collection_exists("tmp").await.expect("exists"));
     let unknown = c.collection_handle("tmp");
-    assert!(matches!(unknown.put("k", "v").await, Err(Error::CollectionNotFound(_))));
-    assert!(matches!(unknown.get("k").await, Err(Error::CollectionNotFound(_))));
-    assert!(matches!(unknown.size().await, Err(Error::CollectionNotFound(_))));
+    assert!(matches!(
+        unknown.put("k", "v").await,
+        Err(Error::CollectionNotFound(_))
+    ));
+    assert!(matches!(
+        unknown.get("k").await,
+        Err(Error::CollectionNotFound(_))
+    ));
+    assert!(matches!(
+        unknown.size().await,
+        Err(Error::CollectionNotFound(_))
+    ));
 
     let tmp = c.collection("tmp").await.expect("create");
     tmp.put("k", "v").await.expect("put");
@@ -160,8 +183,14 @@ async fn collection_lifecycle_and_not_found() {
 
     assert!(c.delete_collection("tmp").await.expect("delete"));
     assert!(!c.collection_exists("tmp").await.expect("exists"));
-    assert!(matches!(tmp.get("k").await, Err(Error::CollectionNotFound(_))));
-    assert!(matches!(tmp.put("k", "v").await, Err(Error::CollectionNotFound(_))));
+    assert!(matches!(
+        tmp.get("k").await,
+        Err(Error::CollectionNotFound(_))
+    ));
+    assert!(matches!(
+        tmp.put("k", "v").await,
+        Err(Error::CollectionNotFound(_))
+    ));
     assert!(matches!(
         c.delete_collection("__default__").await,
         Err(Error::InvalidArgument(_))
@@ -189,7 +218,11 @@ async fn lru_never_exceeds_its_limit_and_evicts_least_recently_used() {
     // Touch k0: k1 is now the least recently used.
     assert!(hot.get("k0").await.expect("get").is_some());
     hot.put("k10", "v").await.expect("put");
-    assert_eq!(hot.get("k1").await.expect("get"), None, "k1 was the LRU entry");
+    assert_eq!(
+        hot.get("k1").await.expect("get"),
+        None,
+        "k1 was the LRU entry"
+    );
     assert!(hot.get("k0").await.expect("get").is_some());
     for i in 11..200 {
         hot.put(format!("k{i}"), "v").await.expect("put");
@@ -216,7 +249,11 @@ async fn thirty_two_acquirers_one_holder_at_a_time_increasing_tokens() {
                 .hold(Duration::from_secs(30))
                 .wait(Duration::from_secs(60));
             let g = c.acquire_lock("shared", opts).await.expect("acquire");
-            assert_eq!(holders.fetch_add(1, Ordering::SeqCst), 0, "two holders at once");
+            assert_eq!(
+                holders.fetch_add(1, Ordering::SeqCst),
+                0,
+                "two holders at once"
+            );
             order.push(g.fencing_token());
             tokio::time::sleep(Duration::from_millis(5)).await;
             holders.fetch_sub(1, Ordering::SeqCst);
@@ -231,7 +268,10 @@ async fn thirty_two_acquirers_one_holder_at_a_time_increasing_tokens() {
     assert!(tokens.windows(2).all(|w| w[0] < w[1]), "tokens {tokens:?}");
     // Each waiter looked at the lock about once per wake-up: no polling.
     let rounds = node.node.locks.wait_rounds();
-    assert!(rounds <= 32 * 2, "waiters polled: {rounds} rounds for 32 acquires");
+    assert!(
+        rounds <= 32 * 2,
+        "waiters polled: {rounds} rounds for 32 acquires"
+    );
     node.stop().await.expect("stop");
 }
 
@@ -246,7 +286,10 @@ mod parking_lot_free {
             }
         }
         pub fn take(&self) -> Vec<u64> {
-            self.0.lock().map(|mut v| std::mem::take(&mut *v)).unwrap_or_default()
+            self.0
+                .lock()
+                .map(|mut v| std::mem::take(&mut *v))
+                .unwrap_or_default()
         }
     }
 }
@@ -261,7 +304,12 @@ async fn lock_errors_hold_timeout_force_release_and_drop() {
         .expect("try")
         .expect("free");
     let t1 = g.fencing_token();
-    assert!(c.try_acquire_lock("res", Duration::from_secs(10)).await.expect("try").is_none());
+    assert!(
+        c.try_acquire_lock("res", Duration::from_secs(10))
+            .await
+            .expect("try")
+            .is_none()
+    );
     // A non-holder's token cannot release it.
     assert!(matches!(
         c.release_lock_token("res", t1 + 100).await,
@@ -269,7 +317,10 @@ async fn lock_errors_hold_timeout_force_release_and_drop() {
     ));
     // Queue times out while the lease lasts.
     let e = c
-        .acquire_lock("res", LockOptions::default().wait(Duration::from_millis(50)))
+        .acquire_lock(
+            "res",
+            LockOptions::default().wait(Duration::from_millis(50)),
+        )
         .await;
     assert!(matches!(e, Err(Error::LockAcquireTimeout(_))), "{e:?}");
     // The lease runs out: release reports the hold timeout.
@@ -295,7 +346,10 @@ async fn lock_errors_hold_timeout_force_release_and_drop() {
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert!(!waiter.is_finished(), "extended lease still holds");
     assert!(c.force_release_lock("res").await.expect("force"));
-    let g3 = waiter.await.expect("join").expect("granted after force release");
+    let g3 = waiter
+        .await
+        .expect("join")
+        .expect("granted after force release");
     assert!(g3.fencing_token() > g2.fencing_token());
     assert!(matches!(g2.release().await, Err(Error::LockNotHeld(_))));
     // Dropping a guard releases it in the background.
@@ -303,7 +357,11 @@ async fn lock_errors_hold_timeout_force_release_and_drop() {
     drop(g3);
     let mut freed = None;
     for _ in 0..100 {
-        if let Some(g) = c.try_acquire_lock("res", Duration::from_secs(1)).await.expect("try") {
+        if let Some(g) = c
+            .try_acquire_lock("res", Duration::from_secs(1))
+            .await
+            .expect("try")
+        {
             freed = Some(g);
             break;
         }
@@ -331,15 +389,27 @@ async fn hostile_sizes_get_clear_errors_and_the_node_keeps_serving() {
     c.put("ok", "fine").await.expect("put");
 
     let e = c.put(vec![b'k'; 129], "v").await.expect_err("key too big");
-    assert!(matches!(&e, Error::LimitExceeded(m) if m.contains("max-key-bytes")), "{e}");
-    let e = c.put("k", vec![0u8; 4097]).await.expect_err("value too big");
-    assert!(matches!(&e, Error::LimitExceeded(m) if m.contains("max-value-bytes")), "{e}");
+    assert!(
+        matches!(&e, Error::LimitExceeded(m) if m.contains("max-key-bytes")),
+        "{e}"
+    );
+    let e = c
+        .put("k", vec![0u8; 4097])
+        .await
+        .expect_err("value too big");
+    assert!(
+        matches!(&e, Error::LimitExceeded(m) if m.contains("max-value-bytes")),
+        "{e}"
+    );
     let e = c
         .default_collection()
         .get_many((0..51).map(|i| format!("k{i}")))
         .await
         .expect_err("too many keys");
-    assert!(matches!(&e, Error::LimitExceeded(m) if m.contains("max-batch-keys")), "{e}");
+    assert!(
+        matches!(&e, Error::LimitExceeded(m) if m.contains("max-batch-keys")),
+        "{e}"
+    );
 
     // A message over the node's max-message-bytes, by a raw gRPC client.
     let mut raw = CacheClient::connect(format!("http://{}", node.addr))
@@ -394,7 +464,10 @@ async fn shutdown_ends_open_streams_and_waits_for_tasks() {
         .expect("shutdown completes with open streams")
         .expect("clean stop");
     let r = waiter.await.expect("join");
-    assert!(r.is_err(), "waiter must not get the lock from a stopped node");
+    assert!(
+        r.is_err(),
+        "waiter must not get the lock from a stopped node"
+    );
     assert!(c.get("k").await.is_err(), "node is gone");
 }
 
@@ -418,5 +491,49 @@ async fn standard_health_service_reports_serving() {
         resp.status,
         tonic_health::pb::health_check_response::ServingStatus::Serving as i32
     );
+    node.stop().await.expect("stop");
+}
+
+#[tokio::test]
+async fn server_reflection_lists_the_services() {
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+
+    let (node, _c) = start().await;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", node.addr))
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connect");
+    let mut client = ServerReflectionClient::new(channel);
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut stream = client
+        .server_reflection_info(futures::stream::iter([req]))
+        .await
+        .expect("reflection")
+        .into_inner();
+    let resp = stream
+        .message()
+        .await
+        .expect("message")
+        .expect("a response");
+    let Some(MessageResponse::ListServicesResponse(list)) = resp.message_response else {
+        panic!("unexpected reflection answer {resp:?}");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for want in [
+        "distcache.v1.Cache",
+        "distcache.v1.Locks",
+        "distcache.v1.Collections",
+        "distcache.v1.Cluster",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(names.iter().any(|n| n == want), "{want} not in {names:?}");
+    }
     node.stop().await.expect("stop");
 }

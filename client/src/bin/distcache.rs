@@ -16,7 +16,12 @@ use distcache_client::{Client, ClientConfig, CollectionOptions, Error, LockOptio
 #[command(name = "distcache", version)]
 struct Cli {
     /// Seed endpoints, HOST:PORT[,...].
-    #[arg(long, env = "DISTCACHE_ENDPOINTS", default_value = "127.0.0.1:7100", value_delimiter = ',')]
+    #[arg(
+        long,
+        env = "DISTCACHE_ENDPOINTS",
+        default_value = "127.0.0.1:7100",
+        value_delimiter = ','
+    )]
     endpoints: Vec<String>,
     /// Request timeout, seconds.
     #[arg(long, default_value_t = 10.0)]
@@ -127,7 +132,8 @@ enum Outcome {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<Outcome> {
-    let mut config = ClientConfig::new(cli.endpoints.clone()).request_timeout(secs(cli.timeout, "--timeout")?);
+    let mut config =
+        ClientConfig::new(cli.endpoints.clone()).request_timeout(secs(cli.timeout, "--timeout")?);
     config.max_retries = 2;
     let client = Client::with_config(config).await?;
     let coll = |c: &Coll| -> distcache_client::Collection {
@@ -143,7 +149,9 @@ async fn run(cli: Cli) -> anyhow::Result<Outcome> {
         Cmd::Put { c, ttl, key, value } => {
             let value = if value == "-" {
                 let mut buf = Vec::new();
-                std::io::stdin().read_to_end(&mut buf).context("reading stdin")?;
+                std::io::stdin()
+                    .read_to_end(&mut buf)
+                    .context("reading stdin")?;
                 buf
             } else {
                 value.into_bytes()
@@ -191,7 +199,11 @@ async fn run(cli: Cli) -> anyhow::Result<Outcome> {
                 }
             }
         }
-        Cmd::CreateCollection { name, ttl, max_entries } => {
+        Cmd::CreateCollection {
+            name,
+            ttl,
+            max_entries,
+        } => {
             let mut opts = CollectionOptions::default();
             if let Some(t) = ttl {
                 opts = opts.default_ttl(secs(t, "--ttl")?);
@@ -218,7 +230,9 @@ async fn run(cli: Cli) -> anyhow::Result<Outcome> {
             let guard = if wait == 0.0 {
                 client.try_acquire_lock(&key, hold).await?
             } else {
-                let opts = LockOptions::default().hold(hold).wait(secs(wait, "--wait")?);
+                let opts = LockOptions::default()
+                    .hold(hold)
+                    .wait(secs(wait, "--wait")?);
                 match client.acquire_lock(&key, opts).await {
                     Ok(g) => Some(g),
                     Err(Error::LockAcquireTimeout(_)) => None,

@@ -84,7 +84,13 @@ impl Rng {
 
 impl Conn {
     /// Runs one operation; returns how many keys it covered.
-    async fn run(&mut self, op: Op, rng: &mut Rng, args: &Args, value: &Bytes) -> anyhow::Result<u64> {
+    async fn run(
+        &mut self,
+        op: Op,
+        rng: &mut Rng,
+        args: &Args,
+        value: &Bytes,
+    ) -> anyhow::Result<u64> {
         let op = match op {
             Op::Mixed if rng.next(10) == 0 => Op::Put,
             Op::Mixed => Op::Get,
@@ -248,7 +254,12 @@ async fn drive(target: Target, args: &Args, value: &Bytes) -> anyhow::Result<Out
             let (mut ops, mut errors) = (0u64, 0u64);
             while Instant::now() < deadline {
                 let t0 = Instant::now();
-                match tokio::time::timeout(Duration::from_secs(10), conn.run(args.op, &mut rng, &args, &value)).await {
+                match tokio::time::timeout(
+                    Duration::from_secs(10),
+                    conn.run(args.op, &mut rng, &args, &value),
+                )
+                .await
+                {
                     Ok(Ok(n)) => {
                         ops += n;
                         hist.saturating_record(t0.elapsed().as_micros() as u64);

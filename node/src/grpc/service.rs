@@ -75,9 +75,9 @@ fn run_command(node: &Node, op: command::Op) -> command_result::Result {
         command::Op::Delete(r) => s
             .delete(&r.collection, &r.key)
             .map(|deleted| command_result::Result::Delete(proto::DeleteResponse { deleted })),
-        command::Op::GetMany(r) => s.get_many(&r.collection, &r.keys).map(|e| {
-            command_result::Result::GetMany(proto::GetManyResponse { entries: kvs(e) })
-        }),
+        command::Op::GetMany(r) => s
+            .get_many(&r.collection, &r.keys)
+            .map(|e| command_result::Result::GetMany(proto::GetManyResponse { entries: kvs(e) })),
         command::Op::PutMany(r) => s
             .put_many(&r.collection, pairs(r.entries), r.ttl_ms)
             .map(|()| command_result::Result::PutMany(proto::PutManyResponse {})),
@@ -93,15 +93,26 @@ const BATCH_OUT_DEPTH: usize = 64;
 
 #[tonic::async_trait]
 impl proto::cache_server::Cache for Api {
-    async fn get(&self, req: Request<proto::GetRequest>) -> Result<Response<proto::GetResponse>, Status> {
+    async fn get(
+        &self,
+        req: Request<proto::GetRequest>,
+    ) -> Result<Response<proto::GetResponse>, Status> {
         let r = req.into_inner();
-        self.reply(self.node.store.get(&r.collection, &r.key).map(|v| proto::GetResponse {
-            found: v.is_some(),
-            value: v.unwrap_or_default(),
-        }))
+        self.reply(
+            self.node
+                .store
+                .get(&r.collection, &r.key)
+                .map(|v| proto::GetResponse {
+                    found: v.is_some(),
+                    value: v.unwrap_or_default(),
+                }),
+        )
     }
 
-    async fn put(&self, req: Request<proto::PutRequest>) -> Result<Response<proto::PutResponse>, Status> {
+    async fn put(
+        &self,
+        req: Request<proto::PutRequest>,
+    ) -> Result<Response<proto::PutResponse>, Status> {
         let r = req.into_inner();
         self.reply(
             self.node
@@ -163,17 +174,36 @@ impl proto::cache_server::Cache for Api {
         )
     }
 
-    async fn keys(&self, req: Request<proto::KeysRequest>) -> Result<Response<proto::KeysResponse>, Status> {
+    async fn keys(
+        &self,
+        req: Request<proto::KeysRequest>,
+    ) -> Result<Response<proto::KeysResponse>, Status> {
         let r = req.into_inner();
-        self.reply(self.node.store.keys(&r.collection).map(|keys| proto::KeysResponse { keys }))
+        self.reply(
+            self.node
+                .store
+                .keys(&r.collection)
+                .map(|keys| proto::KeysResponse { keys }),
+        )
     }
 
-    async fn size(&self, req: Request<proto::SizeRequest>) -> Result<Response<proto::SizeResponse>, Status> {
+    async fn size(
+        &self,
+        req: Request<proto::SizeRequest>,
+    ) -> Result<Response<proto::SizeResponse>, Status> {
         let r = req.into_inner();
-        self.reply(self.node.store.size(&r.collection).map(|size| proto::SizeResponse { size }))
+        self.reply(
+            self.node
+                .store
+                .size(&r.collection)
+                .map(|size| proto::SizeResponse { size }),
+        )
     }
 
-    async fn clear(&self, req: Request<proto::ClearRequest>) -> Result<Response<proto::ClearResponse>, Status> {
+    async fn clear(
+        &self,
+        req: Request<proto::ClearRequest>,
+    ) -> Result<Response<proto::ClearResponse>, Status> {
         let r = req.into_inner();
         self.reply(
             self.node
@@ -257,8 +287,16 @@ impl proto::collections_server::Collections for Api {
         &self,
         _req: Request<proto::ListCollectionsRequest>,
     ) -> Result<Response<proto::ListCollectionsResponse>, Status> {
-        let collections = self.node.store.list_collections().iter().map(|m| settings(m)).collect();
-        Ok(Response::new(proto::ListCollectionsResponse { collections }))
+        let collections = self
+            .node
+            .store
+            .list_collections()
+            .iter()
+            .map(|m| settings(m))
+            .collect();
+        Ok(Response::new(proto::ListCollectionsResponse {
+            collections,
+        }))
     }
 
     async fn exists(

@@ -58,11 +58,9 @@ impl LockState {
     /// Expires a lapsed lease and, if the lock is free, grants it to the
     /// first waiter still waiting.
     fn progress(&mut self, now: u64) {
-        if let Some(h) = &self.holder {
-            if h.lease_until <= now {
-                self.last_expired = Some(h.token);
-                self.holder = None;
-            }
+        if let Some(h) = self.holder.as_ref().filter(|h| h.lease_until <= now) {
+            self.last_expired = Some(h.token);
+            self.holder = None;
         }
         if self.holder.is_some() {
             return;
@@ -143,7 +141,12 @@ impl LockTable {
     }
 
     /// Waits in the key's FIFO queue for up to `acquire_timeout`.
-    pub async fn acquire(&self, key: &Bytes, hold_ms: u64, acquire_timeout: Duration) -> Result<Grant> {
+    pub async fn acquire(
+        &self,
+        key: &Bytes,
+        hold_ms: u64,
+        acquire_timeout: Duration,
+    ) -> Result<Grant> {
         let deadline = tokio::time::Instant::now() + acquire_timeout;
         let id = self.next_waiter.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
@@ -255,7 +258,9 @@ impl LockTable {
     pub fn force_release(&self, key: &Bytes) -> bool {
         let now = self.clock.mono_ms();
         let mut shard = self.shard(key).lock();
-        let Some(st) = shard.get_mut(key) else { return false };
+        let Some(st) = shard.get_mut(key) else {
+            return false;
+        };
         st.progress(now);
         let was_held = st.holder.take().is_some();
         st.progress(now);
@@ -324,13 +329,15 @@ impl Drop for WaitGuard<'_> {
         }
         let now = self.table.clock.mono_ms();
         let mut shard = self.table.shard(self.key).lock();
-        let Some(st) = shard.get_mut(self.key) else { return };
+        let Some(st) = shard.get_mut(self.key) else {
+            return;
+        };
         st.waiters.retain(|w| w.id != self.id);
-        if let Ok(g) = self.rx.try_recv() {
-            if st.holder.as_ref().is_some_and(|h| h.token == g.token) {
-                st.holder = None;
-                st.progress(now);
-            }
+        if let Ok(g) = self.rx.try_recv()
+            && st.holder.as_ref().is_some_and(|h| h.token == g.token)
+        {
+            st.holder = None;
+            st.progress(now);
         }
     }
 }
@@ -354,13 +361,21 @@ mod tests {
         let t = table(clock.clone());
         let g1 = t.try_acquire(&k("a"), 1_000).expect("free");
         assert!(t.try_acquire(&k("a"), 1_000).is_none());
-        assert_eq!(t.release(&k("a"), g1.token + 7), Err(Error::LockNotHeld("a".into())));
+        assert_eq!(
+            t.release(&k("a"), g1.token + 7),
+            Err(Error::LockNotHeld("a".into()))
+        );
         t.release(&k("a"), g1.token).expect("release");
         let g2 = t.try_acquire(&k("a"), 1_000).expect("free again");
         assert!(g2.token > g1.token);
         clock.advance(1_000);
-        assert_eq!(t.release(&k("a"), g2.token), Err(Error::LockHoldTimeout("a".into())));
-        let g3 = t.try_acquire(&k("a"), 1_000).expect("expired lease frees the lock");
+        assert_eq!(
+            t.release(&k("a"), g2.token),
+            Err(Error::LockHoldTimeout("a".into()))
+        );
+        let g3 = t
+            .try_acquire(&k("a"), 1_000)
+            .expect("expired lease frees the lock");
         assert!(g3.token > g2.token);
         assert!(t.extend(&k("a"), g3.token, 5_000).is_ok());
         clock.advance(4_000);
@@ -375,16 +390,18 @@ mod tests {
         let t = Arc::new(table(clock.clone()));
         let g1 = t.try_acquire(&k("x"), 500).expect("free");
         let t2 = t.clone();
-        let waiter = tokio::spawn(async move {
-            t2.acquire(&k("x"), 500, Duration::from_secs(30)).await
-        });
+        let waiter =
+            tokio::spawn(async move { t2.acquire(&k("x"), 500, Duration::from_secs(30)).await });
         tokio::task::yield_now().await;
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert!(!waiter.is_finished());
         clock.advance(500);
         let g2 = waiter.await.expect("join").expect("granted");
         assert!(g2.token > g1.token);
-        assert_eq!(t.release(&k("x"), g1.token), Err(Error::LockHoldTimeout("x".into())));
+        assert_eq!(
+            t.release(&k("x"), g1.token),
+            Err(Error::LockHoldTimeout("x".into()))
+        );
         assert_eq!(t.holder(&k("x")), Some(g2.token));
     }
 

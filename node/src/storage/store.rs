@@ -233,7 +233,13 @@ impl Store {
     }
 
     /// Stores `value` under `key`; `ttl_ms` None or 0 = the collection default.
-    pub fn put(&self, collection: &str, key: Bytes, value: Bytes, ttl_ms: Option<u64>) -> Result<()> {
+    pub fn put(
+        &self,
+        collection: &str,
+        key: Bytes,
+        value: Bytes,
+        ttl_ms: Option<u64>,
+    ) -> Result<()> {
         let meta = self.collection(collection)?;
         self.check_key(&key)?;
         self.check_value(&value)?;
@@ -241,7 +247,13 @@ impl Store {
         self.put_in(&meta, key, value, expires_at)
     }
 
-    fn put_in(&self, meta: &CollectionMeta, key: Bytes, value: Bytes, expires_at: u64) -> Result<()> {
+    fn put_in(
+        &self,
+        meta: &CollectionMeta,
+        key: Bytes,
+        value: Bytes,
+        expires_at: u64,
+    ) -> Result<()> {
         let p = self.partition(meta, &key);
         let mut evicted = Vec::new();
         {
@@ -256,7 +268,9 @@ impl Store {
                 index.put((p, key), ());
                 let limit = meta.node_limit().max(1) as usize;
                 while index.len() > limit {
-                    let Some(((vp, vk), ())) = index.pop_lru() else { break };
+                    let Some(((vp, vk), ())) = index.pop_lru() else {
+                        break;
+                    };
                     if vp == p {
                         map.remove(&vk);
                     } else {
@@ -274,7 +288,9 @@ impl Store {
     /// Removes an entry popped from the LRU index unless it was put again since.
     fn remove_evicted(&self, meta: &CollectionMeta, p: u32, key: &Bytes) {
         let mut part = self.partitions[p as usize].write();
-        let Some(map) = part.get_mut(&*meta.name) else { return };
+        let Some(map) = part.get_mut(&*meta.name) else {
+            return;
+        };
         let reindexed = meta
             .lru
             .as_ref()
@@ -295,8 +311,12 @@ impl Store {
         let p = self.partition(meta, key);
         let now = self.clock.wall_ms();
         let mut part = self.partitions[p as usize].write();
-        let Some(map) = part.get_mut(&*meta.name) else { return false };
-        let Some(old) = map.remove(key) else { return false };
+        let Some(map) = part.get_mut(&*meta.name) else {
+            return false;
+        };
+        let Some(old) = map.remove(key) else {
+            return false;
+        };
         let indexed = match &meta.lru {
             Some(l) => l.lock().pop(&(p, key.clone())).is_some(),
             None => true,
@@ -321,7 +341,12 @@ impl Store {
     }
 
     /// Stores every entry. All entries are validated before any is stored.
-    pub fn put_many(&self, collection: &str, entries: Vec<(Bytes, Bytes)>, ttl_ms: Option<u64>) -> Result<()> {
+    pub fn put_many(
+        &self,
+        collection: &str,
+        entries: Vec<(Bytes, Bytes)>,
+        ttl_ms: Option<u64>,
+    ) -> Result<()> {
         let meta = self.collection(collection)?;
         self.check_batch(entries.len())?;
         for (k, v) in &entries {
@@ -405,7 +430,9 @@ impl Store {
         let mut removed = 0u64;
         for (p, part) in self.partitions.iter().enumerate() {
             let mut part = part.write();
-            let Some(map) = part.remove(&*meta.name) else { continue };
+            let Some(map) = part.remove(&*meta.name) else {
+                continue;
+            };
             let mut index = meta.lru.as_ref().map(|l| l.lock());
             for (k, e) in map {
                 let indexed = index
@@ -541,7 +568,8 @@ mod tests {
             assert!(s.get("hot", &b(k)).expect("get").is_some(), "{k}");
         }
         for i in 0..50 {
-            s.put("hot", b(&format!("x{i}")), b("v"), None).expect("put");
+            s.put("hot", b(&format!("x{i}")), b("v"), None)
+                .expect("put");
             assert!(s.size("hot").expect("size") <= 3);
         }
         assert_eq!(s.size("hot").expect("size"), 3);
@@ -555,10 +583,18 @@ mod tests {
         let e = s.put("", big_key, b("v"), None).expect_err("too big");
         assert!(e.to_string().contains("max-key-bytes"), "{e}");
         let e = s
-            .put_many("", vec![(b("ok"), b("v")), (b("big"), Bytes::from(vec![0; 1025]))], None)
+            .put_many(
+                "",
+                vec![(b("ok"), b("v")), (b("big"), Bytes::from(vec![0; 1025]))],
+                None,
+            )
             .expect_err("too big");
         assert!(e.to_string().contains("max-value-bytes"), "{e}");
-        assert_eq!(s.get("", &b("ok")).expect("get"), None, "batch is all or nothing");
+        assert_eq!(
+            s.get("", &b("ok")).expect("get"),
+            None,
+            "batch is all or nothing"
+        );
     }
 
     #[test]
@@ -567,8 +603,14 @@ mod tests {
         s.get_or_create_collection("tmp", 0, 0).expect("create");
         s.put("tmp", b("k"), b("v"), None).expect("put");
         assert!(s.delete_collection("tmp").expect("delete"));
-        assert!(matches!(s.get("tmp", &b("k")), Err(Error::CollectionNotFound(_))));
-        assert!(matches!(s.put("tmp", b("k"), b("v"), None), Err(Error::CollectionNotFound(_))));
+        assert!(matches!(
+            s.get("tmp", &b("k")),
+            Err(Error::CollectionNotFound(_))
+        ));
+        assert!(matches!(
+            s.put("tmp", b("k"), b("v"), None),
+            Err(Error::CollectionNotFound(_))
+        ));
         assert!(!s.delete_collection("tmp").expect("delete again"));
         assert!(s.delete_collection("").is_err());
         // Re-created: empty.

@@ -1,0 +1,185 @@
+//! The `distcache` CLI and `distcache-node` binary as a user runs them: exact
+//! output and exit codes are contracts (README, issue #2).
+
+use std::io::Write;
+use std::process::{Command, Output, Stdio};
+
+use distcache_e2e::{NodeProcess, bin};
+
+fn cli(node: &NodeProcess, args: &[&str]) -> Output {
+    Command::new(bin("distcache"))
+        .arg("--endpoints")
+        .arg(node.addr.to_string())
+        .args(args)
+        .output()
+        .expect("run distcache")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn cli_round_trip_with_exit_codes() {
+    let node = NodeProcess::start(&[]);
+    let o = cli(&node, &["put", "greeting", "hello world"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = cli(&node, &["get", "greeting"]);
+    assert_eq!(o.status.code(), Some(0));
+    assert_eq!(stdout(&o), "hello world", "value alone on stdout");
+
+    let o = cli(&node, &["get", "missing"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(stderr(&o).trim(), "not found");
+    assert!(stdout(&o).is_empty());
+
+    // VALUE `-` reads stdin (binary-safe).
+    let mut child = Command::new(bin("distcache"))
+        .args([
+            "--endpoints",
+            &node.addr.to_string(),
+            "put",
+            "--collection",
+            "",
+            "blob",
+            "-",
+        ])
+        .stdin(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"\x00\x01line\n")
+        .expect("write");
+    assert!(child.wait().expect("wait").success());
+    assert_eq!(cli(&node, &["get", "blob"]).stdout, b"\x00\x01line\n");
+
+    // Collections: unknown -> clear one-line error, non-zero exit.
+    let o = cli(&node, &["put", "--collection", "nope", "k", "v"]);
+    assert_eq!(o.status.code(), Some(3));
+    assert!(
+        stderr(&o).contains("collection not found"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(stderr(&o).lines().count(), 1);
+    assert!(
+        cli(
+            &node,
+            &["create-collection", "sessions", "--max-entries", "100"]
+        )
+        .status
+        .success()
+    );
+    assert!(
+        cli(
+            &node,
+            &["put", "--collection", "sessions", "--ttl", "60", "s1", "u1"]
+        )
+        .status
+        .success()
+    );
+    assert_eq!(
+        stdout(&cli(&node, &["size", "--collection", "sessions"])).trim(),
+        "1"
+    );
+    assert_eq!(
+        stdout(&cli(&node, &["keys", "--collection", "sessions"])),
+        "s1\n"
+    );
+    assert_eq!(
+        stdout(&cli(&node, &["collections"])),
+        "__default__\nsessions\n"
+    );
+    assert_eq!(
+        stdout(&cli(&node, &["clear", "--collection", "sessions"])).trim(),
+        "1"
+    );
+    assert_eq!(cli(&node, &["delete", "greeting"]).status.code(), Some(0));
+    assert_eq!(cli(&node, &["delete", "greeting"]).status.code(), Some(1));
+
+    // Locks: token alone on stdout; held lock -> exit 2.
+    let o = cli(&node, &["lock", "job", "--hold", "30"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let token: u64 = stdout(&o).trim().parse().expect("token is a number");
+    let o = cli(&node, &["lock", "job", "--hold", "30", "--wait", "0"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert_eq!(stderr(&o).trim(), "lock not acquired");
+    let o = cli(&node, &["lock", "job", "--hold", "30", "--wait", "0.2"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        cli(&node, &["unlock", "job", "--token", &token.to_string()])
+            .status
+            .success()
+    );
+    let o = cli(&node, &["lock", "job", "--hold", "30", "--wait", "0"]);
+    let token2: u64 = stdout(&o).trim().parse().expect("token");
+    assert!(token2 > token);
+
+    // Cluster JSON contract.
+    let o = cli(&node, &["cluster", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("one JSON object");
+    assert_eq!(v["partition_count"], 271);
+    assert!(v["epoch"].as_u64().is_some());
+    assert_eq!(v["safe"], true);
+    let m = &v["members"][0];
+    assert_eq!(m["address"], node.addr.to_string());
+    assert_eq!(m["primaries"], 271);
+    assert_eq!(m["backups"], 0);
+    assert!(m["name"].is_string());
+
+    // Graceful stop on SIGTERM.
+    assert!(node.terminate().success());
+}
+
+#[test]
+fn cli_reports_unreachable_endpoints_in_one_line() {
+    let port = distcache_e2e::free_port();
+    let o = Command::new(bin("distcache"))
+        .args([
+            "--endpoints",
+            &format!("127.0.0.1:{port}"),
+            "--timeout",
+            "1",
+            "get",
+            "k",
+        ])
+        .output()
+        .expect("run");
+    assert_eq!(o.status.code(), Some(3));
+    assert_eq!(stderr(&o).lines().count(), 1, "{}", stderr(&o));
+}
+
+#[test]
+fn node_help_documents_every_flag_with_its_env_var() {
+    let o = Command::new(bin("distcache-node"))
+        .arg("--help")
+        .output()
+        .expect("run");
+    assert!(o.status.success());
+    let help = stdout(&o);
+    for flag in [
+        "--listen",
+        "--name",
+        "--partition-count",
+        "--max-key-bytes",
+        "--max-value-bytes",
+        "--max-message-bytes",
+        "--sweep-interval-ms",
+        "--log",
+    ] {
+        assert!(help.contains(flag), "{flag} missing from --help");
+    }
+    let flags = help.matches("\n      --").count() + help.matches("\n  -").count();
+    let envs = help.matches("[env: DISTCACHE_").count();
+    assert!(
+        envs >= flags - 2,
+        "every flag but --help/--version has an env var: {envs} of {flags}"
+    );
+}

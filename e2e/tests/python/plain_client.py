@@ -1,0 +1,39 @@
+"""A plain grpcio client: stubs generated from distcache's proto files at run time.
+
+usage: plain_client.py HOST:PORT PROTO_DIR
+"""
+import importlib
+import sys
+import tempfile
+
+import grpc
+from grpc_tools import protoc
+
+addr, proto_dir = sys.argv[1], sys.argv[2]
+out = tempfile.mkdtemp()
+rc = protoc.main(["protoc", f"-I{proto_dir}", f"--python_out={out}", f"--grpc_python_out={out}",
+                  "distcache/v1/distcache.proto"])
+assert rc == 0, "protoc failed"
+sys.path.insert(0, out)
+pb = importlib.import_module("distcache.v1.distcache_pb2")
+rpc = importlib.import_module("distcache.v1.distcache_pb2_grpc")
+
+channel = grpc.insecure_channel(addr)
+cache = rpc.CacheStub(channel)
+cache.Put(pb.PutRequest(key=b"from-python", value=b"hello from grpcio"), timeout=10)
+got = cache.Get(pb.GetRequest(key=b"from-python"), timeout=10)
+assert got.found and got.value == b"hello from grpcio", got
+
+# Errors carry a machine-readable reason in the metadata.
+try:
+    cache.Get(pb.GetRequest(collection="no-such-collection", key=b"k"), timeout=10)
+    raise SystemExit("expected COLLECTION_NOT_FOUND")
+except grpc.RpcError as e:
+    assert e.code() == grpc.StatusCode.NOT_FOUND, e.code()
+    reasons = [v for k, v in e.trailing_metadata() if k == "distcache-reason"]
+    assert reasons == ["COLLECTION_NOT_FOUND"], e.trailing_metadata()
+
+locks = rpc.LocksStub(channel)
+grant = locks.TryAcquire(pb.TryAcquireLockRequest(key=b"py-lock", hold_timeout_ms=5000), timeout=10)
+assert grant.acquired and grant.grant.fencing_token > 0, grant
+print("OK")

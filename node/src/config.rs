@@ -2,6 +2,7 @@
 //! a named default.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 
 /// Default gRPC listen address.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7100";
@@ -17,6 +18,22 @@ pub const DEFAULT_MAX_BATCH_KEYS: u64 = 100_000;
 pub const DEFAULT_SWEEP_INTERVAL_MS: u64 = 1_000;
 /// Default partitions visited per sweep.
 pub const DEFAULT_SWEEP_PARTITIONS: usize = 16;
+/// Default backups per partition.
+pub const DEFAULT_BACKUP_COUNT: u32 = 1;
+/// Default heartbeat period (ms).
+pub const DEFAULT_HEARTBEAT_INTERVAL_MS: u64 = 300;
+/// Default failure-detection timeout (ms).
+pub const DEFAULT_FAILURE_TIMEOUT_MS: u64 = 3_000;
+/// Default peer request timeout (ms; seed: 10 s).
+pub const DEFAULT_REQUEST_TIMEOUT_MS: u64 = 10_000;
+/// Default replication round-trip timeout (ms).
+pub const DEFAULT_REPLICATION_TIMEOUT_MS: u64 = 2_000;
+/// Default anti-entropy period (s; seed: 60 s).
+pub const DEFAULT_ANTI_ENTROPY_SECS: u64 = 60;
+/// Default longest graceful hand-off (s).
+pub const DEFAULT_LEAVE_TIMEOUT_SECS: u64 = 30;
+/// Default largest peer frame (256 MiB).
+pub const DEFAULT_PEER_MAX_FRAME_BYTES: u64 = 256 * 1024 * 1024;
 /// Default lock lease when a request gives none (ms).
 pub const DEFAULT_HOLD_MS: u64 = 60_000;
 /// Default lock wait when a request gives none (ms).
@@ -55,6 +72,39 @@ pub struct NodeConfig {
     /// Partitions the sweep visits per period (bounds its work).
     #[arg(long, env = "DISTCACHE_SWEEP_PARTITIONS", default_value_t = DEFAULT_SWEEP_PARTITIONS)]
     pub sweep_partitions: usize,
+    /// Cluster members, `NAME=GRPC_ADDR/PEER_ADDR` separated by commas (none: a lone node).
+    #[arg(long, env = "DISTCACHE_MEMBERS")]
+    pub members: Option<String>,
+    /// File of members (same syntax, one or more per line), re-read when it changes.
+    #[arg(long, env = "DISTCACHE_MEMBERS_FILE")]
+    pub members_file: Option<PathBuf>,
+    /// Peer (node <-> node) listen address (default: this member's peer address).
+    #[arg(long, env = "DISTCACHE_PEER_LISTEN")]
+    pub peer_listen: Option<SocketAddr>,
+    /// Backups per partition (synchronous copies on other members).
+    #[arg(long, env = "DISTCACHE_BACKUP_COUNT", default_value_t = DEFAULT_BACKUP_COUNT)]
+    pub backup_count: u32,
+    /// Heartbeat period, ms.
+    #[arg(long, env = "DISTCACHE_HEARTBEAT_INTERVAL_MS", default_value_t = DEFAULT_HEARTBEAT_INTERVAL_MS)]
+    pub heartbeat_interval_ms: u64,
+    /// A member silent this long is considered failed, ms.
+    #[arg(long, env = "DISTCACHE_FAILURE_TIMEOUT_MS", default_value_t = DEFAULT_FAILURE_TIMEOUT_MS)]
+    pub failure_timeout_ms: u64,
+    /// Timeout of forwarded and other peer requests, ms.
+    #[arg(long, env = "DISTCACHE_REQUEST_TIMEOUT_MS", default_value_t = DEFAULT_REQUEST_TIMEOUT_MS)]
+    pub request_timeout_ms: u64,
+    /// Timeout of one replication round trip to a backup, ms.
+    #[arg(long, env = "DISTCACHE_REPLICATION_TIMEOUT_MS", default_value_t = DEFAULT_REPLICATION_TIMEOUT_MS)]
+    pub replication_timeout_ms: u64,
+    /// Period of the anti-entropy digest comparison, seconds.
+    #[arg(long, env = "DISTCACHE_ANTI_ENTROPY_INTERVAL_SECS", default_value_t = DEFAULT_ANTI_ENTROPY_SECS)]
+    pub anti_entropy_interval_secs: u64,
+    /// Longest a graceful shutdown waits to hand its partitions off, seconds.
+    #[arg(long, env = "DISTCACHE_LEAVE_TIMEOUT_SECS", default_value_t = DEFAULT_LEAVE_TIMEOUT_SECS)]
+    pub leave_timeout_secs: u64,
+    /// Largest peer frame accepted, bytes (checked before allocating).
+    #[arg(long, env = "DISTCACHE_PEER_MAX_FRAME_BYTES", default_value_t = DEFAULT_PEER_MAX_FRAME_BYTES)]
+    pub peer_max_frame_bytes: u64,
     /// Log filter (tracing EnvFilter syntax, e.g. `info,distcache_node=debug`).
     #[arg(long, env = "DISTCACHE_LOG", default_value = "info")]
     pub log: String,
@@ -73,6 +123,17 @@ impl Default for NodeConfig {
             max_batch_keys: DEFAULT_MAX_BATCH_KEYS,
             sweep_interval_ms: DEFAULT_SWEEP_INTERVAL_MS,
             sweep_partitions: DEFAULT_SWEEP_PARTITIONS,
+            members: None,
+            members_file: None,
+            peer_listen: None,
+            backup_count: DEFAULT_BACKUP_COUNT,
+            heartbeat_interval_ms: DEFAULT_HEARTBEAT_INTERVAL_MS,
+            failure_timeout_ms: DEFAULT_FAILURE_TIMEOUT_MS,
+            request_timeout_ms: DEFAULT_REQUEST_TIMEOUT_MS,
+            replication_timeout_ms: DEFAULT_REPLICATION_TIMEOUT_MS,
+            anti_entropy_interval_secs: DEFAULT_ANTI_ENTROPY_SECS,
+            leave_timeout_secs: DEFAULT_LEAVE_TIMEOUT_SECS,
+            peer_max_frame_bytes: DEFAULT_PEER_MAX_FRAME_BYTES,
             log: "info".into(),
         }
     }
@@ -88,6 +149,12 @@ impl NodeConfig {
             return Err(
                 "max-message-bytes must exceed max-value-bytes + max-key-bytes + 1024".into(),
             );
+        }
+        if self.heartbeat_interval_ms == 0 || self.failure_timeout_ms <= self.heartbeat_interval_ms {
+            return Err("failure-timeout-ms must exceed heartbeat-interval-ms (> 0)".into());
+        }
+        if self.anti_entropy_interval_secs == 0 {
+            return Err("anti-entropy-interval-secs must be positive".into());
         }
         if self.sweep_interval_ms == 0 {
             return Err("sweep-interval-ms must be positive".into());

@@ -51,6 +51,14 @@ pub enum Error {
     /// Anything else.
     #[error("internal error: {0}")]
     Internal(String),
+    /// An error answered by another node (reason as `ErrorReason` value).
+    #[error("{message}")]
+    Remote {
+        /// `distcache.v1.ErrorReason` value.
+        reason: i32,
+        /// Message.
+        message: String,
+    },
 }
 
 /// Shorthand for results of this crate.
@@ -71,21 +79,34 @@ impl Error {
             Error::ClusterNotReady(_) => ErrorReason::ClusterNotReady,
             Error::Unavailable(_) => ErrorReason::Unavailable,
             Error::Internal(_) => ErrorReason::Internal,
+            Error::Remote { reason, .. } => {
+                ErrorReason::try_from(*reason).unwrap_or(ErrorReason::Internal)
+            }
         }
     }
 
-    /// The gRPC status code sent to clients.
+    /// The gRPC status code sent to clients (a function of the reason).
     pub fn code(&self) -> tonic::Code {
         use tonic::Code;
-        match self {
-            Error::CollectionNotFound(_) => Code::NotFound,
-            Error::LimitExceeded { .. } => Code::ResourceExhausted,
-            Error::InvalidArgument(_) => Code::InvalidArgument,
-            Error::LockAcquireTimeout(_) => Code::DeadlineExceeded,
-            Error::LockHoldTimeout(_) | Error::LockNotHeld(_) => Code::FailedPrecondition,
-            Error::QuorumLost(_) | Error::NotOwner { .. } => Code::FailedPrecondition,
-            Error::ClusterNotReady(_) | Error::Unavailable(_) => Code::Unavailable,
-            Error::Internal(_) => Code::Internal,
+        match self.reason() {
+            ErrorReason::CollectionNotFound => Code::NotFound,
+            ErrorReason::LimitExceeded => Code::ResourceExhausted,
+            ErrorReason::InvalidArgument => Code::InvalidArgument,
+            ErrorReason::LockAcquireTimeout => Code::DeadlineExceeded,
+            ErrorReason::LockHoldTimeout
+            | ErrorReason::LockNotHeld
+            | ErrorReason::QuorumLost
+            | ErrorReason::NotOwner => Code::FailedPrecondition,
+            ErrorReason::ClusterNotReady | ErrorReason::Unavailable => Code::Unavailable,
+            ErrorReason::Internal | ErrorReason::Unspecified => Code::Internal,
+        }
+    }
+
+    /// The error as sent between nodes.
+    pub fn to_wire(&self) -> crate::net::message::WireError {
+        crate::net::message::WireError {
+            reason: self.reason() as i32,
+            message: self.to_string(),
         }
     }
 }

@@ -8,6 +8,10 @@
 //! - [`locking`]: per-key locks with fencing tokens, leases and fair queues.
 //! - [`grpc`]: the services over a [`Node`], and the one error -> status map.
 //! - [`server::serve`]: serves a bound listener until a shutdown future fires.
+//! - [`cluster`]: membership providers, the epoch-fenced partition table,
+//!   the rebalancer and the coordinator's step function.
+//! - [`net`]: the node <-> node protocol (msgpack frames over TCP, a pool
+//!   of multiplexed connections per peer).
 //! - [`clock`]: wall/monotonic time, swappable for tests.
 //!
 //! ```no_run
@@ -15,8 +19,8 @@
 //! use std::sync::Arc;
 //! use distcache_node::{clock::SystemClock, config::NodeConfig, server, Node};
 //! let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-//! let node = Node::new(NodeConfig::default(), listener.local_addr()?, Arc::new(SystemClock::default()));
-//! node.start();
+//! let node = Node::new(NodeConfig::default(), listener.local_addr()?, Arc::new(SystemClock::default()))?;
+//! node.start(None);
 //! server::serve(listener, node, async { let _ = tokio::signal::ctrl_c().await; }).await?;
 //! # Ok(()) }
 //! ```
@@ -25,11 +29,14 @@
 #![deny(clippy::unwrap_used)]
 
 pub mod clock;
+pub mod cluster;
 pub mod config;
 pub mod error;
 pub mod grpc;
 pub mod locking;
+pub mod net;
 mod node;
+mod ops;
 pub mod server;
 pub mod storage;
 

@@ -56,8 +56,9 @@ async fn main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let bound = listener.local_addr()?;
-    let node = Node::new(config, bound, Arc::new(SystemClock::default()));
-    node.start();
+    let node = Node::new(config, bound, Arc::new(SystemClock::default()))?;
+    let peer = server::bind_peer(&node).await?;
+    node.start(peer);
     tracing::info!(name = node.name(), address = %bound, "distcache node serving");
     server::serve(listener, node, shutdown_signal()).await?;
     tracing::info!("stopped");

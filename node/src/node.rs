@@ -1,15 +1,26 @@
-//! A running node: store, locks, identity and the background tasks it owns.
+//! A running node: store, locks, cluster state, and the background tasks it
+//! owns (expiry sweep, heartbeats, coordinator, backup sync, anti-entropy,
+//! the peer server).
 
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::clock::Clock;
+use crate::cluster::membership::{FileProvider, MemberSpec, MembersProvider, StaticProvider};
+use crate::cluster::table::{MemberInfo, Role, Table};
+use crate::cluster::{Cluster, ClusterConfig, coordinator, rebalancer};
 use crate::config::NodeConfig;
+use crate::error::{Error, Result};
 use crate::locking::LockTable;
+use crate::net::message::{Request, Response};
+use crate::net::peer::{self, Handler, PeerLimits, Peers};
 use crate::storage::{Limits, Store};
 
 /// One distcache node. Create with [`Node::new`], start its background
@@ -17,60 +28,188 @@ use crate::storage::{Limits, Store};
 #[derive(Debug)]
 pub struct Node {
     config: NodeConfig,
-    name: String,
-    address: String,
     /// Entries and collections.
     pub store: Store,
     /// Locks.
     pub locks: LockTable,
+    /// Cluster state.
+    pub cluster: Cluster,
+    /// Outbound peer connections.
+    pub peers: Peers,
     shutdown: CancellationToken,
     tasks: TaskTracker,
+    pub(crate) syncing: parking_lot::Mutex<HashSet<(u32, String)>>,
+    pub(crate) rounds: std::sync::atomic::AtomicU64,
+}
+
+fn provider(config: &NodeConfig) -> Result<Box<dyn MembersProvider>> {
+    Ok(match (&config.members, &config.members_file) {
+        (Some(_), Some(_)) => {
+            return Err(Error::InvalidArgument(
+                "give --members or --members-file, not both".into(),
+            ));
+        }
+        (Some(list), None) => Box::new(StaticProvider(MemberSpec::parse_list(list)?)),
+        (None, Some(path)) => Box::new(FileProvider::new(path.clone())?),
+        (None, None) => Box::new(StaticProvider(Vec::new())),
+    })
 }
 
 impl Node {
-    /// A node serving on `bound` (the actual listen address, after binding).
-    pub fn new(config: NodeConfig, bound: SocketAddr, clock: Arc<dyn Clock>) -> Arc<Node> {
-        let address = config
-            .advertise
-            .clone()
-            .unwrap_or_else(|| bound.to_string());
-        let name = config.name.clone().unwrap_or_else(|| address.clone());
+    /// A node serving gRPC on `bound` (the actual listen address, after binding).
+    pub fn new(config: NodeConfig, bound: SocketAddr, clock: Arc<dyn Clock>) -> Result<Arc<Node>> {
+        let provider = provider(&config)?;
+        let listed = provider.members();
+        let grpc = config.advertise.clone().unwrap_or_else(|| bound.to_string());
+        let name = config.name.clone().unwrap_or_else(|| grpc.clone());
+        let peer_addr = match listed.iter().find(|m| m.name == name) {
+            Some(m) => m.peer.clone(),
+            None if listed.is_empty() => String::new(),
+            None => {
+                return Err(Error::InvalidArgument(format!(
+                    "member name {name:?} is not in the member list (set --name)"
+                )));
+            }
+        };
+        let grpc = listed
+            .iter()
+            .find(|m| m.name == name)
+            .map_or(grpc, |m| m.grpc.clone());
+        let incarnation = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(1, |d| d.as_millis() as u64);
         let shutdown = CancellationToken::new();
         let limits = Limits {
             max_key_bytes: config.max_key_bytes,
             max_value_bytes: config.max_value_bytes,
             max_batch_keys: config.max_batch_keys,
         };
-        Arc::new(Node {
+        let cluster_config = ClusterConfig {
+            backup_count: config.backup_count,
+            heartbeat_interval: Duration::from_millis(config.heartbeat_interval_ms),
+            failure_timeout: Duration::from_millis(config.failure_timeout_ms),
+            request_timeout: Duration::from_millis(config.request_timeout_ms),
+            replication_timeout: Duration::from_millis(config.replication_timeout_ms),
+            anti_entropy_interval: Duration::from_secs(config.anti_entropy_interval_secs),
+            leave_timeout: Duration::from_secs(config.leave_timeout_secs),
+        };
+        let peer_limits = PeerLimits {
+            max_frame_bytes: usize::try_from(config.peer_max_frame_bytes).unwrap_or(usize::MAX),
+            ..PeerLimits::default()
+        };
+        let me = MemberInfo {
+            name,
+            grpc,
+            peer: peer_addr,
+            incarnation,
+        };
+        Ok(Arc::new(Node {
             store: Store::new(config.partition_count, clock.clone(), limits),
             locks: LockTable::new(config.partition_count, clock, shutdown.clone()),
-            name,
-            address,
+            cluster: Cluster::new(me, provider, cluster_config, config.partition_count),
+            peers: Peers::new(peer_limits, shutdown.clone()),
             config,
             shutdown,
             tasks: TaskTracker::new(),
-        })
+            syncing: parking_lot::Mutex::new(HashSet::new()),
+            rounds: std::sync::atomic::AtomicU64::new(0),
+        }))
     }
 
-    /// Starts the background tasks (expiry sweep).
-    pub fn start(self: &Arc<Self>) {
+    /// Starts the background tasks; `peer_listener` serves the node <-> node
+    /// protocol (needed when the node has peers).
+    pub fn start(self: &Arc<Self>, peer_listener: Option<TcpListener>) {
         let node = self.clone();
         let period = Duration::from_millis(self.config.sweep_interval_ms);
+        self.every(period, move || {
+            let n = node.store.sweep(node.config.sweep_partitions);
+            if n > 0 {
+                tracing::debug!(removed = n, "expiry sweep");
+            }
+            async {}
+        });
+        let hb = self.cluster.config.heartbeat_interval;
+        let node = self.clone();
+        self.every(hb, move || {
+            let node = node.clone();
+            async move { node.heartbeat_round().await }
+        });
+        let node = self.clone();
+        self.every(hb, move || {
+            let node = node.clone();
+            async move { node.coordinate().await }
+        });
+        let node = self.clone();
+        self.every(Duration::from_millis(100), move || {
+            let node = node.clone();
+            async move { node.sync_backups().await }
+        });
+        let node = self.clone();
+        self.every(self.cluster.config.anti_entropy_interval, move || {
+            let node = node.clone();
+            async move { node.anti_entropy().await }
+        });
+        if let Some(listener) = peer_listener {
+            let node = self.clone();
+            let handler: Handler = Arc::new(move |req| {
+                let node = node.clone();
+                Box::pin(async move { node.handle_peer(req).await })
+            });
+            self.tasks.spawn(peer::serve(
+                listener,
+                handler,
+                PeerLimits {
+                    max_frame_bytes: usize::try_from(self.config.peer_max_frame_bytes)
+                        .unwrap_or(usize::MAX),
+                    ..PeerLimits::default()
+                },
+                self.shutdown.clone(),
+                self.tasks.clone(),
+            ));
+        }
+    }
+
+    /// Runs `f` every `period` until shutdown (first run after one period).
+    fn every<F, Fut>(&self, period: Duration, mut f: F)
+    where
+        F: FnMut() -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send,
+    {
+        let shutdown = self.shutdown.clone();
         self.tasks.spawn(async move {
-            let mut tick = tokio::time::interval(period);
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tokio::select! {
-                    _ = node.shutdown.cancelled() => break,
-                    _ = tick.tick() => {
-                        let n = node.store.sweep(node.config.sweep_partitions);
-                        if n > 0 {
-                            tracing::debug!(removed = n, "expiry sweep");
-                        }
-                    }
+                    _ = shutdown.cancelled() => break,
+                    _ = tick.tick() => f().await,
                 }
             }
         });
+    }
+
+    /// Leaves the cluster gracefully: asks the coordinator to move this
+    /// node's partitions away and waits (up to the leave timeout) until no
+    /// partition lists it and the rest of the cluster is safe.
+    pub async fn leave(&self) {
+        let members = self.cluster.members();
+        if members.len() <= 1 {
+            return;
+        }
+        self.cluster.leaving.store(true, Ordering::SeqCst);
+        tracing::info!("leaving: handing partitions off");
+        let deadline = tokio::time::Instant::now() + self.cluster.config.leave_timeout;
+        while tokio::time::Instant::now() < deadline {
+            self.heartbeat_round().await;
+            let t = self.cluster.table();
+            let (p, b) = t.counts(&self.cluster.me.name);
+            if p + b == 0 && !t.is_empty() {
+                tracing::info!(epoch = t.epoch, "hand-off complete");
+                return;
+            }
+            tokio::time::sleep(self.cluster.config.heartbeat_interval).await;
+        }
+        tracing::warn!("leave timed out; stopping with partitions still assigned");
     }
 
     /// Stops every background task and stream this node owns, and waits for them.
@@ -97,16 +236,269 @@ impl Node {
 
     /// Member name.
     pub fn name(&self) -> &str {
-        &self.name
+        &self.cluster.me.name
     }
 
     /// Client-facing gRPC address.
     pub fn address(&self) -> &str {
-        &self.address
+        &self.cluster.me.grpc
     }
 
-    /// Current partition table epoch (a lone node's table never changes).
+    /// Current partition table epoch.
     pub fn epoch(&self) -> u64 {
-        1
+        self.cluster.table().epoch
+    }
+
+    // ------------------------------------------------------------ heartbeats
+
+    async fn heartbeat_round(&self) {
+        let quorum = self.cluster.quorum();
+        let hb = self.cluster.heartbeat(quorum);
+        let timeout = self.cluster.config.heartbeat_interval * 2;
+        let calls = self
+            .cluster
+            .members()
+            .into_iter()
+            .filter(|m| m.name != self.cluster.me.name)
+            .map(|m| {
+                let hb = hb.clone();
+                async move {
+                    let r = self.peers.call(&m.peer, Request::Heartbeat(hb), timeout).await;
+                    (m, r)
+                }
+            });
+        let my_epoch = self.epoch();
+        if self.rounds.fetch_add(1, Ordering::Relaxed) % 10 == 0 {
+            self.pull_collections().await;
+        }
+        for (m, r) in futures::future::join_all(calls).await {
+            if let Ok(Response::Heartbeat(theirs)) = r {
+                let newer = theirs.epoch > my_epoch;
+                self.cluster.record(theirs);
+                if newer {
+                    self.adopt_table_from(&m.peer).await;
+                }
+            }
+        }
+    }
+
+    async fn adopt_table_from(&self, peer: &str) {
+        let timeout = self.cluster.config.request_timeout;
+        if let Ok(Response::Table(Some(t))) = self.peers.call(peer, Request::GetTable, timeout).await {
+            self.install(t);
+        }
+    }
+
+    // ------------------------------------------------------------ coordinator
+
+    /// The coordinator of this node's view: the oldest live member.
+    pub fn coordinator(&self) -> Option<String> {
+        let (alive, _) = self.cluster.liveness();
+        alive
+            .iter()
+            .filter_map(|m| self.cluster.incarnation(&m.name).map(|i| (i, m.name.clone())))
+            .min()
+            .map(|(_, n)| n)
+    }
+
+    /// The owners this coordinator wants next, or None if nothing changes.
+    fn plan(&self) -> Option<Table> {
+        let c = &self.cluster;
+        let table = c.table();
+        let (alive, _) = c.liveness();
+        let valid = |m: &str| {
+            c.alive(m)
+                && table
+                    .member(m)
+                    .is_some_and(|info| c.incarnation(m) == Some(info.incarnation))
+        };
+        let mut eligible: Vec<String> = alive
+            .iter()
+            .filter(|m| !c.is_leaving(&m.name) && c.incarnation(&m.name).is_some())
+            .map(|m| m.name.clone())
+            .collect();
+        eligible.sort();
+        let current: Vec<Vec<String>> = table
+            .owners
+            .iter()
+            .map(|o| o.iter().filter(|m| valid(m)).cloned().collect())
+            .collect();
+        let target = rebalancer::assign(table.partition_count, c.config.backup_count, &eligible, &current);
+        let mut owners = Vec::with_capacity(table.owners.len());
+        for (p, o) in table.owners.iter().enumerate() {
+            let primary = o.first().map(String::as_str).filter(|m| valid(m));
+            let backups: Vec<&str> = o.iter().skip(1).map(String::as_str).filter(|m| valid(m)).collect();
+            let fresh = o.is_empty();
+            let next = coordinator::next_owners(primary, &backups, &target[p], |m| {
+                fresh || c.in_sync(&table, p as u32, m)
+            });
+            owners.push(next);
+        }
+        let names: HashSet<&String> = owners.iter().flatten().collect();
+        let members: Vec<MemberInfo> = c
+            .members()
+            .into_iter()
+            .filter(|m| names.contains(&m.name))
+            .filter_map(|m| {
+                Some(MemberInfo {
+                    incarnation: c.incarnation(&m.name)?,
+                    name: m.name,
+                    grpc: m.grpc,
+                    peer: m.peer,
+                })
+            })
+            .collect();
+        if owners == table.owners && members == table.members {
+            return None;
+        }
+        Some(Table {
+            epoch: 0,
+            coordinator: c.me.name.clone(),
+            partition_count: table.partition_count,
+            backup_count: c.config.backup_count,
+            members,
+            owners,
+        })
+    }
+
+    async fn coordinate(&self) {
+        let c = &self.cluster;
+        if !c.quorum() || self.coordinator().as_deref() != Some(c.me.name.as_str()) {
+            return;
+        }
+        let Some(mut next) = self.plan() else { return };
+        let (alive, expected) = c.liveness();
+        let highest_seen = alive
+            .iter()
+            .filter_map(|m| c.view(&m.name).map(|h| h.epoch))
+            .max()
+            .unwrap_or(0);
+        {
+            let mut promised = c.promised.lock();
+            next.epoch = (*promised).max(c.table().epoch).max(highest_seen) + 1;
+            *promised = next.epoch;
+        }
+        let timeout = c.config.heartbeat_interval * 4;
+        let others: Vec<MemberSpec> = alive.into_iter().filter(|m| m.name != c.me.name).collect();
+        let votes = futures::future::join_all(others.iter().map(|m| {
+            let t = next.clone();
+            async move { self.peers.call(&m.peer, Request::Propose(t), timeout).await }
+        }))
+        .await;
+        let mut granted = 1;
+        for v in votes {
+            match v {
+                Ok(Response::Vote { granted: true, .. }) => granted += 1,
+                Ok(Response::Vote { promised, .. }) => {
+                    let mut p = c.promised.lock();
+                    *p = (*p).max(promised);
+                }
+                _ => {}
+            }
+        }
+        if granted <= expected / 2 {
+            tracing::debug!(epoch = next.epoch, granted, expected, "proposal lost");
+            return;
+        }
+        tracing::info!(epoch = next.epoch, members = next.members.len(), "installing partition table");
+        self.install(next.clone());
+        let _ = futures::future::join_all(others.iter().map(|m| {
+            let t = next.clone();
+            async move { self.peers.call(&m.peer, Request::Commit(t), timeout).await }
+        }))
+        .await;
+    }
+
+    /// Installs a committed table newer than the current one.
+    pub fn install(&self, new: Table) {
+        let c = &self.cluster;
+        let old = c.table();
+        if new.epoch <= old.epoch || new.partition_count != old.partition_count {
+            return;
+        }
+        let me = c.me.name.as_str();
+        let mut primaries = 0;
+        for p in 0..new.partition_count {
+            let st = &c.parts[p as usize];
+            let (was, now) = (old.role(me, p), new.role(me, p));
+            let fresh = old.replicas(p).is_empty();
+            match now {
+                Role::Primary => {
+                    primaries += 1;
+                    // The coordinator promotes the best replica there is: from
+                    // now on this node's copy is the partition.
+                    st.loaded.store(true, Ordering::SeqCst);
+                    if was != Role::Primary {
+                        self.store.index_partition(p);
+                        st.synced.lock().clear();
+                    } else {
+                        // Keep in-sync backups that stay backups.
+                        let keep: HashSet<&String> = new.backups(p).iter().collect();
+                        st.synced.lock().retain(|b| keep.contains(b));
+                    }
+                }
+                Role::Backup => {
+                    st.synced.lock().clear();
+                    if was == Role::Primary {
+                        self.store.unindex_partition(p);
+                    }
+                    if fresh {
+                        st.loaded.store(true, Ordering::SeqCst);
+                    } else if was == Role::None {
+                        st.loaded.store(false, Ordering::SeqCst);
+                    }
+                }
+                Role::None => {
+                    st.synced.lock().clear();
+                    if was != Role::None {
+                        st.loaded.store(false, Ordering::SeqCst);
+                        self.store.drop_partition(p);
+                    }
+                }
+            }
+        }
+        self.store.set_primaries(primaries);
+        self.locks.set_epoch(new.epoch);
+        {
+            let mut promised = c.promised.lock();
+            *promised = (*promised).max(new.epoch);
+        }
+        tracing::debug!(epoch = new.epoch, primaries, "table installed");
+        c.set_table(Arc::new(new));
+    }
+
+    /// Whether every partition has its in-sync backups and no migration is
+    /// pending; with the counts (partitions without an in-sync backup,
+    /// partitions whose owners differ from the balanced target).
+    pub fn safety(&self) -> (bool, u32, u32) {
+        let c = &self.cluster;
+        let t = c.table();
+        if t.is_empty() {
+            return (false, t.partition_count, 0);
+        }
+        let (alive, _) = c.liveness();
+        let eligible = alive.iter().filter(|m| !c.is_leaving(&m.name)).count();
+        let want = (c.config.backup_count as usize).min(eligible.saturating_sub(1));
+        let mut without = 0;
+        for p in 0..t.partition_count {
+            let synced = t
+                .backups(p)
+                .iter()
+                .filter(|b| c.in_sync(&t, p, b))
+                .count();
+            let primary_ok = t.primary(p).is_some_and(|m| c.alive(m));
+            if synced < want || !primary_ok {
+                without += 1;
+            }
+        }
+        // Every node runs the coordinator's planning on its own view.
+        let migrating = self.plan().map_or(0, |next| {
+            next.owners
+                .iter()
+                .zip(&t.owners)
+                .filter(|(a, b)| a != b)
+                .count() as u32
+        });
+        (without == 0 && migrating == 0 && c.quorum(), without, migrating)
     }
 }

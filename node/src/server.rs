@@ -48,10 +48,13 @@ pub async fn serve(
         })
     });
     let token = node.shutdown_token().clone();
+    let leaver = node.clone();
     let signal = async move {
         shutdown.await;
         tracing::info!("shutting down");
-        // Ends Batch streams and lock waits so that connections can drain.
+        // Hand partitions off while still serving, then end Batch streams and
+        // lock waits so that connections can drain.
+        leaver.leave().await;
         token.cancel();
     };
     tonic::transport::Server::builder()
@@ -85,6 +88,20 @@ pub async fn serve(
     Ok(())
 }
 
+/// Binds the peer listener of a node that has peers (`--peer-listen`, else
+/// its own peer address from the member list); `None` for a lone node.
+pub async fn bind_peer(node: &Node) -> Result<Option<TcpListener>> {
+    let addr = match node.config().peer_listen {
+        Some(a) => a.to_string(),
+        None if node.cluster.me.peer.is_empty() => return Ok(None),
+        None => node.cluster.me.peer.clone(),
+    };
+    TcpListener::bind(&addr)
+        .await
+        .map(Some)
+        .map_err(|e| Error::InvalidArgument(format!("cannot listen for peers on {addr}: {e}")))
+}
+
 /// A node served in the background (tests, embedding).
 #[derive(Debug)]
 pub struct Running {
@@ -108,8 +125,9 @@ impl Running {
         let addr = listener
             .local_addr()
             .map_err(|e| Error::Internal(e.to_string()))?;
-        let node = Node::new(config, addr, clock);
-        node.start();
+        let node = Node::new(config, addr, clock)?;
+        let peer = bind_peer(&node).await?;
+        node.start(peer);
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let join = tokio::spawn(serve(listener, node.clone(), async {
             let _ = rx.await;

@@ -9,7 +9,9 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::status::{to_proto, to_status};
+use futures::{FutureExt, StreamExt, stream::FuturesUnordered};
+
+use super::status::{proto_to_status, to_proto, to_status};
 use crate::config::{DEFAULT_ACQUIRE_MS, DEFAULT_HOLD_MS};
 use crate::error::Result;
 use crate::node::Node;
@@ -36,17 +38,6 @@ impl Api {
     }
 }
 
-fn pairs(entries: Vec<proto::KeyValue>) -> Vec<(Bytes, Bytes)> {
-    entries.into_iter().map(|kv| (kv.key, kv.value)).collect()
-}
-
-fn kvs(entries: Vec<(Bytes, Bytes)>) -> Vec<proto::KeyValue> {
-    entries
-        .into_iter()
-        .map(|(key, value)| proto::KeyValue { key, value })
-        .collect()
-}
-
 fn settings(m: &CollectionMeta) -> proto::CollectionSettings {
     proto::CollectionSettings {
         name: m.name.to_string(),
@@ -59,158 +50,94 @@ fn or_default(ms: u64, default: u64) -> u64 {
     if ms == 0 { default } else { ms }
 }
 
-/// Runs one data command against the node.
-fn run_command(node: &Node, op: command::Op) -> command_result::Result {
-    let s = &node.store;
-    let res = match op {
-        command::Op::Get(r) => s.get(&r.collection, &r.key).map(|v| {
-            command_result::Result::Get(proto::GetResponse {
-                found: v.is_some(),
-                value: v.unwrap_or_default(),
-            })
-        }),
-        command::Op::Put(r) => s
-            .put(&r.collection, r.key, r.value, r.ttl_ms)
-            .map(|()| command_result::Result::Put(proto::PutResponse {})),
-        command::Op::Delete(r) => s
-            .delete(&r.collection, &r.key)
-            .map(|deleted| command_result::Result::Delete(proto::DeleteResponse { deleted })),
-        command::Op::GetMany(r) => s
-            .get_many(&r.collection, &r.keys)
-            .map(|e| command_result::Result::GetMany(proto::GetManyResponse { entries: kvs(e) })),
-        command::Op::PutMany(r) => s
-            .put_many(&r.collection, pairs(r.entries), r.ttl_ms)
-            .map(|()| command_result::Result::PutMany(proto::PutManyResponse {})),
-        command::Op::DeleteMany(r) => s.delete_many(&r.collection, &r.keys).map(|deleted| {
-            command_result::Result::DeleteMany(proto::DeleteManyResponse { deleted })
-        }),
-    };
-    res.unwrap_or_else(|e| command_result::Result::Error(to_proto(&e, node.epoch())))
-}
-
+/// Most commands of one Batch stream in flight at once.
+const BATCH_IN_FLIGHT: usize = 4096;
 /// Depth of the response queue of one Batch stream.
 const BATCH_OUT_DEPTH: usize = 64;
 
+impl Api {
+    async fn data(&self, op: command::Op) -> Result<command_result::Result, Status> {
+        match self.node.run_command(op, false).await {
+            command_result::Result::Error(e) => Err(proto_to_status(&e)),
+            ok => Ok(ok),
+        }
+    }
+}
+
+fn unexpected() -> Status {
+    Status::internal("unexpected result type")
+}
+
 #[tonic::async_trait]
 impl proto::cache_server::Cache for Api {
-    async fn get(
-        &self,
-        req: Request<proto::GetRequest>,
-    ) -> Result<Response<proto::GetResponse>, Status> {
-        let r = req.into_inner();
-        self.reply(
-            self.node
-                .store
-                .get(&r.collection, &r.key)
-                .map(|v| proto::GetResponse {
-                    found: v.is_some(),
-                    value: v.unwrap_or_default(),
-                }),
-        )
+    async fn get(&self, req: Request<proto::GetRequest>) -> Result<Response<proto::GetResponse>, Status> {
+        match self.data(command::Op::Get(req.into_inner())).await? {
+            command_result::Result::Get(r) => Ok(Response::new(r)),
+            _ => Err(unexpected()),
+        }
     }
 
-    async fn put(
-        &self,
-        req: Request<proto::PutRequest>,
-    ) -> Result<Response<proto::PutResponse>, Status> {
-        let r = req.into_inner();
-        self.reply(
-            self.node
-                .store
-                .put(&r.collection, r.key, r.value, r.ttl_ms)
-                .map(|()| proto::PutResponse {}),
-        )
+    async fn put(&self, req: Request<proto::PutRequest>) -> Result<Response<proto::PutResponse>, Status> {
+        match self.data(command::Op::Put(req.into_inner())).await? {
+            command_result::Result::Put(r) => Ok(Response::new(r)),
+            _ => Err(unexpected()),
+        }
     }
 
     async fn delete(
         &self,
         req: Request<proto::DeleteRequest>,
     ) -> Result<Response<proto::DeleteResponse>, Status> {
-        let r = req.into_inner();
-        self.reply(
-            self.node
-                .store
-                .delete(&r.collection, &r.key)
-                .map(|deleted| proto::DeleteResponse { deleted }),
-        )
+        match self.data(command::Op::Delete(req.into_inner())).await? {
+            command_result::Result::Delete(r) => Ok(Response::new(r)),
+            _ => Err(unexpected()),
+        }
     }
 
     async fn get_many(
         &self,
         req: Request<proto::GetManyRequest>,
     ) -> Result<Response<proto::GetManyResponse>, Status> {
-        let r = req.into_inner();
-        self.reply(
-            self.node
-                .store
-                .get_many(&r.collection, &r.keys)
-                .map(|e| proto::GetManyResponse { entries: kvs(e) }),
-        )
+        match self.data(command::Op::GetMany(req.into_inner())).await? {
+            command_result::Result::GetMany(r) => Ok(Response::new(r)),
+            _ => Err(unexpected()),
+        }
     }
 
     async fn put_many(
         &self,
         req: Request<proto::PutManyRequest>,
     ) -> Result<Response<proto::PutManyResponse>, Status> {
-        let r = req.into_inner();
-        self.reply(
-            self.node
-                .store
-                .put_many(&r.collection, pairs(r.entries), r.ttl_ms)
-                .map(|()| proto::PutManyResponse {}),
-        )
+        match self.data(command::Op::PutMany(req.into_inner())).await? {
+            command_result::Result::PutMany(r) => Ok(Response::new(r)),
+            _ => Err(unexpected()),
+        }
     }
 
     async fn delete_many(
         &self,
         req: Request<proto::DeleteManyRequest>,
     ) -> Result<Response<proto::DeleteManyResponse>, Status> {
-        let r = req.into_inner();
-        self.reply(
-            self.node
-                .store
-                .delete_many(&r.collection, &r.keys)
-                .map(|deleted| proto::DeleteManyResponse { deleted }),
-        )
+        match self.data(command::Op::DeleteMany(req.into_inner())).await? {
+            command_result::Result::DeleteMany(r) => Ok(Response::new(r)),
+            _ => Err(unexpected()),
+        }
     }
 
-    async fn keys(
-        &self,
-        req: Request<proto::KeysRequest>,
-    ) -> Result<Response<proto::KeysResponse>, Status> {
+    async fn keys(&self, req: Request<proto::KeysRequest>) -> Result<Response<proto::KeysResponse>, Status> {
         let r = req.into_inner();
-        self.reply(
-            self.node
-                .store
-                .keys(&r.collection)
-                .map(|keys| proto::KeysResponse { keys }),
-        )
+        self.reply(self.node.keys(&r.collection).map(|keys| proto::KeysResponse { keys }))
     }
 
-    async fn size(
-        &self,
-        req: Request<proto::SizeRequest>,
-    ) -> Result<Response<proto::SizeResponse>, Status> {
+    async fn size(&self, req: Request<proto::SizeRequest>) -> Result<Response<proto::SizeResponse>, Status> {
         let r = req.into_inner();
-        self.reply(
-            self.node
-                .store
-                .size(&r.collection)
-                .map(|size| proto::SizeResponse { size }),
-        )
+        self.reply(self.node.size(&r.collection).map(|size| proto::SizeResponse { size }))
     }
 
-    async fn clear(
-        &self,
-        req: Request<proto::ClearRequest>,
-    ) -> Result<Response<proto::ClearResponse>, Status> {
+    async fn clear(&self, req: Request<proto::ClearRequest>) -> Result<Response<proto::ClearResponse>, Status> {
         let r = req.into_inner();
-        self.reply(
-            self.node
-                .store
-                .clear(&r.collection)
-                .map(|removed| proto::ClearResponse { removed }),
-        )
+        let res = self.node.clear(&r.collection).await;
+        self.reply(res.map(|removed| proto::ClearResponse { removed }))
     }
 
     type BatchStream = ReceiverStream<Result<proto::BatchResponse, Status>>;
@@ -223,41 +150,48 @@ impl proto::cache_server::Cache for Api {
         let (tx, rx) = mpsc::channel(BATCH_OUT_DEPTH);
         let node = self.node.clone();
         self.node.tasks().spawn(async move {
+            let mut in_flight = FuturesUnordered::new();
+            let mut inbound_open = true;
             loop {
-                let msg = tokio::select! {
+                tokio::select! {
                     _ = node.shutdown_token().cancelled() => break,
-                    m = inbound.message() => m,
-                };
-                match msg {
-                    Ok(Some(batch)) => {
-                        let results = batch
-                            .commands
-                            .into_iter()
-                            .map(|c| proto::CommandResult {
-                                id: c.id,
-                                result: Some(match c.op {
-                                    Some(op) => run_command(&node, op),
-                                    None => command_result::Result::Error(to_proto(
-                                        &crate::error::Error::InvalidArgument("command without op".into()),
-                                        node.epoch(),
-                                    )),
-                                }),
-                            })
-                            .collect();
+                    msg = inbound.message(), if inbound_open && in_flight.len() < BATCH_IN_FLIGHT => match msg {
+                        Ok(Some(batch)) => {
+                            for c in batch.commands {
+                                let node = node.clone();
+                                in_flight.push(async move {
+                                    let result = match c.op {
+                                        Some(op) => node.run_command(op, false).await,
+                                        None => command_result::Result::Error(to_proto(
+                                            &crate::error::Error::InvalidArgument("command without op".into()),
+                                            node.epoch(),
+                                        )),
+                                    };
+                                    proto::CommandResult { id: c.id, result: Some(result) }
+                                });
+                            }
+                        }
+                        Ok(None) => inbound_open = false,
+                        Err(status) => {
+                            if status.code() == tonic::Code::OutOfRange {
+                                tracing::warn!(error = %status.message(), "batch stream refused a message");
+                            } else {
+                                tracing::debug!(error = %status.message(), "batch stream ended");
+                            }
+                            let _ = tx.send(Err(status)).await;
+                            break;
+                        }
+                    },
+                    Some(first) = in_flight.next(), if !in_flight.is_empty() => {
+                        let mut results = vec![first];
+                        while let Some(Some(r)) = in_flight.next().now_or_never() {
+                            results.push(r);
+                        }
                         if tx.send(Ok(proto::BatchResponse { results })).await.is_err() {
                             break;
                         }
                     }
-                    Ok(None) => break,
-                    Err(status) => {
-                        if status.code() == tonic::Code::OutOfRange {
-                            tracing::warn!(error = %status.message(), "batch stream refused a message");
-                        } else {
-                            tracing::debug!(error = %status.message(), "batch stream ended");
-                        }
-                        let _ = tx.send(Err(status)).await;
-                        break;
-                    }
+                    else => break,
                 }
             }
         });
@@ -272,15 +206,14 @@ impl proto::collections_server::Collections for Api {
         req: Request<proto::GetOrCreateCollectionRequest>,
     ) -> Result<Response<proto::GetOrCreateCollectionResponse>, Status> {
         let r = req.into_inner();
-        self.reply(
-            self.node
-                .store
-                .get_or_create_collection(&r.name, r.default_ttl_ms, r.max_entries)
-                .map(|(m, created)| proto::GetOrCreateCollectionResponse {
-                    settings: Some(settings(&m)),
-                    created,
-                }),
-        )
+        let res = self
+            .node
+            .create_collection(&r.name, r.default_ttl_ms, r.max_entries)
+            .await;
+        self.reply(res.map(|(m, created)| proto::GetOrCreateCollectionResponse {
+            settings: Some(settings(&m)),
+            created,
+        }))
     }
 
     async fn list(
@@ -312,12 +245,8 @@ impl proto::collections_server::Collections for Api {
         req: Request<proto::DeleteCollectionRequest>,
     ) -> Result<Response<proto::DeleteCollectionResponse>, Status> {
         let r = req.into_inner();
-        self.reply(
-            self.node
-                .store
-                .delete_collection(&r.name)
-                .map(|deleted| proto::DeleteCollectionResponse { deleted }),
-        )
+        let res = self.node.delete_collection(&r.name).await;
+        self.reply(res.map(|deleted| proto::DeleteCollectionResponse { deleted }))
     }
 }
 
@@ -338,8 +267,9 @@ impl proto::locks_server::Locks for Api {
         let r = req.into_inner();
         let hold = or_default(r.hold_timeout_ms, DEFAULT_HOLD_MS);
         let wait = Duration::from_millis(or_default(r.acquire_timeout_ms, DEFAULT_ACQUIRE_MS));
-        let g = self.node.locks.acquire(&r.key, hold, wait).await;
-        self.reply(g.map(|g| grant(r.key, g)))
+        let key = r.key.clone();
+        let g = self.node.lock_acquire(r, hold, wait, false).await;
+        self.reply(g.map(|g| grant(key, g)))
     }
 
     async fn try_acquire(
@@ -348,10 +278,11 @@ impl proto::locks_server::Locks for Api {
     ) -> Result<Response<proto::TryAcquireLockResponse>, Status> {
         let r = req.into_inner();
         let hold = or_default(r.hold_timeout_ms, DEFAULT_HOLD_MS);
-        let g = self.node.locks.try_acquire(&r.key, hold);
-        Ok(Response::new(proto::TryAcquireLockResponse {
+        let key = r.key.clone();
+        let g = self.node.lock_try(r, hold, false).await;
+        self.reply(g.map(|g| proto::TryAcquireLockResponse {
             acquired: g.is_some(),
-            grant: g.map(|g| grant(r.key, g)),
+            grant: g.map(|g| grant(key, g)),
         }))
     }
 
@@ -359,13 +290,8 @@ impl proto::locks_server::Locks for Api {
         &self,
         req: Request<proto::ReleaseLockRequest>,
     ) -> Result<Response<proto::ReleaseLockResponse>, Status> {
-        let r = req.into_inner();
-        self.reply(
-            self.node
-                .locks
-                .release(&r.key, r.fencing_token)
-                .map(|()| proto::ReleaseLockResponse {}),
-        )
+        let res = self.node.lock_release(req.into_inner(), false).await;
+        self.reply(res.map(|()| proto::ReleaseLockResponse {}))
     }
 
     async fn extend(
@@ -374,29 +300,39 @@ impl proto::locks_server::Locks for Api {
     ) -> Result<Response<proto::LockGrant>, Status> {
         let r = req.into_inner();
         let hold = or_default(r.hold_timeout_ms, DEFAULT_HOLD_MS);
-        let g = self.node.locks.extend(&r.key, r.fencing_token, hold);
-        self.reply(g.map(|g| grant(r.key, g)))
+        let key = r.key.clone();
+        let g = self.node.lock_extend(r, hold, false).await;
+        self.reply(g.map(|g| grant(key, g)))
     }
 
     async fn force_release(
         &self,
         req: Request<proto::ForceReleaseLockRequest>,
     ) -> Result<Response<proto::ForceReleaseLockResponse>, Status> {
-        let released = self.node.locks.force_release(&req.into_inner().key);
-        Ok(Response::new(proto::ForceReleaseLockResponse { released }))
+        let res = self.node.lock_force_release(req.into_inner(), false).await;
+        self.reply(res.map(|released| proto::ForceReleaseLockResponse { released }))
     }
 }
 
 impl Api {
-    fn self_member(&self) -> proto::Member {
-        proto::Member {
-            name: self.node.name().to_string(),
-            address: self.node.address().to_string(),
-            peer_address: String::new(),
-            alive: true,
-            primaries: self.node.store.partition_count(),
-            backups: 0,
-        }
+    fn members(&self) -> Vec<proto::Member> {
+        let t = self.node.cluster.table();
+        self.node
+            .cluster
+            .members()
+            .into_iter()
+            .map(|m| {
+                let (primaries, backups) = t.counts(&m.name);
+                proto::Member {
+                    alive: self.node.cluster.alive(&m.name),
+                    name: m.name,
+                    address: m.grpc,
+                    peer_address: m.peer,
+                    primaries,
+                    backups,
+                }
+            })
+            .collect()
     }
 }
 
@@ -407,7 +343,7 @@ impl proto::cluster_server::Cluster for Api {
         _req: Request<proto::MembersRequest>,
     ) -> Result<Response<proto::MembersResponse>, Status> {
         Ok(Response::new(proto::MembersResponse {
-            members: vec![self.self_member()],
+            members: self.members(),
         }))
     }
 
@@ -415,19 +351,38 @@ impl proto::cluster_server::Cluster for Api {
         &self,
         _req: Request<proto::PartitionTableRequest>,
     ) -> Result<Response<proto::PartitionTableResponse>, Status> {
-        let count = self.node.store.partition_count();
-        let partitions = (0..count)
-            .map(|partition| proto::PartitionOwners {
-                partition,
-                primary: self.node.name().to_string(),
-                backups: Vec::new(),
+        let t = self.node.cluster.table();
+        let partitions = t
+            .owners
+            .iter()
+            .enumerate()
+            .filter(|(_, o)| !o.is_empty())
+            .map(|(p, o)| proto::PartitionOwners {
+                partition: p as u32,
+                primary: o[0].clone(),
+                backups: o[1..].to_vec(),
+            })
+            .collect();
+        let members = t
+            .members
+            .iter()
+            .map(|m| {
+                let (primaries, backups) = t.counts(&m.name);
+                proto::Member {
+                    name: m.name.clone(),
+                    address: m.grpc.clone(),
+                    peer_address: m.peer.clone(),
+                    alive: self.node.cluster.alive(&m.name),
+                    primaries,
+                    backups,
+                }
             })
             .collect();
         Ok(Response::new(proto::PartitionTableResponse {
-            epoch: self.node.epoch(),
-            partition_count: count,
+            epoch: t.epoch,
+            partition_count: t.partition_count,
             partitions,
-            members: vec![self.self_member()],
+            members,
         }))
     }
 
@@ -435,16 +390,27 @@ impl proto::cluster_server::Cluster for Api {
         &self,
         _req: Request<proto::HealthRequest>,
     ) -> Result<Response<proto::HealthResponse>, Status> {
+        let c = &self.node.cluster;
+        let t = c.table();
+        let (safe, without, migrating) = self.node.safety();
+        let quorum = c.quorum();
+        let problem = if !quorum {
+            "quorum lost: writes are refused".to_string()
+        } else if t.is_empty() {
+            "no partition table yet".to_string()
+        } else {
+            String::new()
+        };
         Ok(Response::new(proto::HealthResponse {
             member: self.node.name().to_string(),
-            epoch: self.node.epoch(),
-            partition_count: self.node.store.partition_count(),
-            backup_count: 0,
-            safe: true,
-            quorum: true,
-            partitions_without_backup: 0,
-            migrations_running: 0,
-            problem: String::new(),
+            epoch: t.epoch,
+            partition_count: t.partition_count,
+            backup_count: c.config.backup_count,
+            safe,
+            quorum,
+            partitions_without_backup: without,
+            migrations_running: migrating,
+            problem,
         }))
     }
 }

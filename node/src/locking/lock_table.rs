@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::clock::Clock;
 use crate::error::{Error, Result};
+use crate::storage::LockReplica;
 
 /// A granted lock.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,7 +58,7 @@ struct LockState {
 impl LockState {
     /// Expires a lapsed lease and, if the lock is free, grants it to the
     /// first waiter still waiting.
-    fn progress(&mut self, now: u64) {
+    fn progress(&mut self, now: u64, floor: u64) {
         if let Some(h) = self.holder.as_ref().filter(|h| h.lease_until <= now) {
             self.last_expired = Some(h.token);
             self.holder = None;
@@ -69,7 +70,7 @@ impl LockState {
             if w.tx.is_closed() {
                 continue;
             }
-            self.fence += 1;
+            self.fence = (self.fence + 1).max(floor);
             let grant = Grant {
                 token: self.fence,
                 hold_ms: w.hold_ms,
@@ -84,8 +85,8 @@ impl LockState {
         }
     }
 
-    fn grant_now(&mut self, now: u64, hold_ms: u64) -> Grant {
-        self.fence += 1;
+    fn grant_now(&mut self, now: u64, hold_ms: u64, floor: u64) -> Grant {
+        self.fence = (self.fence + 1).max(floor);
         self.holder = Some(Holder {
             token: self.fence,
             lease_until: now.saturating_add(hold_ms),
@@ -107,6 +108,7 @@ pub struct LockTable {
     clock: Arc<dyn Clock>,
     next_waiter: AtomicU64,
     wait_rounds: AtomicU64,
+    epoch: AtomicU64,
     shutdown: CancellationToken,
 }
 
@@ -120,7 +122,60 @@ impl LockTable {
             clock,
             next_waiter: AtomicU64::new(1),
             wait_rounds: AtomicU64::new(0),
+            epoch: AtomicU64::new(0),
             shutdown,
+        }
+    }
+
+    /// Sets the partition-table epoch: tokens granted from now on are at
+    /// least `epoch << 32`, so they exceed every token of earlier epochs even
+    /// when the last grants before a failover were never replicated.
+    pub fn set_epoch(&self, epoch: u64) {
+        self.epoch.store(epoch, Ordering::SeqCst);
+    }
+
+    fn floor(&self) -> u64 {
+        self.epoch.load(Ordering::SeqCst) << 32
+    }
+
+    /// The replicated form of `key`'s state.
+    pub fn replica(&self, key: &Bytes) -> LockReplica {
+        let now = self.clock.mono_ms();
+        let shard = self.shard(key).lock();
+        shard.get(key).map_or(LockReplica { fence: 0, holder: None }, |st| to_replica(st, now))
+    }
+
+    /// Sets `key`'s state from its primary (a backup applying replication).
+    pub fn apply_replica(&self, key: &Bytes, r: LockReplica) {
+        let now = self.clock.mono_ms();
+        let mut shard = self.shard(key).lock();
+        let st = shard.entry(key.clone()).or_default();
+        st.fence = st.fence.max(r.fence);
+        st.holder = r.holder.map(|(token, left)| Holder {
+            token,
+            lease_until: now.saturating_add(left),
+        });
+    }
+
+    /// Every lock of partition `p`.
+    pub fn snapshot(&self, p: u32) -> Vec<(Bytes, LockReplica)> {
+        let now = self.clock.mono_ms();
+        let shard = self.shards[p as usize % self.shards.len()].lock();
+        shard.iter().map(|(k, st)| (k.clone(), to_replica(st, now))).collect()
+    }
+
+    /// Replaces partition `p`'s locks (a backup receiving a snapshot).
+    pub fn install(&self, p: u32, locks: &[(Bytes, LockReplica)]) {
+        let now = self.clock.mono_ms();
+        let mut shard = self.shards[p as usize % self.shards.len()].lock();
+        shard.retain(|_, st| !st.waiters.is_empty());
+        for (k, r) in locks {
+            let st = shard.entry(k.clone()).or_default();
+            st.fence = st.fence.max(r.fence);
+            st.holder = r.holder.map(|(token, left)| Holder {
+                token,
+                lease_until: now.saturating_add(left),
+            });
         }
     }
 
@@ -133,11 +188,11 @@ impl LockTable {
         let now = self.clock.mono_ms();
         let mut shard = self.shard(key).lock();
         let st = shard.entry(key.clone()).or_default();
-        st.progress(now);
+        st.progress(now, self.floor());
         while st.waiters.front().is_some_and(|w| w.tx.is_closed()) {
             st.waiters.pop_front();
         }
-        (st.holder.is_none() && st.waiters.is_empty()).then(|| st.grant_now(now, hold_ms))
+        (st.holder.is_none() && st.waiters.is_empty()).then(|| st.grant_now(now, hold_ms, self.floor()))
     }
 
     /// Waits in the key's FIFO queue for up to `acquire_timeout`.
@@ -155,7 +210,7 @@ impl LockTable {
             let mut shard = self.shard(key).lock();
             let st = shard.entry(key.clone()).or_default();
             st.waiters.push_back(Waiter { id, hold_ms, tx });
-            st.progress(now);
+            st.progress(now, self.floor());
         }
         let mut wait = WaitGuard {
             table: self,
@@ -177,7 +232,7 @@ impl LockTable {
                 let now = self.clock.mono_ms();
                 let mut shard = self.shard(key).lock();
                 let st = shard.entry(key.clone()).or_default();
-                st.progress(now);
+                st.progress(now, self.floor());
                 st.holder
                     .as_ref()
                     .map(|h| Duration::from_millis(h.lease_until.saturating_sub(now)))
@@ -224,7 +279,7 @@ impl LockTable {
                 Ok(())
             }
             _ => {
-                st.progress(now);
+                st.progress(now, self.floor());
                 if st.last_expired == Some(token) {
                     Err(Error::LockHoldTimeout(show(key)))
                 } else {
@@ -232,7 +287,7 @@ impl LockTable {
                 }
             }
         };
-        st.progress(now);
+        st.progress(now, self.floor());
         outcome
     }
 
@@ -243,7 +298,7 @@ impl LockTable {
         let Some(st) = shard.get_mut(key) else {
             return Err(Error::LockNotHeld(show(key)));
         };
-        st.progress(now);
+        st.progress(now, self.floor());
         match &mut st.holder {
             Some(h) if h.token == token => {
                 h.lease_until = now.saturating_add(hold_ms);
@@ -261,9 +316,9 @@ impl LockTable {
         let Some(st) = shard.get_mut(key) else {
             return false;
         };
-        st.progress(now);
+        st.progress(now, self.floor());
         let was_held = st.holder.take().is_some();
-        st.progress(now);
+        st.progress(now, self.floor());
         was_held
     }
 
@@ -278,8 +333,19 @@ impl LockTable {
         let now = self.clock.mono_ms();
         let mut shard = self.shard(key).lock();
         let st = shard.get_mut(key)?;
-        st.progress(now);
+        st.progress(now, self.floor());
         st.holder.as_ref().map(|h| h.token)
+    }
+}
+
+fn to_replica(st: &LockState, now: u64) -> LockReplica {
+    LockReplica {
+        fence: st.fence,
+        holder: st
+            .holder
+            .as_ref()
+            .filter(|h| h.lease_until > now)
+            .map(|h| (h.token, h.lease_until - now)),
     }
 }
 
@@ -337,7 +403,7 @@ impl Drop for WaitGuard<'_> {
             && st.holder.as_ref().is_some_and(|h| h.token == g.token)
         {
             st.holder = None;
-            st.progress(now);
+            st.progress(now, self.table.floor());
         }
     }
 }
@@ -415,5 +481,30 @@ mod tests {
         // The timed-out waiter does not block a later try.
         t.force_release(&k("y"));
         assert!(t.try_acquire(&k("y"), 1_000).is_some());
+    }
+}
+
+#[cfg(test)]
+mod replica_tests {
+    use super::*;
+    use crate::clock::ManualClock;
+
+    #[test]
+    fn tokens_jump_with_the_epoch_and_replicas_carry_state() {
+        let clock = ManualClock::new(0);
+        let a = LockTable::new(271, clock.clone(), CancellationToken::new());
+        a.set_epoch(1);
+        let g = a.try_acquire(&Bytes::from("k"), 5_000).expect("free");
+        assert_eq!(g.token, 1 << 32);
+        let r = a.replica(&Bytes::from("k"));
+        assert_eq!(r.holder, Some((g.token, 5_000)));
+        // A backup takes the state, is promoted in epoch 2: next token is larger.
+        let b = LockTable::new(271, clock.clone(), CancellationToken::new());
+        b.apply_replica(&Bytes::from("k"), r);
+        assert!(b.try_acquire(&Bytes::from("k"), 1_000).is_none(), "lease still held");
+        b.set_epoch(2);
+        clock.advance(5_000);
+        let g2 = b.try_acquire(&Bytes::from("k"), 1_000).expect("lease over");
+        assert!(g2.token > g.token && g2.token >= 2 << 32);
     }
 }

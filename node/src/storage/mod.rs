@@ -2,4 +2,7 @@
 
 mod store;
 
-pub use store::{CollectionMeta, Limits, MAX_COLLECTION_NAME_BYTES, Store};
+pub use store::{
+    CollectionMeta, Limits, LockReplica, MAX_COLLECTION_NAME_BYTES, PartitionSnapshot, ReplOp, Store,
+    Written,
+};

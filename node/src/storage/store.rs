@@ -11,7 +11,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 
 use bytes::Bytes;
 use distcache_client::partition::{DEFAULT_COLLECTION, partition_for, resolve_collection};
@@ -35,6 +35,69 @@ pub struct Limits {
     pub max_batch_keys: u64,
 }
 
+/// One write as sent to backups. Expiry is absolute (wall-clock ms).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum ReplOp {
+    /// Store an entry.
+    Put {
+        /// Collection.
+        collection: String,
+        /// Key.
+        key: Bytes,
+        /// Value.
+        value: Bytes,
+        /// Wall-clock expiry, 0 = never.
+        expires_at: u64,
+    },
+    /// Remove an entry.
+    Delete {
+        /// Collection.
+        collection: String,
+        /// Key.
+        key: Bytes,
+    },
+    /// Remove every entry of a collection in the partition.
+    Clear {
+        /// Collection.
+        collection: String,
+    },
+    /// Set a lock's replicated state.
+    Lock {
+        /// Lock key.
+        key: Bytes,
+        /// New state.
+        state: LockReplica,
+    },
+}
+
+/// A lock's state as replicated: holder token and remaining lease (ms), and
+/// the fencing counter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LockReplica {
+    /// Highest token issued for the key.
+    pub fence: u64,
+    /// Current holder: (token, lease ms left).
+    pub holder: Option<(u64, u64)>,
+}
+
+/// The whole state of one partition.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PartitionSnapshot {
+    /// (collection, [(key, value, expires_at)]).
+    pub collections: Vec<(String, Vec<(Bytes, Bytes, u64)>)>,
+    /// Locks of the partition.
+    pub locks: Vec<(Bytes, LockReplica)>,
+}
+
+/// What a write changed, per partition, for replication.
+#[derive(Debug, Default)]
+pub struct Written {
+    /// Ops applied, each with its partition, in order.
+    pub ops: Vec<(u32, ReplOp)>,
+    /// LRU evictions applied in other partitions than the written ones.
+    pub evicted_elsewhere: Vec<(u32, ReplOp)>,
+}
+
 /// A collection's settings and LRU index.
 #[derive(Debug)]
 pub struct CollectionMeta {
@@ -44,8 +107,6 @@ pub struct CollectionMeta {
     pub default_ttl_ms: u64,
     /// Configured entry limit (0 = none).
     pub max_entries: u64,
-    /// Limit enforced on this node (the whole `max_entries` on a single node).
-    limit: AtomicU64,
     deleted: AtomicBool,
     lru: Option<Mutex<LruCache<(u32, Bytes), ()>>>,
 }
@@ -56,15 +117,17 @@ impl CollectionMeta {
             name: name.into(),
             default_ttl_ms,
             max_entries,
-            limit: AtomicU64::new(max_entries),
             deleted: AtomicBool::new(false),
             lru: (max_entries > 0).then(|| Mutex::new(LruCache::unbounded())),
         }
     }
 
-    /// The entry limit this node enforces (LRU eviction beyond it).
-    pub fn node_limit(&self) -> u64 {
-        self.limit.load(Ordering::Relaxed)
+    /// The entry limit this node enforces when it is primary of `primaries`
+    /// of `partition_count` partitions: `ceil(max_entries × primaries /
+    /// partition_count)`, at least 1 (the whole limit on a lone node).
+    pub fn node_limit(&self, primaries: u32, partition_count: u32) -> u64 {
+        let share = self.max_entries as u128 * primaries as u128;
+        (share.div_ceil(partition_count.max(1) as u128) as u64).max(1)
     }
 }
 
@@ -92,6 +155,7 @@ pub struct Store {
     clock: Arc<dyn Clock>,
     limits: Limits,
     sweep_cursor: AtomicUsize,
+    primaries: AtomicU32,
 }
 
 impl Store {
@@ -110,12 +174,18 @@ impl Store {
             clock,
             limits,
             sweep_cursor: AtomicUsize::new(0),
+            primaries: AtomicU32::new(partition_count),
         }
     }
 
     /// Number of partitions.
     pub fn partition_count(&self) -> u32 {
         self.partition_count
+    }
+
+    /// Records how many partitions this node is primary of (LRU limits follow).
+    pub fn set_primaries(&self, n: u32) {
+        self.primaries.store(n, Ordering::Relaxed);
     }
 
     /// The limits in force.
@@ -226,34 +296,26 @@ impl Store {
             return None;
         }
         if let Some(lru) = &meta.lru {
-            // Touch; an entry already popped from the index is gone.
-            lru.lock().get(&(p, key.clone()))?;
+            // A read is a use: move the key to the most recently used end.
+            lru.lock().get(&(p, key.clone()));
         }
         Some(entry.value.clone())
     }
 
-    /// Stores `value` under `key`; `ttl_ms` None or 0 = the collection default.
-    pub fn put(
-        &self,
-        collection: &str,
-        key: Bytes,
-        value: Bytes,
-        ttl_ms: Option<u64>,
-    ) -> Result<()> {
+    /// Stores `value` under `key`; `ttl_ms` None or 0 = the collection
+    /// default. Returns what was written (with its absolute expiry) and the
+    /// entries LRU eviction removed, for replication.
+    pub fn put(&self, collection: &str, key: Bytes, value: Bytes, ttl_ms: Option<u64>) -> Result<Written> {
         let meta = self.collection(collection)?;
         self.check_key(&key)?;
         self.check_value(&value)?;
         let expires_at = self.expiry(&meta, ttl_ms);
-        self.put_in(&meta, key, value, expires_at)
+        let mut w = Written::default();
+        self.put_in(&meta, key, value, expires_at, &mut w)?;
+        Ok(w)
     }
 
-    fn put_in(
-        &self,
-        meta: &CollectionMeta,
-        key: Bytes,
-        value: Bytes,
-        expires_at: u64,
-    ) -> Result<()> {
+    fn put_in(&self, meta: &CollectionMeta, key: Bytes, value: Bytes, expires_at: u64, w: &mut Written) -> Result<()> {
         let p = self.partition(meta, &key);
         let mut evicted = Vec::new();
         {
@@ -262,17 +324,37 @@ impl Store {
                 return Err(Error::CollectionNotFound(meta.name.to_string()));
             }
             let map = part.entry(meta.name.clone()).or_default();
-            map.insert(key.clone(), Entry { value, expires_at });
+            map.insert(
+                key.clone(),
+                Entry {
+                    value: value.clone(),
+                    expires_at,
+                },
+            );
+            w.ops.push((
+                p,
+                ReplOp::Put {
+                    collection: meta.name.to_string(),
+                    key: key.clone(),
+                    value,
+                    expires_at,
+                },
+            ));
             if let Some(lru) = &meta.lru {
                 let mut index = lru.lock();
                 index.put((p, key), ());
-                let limit = meta.node_limit().max(1) as usize;
-                while index.len() > limit {
-                    let Some(((vp, vk), ())) = index.pop_lru() else {
-                        break;
-                    };
+                let limit = meta.node_limit(self.primaries.load(Ordering::Relaxed), self.partition_count);
+                while index.len() as u64 > limit {
+                    let Some(((vp, vk), ())) = index.pop_lru() else { break };
                     if vp == p {
                         map.remove(&vk);
+                        w.ops.push((
+                            p,
+                            ReplOp::Delete {
+                                collection: meta.name.to_string(),
+                                key: vk,
+                            },
+                        ));
                     } else {
                         evicted.push((vp, vk));
                     }
@@ -280,48 +362,57 @@ impl Store {
             }
         }
         for (vp, vk) in evicted {
-            self.remove_evicted(meta, vp, &vk);
+            if self.remove_evicted(meta, vp, &vk) {
+                w.evicted_elsewhere.push((
+                    vp,
+                    ReplOp::Delete {
+                        collection: meta.name.to_string(),
+                        key: vk,
+                    },
+                ));
+            }
         }
         Ok(())
     }
 
-    /// Removes an entry popped from the LRU index unless it was put again since.
-    fn remove_evicted(&self, meta: &CollectionMeta, p: u32, key: &Bytes) {
+    /// Removes an entry popped from the LRU index unless it was put again
+    /// since; true if it removed it.
+    fn remove_evicted(&self, meta: &CollectionMeta, p: u32, key: &Bytes) -> bool {
         let mut part = self.partitions[p as usize].write();
-        let Some(map) = part.get_mut(&*meta.name) else {
-            return;
-        };
+        let Some(map) = part.get_mut(&*meta.name) else { return false };
         let reindexed = meta
             .lru
             .as_ref()
             .is_some_and(|l| l.lock().contains(&(p, key.clone())));
-        if !reindexed {
-            map.remove(key);
-        }
+        !reindexed && map.remove(key).is_some()
     }
 
     /// Removes `key`; true if a live entry was there.
-    pub fn delete(&self, collection: &str, key: &Bytes) -> Result<bool> {
+    pub fn delete(&self, collection: &str, key: &Bytes) -> Result<(bool, Written)> {
         let meta = self.collection(collection)?;
         self.check_key(key)?;
-        Ok(self.delete_in(&meta, key))
+        let mut w = Written::default();
+        let live = self.delete_in(&meta, key, &mut w);
+        Ok((live, w))
     }
 
-    fn delete_in(&self, meta: &CollectionMeta, key: &Bytes) -> bool {
+    fn delete_in(&self, meta: &CollectionMeta, key: &Bytes, w: &mut Written) -> bool {
         let p = self.partition(meta, key);
         let now = self.clock.wall_ms();
         let mut part = self.partitions[p as usize].write();
-        let Some(map) = part.get_mut(&*meta.name) else {
-            return false;
-        };
-        let Some(old) = map.remove(key) else {
-            return false;
-        };
-        let indexed = match &meta.lru {
-            Some(l) => l.lock().pop(&(p, key.clone())).is_some(),
-            None => true,
-        };
-        old.live(now) && indexed
+        let Some(map) = part.get_mut(&*meta.name) else { return false };
+        let Some(old) = map.remove(key) else { return false };
+        if let Some(l) = &meta.lru {
+            l.lock().pop(&(p, key.clone()));
+        }
+        w.ops.push((
+            p,
+            ReplOp::Delete {
+                collection: meta.name.to_string(),
+                key: key.clone(),
+            },
+        ));
+        old.live(now)
     }
 
     // ------------------------------------------------------------ batch ops
@@ -346,7 +437,7 @@ impl Store {
         collection: &str,
         entries: Vec<(Bytes, Bytes)>,
         ttl_ms: Option<u64>,
-    ) -> Result<()> {
+    ) -> Result<Written> {
         let meta = self.collection(collection)?;
         self.check_batch(entries.len())?;
         for (k, v) in &entries {
@@ -354,96 +445,227 @@ impl Store {
             self.check_value(v)?;
         }
         let expires_at = self.expiry(&meta, ttl_ms);
+        let mut w = Written::default();
         for (k, v) in entries {
-            self.put_in(&meta, k, v, expires_at)?;
+            self.put_in(&meta, k, v, expires_at, &mut w)?;
         }
-        Ok(())
+        Ok(w)
     }
 
     /// Removes `keys`; returns how many live entries were removed.
-    pub fn delete_many(&self, collection: &str, keys: &[Bytes]) -> Result<u64> {
+    pub fn delete_many(&self, collection: &str, keys: &[Bytes]) -> Result<(u64, Written)> {
         let meta = self.collection(collection)?;
         self.check_batch(keys.len())?;
         keys.iter().try_for_each(|k| self.check_key(k))?;
-        Ok(keys.iter().filter(|k| self.delete_in(&meta, k)).count() as u64)
+        let mut w = Written::default();
+        let n = keys.iter().filter(|k| self.delete_in(&meta, k, &mut w)).count() as u64;
+        Ok((n, w))
     }
 
     // ------------------------------------------------------------ whole-collection ops
 
-    fn visible<'a>(
-        &self,
-        meta: &CollectionMeta,
-        p: u32,
-        map: &'a HashMap<Bytes, Entry>,
-        now: u64,
-    ) -> impl Iterator<Item = &'a Bytes> {
-        let index = meta.lru.as_ref().map(|l| l.lock());
-        let keys: Vec<&Bytes> = map
-            .iter()
-            .filter(|(k, e)| {
-                e.live(now)
-                    && index
-                        .as_ref()
-                        .is_none_or(|i| i.contains(&(p, (*k).clone())))
-            })
-            .map(|(k, _)| k)
-            .collect();
-        keys.into_iter()
-    }
-
-    /// Every live key of the collection.
-    pub fn keys(&self, collection: &str) -> Result<Vec<Bytes>> {
+    /// Every live key of the collection in the partitions `owned` selects.
+    pub fn keys(&self, collection: &str, owned: impl Fn(u32) -> bool) -> Result<Vec<Bytes>> {
         let meta = self.collection(collection)?;
         let now = self.clock.wall_ms();
         let mut out = Vec::new();
         for (p, part) in self.partitions.iter().enumerate() {
-            let part = part.read();
-            if let Some(map) = part.get(&*meta.name) {
-                out.extend(self.visible(&meta, p as u32, map, now).cloned());
+            if !owned(p as u32) {
+                continue;
+            }
+            if let Some(map) = part.read().get(&*meta.name) {
+                out.extend(map.iter().filter(|(_, e)| e.live(now)).map(|(k, _)| k.clone()));
             }
         }
         Ok(out)
     }
 
-    /// Number of live entries of the collection.
-    pub fn size(&self, collection: &str) -> Result<u64> {
+    /// Number of live entries of the collection in the partitions `owned` selects.
+    pub fn size(&self, collection: &str, owned: impl Fn(u32) -> bool) -> Result<u64> {
         let meta = self.collection(collection)?;
         let now = self.clock.wall_ms();
         let mut n = 0u64;
         for (p, part) in self.partitions.iter().enumerate() {
-            let part = part.read();
-            if let Some(map) = part.get(&*meta.name) {
-                n += self.visible(&meta, p as u32, map, now).count() as u64;
+            if !owned(p as u32) {
+                continue;
+            }
+            if let Some(map) = part.read().get(&*meta.name) {
+                n += map.values().filter(|e| e.live(now)).count() as u64;
             }
         }
         Ok(n)
     }
 
-    /// Removes every entry of the collection; returns how many live ones.
+    /// Removes every entry of the collection in partition `p`; returns how
+    /// many live ones.
+    pub fn clear_partition(&self, collection: &str, p: u32) -> Result<u64> {
+        let meta = self.collection(collection)?;
+        Ok(self.clear_in(&meta, p))
+    }
+
+    /// Removes every entry of the collection everywhere on this node.
     pub fn clear(&self, collection: &str) -> Result<u64> {
         let meta = self.collection(collection)?;
         Ok(self.clear_meta(&meta))
     }
 
     fn clear_meta(&self, meta: &CollectionMeta) -> u64 {
+        (0..self.partition_count).map(|p| self.clear_in(meta, p)).sum()
+    }
+
+    fn clear_in(&self, meta: &CollectionMeta, p: u32) -> u64 {
         let now = self.clock.wall_ms();
-        let mut removed = 0u64;
-        for (p, part) in self.partitions.iter().enumerate() {
-            let mut part = part.write();
-            let Some(map) = part.remove(&*meta.name) else {
-                continue;
-            };
-            let mut index = meta.lru.as_ref().map(|l| l.lock());
-            for (k, e) in map {
-                let indexed = index
-                    .as_mut()
-                    .is_none_or(|i| i.pop(&(p as u32, k)).is_some());
-                if e.live(now) && indexed {
-                    removed += 1;
-                }
+        let mut part = self.partitions[p as usize].write();
+        let Some(map) = part.remove(&*meta.name) else { return 0 };
+        let mut index = meta.lru.as_ref().map(|l| l.lock());
+        let mut removed = 0;
+        for (k, e) in map {
+            if let Some(i) = index.as_mut() {
+                i.pop(&(p, k));
+            }
+            if e.live(now) {
+                removed += 1;
             }
         }
         removed
+    }
+
+    // ------------------------------------------------------------ replication
+
+    /// Applies a primary's writes to this node's backup copy of `p`
+    /// (no LRU bookkeeping: the primary decides evictions).
+    pub fn apply(&self, p: u32, ops: &[ReplOp]) {
+        let mut part = self.partitions[p as usize].write();
+        for op in ops {
+            match op {
+                ReplOp::Put {
+                    collection,
+                    key,
+                    value,
+                    expires_at,
+                } => {
+                    let name = self.intern(collection);
+                    part.entry(name).or_default().insert(
+                        key.clone(),
+                        Entry {
+                            value: value.clone(),
+                            expires_at: *expires_at,
+                        },
+                    );
+                }
+                ReplOp::Delete { collection, key } => {
+                    if let Some(map) = part.get_mut(collection.as_str()) {
+                        map.remove(key);
+                    }
+                }
+                ReplOp::Clear { collection } => {
+                    part.remove(collection.as_str());
+                }
+                ReplOp::Lock { .. } => {}
+            }
+        }
+    }
+
+    fn intern(&self, name: &str) -> Arc<str> {
+        self.collections
+            .read()
+            .get(name)
+            .map(|m| m.name.clone())
+            .unwrap_or_else(|| Arc::from(name))
+    }
+
+    /// The whole state of partition `p` (entries only; locks are added by the node).
+    pub fn snapshot(&self, p: u32) -> PartitionSnapshot {
+        let part = self.partitions[p as usize].read();
+        PartitionSnapshot {
+            collections: part
+                .iter()
+                .map(|(name, map)| {
+                    (
+                        name.to_string(),
+                        map.iter()
+                            .map(|(k, e)| (k.clone(), e.value.clone(), e.expires_at))
+                            .collect(),
+                    )
+                })
+                .collect(),
+            locks: Vec::new(),
+        }
+    }
+
+    /// Replaces partition `p` with `snap` (a backup receiving a full copy).
+    pub fn install(&self, p: u32, snap: &PartitionSnapshot) {
+        let mut data = PartitionData::new();
+        for (name, entries) in &snap.collections {
+            let map = entries
+                .iter()
+                .map(|(k, v, exp)| {
+                    (
+                        k.clone(),
+                        Entry {
+                            value: v.clone(),
+                            expires_at: *exp,
+                        },
+                    )
+                })
+                .collect();
+            data.insert(self.intern(name), map);
+        }
+        self.unindex_partition(p);
+        *self.partitions[p as usize].write() = data;
+    }
+
+    /// An order-independent digest of partition `p`'s live entries.
+    pub fn digest(&self, p: u32) -> u64 {
+        let now = self.clock.wall_ms();
+        let part = self.partitions[p as usize].read();
+        let mut d = 0u64;
+        for (name, map) in part.iter() {
+            for (k, e) in map.iter().filter(|(_, e)| e.live(now)) {
+                let mut h = xxhash_rust::xxh3::Xxh3::new();
+                h.update(name.as_bytes());
+                h.update(&[0xFF]);
+                h.update(&(k.len() as u64).to_le_bytes());
+                h.update(k);
+                h.update(&e.value);
+                h.update(&e.expires_at.to_le_bytes());
+                d = d.wrapping_add(h.digest());
+            }
+        }
+        d
+    }
+
+    /// Drops partition `p`'s data (no longer a replica of it).
+    pub fn drop_partition(&self, p: u32) {
+        self.unindex_partition(p);
+        self.partitions[p as usize].write().clear();
+    }
+
+    /// Enters partition `p`'s entries of capped collections into their LRU
+    /// order (this node became its primary).
+    pub fn index_partition(&self, p: u32) {
+        let part = self.partitions[p as usize].read();
+        for meta in self.collections.read().values() {
+            let (Some(lru), Some(map)) = (&meta.lru, part.get(&*meta.name)) else { continue };
+            let mut index = lru.lock();
+            for k in map.keys() {
+                if !index.contains(&(p, k.clone())) {
+                    index.put((p, k.clone()), ());
+                }
+            }
+        }
+    }
+
+    /// Takes partition `p` out of the LRU orders (no longer its primary).
+    pub fn unindex_partition(&self, p: u32) {
+        let part = self.partitions[p as usize].read();
+        for meta in self.collections.read().values() {
+            let (Some(lru), Some(map)) = (&meta.lru, part.get(&*meta.name)) else { continue };
+            let mut index = lru.lock();
+            for k in map.keys() {
+                index.pop(&(p, k.clone()));
+            }
+        }
     }
 
     // ------------------------------------------------------------ expiry
@@ -535,7 +757,7 @@ mod tests {
         assert_eq!(s.get("", &b("k")).expect("get"), Some(b("v")));
         clock.advance(1);
         assert_eq!(s.get("", &b("k")).expect("get"), None);
-        assert_eq!(s.size("").expect("size"), 1);
+        assert_eq!(s.size("", |_| true).expect("size"), 1);
         assert_eq!(s.sweep(271), 1);
         assert_eq!(s.get("", &b("forever")).expect("get"), Some(b("v")));
     }
@@ -570,10 +792,10 @@ mod tests {
         for i in 0..50 {
             s.put("hot", b(&format!("x{i}")), b("v"), None)
                 .expect("put");
-            assert!(s.size("hot").expect("size") <= 3);
+            assert!(s.size("hot", |_| true).expect("size") <= 3);
         }
-        assert_eq!(s.size("hot").expect("size"), 3);
-        assert_eq!(s.keys("hot").expect("keys").len(), 3);
+        assert_eq!(s.size("hot", |_| true).expect("size"), 3);
+        assert_eq!(s.keys("hot", |_| true).expect("keys").len(), 3);
     }
 
     #[test]
@@ -615,6 +837,6 @@ mod tests {
         assert!(s.delete_collection("").is_err());
         // Re-created: empty.
         s.get_or_create_collection("tmp", 0, 0).expect("create");
-        assert_eq!(s.size("tmp").expect("size"), 0);
+        assert_eq!(s.size("tmp", |_| true).expect("size"), 0);
     }
 }

@@ -1,0 +1,275 @@
+//! The cluster layer: membership, the epoch-fenced partition table, the
+//! coordinator's step function and the rebalancer. The node (`crate::Node`)
+//! drives them: heartbeats, votes, installs, replication and migration.
+
+pub mod coordinator;
+pub mod membership;
+pub mod rebalancer;
+pub mod table;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::{Mutex, RwLock};
+
+use crate::net::message::Heartbeat;
+use membership::{MemberSpec, MembersProvider};
+use table::{MemberInfo, Table};
+
+/// Cluster timing and replication settings.
+#[derive(Debug, Clone, Copy)]
+pub struct ClusterConfig {
+    /// Backups per partition.
+    pub backup_count: u32,
+    /// Heartbeat period.
+    pub heartbeat_interval: Duration,
+    /// A member not heard from for this long is considered failed.
+    pub failure_timeout: Duration,
+    /// Timeout of forwarded and other peer requests.
+    pub request_timeout: Duration,
+    /// Timeout of one replication round trip.
+    pub replication_timeout: Duration,
+    /// Period of the anti-entropy digest comparison.
+    pub anti_entropy_interval: Duration,
+    /// Longest a graceful leave waits for the hand-off.
+    pub leave_timeout: Duration,
+}
+
+/// What this node knows of another member.
+#[derive(Debug, Clone)]
+pub struct View {
+    /// When it was last heard from.
+    pub last_seen: Instant,
+    /// Its last heartbeat.
+    pub hb: Heartbeat,
+}
+
+/// Replication state of one partition on this node.
+#[derive(Debug, Default)]
+pub struct PartState {
+    /// Held across a write's local apply and its replication, and across a
+    /// snapshot: orders the partition's writes on every replica.
+    pub repl: tokio::sync::Mutex<()>,
+    /// This node holds every acknowledged write of the partition (as its
+    /// primary or an in-sync backup).
+    pub loaded: AtomicBool,
+    /// As primary: backups known to be in sync.
+    pub synced: Mutex<HashSet<String>>,
+}
+
+/// The cluster state of one node.
+#[derive(Debug)]
+pub struct Cluster {
+    /// This member.
+    pub me: MemberInfo,
+    /// Settings.
+    pub config: ClusterConfig,
+    provider: Box<dyn MembersProvider>,
+    table: RwLock<Arc<Table>>,
+    /// Highest epoch this node voted for.
+    pub promised: Mutex<u64>,
+    views: Mutex<HashMap<String, View>>,
+    /// (partition, backup) -> (primary, heartbeat seq) reported out of sync.
+    unsynced: Mutex<HashMap<(u32, String), (String, u64)>>,
+    /// Per-partition replication state.
+    pub parts: Box<[PartState]>,
+    /// Heartbeat sequence number.
+    pub seq: AtomicU64,
+    /// Leaving gracefully.
+    pub leaving: AtomicBool,
+}
+
+impl Cluster {
+    /// A node's cluster state, with an empty table.
+    pub fn new(
+        me: MemberInfo,
+        provider: Box<dyn MembersProvider>,
+        config: ClusterConfig,
+        partition_count: u32,
+    ) -> Self {
+        Cluster {
+            me,
+            config,
+            provider,
+            table: RwLock::new(Arc::new(Table::empty(partition_count, config.backup_count))),
+            promised: Mutex::new(0),
+            views: Mutex::new(HashMap::new()),
+            unsynced: Mutex::new(HashMap::new()),
+            parts: (0..partition_count).map(|_| PartState::default()).collect(),
+            seq: AtomicU64::new(1),
+            leaving: AtomicBool::new(false),
+        }
+    }
+
+    /// The installed table.
+    pub fn table(&self) -> Arc<Table> {
+        self.table.read().clone()
+    }
+
+    pub(crate) fn set_table(&self, t: Arc<Table>) {
+        *self.table.write() = t;
+    }
+
+    /// Configured members (expected cluster); never empty.
+    pub fn members(&self) -> Vec<MemberSpec> {
+        let list = self.provider.members();
+        if list.is_empty() {
+            vec![MemberSpec {
+                name: self.me.name.clone(),
+                grpc: self.me.grpc.clone(),
+                peer: self.me.peer.clone(),
+            }]
+        } else {
+            list
+        }
+    }
+
+    /// Whether `name` is alive (this node, or heard from within the timeout).
+    pub fn alive(&self, name: &str) -> bool {
+        name == self.me.name
+            || self
+                .views
+                .lock()
+                .get(name)
+                .is_some_and(|v| v.last_seen.elapsed() < self.config.failure_timeout)
+    }
+
+    /// Last heartbeat of `name` if alive.
+    pub fn view(&self, name: &str) -> Option<Heartbeat> {
+        self.views
+            .lock()
+            .get(name)
+            .filter(|v| v.last_seen.elapsed() < self.config.failure_timeout)
+            .map(|v| v.hb.clone())
+    }
+
+    /// (alive configured members, expected size).
+    pub fn liveness(&self) -> (Vec<MemberSpec>, usize) {
+        let members = self.members();
+        let expected = members.len();
+        let alive = members.into_iter().filter(|m| self.alive(&m.name)).collect();
+        (alive, expected)
+    }
+
+    /// Sees a majority of the expected members.
+    pub fn quorum(&self) -> bool {
+        let (alive, expected) = self.liveness();
+        alive.len() > expected / 2
+    }
+
+    /// Records a heartbeat from a peer; clears out-of-sync reports it supersedes.
+    pub fn record(&self, hb: Heartbeat) {
+        if hb.name == self.me.name {
+            return;
+        }
+        {
+            let mut unsynced = self.unsynced.lock();
+            unsynced.retain(|(p, b), (primary, seq)| {
+                !(*primary == hb.name && *seq < hb.seq && !hb.unsynced.contains(&(*p, b.clone())))
+            });
+        }
+        self.views.lock().insert(
+            hb.name.clone(),
+            View {
+                last_seen: Instant::now(),
+                hb,
+            },
+        );
+    }
+
+    /// Records that `primary` marked these backups out of sync at `seq`.
+    pub fn record_unsynced(&self, primary: &str, seq: u64, pairs: &[(u32, String)]) {
+        let mut u = self.unsynced.lock();
+        for (p, b) in pairs {
+            u.insert((*p, b.clone()), (primary.to_string(), seq));
+            if *b == self.me.name {
+                self.parts[*p as usize].loaded.store(false, Ordering::SeqCst);
+            }
+        }
+    }
+
+    /// Whether `m` holds every acknowledged write of `p` under `table`, as far
+    /// as this node can tell.
+    pub fn in_sync(&self, table: &Table, p: u32, m: &str) -> bool {
+        if !self.alive(m) {
+            return false;
+        }
+        if self.unsynced.lock().contains_key(&(p, m.to_string())) {
+            return false;
+        }
+        let primary = table.primary(p);
+        if m == self.me.name {
+            return self.parts[p as usize].loaded.load(Ordering::SeqCst);
+        }
+        let Some(hb) = self.view(m) else { return false };
+        if hb.epoch != table.epoch || hb.unloaded.contains(&p) {
+            return false;
+        }
+        if primary == Some(m) {
+            return true;
+        }
+        // The primary's own report, when current, has the last word.
+        match primary {
+            Some(pr) if pr == self.me.name => self.parts[p as usize].synced.lock().contains(m),
+            Some(pr) => match self.view(pr) {
+                Some(phb) if phb.epoch == table.epoch => !phb.unsynced.contains(&(p, m.to_string())),
+                _ => true,
+            },
+            None => true,
+        }
+    }
+
+    /// This node's heartbeat.
+    pub fn heartbeat(&self, quorum: bool) -> Heartbeat {
+        let table = self.table();
+        let mut unsynced = Vec::new();
+        let mut unloaded = Vec::new();
+        for p in 0..table.partition_count {
+            match table.role(&self.me.name, p) {
+                table::Role::None => {}
+                role => {
+                    let st = &self.parts[p as usize];
+                    if !st.loaded.load(Ordering::SeqCst) {
+                        unloaded.push(p);
+                    }
+                    if role == table::Role::Primary {
+                        let synced = st.synced.lock();
+                        for b in table.backups(p) {
+                            if !synced.contains(b) {
+                                unsynced.push((p, b.clone()));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        Heartbeat {
+            name: self.me.name.clone(),
+            incarnation: self.me.incarnation,
+            epoch: table.epoch,
+            leaving: self.leaving.load(Ordering::SeqCst),
+            quorum,
+            seq: self.seq.fetch_add(1, Ordering::SeqCst),
+            unsynced,
+            unloaded,
+        }
+    }
+
+    /// Incarnation of `name` as last heard (this node's own for itself).
+    pub fn incarnation(&self, name: &str) -> Option<u64> {
+        if name == self.me.name {
+            return Some(self.me.incarnation);
+        }
+        self.view(name).map(|h| h.incarnation)
+    }
+
+    /// Leaving flag of `name`.
+    pub fn is_leaving(&self, name: &str) -> bool {
+        if name == self.me.name {
+            return self.leaving.load(Ordering::SeqCst);
+        }
+        self.view(name).is_some_and(|h| h.leaving)
+    }
+}

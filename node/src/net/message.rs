@@ -1,0 +1,219 @@
+//! The node <-> node protocol: one versioned message enum, msgpack-encoded
+//! (rmp-serde) inside length-prefixed frames.
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::cluster::table::Table;
+use crate::storage::{PartitionSnapshot, ReplOp};
+
+/// Version of this protocol; a frame of another version is refused.
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// One frame's content.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Envelope {
+    /// [`PROTOCOL_VERSION`] of the sender.
+    pub version: u16,
+    /// Request id, echoed by the response.
+    pub id: u64,
+    /// Request or response.
+    pub body: Body,
+}
+
+/// Request or response.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum Body {
+    /// A request.
+    Request(Request),
+    /// The answer to the request with the same id.
+    Response(Response),
+}
+
+/// Liveness, identity and replication health of a member.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Heartbeat {
+    /// Member name.
+    pub name: String,
+    /// Start time of this process (ms since the Unix epoch): a restart is a new incarnation.
+    pub incarnation: u64,
+    /// Epoch of the sender's installed table.
+    pub epoch: u64,
+    /// The sender is leaving (graceful shutdown) and wants its partitions moved off.
+    pub leaving: bool,
+    /// The sender sees a majority of the expected members.
+    pub quorum: bool,
+    /// Increases with every heartbeat and out-of-sync report of the sender.
+    pub seq: u64,
+    /// For partitions the sender is primary of (at `epoch`): backups not in sync.
+    pub unsynced: Vec<(u32, String)>,
+    /// Partitions the sender is primary of (at `epoch`) but holds no data for yet.
+    pub unloaded: Vec<u32>,
+}
+
+/// A collection-registry change broadcast to every member.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub enum CollectionOp {
+    /// Create unless it exists.
+    Create {
+        /// Name.
+        name: String,
+        /// Default TTL, ms.
+        default_ttl_ms: u64,
+        /// LRU limit.
+        max_entries: u64,
+    },
+    /// Clear and remove.
+    Delete {
+        /// Name.
+        name: String,
+    },
+}
+
+/// A forwarded client call (prost-encoded `distcache.v1` messages).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Forward {
+    /// A `Command` (data op).
+    Command(Bytes),
+    /// `AcquireLockRequest`.
+    Acquire(Bytes),
+    /// `TryAcquireLockRequest`.
+    TryAcquire(Bytes),
+    /// `ReleaseLockRequest`.
+    Release(Bytes),
+    /// `ExtendLockRequest`.
+    Extend(Bytes),
+    /// `ForceReleaseLockRequest`.
+    ForceRelease(Bytes),
+}
+
+/// An error crossing the peer protocol.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct WireError {
+    /// `distcache.v1.ErrorReason` value.
+    pub reason: i32,
+    /// Message.
+    pub message: String,
+}
+
+/// Requests between nodes.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum Request {
+    /// Liveness + state; answered with the receiver's heartbeat.
+    Heartbeat(Heartbeat),
+    /// The receiver's installed table.
+    GetTable,
+    /// Vote for this table (first phase of installing an epoch).
+    Propose(Table),
+    /// Install this table (it won a majority).
+    Commit(Table),
+    /// Run a client call on the receiver (its owner).
+    Forward(Forward),
+    /// Apply these writes to a backup copy of `partition`.
+    Replicate {
+        /// Table epoch of the sender.
+        epoch: u64,
+        /// Partition.
+        partition: u32,
+        /// Writes in order.
+        ops: Vec<ReplOp>,
+    },
+    /// Replace the backup copy of `partition` with this snapshot.
+    Snapshot {
+        /// Table epoch of the sender.
+        epoch: u64,
+        /// Partition.
+        partition: u32,
+        /// Whole partition state.
+        snapshot: PartitionSnapshot,
+    },
+    /// Digest of the receiver's copy of `partition`.
+    Digest {
+        /// Table epoch of the sender.
+        epoch: u64,
+        /// Partition.
+        partition: u32,
+    },
+    /// Apply a collection-registry change.
+    Collection(CollectionOp),
+    /// The receiver's collections.
+    ListCollections,
+    /// The sender, a primary, marked these backups out of sync.
+    Unsynced {
+        /// Sender.
+        name: String,
+        /// Sender's heartbeat sequence number at the report.
+        seq: u64,
+        /// (partition, backup) pairs.
+        pairs: Vec<(u32, String)>,
+    },
+}
+
+/// Responses between nodes.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum Response {
+    /// Done.
+    Ok,
+    /// The receiver's heartbeat.
+    Heartbeat(Heartbeat),
+    /// A table, if the receiver has one.
+    Table(Option<Table>),
+    /// Vote on a proposal; `promised` is the highest epoch the receiver promised.
+    Vote {
+        /// Granted?
+        granted: bool,
+        /// Highest promised epoch.
+        promised: u64,
+    },
+    /// Result of a forwarded call (prost-encoded response).
+    Forwarded(Bytes),
+    /// A digest.
+    Digest(u64),
+    /// Collections: (name, default_ttl_ms, max_entries).
+    Collections(Vec<(String, u64, u64)>),
+    /// Refused.
+    Error(WireError),
+}
+
+/// Encodes an envelope.
+pub fn encode(env: &Envelope) -> Result<Vec<u8>, rmp_serde::encode::Error> {
+    rmp_serde::to_vec(env)
+}
+
+/// Decodes an envelope (the frame size was bounded before).
+pub fn decode(buf: &[u8]) -> Result<Envelope, rmp_serde::decode::Error> {
+    rmp_serde::from_slice(buf)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip() {
+        let env = Envelope {
+            version: PROTOCOL_VERSION,
+            id: 7,
+            body: Body::Request(Request::Replicate {
+                epoch: 3,
+                partition: 9,
+                ops: vec![ReplOp::Put {
+                    collection: "c".into(),
+                    key: Bytes::from_static(b"k\xff"),
+                    value: Bytes::from_static(b"v"),
+                    expires_at: 5,
+                }],
+            }),
+        };
+        let back = decode(&encode(&env).expect("encode")).expect("decode");
+        assert_eq!(back.id, 7);
+        assert!(matches!(back.body, Body::Request(Request::Replicate { epoch: 3, partition: 9, .. })));
+    }
+
+    #[test]
+    fn garbage_and_deep_nesting_are_errors_not_panics() {
+        for junk in [&b""[..], b"\xc1", b"\xff\xff\xff", &[0x91; 100_000][..], &[0xdd, 0xff, 0xff, 0xff, 0xff][..]] {
+            assert!(decode(junk).is_err());
+        }
+    }
+}

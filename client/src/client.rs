@@ -161,11 +161,18 @@ impl Client {
         op: command::Op,
     ) -> Result<command_result::Result> {
         let mut attempt = 0;
+        let mut replica = 0;
         loop {
-            let node = self.routing().owner(partition);
+            let node = self.routing().pick(partition, replica);
             let res = self.execute_on(&node, op.clone()).await;
             match res {
                 Err(e) if e.is_retryable() && attempt < self.inner.config.max_retries => {
+                    // An unreachable node: try the next replica; a routing
+                    // answer: back to the (refreshed) primary.
+                    replica = match e {
+                        Error::Unavailable(_) | Error::Connect(_) => replica + 1,
+                        _ => 0,
+                    };
                     self.backoff(attempt, &e).await;
                     attempt += 1;
                 }

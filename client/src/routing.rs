@@ -74,8 +74,8 @@ impl NodeConn {
 pub(crate) struct Routing {
     pub(crate) epoch: u64,
     pub(crate) partition_count: u32,
-    /// Owner (primary) per partition; `None` when the table has no owner yet.
-    owners: Vec<Option<Arc<NodeConn>>>,
+    /// Replicas per partition, primary first; empty when the table has no owner yet.
+    owners: Vec<Vec<Arc<NodeConn>>>,
     /// Every member with a connection, in table order.
     pub(crate) members: Vec<Arc<NodeConn>>,
     /// Where to send when a partition has no known owner.
@@ -109,10 +109,13 @@ impl Routing {
             members.push(conn);
         }
         let partition_count = table.partition_count.max(1);
-        let mut owners = vec![None; partition_count as usize];
+        let mut owners = vec![Vec::new(); partition_count as usize];
         for p in &table.partitions {
             if let Some(slot) = owners.get_mut(p.partition as usize) {
-                *slot = by_name.get(p.primary.as_str()).cloned();
+                *slot = std::iter::once(&p.primary)
+                    .chain(&p.backups)
+                    .filter_map(|m| by_name.get(m.as_str()).cloned())
+                    .collect();
             }
         }
         if members.is_empty() {
@@ -127,11 +130,18 @@ impl Routing {
         })
     }
 
-    /// The connection for `partition`.
+    /// The connection for `partition`'s primary.
     pub(crate) fn owner(&self, partition: u32) -> Arc<NodeConn> {
-        self.owners
-            .get(partition as usize)
-            .and_then(|o| o.clone())
-            .unwrap_or_else(|| self.fallback.clone())
+        self.pick(partition, 0)
+    }
+
+    /// Attempt `n` at `partition`: the primary first, then its backups in
+    /// turn (a backup forwards to the primary, or serves a read from its
+    /// copy when the primary is unreachable).
+    pub(crate) fn pick(&self, partition: u32, n: u32) -> Arc<NodeConn> {
+        match self.owners.get(partition as usize) {
+            Some(r) if !r.is_empty() => r[n as usize % r.len()].clone(),
+            _ => self.fallback.clone(),
+        }
     }
 }

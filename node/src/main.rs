@@ -8,6 +8,8 @@ use distcache_node::clock::SystemClock;
 use distcache_node::config::NodeConfig;
 use distcache_node::{Node, server};
 
+mod local;
+
 /// distcache node: a partitioned in-memory cache served over gRPC.
 ///
 /// With no flags it serves one in-memory node on 127.0.0.1:7100. Every flag
@@ -17,6 +19,15 @@ use distcache_node::{Node, server};
 struct Cli {
     #[command(flatten)]
     node: NodeConfig,
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Cmd {
+    /// Start N real node processes on loopback (gRPC on BASE, BASE+1, ...),
+    /// print their endpoints, and stop them all on ctrl-c/SIGTERM.
+    Local(local::LocalArgs),
 }
 
 async fn shutdown_signal() {
@@ -43,6 +54,9 @@ async fn shutdown_signal() {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if let Some(Cmd::Local(args)) = cli.cmd {
+        return local::run(args).await;
+    }
     let config = cli.node;
     tracing_subscriber::fmt()
         .with_env_filter(

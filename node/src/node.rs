@@ -119,6 +119,13 @@ impl Node {
     /// Starts the background tasks; `peer_listener` serves the node <-> node
     /// protocol (needed when the node has peers).
     pub fn start(self: &Arc<Self>, peer_listener: Option<TcpListener>) {
+        if self.cluster.members().len() == 1 {
+            // A lone node is its own quorum and coordinator: serve at once.
+            if let Some(mut t) = self.plan() {
+                t.epoch = 1;
+                self.install(t);
+            }
+        }
         let node = self.clone();
         let period = Duration::from_millis(self.config.sweep_interval_ms);
         self.every(period, move || {
@@ -416,11 +423,10 @@ impl Node {
         if new.epoch <= old.epoch || new.partition_count != old.partition_count {
             return;
         }
-        let me = c.me.name.as_str();
         let mut primaries = 0;
         for p in 0..new.partition_count {
             let st = &c.parts[p as usize];
-            let (was, now) = (old.role(me, p), new.role(me, p));
+            let (was, now) = (old.role_of(&c.me, p), new.role_of(&c.me, p));
             let fresh = old.replicas(p).is_empty();
             match now {
                 Role::Primary => {

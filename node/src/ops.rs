@@ -54,6 +54,11 @@ impl Node {
             return Err(Error::ClusterNotReady("no partition table yet".into()));
         };
         if primary == self.name() {
+            if table.role_of(&self.cluster.me, p) != Role::Primary {
+                return Err(Error::Unavailable(
+                    "this node restarted; waiting for a table that includes it".into(),
+                ));
+            }
             return Ok(Route::Local);
         }
         match table.member(primary) {
@@ -114,7 +119,7 @@ impl Node {
                         match res {
                             // Read-from-backup fallback: the primary is unreachable.
                             Err(Error::Unavailable(_))
-                                if table.role(self.name(), p) == Role::Backup
+                                if table.role_of(&self.cluster.me, p) == Role::Backup
                                     && self.cluster.parts[p as usize].loaded.load(Ordering::SeqCst) =>
                             {
                                 Ok(R::Get(get_response(self.store.get(&r.collection, &r.key)?)))
@@ -282,7 +287,7 @@ impl Node {
             return Err(Error::Unavailable("partition table changed; retry".into()));
         }
         for &p in &parts {
-            if table.role(self.name(), p) != Role::Primary {
+            if table.role_of(&self.cluster.me, p) != Role::Primary {
                 return Err(self.not_owner(p));
             }
         }
@@ -361,7 +366,7 @@ impl Node {
         for (p, ops) in per_part {
             let _g = self.cluster.parts[p as usize].repl.lock().await;
             let table = self.cluster.table();
-            if table.role(self.name(), p) == Role::Primary {
+            if table.role_of(&self.cluster.me, p) == Role::Primary {
                 let _ = self.replicate(&table, ops).await;
             }
         }
@@ -390,9 +395,8 @@ impl Node {
     // ------------------------------------------------------------ whole-collection ops
 
     fn primary_here(&self, table: &Table) -> impl Fn(u32) -> bool + use<> {
-        let me = self.name().to_string();
         let owned: Vec<bool> = (0..table.partition_count)
-            .map(|p| table.role(&me, p) == Role::Primary)
+            .map(|p| table.role_of(&self.cluster.me, p) == Role::Primary)
             .collect();
         move |p| owned.get(p as usize).copied().unwrap_or(false)
     }
@@ -414,7 +418,7 @@ impl Node {
         let meta = self.store.collection(collection)?;
         let t = self.cluster.table();
         let mut removed = 0;
-        for p in (0..t.partition_count).filter(|p| t.role(self.name(), *p) == Role::Primary) {
+        for p in (0..t.partition_count).filter(|p| t.role_of(&self.cluster.me, *p) == Role::Primary) {
             removed += self
                 .write(&t, vec![p], || {
                     let n = self.store.clear_partition(&meta.name, p)?;
@@ -628,10 +632,9 @@ impl Node {
     /// Starts snapshot transfers to backups that are not in sync.
     pub(crate) async fn sync_backups(self: &Arc<Self>) {
         let t = self.cluster.table();
-        let me = self.name().to_string();
         let mut todo = Vec::new();
         for p in 0..t.partition_count {
-            if t.role(&me, p) != Role::Primary {
+            if t.role_of(&self.cluster.me, p) != Role::Primary {
                 continue;
             }
             let synced = self.cluster.parts[p as usize].synced.lock().clone();
@@ -662,7 +665,7 @@ impl Node {
         let st = &self.cluster.parts[p as usize];
         let _g = st.repl.lock().await;
         let t = self.cluster.table();
-        if t.role(self.name(), p) != Role::Primary || !t.backups(p).iter().any(|x| x == b) {
+        if t.role_of(&self.cluster.me, p) != Role::Primary || !t.backups(p).iter().any(|x| x == b) {
             return Ok(());
         }
         let addr = t.member(b).map(|m| m.peer.clone()).ok_or_else(|| Error::Internal("no such member".into()))?;
@@ -690,7 +693,7 @@ impl Node {
         let t = self.cluster.table();
         let mut diverged = Vec::new();
         for p in 0..t.partition_count {
-            if t.role(self.name(), p) != Role::Primary {
+            if t.role_of(&self.cluster.me, p) != Role::Primary {
                 continue;
             }
             let st = &self.cluster.parts[p as usize];
@@ -772,7 +775,7 @@ impl Node {
             },
             Request::Snapshot { epoch, partition, snapshot } => {
                 let t = c.table();
-                if epoch != t.epoch || t.role(self.name(), partition) != Role::Backup {
+                if epoch != t.epoch || t.role_of(&self.cluster.me, partition) != Role::Backup {
                     return Response::Error(self.not_owner(partition).to_wire());
                 }
                 let st = &c.parts[partition as usize];
@@ -806,7 +809,7 @@ impl Node {
         if epoch != t.epoch {
             return Err(Error::Unavailable(format!("epoch {epoch} is not this node's {}", t.epoch)));
         }
-        if t.role(self.name(), p) != Role::Backup {
+        if t.role_of(&self.cluster.me, p) != Role::Backup {
             return Err(self.not_owner(p));
         }
         if !self.cluster.parts[p as usize].loaded.load(Ordering::SeqCst) {

@@ -227,7 +227,7 @@ impl Cluster {
         let mut unsynced = Vec::new();
         let mut unloaded = Vec::new();
         for p in 0..table.partition_count {
-            match table.role(&self.me.name, p) {
+            match table.role_of(&self.me, p) {
                 table::Role::None => {}
                 role => {
                     let st = &self.parts[p as usize];

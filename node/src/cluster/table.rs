@@ -86,6 +86,15 @@ impl Table {
         }
     }
 
+    /// The role of this incarnation of `me`: a restarted process (another
+    /// incarnation than the table's) holds no role until a table names it.
+    pub fn role_of(&self, me: &MemberInfo, p: u32) -> Role {
+        match self.member(&me.name) {
+            Some(m) if m.incarnation == me.incarnation => self.role(&me.name, p),
+            _ => Role::None,
+        }
+    }
+
     /// (primaries, backups) held by `name`.
     pub fn counts(&self, name: &str) -> (u32, u32) {
         let mut c = (0, 0);

@@ -1,0 +1,118 @@
+//! `distcache-node local`: N real node processes on loopback, in the
+//! foreground, stopped together on ctrl-c / SIGTERM.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::Context;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use tokio::process::{Child, Command};
+
+/// Arguments of `local`.
+#[derive(Debug, clap::Args)]
+pub struct LocalArgs {
+    /// Number of nodes.
+    #[arg(long, default_value_t = 3)]
+    nodes: u16,
+    /// gRPC port of the first node; node i listens on BASE+i, its peer port is BASE+1000+i.
+    #[arg(long, default_value_t = 7100)]
+    base_port: u16,
+    /// Directory for the nodes' logs (default: a temporary directory).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Backups per partition.
+    #[arg(long, default_value_t = 1)]
+    backup_count: u32,
+    /// Extra flags passed to every node (e.g. `--failure-timeout-ms=2000`).
+    #[arg(last = true)]
+    extra: Vec<String>,
+}
+
+struct Member {
+    name: String,
+    grpc: String,
+    peer: String,
+}
+
+fn spawn(exe: &std::path::Path, m: &Member, members: &str, args: &LocalArgs, dir: &std::path::Path) -> anyhow::Result<Child> {
+    let log = std::fs::File::create(dir.join(format!("{}.log", m.name)))?;
+    Command::new(exe)
+        .args(["--listen", &m.grpc, "--name", &m.name, "--members", members])
+        .args(["--backup-count", &args.backup_count.to_string()])
+        .args(&args.extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("starting {}", m.name))
+}
+
+/// Runs the local cluster until ctrl-c or SIGTERM.
+pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(args.nodes >= 1, "--nodes must be at least 1");
+    let last = u32::from(args.base_port) + 1000 + u32::from(args.nodes);
+    anyhow::ensure!(last <= 65_535, "--base-port too high for {} nodes", args.nodes);
+    let dir = args
+        .dir
+        .clone()
+        .unwrap_or_else(|| std::env::temp_dir().join(format!("distcache-local-{}", args.base_port)));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let members: Vec<Member> = (0..args.nodes)
+        .map(|i| Member {
+            name: format!("node-{i}"),
+            grpc: format!("127.0.0.1:{}", args.base_port + i),
+            peer: format!("127.0.0.1:{}", args.base_port + 1000 + i),
+        })
+        .collect();
+    let list = members
+        .iter()
+        .map(|m| format!("{}={}/{}", m.name, m.grpc, m.peer))
+        .collect::<Vec<_>>()
+        .join(",");
+    let exe = std::env::current_exe().context("locating distcache-node")?;
+    let mut children = Vec::new();
+    for m in &members {
+        children.push(spawn(&exe, m, &list, &args, &dir)?);
+        println!("{}  grpc {}  peer {}  log {}", m.name, m.grpc, m.peer, dir.join(format!("{}.log", m.name)).display());
+    }
+    println!(
+        "endpoints: {}",
+        members.iter().map(|m| m.grpc.as_str()).collect::<Vec<_>>().join(",")
+    );
+    println!("ctrl-c stops every node");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    let mut reported = vec![false; children.len()];
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break,
+            _ = term.recv() => break,
+            _ = tick.tick() => {
+                for ((c, m), seen) in children.iter_mut().zip(&members).zip(reported.iter_mut()) {
+                    if !*seen && let Ok(Some(status)) = c.try_wait() {
+                        eprintln!("{} exited ({status}); see its log", m.name);
+                        *seen = true;
+                    }
+                }
+            }
+        }
+    }
+    eprintln!("stopping {} nodes", children.len());
+    for c in &children {
+        if let Some(pid) = c.id().and_then(|p| i32::try_from(p).ok()) {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+        }
+    }
+    for c in &mut children {
+        match tokio::time::timeout(Duration::from_secs(60), c.wait()).await {
+            Ok(_) => {}
+            Err(_) => {
+                let _ = c.start_kill();
+            }
+        }
+    }
+    Ok(())
+}

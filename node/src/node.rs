@@ -477,11 +477,18 @@ impl Node {
     /// pending; with the counts (partitions without an in-sync backup,
     /// partitions whose owners differ from the balanced target).
     pub fn safety(&self) -> (bool, u32, u32) {
+        let (safe, without, migrating, _) = self.safety_detail();
+        (safe, without, migrating)
+    }
+
+    /// [`Node::safety`] with a few examples of partitions lacking a backup.
+    pub fn safety_detail(&self) -> (bool, u32, u32, Vec<String>) {
         let c = &self.cluster;
         let t = c.table();
         if t.is_empty() {
-            return (false, t.partition_count, 0);
+            return (false, t.partition_count, 0, vec!["no table".into()]);
         }
+        let mut examples = Vec::new();
         let (alive, _) = c.liveness();
         let eligible = alive.iter().filter(|m| !c.is_leaving(&m.name)).count();
         let want = (c.config.backup_count as usize).min(eligible.saturating_sub(1));
@@ -495,6 +502,14 @@ impl Node {
             let primary_ok = t.primary(p).is_some_and(|m| c.alive(m));
             if synced < want || !primary_ok {
                 without += 1;
+                if examples.len() < 3 {
+                    let why: Vec<String> = t
+                        .backups(p)
+                        .iter()
+                        .map(|b| format!("{b}: {}", c.sync_problem(&t, p, b).unwrap_or("ok")))
+                        .collect();
+                    examples.push(format!("p{p} primary {:?} [{}]", t.primary(p), why.join(", ")));
+                }
             }
         }
         // Every node runs the coordinator's planning on its own view.
@@ -505,6 +520,6 @@ impl Node {
                 .filter(|(a, b)| a != b)
                 .count() as u32
         });
-        (without == 0 && migrating == 0 && c.quorum(), without, migrating)
+        (without == 0 && migrating == 0 && c.quorum(), without, migrating, examples)
     }
 }

@@ -75,7 +75,12 @@ impl Node {
     }
 
     async fn forward(&self, addr: &str, f: Forward, timeout: Duration) -> Result<Bytes> {
-        match self.peers.call(addr, Request::Forward(f), timeout).await? {
+        let t0 = std::time::Instant::now();
+        let r = self.peers.call(addr, Request::Forward(f), timeout).await;
+        if t0.elapsed() > Duration::from_millis(500) {
+            tracing::warn!(peer = addr, elapsed = ?t0.elapsed(), ok = r.is_ok(), "slow forward");
+        }
+        match r? {
             Response::Forwarded(b) => Ok(b),
             Response::Error(WireError { reason, message }) => Err(Error::Remote { reason, message }),
             other => Err(Error::Internal(format!("unexpected answer {other:?}"))),
@@ -279,8 +284,12 @@ impl Node {
         parts.sort_unstable();
         parts.dedup();
         let mut guards = Vec::with_capacity(parts.len());
+        let t0 = std::time::Instant::now();
         for &p in &parts {
             guards.push(c.parts[p as usize].repl.lock().await);
+        }
+        if t0.elapsed() > Duration::from_millis(500) {
+            tracing::warn!(elapsed = ?t0.elapsed(), ?parts, "slow partition lock");
         }
         let now = c.table();
         if now.epoch != table.epoch {
@@ -292,7 +301,12 @@ impl Node {
             }
         }
         let (r, written) = f()?;
-        self.replicate(table, written.ops).await?;
+        let t1 = std::time::Instant::now();
+        let rep = self.replicate(table, written.ops).await;
+        if t1.elapsed() > Duration::from_millis(500) {
+            tracing::warn!(elapsed = ?t1.elapsed(), ok = rep.is_ok(), "slow replication");
+        }
+        rep?;
         drop(guards);
         if !written.evicted_elsewhere.is_empty() {
             self.replicate_evictions(written.evicted_elsewhere).await;
@@ -375,15 +389,18 @@ impl Node {
     /// Marks backups out of sync and tells a majority before returning.
     pub(crate) async fn report_unsynced(&self, pairs: Vec<(u32, String)>) {
         let c = &self.cluster;
+        // Numbered before the backups leave the synced sets, so any snapshot
+        // taken after carries a larger number and outranks this report.
+        let seq = c.seq.fetch_add(1, Ordering::SeqCst);
         for (p, b) in &pairs {
             c.parts[*p as usize].synced.lock().remove(b);
         }
-        let seq = c.seq.fetch_add(1, Ordering::SeqCst);
-        c.record_unsynced(self.name(), seq, &pairs);
+        // (Not recorded here: as primary, this node's synced sets are the truth.)
         let (alive, _) = c.liveness();
         let calls = alive.iter().filter(|m| m.name != self.name()).map(|m| {
             let req = Request::Unsynced {
                 name: self.name().to_string(),
+                incarnation: c.me.incarnation,
                 seq,
                 pairs: pairs.clone(),
             };
@@ -675,6 +692,7 @@ impl Node {
             epoch: t.epoch,
             partition: p,
             snapshot,
+            seq: self.cluster.seq.fetch_add(1, Ordering::SeqCst),
         };
         match self.peers.call(&addr, req, Duration::from_secs(30)).await? {
             Response::Ok => {
@@ -773,7 +791,12 @@ impl Node {
                 }
                 Err(e) => Response::Error(e.to_wire()),
             },
-            Request::Snapshot { epoch, partition, snapshot } => {
+            Request::Snapshot {
+                epoch,
+                partition,
+                snapshot,
+                seq,
+            } => {
                 let t = c.table();
                 if epoch != t.epoch || t.role_of(&self.cluster.me, partition) != Role::Backup {
                     return Response::Error(self.not_owner(partition).to_wire());
@@ -782,6 +805,7 @@ impl Node {
                 let _g = st.repl.lock().await;
                 self.store.install(partition, &snapshot);
                 self.locks.install(partition, &snapshot.locks);
+                st.snap_seq.store(seq, Ordering::SeqCst);
                 st.loaded.store(true, Ordering::SeqCst);
                 Response::Ok
             }
@@ -797,8 +821,13 @@ impl Node {
                     .map(|m| (m.name.to_string(), m.default_ttl_ms, m.max_entries))
                     .collect(),
             ),
-            Request::Unsynced { name, seq, pairs } => {
-                c.record_unsynced(&name, seq, &pairs);
+            Request::Unsynced {
+                name,
+                incarnation,
+                seq,
+                pairs,
+            } => {
+                c.record_unsynced(&name, incarnation, seq, &pairs);
                 Response::Ok
             }
         }

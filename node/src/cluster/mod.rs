@@ -57,6 +57,8 @@ pub struct PartState {
     pub loaded: AtomicBool,
     /// As primary: backups known to be in sync.
     pub synced: Mutex<HashSet<String>>,
+    /// As backup: the primary's sequence number at the last snapshot.
+    pub snap_seq: AtomicU64,
 }
 
 /// The cluster state of one node.
@@ -71,8 +73,9 @@ pub struct Cluster {
     /// Highest epoch this node voted for.
     pub promised: Mutex<u64>,
     views: Mutex<HashMap<String, View>>,
-    /// (partition, backup) -> (primary, heartbeat seq) reported out of sync.
-    unsynced: Mutex<HashMap<(u32, String), (String, u64)>>,
+    /// (partition, backup) -> (primary, its incarnation, its heartbeat seq)
+    /// reported out of sync.
+    unsynced: Mutex<HashMap<(u32, String), (String, u64, u64)>>,
     /// Per-partition replication state.
     pub parts: Box<[PartState]>,
     /// Heartbeat sequence number.
@@ -166,8 +169,9 @@ impl Cluster {
         }
         {
             let mut unsynced = self.unsynced.lock();
-            unsynced.retain(|(p, b), (primary, seq)| {
-                !(*primary == hb.name && *seq < hb.seq && !hb.unsynced.contains(&(*p, b.clone())))
+            unsynced.retain(|(p, b), (primary, inc, seq)| {
+                *primary != hb.name
+                    || (*inc == hb.incarnation && (*seq >= hb.seq || hb.unsynced.contains(&(*p, b.clone()))))
             });
         }
         self.views.lock().insert(
@@ -180,12 +184,13 @@ impl Cluster {
     }
 
     /// Records that `primary` marked these backups out of sync at `seq`.
-    pub fn record_unsynced(&self, primary: &str, seq: u64, pairs: &[(u32, String)]) {
+    pub fn record_unsynced(&self, primary: &str, incarnation: u64, seq: u64, pairs: &[(u32, String)]) {
         let mut u = self.unsynced.lock();
         for (p, b) in pairs {
-            u.insert((*p, b.clone()), (primary.to_string(), seq));
-            if *b == self.me.name {
-                self.parts[*p as usize].loaded.store(false, Ordering::SeqCst);
+            u.insert((*p, b.clone()), (primary.to_string(), incarnation, seq));
+            let st = &self.parts[*p as usize];
+            if *b == self.me.name && seq >= st.snap_seq.load(Ordering::SeqCst) {
+                st.loaded.store(false, Ordering::SeqCst);
             }
         }
     }
@@ -193,31 +198,48 @@ impl Cluster {
     /// Whether `m` holds every acknowledged write of `p` under `table`, as far
     /// as this node can tell.
     pub fn in_sync(&self, table: &Table, p: u32, m: &str) -> bool {
+        self.sync_problem(table, p, m).is_none()
+    }
+
+    /// Why `m` is not known to be in sync for `p` (None: it is).
+    pub fn sync_problem(&self, table: &Table, p: u32, m: &str) -> Option<&'static str> {
         if !self.alive(m) {
-            return false;
-        }
-        if self.unsynced.lock().contains_key(&(p, m.to_string())) {
-            return false;
+            return Some("not alive");
         }
         let primary = table.primary(p);
-        if m == self.me.name {
-            return self.parts[p as usize].loaded.load(Ordering::SeqCst);
+        // A report counts while its reporter is still the partition's
+        // primary; after that the current primary's own reports decide.
+        if let Some((reporter, inc, _)) = self.unsynced.lock().get(&(p, m.to_string()))
+            && Some(reporter.as_str()) == primary
+            && table.member(reporter).is_some_and(|r| r.incarnation == *inc)
+        {
+            return Some("reported out of sync");
         }
-        let Some(hb) = self.view(m) else { return false };
-        if hb.epoch != table.epoch || hb.unloaded.contains(&p) {
-            return false;
+        if m == self.me.name {
+            return (!self.parts[p as usize].loaded.load(Ordering::SeqCst)).then_some("not loaded here");
+        }
+        let Some(hb) = self.view(m) else { return Some("no heartbeat") };
+        if hb.epoch != table.epoch {
+            return Some("other epoch");
+        }
+        if hb.unloaded.contains(&p) {
+            return Some("reports itself not loaded");
         }
         if primary == Some(m) {
-            return true;
+            return None;
         }
         // The primary's own report, when current, has the last word.
         match primary {
-            Some(pr) if pr == self.me.name => self.parts[p as usize].synced.lock().contains(m),
+            Some(pr) if pr == self.me.name => {
+                (!self.parts[p as usize].synced.lock().contains(m)).then_some("not in my synced set")
+            }
             Some(pr) => match self.view(pr) {
-                Some(phb) if phb.epoch == table.epoch => !phb.unsynced.contains(&(p, m.to_string())),
-                _ => true,
+                Some(phb) if phb.epoch == table.epoch && phb.unsynced.contains(&(p, m.to_string())) => {
+                    Some("primary reports it unsynced")
+                }
+                _ => None,
             },
-            None => true,
+            None => None,
         }
     }
 

@@ -392,12 +392,14 @@ impl proto::cluster_server::Cluster for Api {
     ) -> Result<Response<proto::HealthResponse>, Status> {
         let c = &self.node.cluster;
         let t = c.table();
-        let (safe, without, migrating) = self.node.safety();
+        let (safe, without, migrating, examples) = self.node.safety_detail();
         let quorum = c.quorum();
         let problem = if !quorum {
             "quorum lost: writes are refused".to_string()
         } else if t.is_empty() {
             "no partition table yet".to_string()
+        } else if without > 0 {
+            format!("partitions without an in-sync backup, e.g. {}", examples.join("; "))
         } else {
             String::new()
         };

@@ -126,6 +126,9 @@ pub enum Request {
         partition: u32,
         /// Whole partition state.
         snapshot: PartitionSnapshot,
+        /// Sender's heartbeat sequence number when it took the snapshot: an
+        /// out-of-sync report with a lower number predates this snapshot.
+        seq: u64,
     },
     /// Digest of the receiver's copy of `partition`.
     Digest {
@@ -142,6 +145,8 @@ pub enum Request {
     Unsynced {
         /// Sender.
         name: String,
+        /// Sender's incarnation.
+        incarnation: u64,
         /// Sender's heartbeat sequence number at the report.
         seq: u64,
         /// (partition, backup) pairs.

@@ -157,11 +157,13 @@ type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Response>>>>;
 struct Conn {
     tx: mpsc::Sender<Vec<u8>>,
     pending: Pending,
+    /// Set by the reader task when the connection is gone.
+    dead: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Conn {
     fn is_closed(&self) -> bool {
-        self.tx.is_closed()
+        self.tx.is_closed() || self.dead.load(Ordering::SeqCst)
     }
 }
 
@@ -225,9 +227,11 @@ impl Peers {
         let (mut rd, wr) = stream.into_split();
         let (tx, mut rx) = mpsc::channel::<Vec<u8>>(1024);
         let pending: Pending = Arc::default();
+        let dead = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let conn = Arc::new(Conn {
             tx,
             pending: pending.clone(),
+            dead: dead.clone(),
         });
         let limits = self.limits;
         let shutdown = self.shutdown.clone();
@@ -274,7 +278,9 @@ impl Peers {
                     let _ = reply.send(resp);
                 }
             }
-            // Dropping the senders fails every waiting call.
+            // Mark the connection dead first, then fail every waiting call
+            // (dropping their senders).
+            dead.store(true, Ordering::SeqCst);
             pending.lock().clear();
         });
         *slot = Some(conn.clone());
@@ -295,6 +301,10 @@ impl Peers {
             .map_err(|_| Error::Unavailable(format!("connect to peer {addr} timed out")))??;
         let (tx, rx) = oneshot::channel();
         conn.pending.lock().insert(id, tx);
+        if conn.is_closed() {
+            conn.pending.lock().remove(&id);
+            return Err(Error::Unavailable(format!("peer {addr} connection lost")));
+        }
         let sent = async {
             conn.tx
                 .send(bytes)

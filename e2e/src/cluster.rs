@@ -1,0 +1,373 @@
+//! A cluster of real `distcache-node` processes on loopback, driven through
+//! a members file (the file membership provider), with faults: SIGKILL,
+//! SIGTERM, SIGSTOP/SIGCONT, restart, join, leave.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use distcache_client::{Client, ClientConfig, Error};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use parking_lot::Mutex;
+
+use crate::{bin, free_port, wait_listening};
+
+/// Timing flags every test node gets: quick failure detection.
+pub const FAST: &[&str] = &[
+    "--heartbeat-interval-ms",
+    "100",
+    "--failure-timeout-ms",
+    "1500",
+    "--replication-timeout-ms",
+    "1000",
+    "--leave-timeout-secs",
+    "20",
+];
+
+/// One member of a [`ProcCluster`].
+#[derive(Debug)]
+pub struct Member {
+    /// Stable name.
+    pub name: String,
+    /// gRPC address.
+    pub grpc: String,
+    /// Peer address.
+    pub peer: String,
+    child: Option<Child>,
+}
+
+impl Member {
+    fn pid(&self) -> Option<Pid> {
+        self.child
+            .as_ref()
+            .and_then(|c| i32::try_from(c.id()).ok())
+            .map(Pid::from_raw)
+    }
+
+    /// Whether the process runs (was started and not reaped).
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+}
+
+/// Node processes sharing a members file.
+#[derive(Debug)]
+pub struct ProcCluster {
+    /// Members (also the ones not in the file any more).
+    pub members: Vec<Member>,
+    /// Working directory (members file, logs).
+    pub dir: PathBuf,
+    extra: Vec<String>,
+    next: usize,
+}
+
+impl ProcCluster {
+    /// Starts `n` members; `extra` flags go to every node.
+    pub fn start(n: usize, extra: &[&str]) -> ProcCluster {
+        let dir = std::env::temp_dir().join(format!(
+            "distcache-e2e-{}-{}",
+            std::process::id(),
+            free_port()
+        ));
+        std::fs::create_dir_all(&dir).expect("test dir");
+        let mut c = ProcCluster {
+            members: Vec::new(),
+            dir,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            next: 0,
+        };
+        for _ in 0..n {
+            c.allocate();
+        }
+        c.write_file(&c.members.iter().map(|m| m.name.clone()).collect::<Vec<_>>());
+        for i in 0..n {
+            c.spawn(i);
+        }
+        c
+    }
+
+    fn allocate(&mut self) -> usize {
+        let name = format!("node-{}", self.next);
+        self.next += 1;
+        self.members.push(Member {
+            name,
+            grpc: format!("127.0.0.1:{}", free_port()),
+            peer: format!("127.0.0.1:{}", free_port()),
+            child: None,
+        });
+        self.members.len() - 1
+    }
+
+    /// Rewrites the members file to list exactly `names`.
+    pub fn write_file(&self, names: &[String]) {
+        let text: String = self
+            .members
+            .iter()
+            .filter(|m| names.contains(&m.name))
+            .map(|m| format!("{}={}/{}\n", m.name, m.grpc, m.peer))
+            .collect();
+        let tmp = self.dir.join("members.tmp");
+        std::fs::write(&tmp, text).expect("members file");
+        std::fs::rename(&tmp, self.dir.join("members")).expect("members file");
+    }
+
+    /// Names currently in the members file.
+    pub fn listed(&self) -> Vec<String> {
+        std::fs::read_to_string(self.dir.join("members"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.split_once('=').map(|(n, _)| n.to_string()))
+            .collect()
+    }
+
+    /// (Re)starts member `i`'s process and waits until it listens.
+    pub fn spawn(&mut self, i: usize) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join(format!("{}.log", self.members[i].name)))
+            .expect("log file");
+        let m = &self.members[i];
+        let child = Command::new(bin("distcache-node"))
+            .args(["--listen", &m.grpc, "--name", &m.name])
+            .arg("--members-file")
+            .arg(self.dir.join("members"))
+            .args(&self.extra)
+            .args(FAST)
+            .env("DISTCACHE_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn distcache-node");
+        let addr = m.grpc.parse().expect("addr");
+        self.members[i].child = Some(child);
+        assert!(wait_listening(addr, Duration::from_secs(20)), "{} did not listen", self.members[i].name);
+    }
+
+    /// Adds a new member to the file and starts it; returns its index.
+    pub fn join(&mut self) -> usize {
+        let i = self.allocate();
+        let mut names = self.listed();
+        names.push(self.members[i].name.clone());
+        self.write_file(&names);
+        self.spawn(i);
+        i
+    }
+
+    /// SIGKILL.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.members[i].child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait for the graceful exit.
+    pub fn terminate(&mut self, i: usize) -> bool {
+        let Some(pid) = self.members[i].pid() else { return false };
+        let _ = kill(pid, Signal::SIGTERM);
+        let ok = self.members[i]
+            .child
+            .take()
+            .and_then(|mut c| c.wait().ok())
+            .is_some_and(|s| s.success());
+        ok
+    }
+
+    /// SIGSTOP (pause).
+    pub fn pause(&self, i: usize) {
+        if let Some(pid) = self.members[i].pid() {
+            let _ = kill(pid, Signal::SIGSTOP);
+        }
+    }
+
+    /// SIGCONT (resume).
+    pub fn resume(&self, i: usize) {
+        if let Some(pid) = self.members[i].pid() {
+            let _ = kill(pid, Signal::SIGCONT);
+        }
+    }
+
+    /// gRPC addresses of the running members.
+    pub fn endpoints(&mut self) -> Vec<String> {
+        self.members
+            .iter_mut()
+            .filter_map(|m| m.running().then(|| m.grpc.clone()))
+            .collect()
+    }
+
+    /// gRPC addresses of the running members other than `i`.
+    pub fn endpoints_except(&mut self, i: usize) -> Vec<String> {
+        let skip = self.members[i].grpc.clone();
+        self.endpoints().into_iter().filter(|e| *e != skip).collect()
+    }
+
+    /// A client seeded with every running member.
+    pub async fn client(&mut self) -> Client {
+        let eps = self.endpoints();
+        Client::with_config(
+            ClientConfig::new(eps)
+                .request_timeout(Duration::from_secs(5))
+                .max_retries(12),
+        )
+        .await
+        .expect("client connects")
+    }
+
+    /// Waits until every running member reports the cluster safe at the same
+    /// epoch, with `members` members owning partitions.
+    pub async fn wait_safe(&mut self, members: usize, timeout: Duration) -> u64 {
+        let end = Instant::now() + timeout;
+        let mut last = String::new();
+        while Instant::now() < end {
+            let eps = self.endpoints();
+            let mut epochs = Vec::new();
+            let mut all_safe = true;
+            for ep in &eps {
+                match Client::with_config(ClientConfig::new([ep.clone()]).max_retries(0)).await {
+                    Ok(c) => match (c.health().await, c.partition_table().await) {
+                        (Ok(h), Ok(t)) => {
+                            let owners = t.members.iter().filter(|m| m.primaries > 0).count();
+                            all_safe &= h.safe && owners == members;
+                            epochs.push(h.epoch);
+                            last = format!(
+                                "{ep}: safe {} epoch {} owners {owners} without-backup {} migrating {} quorum {} ({})",
+                                h.safe, h.epoch, h.partitions_without_backup, h.migrations_running, h.quorum, h.problem
+                            );
+                        }
+                        _ => all_safe = false,
+                    },
+                    Err(_) => all_safe = false,
+                }
+            }
+            epochs.dedup();
+            if all_safe && epochs.len() == 1 {
+                return epochs[0];
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        panic!("cluster not safe within {timeout:?}: {last}; logs in {}", self.dir.display());
+    }
+}
+
+impl Drop for ProcCluster {
+    fn drop(&mut self) {
+        for i in 0..self.members.len() {
+            self.resume(i);
+            self.kill(i);
+        }
+        if !std::thread::panicking() && std::env::var_os("DISTCACHE_KEEP").is_none() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// What one writer did to its keys: per key, the last acknowledged value and
+/// the last attempted one (a failed write is indeterminate).
+#[derive(Debug, Default, Clone)]
+pub struct KeyHistory {
+    /// Last value whose put was acknowledged.
+    pub acked: Option<u64>,
+    /// Last value attempted.
+    pub attempted: u64,
+}
+
+/// A concurrent write load with a full history.
+#[derive(Debug)]
+pub struct WriteLoad {
+    stop: Arc<AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// Per key history.
+    pub history: Arc<Mutex<HashMap<String, KeyHistory>>>,
+    /// Acknowledged writes.
+    pub acked: Arc<AtomicU64>,
+    /// Failed (indeterminate) writes.
+    pub failed: Arc<AtomicU64>,
+}
+
+impl WriteLoad {
+    /// `writers` tasks, each cycling through `keys` keys of its own with an
+    /// increasing counter as the value.
+    pub fn start(client: &Client, writers: usize, keys: usize) -> WriteLoad {
+        let stop = Arc::new(AtomicBool::new(false));
+        let history: Arc<Mutex<HashMap<String, KeyHistory>>> = Arc::default();
+        let acked = Arc::new(AtomicU64::new(0));
+        let failed = Arc::new(AtomicU64::new(0));
+        let tasks = (0..writers)
+            .map(|w| {
+                let (client, stop, history, acked, failed) =
+                    (client.clone(), stop.clone(), history.clone(), acked.clone(), failed.clone());
+                tokio::spawn(async move {
+                    let mut seq = 0u64;
+                    while !stop.load(Ordering::SeqCst) {
+                        seq += 1;
+                        let key = format!("w{w}-k{}", seq as usize % keys);
+                        history.lock().entry(key.clone()).or_default().attempted = seq;
+                        match client.put(&key, seq.to_string()).await {
+                            Ok(()) => {
+                                history.lock().entry(key).or_default().acked = Some(seq);
+                                acked.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Err(_) => {
+                                failed.fetch_add(1, Ordering::Relaxed);
+                                tokio::time::sleep(Duration::from_millis(20)).await;
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        WriteLoad {
+            stop,
+            tasks,
+            history,
+            acked,
+            failed,
+        }
+    }
+
+    /// Stops the writers and waits for them.
+    pub async fn stop(self) -> (HashMap<String, KeyHistory>, u64, u64) {
+        self.stop.store(true, Ordering::SeqCst);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        let h = self.history.lock().clone();
+        (h, self.acked.load(Ordering::SeqCst), self.failed.load(Ordering::SeqCst))
+    }
+}
+
+/// Reads every key back and returns the violations: keys whose value is
+/// older than the last acknowledged write (or missing), or newer than any
+/// write attempted.
+pub async fn check_history(client: &Client, history: &HashMap<String, KeyHistory>) -> Vec<String> {
+    let mut bad = Vec::new();
+    for (key, h) in history {
+        let got = loop {
+            match client.get(key).await {
+                Ok(v) => break v,
+                Err(Error::Unavailable(_) | Error::Timeout(_)) => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => {
+                    bad.push(format!("{key}: read failed: {e}"));
+                    break None;
+                }
+            }
+        };
+        let value: Option<u64> = got.and_then(|b| std::str::from_utf8(&b).ok()?.parse().ok());
+        match (h.acked, value) {
+            (Some(a), Some(v)) if v >= a && v <= h.attempted => {}
+            (None, None) => {}
+            (None, Some(v)) if v <= h.attempted => {}
+            (a, v) => bad.push(format!("{key}: acked {a:?} attempted {} read {v:?}", h.attempted)),
+        }
+    }
+    bad
+}
+

@@ -1,0 +1,153 @@
+//! The cluster's promises under real faults, with real `distcache-node`
+//! processes on loopback: every acknowledged write must be readable
+//! afterwards with its last acknowledged value (full history check).
+
+use std::time::{Duration, Instant};
+
+use distcache_client::partition::lock_partition_for;
+use distcache_client::LockOptions;
+use distcache_e2e::cluster::{ProcCluster, WriteLoad, check_history};
+
+const SAFE: Duration = Duration::from_secs(60);
+
+fn report(what: &str, acked: u64, failed: u64) {
+    println!("{what}: {acked} acknowledged writes, {failed} client-visible failures (indeterminate, retried by the load)");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kill_9_one_of_three_under_write_load_loses_no_acknowledged_write() {
+    let mut c = ProcCluster::start(3, &[]);
+    c.wait_safe(3, SAFE).await;
+    let client = c.client().await;
+    let load = WriteLoad::start(&client, 8, 64);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    // Kill the primary of a known key's partition, then time until that
+    // partition takes writes again.
+    let table = client.partition_table().await.expect("table");
+    let probe_key = "probe";
+    let p = distcache_client::partition::partition_for("__default__", probe_key.as_bytes(), table.partition_count);
+    let victim_name = table.partitions.iter().find(|o| o.partition == p).map(|o| o.primary.clone()).expect("owner");
+    let victim = c.members.iter().position(|m| m.name == victim_name).expect("member");
+    let killed_at = Instant::now();
+    c.kill(victim);
+    loop {
+        if client.put(probe_key, "after-kill").await.is_ok() {
+            break;
+        }
+        assert!(killed_at.elapsed() < Duration::from_secs(30), "partition never accepted writes again");
+    }
+    let recovered = killed_at.elapsed();
+    println!("partition {p} accepted writes again {recovered:?} after the kill (failure timeout 1.5 s)");
+    assert!(recovered < Duration::from_millis(1500) + Duration::from_secs(5), "took {recovered:?}");
+
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (history, acked, failed) = load.stop().await;
+    report("kill -9", acked, failed);
+    c.wait_safe(2, SAFE).await;
+    let bad = check_history(&client, &history).await;
+    assert!(bad.is_empty(), "{} lost or wrong: {:?}", bad.len(), &bad[..bad.len().min(10)]);
+    assert!(acked > 100, "the load made progress");
+    assert_eq!(client.get(probe_key).await.expect("get").as_deref(), Some(&b"after-kill"[..]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn lock_fencing_tokens_keep_increasing_across_a_primary_kill() {
+    let mut c = ProcCluster::start(3, &[]);
+    c.wait_safe(3, SAFE).await;
+    let client = c.client().await;
+    let key = "fenced-resource";
+    let mut tokens = Vec::new();
+    for _ in 0..3 {
+        let g = client
+            .acquire_lock(key, LockOptions::default().hold(Duration::from_secs(1)))
+            .await
+            .expect("acquire");
+        tokens.push(g.fencing_token());
+        g.release().await.expect("release");
+    }
+    // Hold it, then kill the lock's primary: the lease is replicated.
+    let held = client
+        .acquire_lock(key, LockOptions::default().hold(Duration::from_secs(2)))
+        .await
+        .expect("acquire");
+    tokens.push(held.fencing_token());
+    let _ = held.detach();
+    let table = client.partition_table().await.expect("table");
+    let p = lock_partition_for(key.as_bytes(), table.partition_count);
+    let primary = table.partitions.iter().find(|o| o.partition == p).map(|o| o.primary.clone()).expect("owner");
+    let victim = c.members.iter().position(|m| m.name == primary).expect("member");
+    c.kill(victim);
+    let g = client
+        .acquire_lock(key, LockOptions::default().hold(Duration::from_secs(5)).wait(Duration::from_secs(30)))
+        .await
+        .expect("acquire after failover");
+    tokens.push(g.fencing_token());
+    println!("tokens: {tokens:?}");
+    assert!(tokens.windows(2).all(|w| w[0] < w[1]), "tokens must strictly increase: {tokens:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_paused_coordinator_cannot_install_its_stale_table() {
+    let mut c = ProcCluster::start(3, &[]);
+    let before = c.wait_safe(3, SAFE).await;
+    let client = c.client().await;
+    let load = WriteLoad::start(&client, 4, 32);
+    // node-0 started first: the oldest member, the coordinator.
+    c.pause(0);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    // The others moved on without it.
+    let mut others = ProcCluster::endpoints_except(&mut c, 0);
+    let other = distcache_client::Client::connect([others.remove(0)]).await.expect("connect");
+    let moved_on = other.partition_table().await.expect("table");
+    assert!(moved_on.epoch > before, "the majority installed a newer table");
+    assert!(moved_on.members.iter().all(|m| m.name != "node-0" || m.primaries == 0));
+    c.resume(0);
+    // node-0 rejoins as a new participant: everyone converges on one table,
+    // never on the paused coordinator's stale one.
+    let after = c.wait_safe(3, SAFE).await;
+    assert!(after > moved_on.epoch || after == moved_on.epoch);
+    let (history, acked, failed) = load.stop().await;
+    report("paused coordinator", acked, failed);
+    let bad = check_history(&client, &history).await;
+    assert!(bad.is_empty(), "{} lost or wrong: {:?}", bad.len(), &bad[..bad.len().min(10)]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rolling_restart_under_load_loses_nothing() {
+    let mut c = ProcCluster::start(3, &[]);
+    c.wait_safe(3, SAFE).await;
+    let client = c.client().await;
+    let load = WriteLoad::start(&client, 8, 64);
+    for i in 0..3 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(c.terminate(i), "graceful exit of member {i}");
+        c.spawn(i);
+        c.wait_safe(3, SAFE).await;
+    }
+    let (history, acked, failed) = load.stop().await;
+    report("rolling restart", acked, failed);
+    let bad = check_history(&client, &history).await;
+    assert!(bad.is_empty(), "{} lost or wrong: {:?}", bad.len(), &bad[..bad.len().min(10)]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn scale_three_to_five_to_three_under_load_loses_nothing() {
+    let mut c = ProcCluster::start(3, &[]);
+    c.wait_safe(3, SAFE).await;
+    let client = c.client().await;
+    let load = WriteLoad::start(&client, 8, 64);
+    c.join();
+    c.join();
+    c.wait_safe(5, SAFE).await;
+    for i in [4usize, 3] {
+        assert!(c.terminate(i), "graceful exit of member {i}");
+        let keep: Vec<String> = c.listed().into_iter().filter(|n| *n != c.members[i].name).collect();
+        c.write_file(&keep);
+        c.wait_safe(keep.len(), SAFE).await;
+    }
+    let (history, acked, failed) = load.stop().await;
+    report("scale 3 -> 5 -> 3", acked, failed);
+    let bad = check_history(&client, &history).await;
+    assert!(bad.is_empty(), "{} lost or wrong: {:?}", bad.len(), &bad[..bad.len().min(10)]);
+}

@@ -170,7 +170,9 @@ impl Client {
                     // An unreachable node: try the next replica; a routing
                     // answer: back to the (refreshed) primary.
                     replica = match e {
-                        Error::Unavailable(_) | Error::Connect(_) => replica + 1,
+                        Error::Unavailable(_) | Error::Connect(_) | Error::QuorumLost(_) => {
+                            replica + 1
+                        }
                         _ => 0,
                     };
                     self.backoff(attempt, &e).await;

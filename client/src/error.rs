@@ -146,14 +146,16 @@ impl Error {
         })
     }
 
-    /// True for errors worth retrying elsewhere or later (routing and
-    /// availability), false for answers about the request itself.
+    /// True for errors worth retrying elsewhere or later (routing,
+    /// availability, a node on the minority side of a partition), false for
+    /// answers about the request itself.
     pub fn is_retryable(&self) -> bool {
         matches!(
             self,
             Error::NotOwner { .. }
                 | Error::Unavailable(_)
                 | Error::ClusterNotReady(_)
+                | Error::QuorumLost(_)
                 | Error::Connect(_)
         )
     }

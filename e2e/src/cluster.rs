@@ -63,11 +63,18 @@ pub struct ProcCluster {
     pub dir: PathBuf,
     extra: Vec<String>,
     next: usize,
+    ips: Vec<String>,
 }
 
 impl ProcCluster {
     /// Starts `n` members; `extra` flags go to every node.
     pub fn start(n: usize, extra: &[&str]) -> ProcCluster {
+        ProcCluster::start_on(&vec!["127.0.0.1"; n], extra)
+    }
+
+    /// Starts one member per IP (member i listens on `ips[i]`).
+    pub fn start_on(ips: &[&str], extra: &[&str]) -> ProcCluster {
+        let n = ips.len();
         let dir = std::env::temp_dir().join(format!(
             "distcache-e2e-{}-{}",
             std::process::id(),
@@ -79,6 +86,7 @@ impl ProcCluster {
             dir,
             extra: extra.iter().map(|s| s.to_string()).collect(),
             next: 0,
+            ips: ips.iter().map(|s| s.to_string()).collect(),
         };
         for _ in 0..n {
             c.allocate();
@@ -92,11 +100,16 @@ impl ProcCluster {
 
     fn allocate(&mut self) -> usize {
         let name = format!("node-{}", self.next);
+        let ip = self
+            .ips
+            .get(self.next)
+            .cloned()
+            .unwrap_or_else(|| "127.0.0.1".into());
         self.next += 1;
         self.members.push(Member {
             name,
-            grpc: format!("127.0.0.1:{}", free_port()),
-            peer: format!("127.0.0.1:{}", free_port()),
+            grpc: format!("{ip}:{}", free_port()),
+            peer: format!("{ip}:{}", free_port()),
             child: None,
         });
         self.members.len() - 1
@@ -146,7 +159,11 @@ impl ProcCluster {
             .expect("spawn distcache-node");
         let addr = m.grpc.parse().expect("addr");
         self.members[i].child = Some(child);
-        assert!(wait_listening(addr, Duration::from_secs(20)), "{} did not listen", self.members[i].name);
+        assert!(
+            wait_listening(addr, Duration::from_secs(20)),
+            "{} did not listen",
+            self.members[i].name
+        );
     }
 
     /// Adds a new member to the file and starts it; returns its index.
@@ -169,14 +186,15 @@ impl ProcCluster {
 
     /// SIGTERM and wait for the graceful exit.
     pub fn terminate(&mut self, i: usize) -> bool {
-        let Some(pid) = self.members[i].pid() else { return false };
+        let Some(pid) = self.members[i].pid() else {
+            return false;
+        };
         let _ = kill(pid, Signal::SIGTERM);
-        let ok = self.members[i]
+        self.members[i]
             .child
             .take()
             .and_then(|mut c| c.wait().ok())
-            .is_some_and(|s| s.success());
-        ok
+            .is_some_and(|s| s.success())
     }
 
     /// SIGSTOP (pause).
@@ -204,7 +222,10 @@ impl ProcCluster {
     /// gRPC addresses of the running members other than `i`.
     pub fn endpoints_except(&mut self, i: usize) -> Vec<String> {
         let skip = self.members[i].grpc.clone();
-        self.endpoints().into_iter().filter(|e| *e != skip).collect()
+        self.endpoints()
+            .into_iter()
+            .filter(|e| *e != skip)
+            .collect()
     }
 
     /// A client seeded with every running member.
@@ -237,7 +258,12 @@ impl ProcCluster {
                             epochs.push(h.epoch);
                             last = format!(
                                 "{ep}: safe {} epoch {} owners {owners} without-backup {} migrating {} quorum {} ({})",
-                                h.safe, h.epoch, h.partitions_without_backup, h.migrations_running, h.quorum, h.problem
+                                h.safe,
+                                h.epoch,
+                                h.partitions_without_backup,
+                                h.migrations_running,
+                                h.quorum,
+                                h.problem
                             );
                         }
                         _ => all_safe = false,
@@ -251,7 +277,10 @@ impl ProcCluster {
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        panic!("cluster not safe within {timeout:?}: {last}; logs in {}", self.dir.display());
+        panic!(
+            "cluster not safe within {timeout:?}: {last}; logs in {}",
+            self.dir.display()
+        );
     }
 }
 
@@ -300,8 +329,13 @@ impl WriteLoad {
         let failed = Arc::new(AtomicU64::new(0));
         let tasks = (0..writers)
             .map(|w| {
-                let (client, stop, history, acked, failed) =
-                    (client.clone(), stop.clone(), history.clone(), acked.clone(), failed.clone());
+                let (client, stop, history, acked, failed) = (
+                    client.clone(),
+                    stop.clone(),
+                    history.clone(),
+                    acked.clone(),
+                    failed.clone(),
+                );
                 tokio::spawn(async move {
                     let mut seq = 0u64;
                     while !stop.load(Ordering::SeqCst) {
@@ -338,7 +372,11 @@ impl WriteLoad {
             let _ = t.await;
         }
         let h = self.history.lock().clone();
-        (h, self.acked.load(Ordering::SeqCst), self.failed.load(Ordering::SeqCst))
+        (
+            h,
+            self.acked.load(Ordering::SeqCst),
+            self.failed.load(Ordering::SeqCst),
+        )
     }
 }
 
@@ -365,9 +403,11 @@ pub async fn check_history(client: &Client, history: &HashMap<String, KeyHistory
             (Some(a), Some(v)) if v >= a && v <= h.attempted => {}
             (None, None) => {}
             (None, Some(v)) if v <= h.attempted => {}
-            (a, v) => bad.push(format!("{key}: acked {a:?} attempted {} read {v:?}", h.attempted)),
+            (a, v) => bad.push(format!(
+                "{key}: acked {a:?} attempted {} read {v:?}",
+                h.attempted
+            )),
         }
     }
     bad
 }
-

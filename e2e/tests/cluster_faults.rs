@@ -4,18 +4,25 @@
 
 use std::time::{Duration, Instant};
 
-use distcache_client::partition::lock_partition_for;
 use distcache_client::LockOptions;
+use distcache_client::partition::lock_partition_for;
 use distcache_e2e::cluster::{ProcCluster, WriteLoad, check_history};
 
 const SAFE: Duration = Duration::from_secs(60);
 
+/// These tests each run a cluster of processes; one at a time keeps the
+/// 2-core CI machine from starving heartbeats.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn report(what: &str, acked: u64, failed: u64) {
-    println!("{what}: {acked} acknowledged writes, {failed} client-visible failures (indeterminate, retried by the load)");
+    println!(
+        "{what}: {acked} acknowledged writes, {failed} client-visible failures (indeterminate, retried by the load)"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn kill_9_one_of_three_under_write_load_loses_no_acknowledged_write() {
+    let _serial = SERIAL.lock().await;
     let mut c = ProcCluster::start(3, &[]);
     c.wait_safe(3, SAFE).await;
     let client = c.client().await;
@@ -26,33 +33,63 @@ async fn kill_9_one_of_three_under_write_load_loses_no_acknowledged_write() {
     // partition takes writes again.
     let table = client.partition_table().await.expect("table");
     let probe_key = "probe";
-    let p = distcache_client::partition::partition_for("__default__", probe_key.as_bytes(), table.partition_count);
-    let victim_name = table.partitions.iter().find(|o| o.partition == p).map(|o| o.primary.clone()).expect("owner");
-    let victim = c.members.iter().position(|m| m.name == victim_name).expect("member");
+    let p = distcache_client::partition::partition_for(
+        "__default__",
+        probe_key.as_bytes(),
+        table.partition_count,
+    );
+    let victim_name = table
+        .partitions
+        .iter()
+        .find(|o| o.partition == p)
+        .map(|o| o.primary.clone())
+        .expect("owner");
+    let victim = c
+        .members
+        .iter()
+        .position(|m| m.name == victim_name)
+        .expect("member");
     let killed_at = Instant::now();
     c.kill(victim);
     loop {
         if client.put(probe_key, "after-kill").await.is_ok() {
             break;
         }
-        assert!(killed_at.elapsed() < Duration::from_secs(30), "partition never accepted writes again");
+        assert!(
+            killed_at.elapsed() < Duration::from_secs(30),
+            "partition never accepted writes again"
+        );
     }
     let recovered = killed_at.elapsed();
-    println!("partition {p} accepted writes again {recovered:?} after the kill (failure timeout 1.5 s)");
-    assert!(recovered < Duration::from_millis(1500) + Duration::from_secs(5), "took {recovered:?}");
+    println!(
+        "partition {p} accepted writes again {recovered:?} after the kill (failure timeout 1.5 s)"
+    );
+    assert!(
+        recovered < Duration::from_millis(1500) + Duration::from_secs(5),
+        "took {recovered:?}"
+    );
 
     tokio::time::sleep(Duration::from_secs(2)).await;
     let (history, acked, failed) = load.stop().await;
     report("kill -9", acked, failed);
     c.wait_safe(2, SAFE).await;
     let bad = check_history(&client, &history).await;
-    assert!(bad.is_empty(), "{} lost or wrong: {:?}", bad.len(), &bad[..bad.len().min(10)]);
+    assert!(
+        bad.is_empty(),
+        "{} lost or wrong: {:?}",
+        bad.len(),
+        &bad[..bad.len().min(10)]
+    );
     assert!(acked > 100, "the load made progress");
-    assert_eq!(client.get(probe_key).await.expect("get").as_deref(), Some(&b"after-kill"[..]));
+    assert_eq!(
+        client.get(probe_key).await.expect("get").as_deref(),
+        Some(&b"after-kill"[..])
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn lock_fencing_tokens_keep_increasing_across_a_primary_kill() {
+    let _serial = SERIAL.lock().await;
     let mut c = ProcCluster::start(3, &[]);
     c.wait_safe(3, SAFE).await;
     let client = c.client().await;
@@ -75,20 +112,38 @@ async fn lock_fencing_tokens_keep_increasing_across_a_primary_kill() {
     let _ = held.detach();
     let table = client.partition_table().await.expect("table");
     let p = lock_partition_for(key.as_bytes(), table.partition_count);
-    let primary = table.partitions.iter().find(|o| o.partition == p).map(|o| o.primary.clone()).expect("owner");
-    let victim = c.members.iter().position(|m| m.name == primary).expect("member");
+    let primary = table
+        .partitions
+        .iter()
+        .find(|o| o.partition == p)
+        .map(|o| o.primary.clone())
+        .expect("owner");
+    let victim = c
+        .members
+        .iter()
+        .position(|m| m.name == primary)
+        .expect("member");
     c.kill(victim);
     let g = client
-        .acquire_lock(key, LockOptions::default().hold(Duration::from_secs(5)).wait(Duration::from_secs(30)))
+        .acquire_lock(
+            key,
+            LockOptions::default()
+                .hold(Duration::from_secs(5))
+                .wait(Duration::from_secs(30)),
+        )
         .await
         .expect("acquire after failover");
     tokens.push(g.fencing_token());
     println!("tokens: {tokens:?}");
-    assert!(tokens.windows(2).all(|w| w[0] < w[1]), "tokens must strictly increase: {tokens:?}");
+    assert!(
+        tokens.windows(2).all(|w| w[0] < w[1]),
+        "tokens must strictly increase: {tokens:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_paused_coordinator_cannot_install_its_stale_table() {
+    let _serial = SERIAL.lock().await;
     let mut c = ProcCluster::start(3, &[]);
     let before = c.wait_safe(3, SAFE).await;
     let client = c.client().await;
@@ -98,23 +153,42 @@ async fn a_paused_coordinator_cannot_install_its_stale_table() {
     tokio::time::sleep(Duration::from_secs(4)).await;
     // The others moved on without it.
     let mut others = ProcCluster::endpoints_except(&mut c, 0);
-    let other = distcache_client::Client::connect([others.remove(0)]).await.expect("connect");
+    let other = distcache_client::Client::connect([others.remove(0)])
+        .await
+        .expect("connect");
     let moved_on = other.partition_table().await.expect("table");
-    assert!(moved_on.epoch > before, "the majority installed a newer table");
-    assert!(moved_on.members.iter().all(|m| m.name != "node-0" || m.primaries == 0));
+    assert!(
+        moved_on.epoch > before,
+        "the majority installed a newer table"
+    );
+    assert!(
+        moved_on
+            .members
+            .iter()
+            .all(|m| m.name != "node-0" || m.primaries == 0)
+    );
     c.resume(0);
     // node-0 rejoins as a new participant: everyone converges on one table,
     // never on the paused coordinator's stale one.
     let after = c.wait_safe(3, SAFE).await;
-    assert!(after > moved_on.epoch || after == moved_on.epoch);
+    assert!(
+        after >= moved_on.epoch,
+        "node-0 adopted the majority's table"
+    );
     let (history, acked, failed) = load.stop().await;
     report("paused coordinator", acked, failed);
     let bad = check_history(&client, &history).await;
-    assert!(bad.is_empty(), "{} lost or wrong: {:?}", bad.len(), &bad[..bad.len().min(10)]);
+    assert!(
+        bad.is_empty(),
+        "{} lost or wrong: {:?}",
+        bad.len(),
+        &bad[..bad.len().min(10)]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn rolling_restart_under_load_loses_nothing() {
+    let _serial = SERIAL.lock().await;
     let mut c = ProcCluster::start(3, &[]);
     c.wait_safe(3, SAFE).await;
     let client = c.client().await;
@@ -128,11 +202,17 @@ async fn rolling_restart_under_load_loses_nothing() {
     let (history, acked, failed) = load.stop().await;
     report("rolling restart", acked, failed);
     let bad = check_history(&client, &history).await;
-    assert!(bad.is_empty(), "{} lost or wrong: {:?}", bad.len(), &bad[..bad.len().min(10)]);
+    assert!(
+        bad.is_empty(),
+        "{} lost or wrong: {:?}",
+        bad.len(),
+        &bad[..bad.len().min(10)]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn scale_three_to_five_to_three_under_load_loses_nothing() {
+    let _serial = SERIAL.lock().await;
     let mut c = ProcCluster::start(3, &[]);
     c.wait_safe(3, SAFE).await;
     let client = c.client().await;
@@ -142,12 +222,21 @@ async fn scale_three_to_five_to_three_under_load_loses_nothing() {
     c.wait_safe(5, SAFE).await;
     for i in [4usize, 3] {
         assert!(c.terminate(i), "graceful exit of member {i}");
-        let keep: Vec<String> = c.listed().into_iter().filter(|n| *n != c.members[i].name).collect();
+        let keep: Vec<String> = c
+            .listed()
+            .into_iter()
+            .filter(|n| *n != c.members[i].name)
+            .collect();
         c.write_file(&keep);
         c.wait_safe(keep.len(), SAFE).await;
     }
     let (history, acked, failed) = load.stop().await;
     report("scale 3 -> 5 -> 3", acked, failed);
     let bad = check_history(&client, &history).await;
-    assert!(bad.is_empty(), "{} lost or wrong: {:?}", bad.len(), &bad[..bad.len().min(10)]);
+    assert!(
+        bad.is_empty(),
+        "{} lost or wrong: {:?}",
+        bad.len(),
+        &bad[..bad.len().min(10)]
+    );
 }

@@ -34,6 +34,8 @@ pub const DEFAULT_ANTI_ENTROPY_SECS: u64 = 60;
 pub const DEFAULT_LEAVE_TIMEOUT_SECS: u64 = 30;
 /// Default largest peer frame (256 MiB).
 pub const DEFAULT_PEER_MAX_FRAME_BYTES: u64 = 256 * 1024 * 1024;
+/// Default peer frame completion timeout (ms).
+pub const DEFAULT_PEER_FRAME_TIMEOUT_MS: u64 = 10_000;
 /// Default lock lease when a request gives none (ms).
 pub const DEFAULT_HOLD_MS: u64 = 60_000;
 /// Default lock wait when a request gives none (ms).
@@ -105,6 +107,9 @@ pub struct NodeConfig {
     /// Largest peer frame accepted, bytes (checked before allocating).
     #[arg(long, env = "DISTCACHE_PEER_MAX_FRAME_BYTES", default_value_t = DEFAULT_PEER_MAX_FRAME_BYTES)]
     pub peer_max_frame_bytes: u64,
+    /// A started peer frame must complete within this, ms (slow senders are cut off).
+    #[arg(long, env = "DISTCACHE_PEER_FRAME_TIMEOUT_MS", default_value_t = DEFAULT_PEER_FRAME_TIMEOUT_MS)]
+    pub peer_frame_timeout_ms: u64,
     /// Log filter (tracing EnvFilter syntax, e.g. `info,distcache_node=debug`).
     #[arg(long, env = "DISTCACHE_LOG", default_value = "info")]
     pub log: String,
@@ -134,6 +139,7 @@ impl Default for NodeConfig {
             anti_entropy_interval_secs: DEFAULT_ANTI_ENTROPY_SECS,
             leave_timeout_secs: DEFAULT_LEAVE_TIMEOUT_SECS,
             peer_max_frame_bytes: DEFAULT_PEER_MAX_FRAME_BYTES,
+            peer_frame_timeout_ms: DEFAULT_PEER_FRAME_TIMEOUT_MS,
             log: "info".into(),
         }
     }
@@ -150,7 +156,8 @@ impl NodeConfig {
                 "max-message-bytes must exceed max-value-bytes + max-key-bytes + 1024".into(),
             );
         }
-        if self.heartbeat_interval_ms == 0 || self.failure_timeout_ms <= self.heartbeat_interval_ms {
+        if self.heartbeat_interval_ms == 0 || self.failure_timeout_ms <= self.heartbeat_interval_ms
+        {
             return Err("failure-timeout-ms must exceed heartbeat-interval-ms (> 0)".into());
         }
         if self.anti_entropy_interval_secs == 0 {

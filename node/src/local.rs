@@ -36,7 +36,13 @@ struct Member {
     peer: String,
 }
 
-fn spawn(exe: &std::path::Path, m: &Member, members: &str, args: &LocalArgs, dir: &std::path::Path) -> anyhow::Result<Child> {
+fn spawn(
+    exe: &std::path::Path,
+    m: &Member,
+    members: &str,
+    args: &LocalArgs,
+    dir: &std::path::Path,
+) -> anyhow::Result<Child> {
     let log = std::fs::File::create(dir.join(format!("{}.log", m.name)))?;
     Command::new(exe)
         .args(["--listen", &m.grpc, "--name", &m.name, "--members", members])
@@ -54,11 +60,14 @@ fn spawn(exe: &std::path::Path, m: &Member, members: &str, args: &LocalArgs, dir
 pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.nodes >= 1, "--nodes must be at least 1");
     let last = u32::from(args.base_port) + 1000 + u32::from(args.nodes);
-    anyhow::ensure!(last <= 65_535, "--base-port too high for {} nodes", args.nodes);
-    let dir = args
-        .dir
-        .clone()
-        .unwrap_or_else(|| std::env::temp_dir().join(format!("distcache-local-{}", args.base_port)));
+    anyhow::ensure!(
+        last <= 65_535,
+        "--base-port too high for {} nodes",
+        args.nodes
+    );
+    let dir = args.dir.clone().unwrap_or_else(|| {
+        std::env::temp_dir().join(format!("distcache-local-{}", args.base_port))
+    });
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let members: Vec<Member> = (0..args.nodes)
         .map(|i| Member {
@@ -76,11 +85,21 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
     let mut children = Vec::new();
     for m in &members {
         children.push(spawn(&exe, m, &list, &args, &dir)?);
-        println!("{}  grpc {}  peer {}  log {}", m.name, m.grpc, m.peer, dir.join(format!("{}.log", m.name)).display());
+        println!(
+            "{}  grpc {}  peer {}  log {}",
+            m.name,
+            m.grpc,
+            m.peer,
+            dir.join(format!("{}.log", m.name)).display()
+        );
     }
     println!(
         "endpoints: {}",
-        members.iter().map(|m| m.grpc.as_str()).collect::<Vec<_>>().join(",")
+        members
+            .iter()
+            .map(|m| m.grpc.as_str())
+            .collect::<Vec<_>>()
+            .join(",")
     );
     println!("ctrl-c stops every node");
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

@@ -55,12 +55,23 @@ fn provider(config: &NodeConfig) -> Result<Box<dyn MembersProvider>> {
     })
 }
 
+fn peer_limits(config: &NodeConfig) -> PeerLimits {
+    PeerLimits {
+        max_frame_bytes: usize::try_from(config.peer_max_frame_bytes).unwrap_or(usize::MAX),
+        frame_timeout: Duration::from_millis(config.peer_frame_timeout_ms),
+        ..PeerLimits::default()
+    }
+}
+
 impl Node {
     /// A node serving gRPC on `bound` (the actual listen address, after binding).
     pub fn new(config: NodeConfig, bound: SocketAddr, clock: Arc<dyn Clock>) -> Result<Arc<Node>> {
         let provider = provider(&config)?;
         let listed = provider.members();
-        let grpc = config.advertise.clone().unwrap_or_else(|| bound.to_string());
+        let grpc = config
+            .advertise
+            .clone()
+            .unwrap_or_else(|| bound.to_string());
         let name = config.name.clone().unwrap_or_else(|| grpc.clone());
         let peer_addr = match listed.iter().find(|m| m.name == name) {
             Some(m) => m.peer.clone(),
@@ -93,10 +104,8 @@ impl Node {
             anti_entropy_interval: Duration::from_secs(config.anti_entropy_interval_secs),
             leave_timeout: Duration::from_secs(config.leave_timeout_secs),
         };
-        let peer_limits = PeerLimits {
-            max_frame_bytes: usize::try_from(config.peer_max_frame_bytes).unwrap_or(usize::MAX),
-            ..PeerLimits::default()
-        };
+        let peer_limits = peer_limits(&config);
+        let bind_ip = peer_addr.parse::<SocketAddr>().ok().map(|a| a.ip());
         let me = MemberInfo {
             name,
             grpc,
@@ -107,7 +116,7 @@ impl Node {
             store: Store::new(config.partition_count, clock.clone(), limits),
             locks: LockTable::new(config.partition_count, clock, shutdown.clone()),
             cluster: Cluster::new(me, provider, cluster_config, config.partition_count),
-            peers: Peers::new(peer_limits, shutdown.clone()),
+            peers: Peers::new(peer_limits, bind_ip, shutdown.clone()),
             config,
             shutdown,
             tasks: TaskTracker::new(),
@@ -165,11 +174,7 @@ impl Node {
             self.tasks.spawn(peer::serve(
                 listener,
                 handler,
-                PeerLimits {
-                    max_frame_bytes: usize::try_from(self.config.peer_max_frame_bytes)
-                        .unwrap_or(usize::MAX),
-                    ..PeerLimits::default()
-                },
+                peer_limits(&self.config),
                 self.shutdown.clone(),
                 self.tasks.clone(),
             ));
@@ -270,12 +275,19 @@ impl Node {
             .map(|m| {
                 let hb = hb.clone();
                 async move {
-                    let r = self.peers.call(&m.peer, Request::Heartbeat(hb), timeout).await;
+                    let r = self
+                        .peers
+                        .call(&m.peer, Request::Heartbeat(hb), timeout)
+                        .await;
                     (m, r)
                 }
             });
         let my_epoch = self.epoch();
-        if self.rounds.fetch_add(1, Ordering::Relaxed) % 10 == 0 {
+        if self
+            .rounds
+            .fetch_add(1, Ordering::Relaxed)
+            .is_multiple_of(10)
+        {
             self.pull_collections().await;
         }
         for (m, r) in futures::future::join_all(calls).await {
@@ -291,7 +303,9 @@ impl Node {
 
     async fn adopt_table_from(&self, peer: &str) {
         let timeout = self.cluster.config.request_timeout;
-        if let Ok(Response::Table(Some(t))) = self.peers.call(peer, Request::GetTable, timeout).await {
+        if let Ok(Response::Table(Some(t))) =
+            self.peers.call(peer, Request::GetTable, timeout).await
+        {
             self.install(t);
         }
     }
@@ -303,7 +317,11 @@ impl Node {
         let (alive, _) = self.cluster.liveness();
         alive
             .iter()
-            .filter_map(|m| self.cluster.incarnation(&m.name).map(|i| (i, m.name.clone())))
+            .filter_map(|m| {
+                self.cluster
+                    .incarnation(&m.name)
+                    .map(|i| (i, m.name.clone()))
+            })
             .min()
             .map(|(_, n)| n)
     }
@@ -330,11 +348,21 @@ impl Node {
             .iter()
             .map(|o| o.iter().filter(|m| valid(m)).cloned().collect())
             .collect();
-        let target = rebalancer::assign(table.partition_count, c.config.backup_count, &eligible, &current);
+        let target = rebalancer::assign(
+            table.partition_count,
+            c.config.backup_count,
+            &eligible,
+            &current,
+        );
         let mut owners = Vec::with_capacity(table.owners.len());
         for (p, o) in table.owners.iter().enumerate() {
             let primary = o.first().map(String::as_str).filter(|m| valid(m));
-            let backups: Vec<&str> = o.iter().skip(1).map(String::as_str).filter(|m| valid(m)).collect();
+            let backups: Vec<&str> = o
+                .iter()
+                .skip(1)
+                .map(String::as_str)
+                .filter(|m| valid(m))
+                .collect();
             let fresh = o.is_empty();
             let next = coordinator::next_owners(primary, &backups, &target[p], |m| {
                 fresh || c.in_sync(&table, p as u32, m)
@@ -407,7 +435,11 @@ impl Node {
             tracing::debug!(epoch = next.epoch, granted, expected, "proposal lost");
             return;
         }
-        tracing::info!(epoch = next.epoch, members = next.members.len(), "installing partition table");
+        tracing::info!(
+            epoch = next.epoch,
+            members = next.members.len(),
+            "installing partition table"
+        );
         self.install(next.clone());
         let _ = futures::future::join_all(others.iter().map(|m| {
             let t = next.clone();
@@ -494,11 +526,7 @@ impl Node {
         let want = (c.config.backup_count as usize).min(eligible.saturating_sub(1));
         let mut without = 0;
         for p in 0..t.partition_count {
-            let synced = t
-                .backups(p)
-                .iter()
-                .filter(|b| c.in_sync(&t, p, b))
-                .count();
+            let synced = t.backups(p).iter().filter(|b| c.in_sync(&t, p, b)).count();
             let primary_ok = t.primary(p).is_some_and(|m| c.alive(m));
             if synced < want || !primary_ok {
                 without += 1;
@@ -508,7 +536,11 @@ impl Node {
                         .iter()
                         .map(|b| format!("{b}: {}", c.sync_problem(&t, p, b).unwrap_or("ok")))
                         .collect();
-                    examples.push(format!("p{p} primary {:?} [{}]", t.primary(p), why.join(", ")));
+                    examples.push(format!(
+                        "p{p} primary {:?} [{}]",
+                        t.primary(p),
+                        why.join(", ")
+                    ));
                 }
             }
         }
@@ -520,6 +552,11 @@ impl Node {
                 .filter(|(a, b)| a != b)
                 .count() as u32
         });
-        (without == 0 && migrating == 0 && c.quorum(), without, migrating, examples)
+        (
+            without == 0 && migrating == 0 && c.quorum(),
+            without,
+            migrating,
+            examples,
+        )
     }
 }

@@ -82,15 +82,25 @@ impl Node {
         }
         match r? {
             Response::Forwarded(b) => Ok(b),
-            Response::Error(WireError { reason, message }) => Err(Error::Remote { reason, message }),
+            Response::Error(WireError { reason, message }) => {
+                Err(Error::Remote { reason, message })
+            }
             other => Err(Error::Internal(format!("unexpected answer {other:?}"))),
         }
     }
 
     async fn forward_command(&self, addr: &str, op: command::Op) -> Result<command_result::Result> {
-        let bytes = proto::Command { id: 0, op: Some(op) }.encode_to_vec();
+        let bytes = proto::Command {
+            id: 0,
+            op: Some(op),
+        }
+        .encode_to_vec();
         let resp = self
-            .forward(addr, Forward::Command(bytes.into()), self.cluster.config.request_timeout)
+            .forward(
+                addr,
+                Forward::Command(bytes.into()),
+                self.cluster.config.request_timeout,
+            )
             .await?;
         decode::<proto::CommandResult>(&resp)?
             .result
@@ -117,15 +127,21 @@ impl Node {
                 let meta = self.store.collection(&r.collection)?;
                 let p = partition_for(&meta.name, &r.key, count);
                 match self.route(&table, p)? {
-                    Route::Local => Ok(R::Get(get_response(self.store.get(&r.collection, &r.key)?))),
+                    Route::Local => {
+                        Ok(R::Get(get_response(self.store.get(&r.collection, &r.key)?)))
+                    }
                     Route::Remote(_) if forwarded => Err(self.not_owner(p)),
                     Route::Remote(addr) => {
-                        let res = self.forward_command(&addr, command::Op::Get(r.clone())).await;
+                        let res = self
+                            .forward_command(&addr, command::Op::Get(r.clone()))
+                            .await;
                         match res {
                             // Read-from-backup fallback: the primary is unreachable.
                             Err(Error::Unavailable(_))
                                 if table.role_of(&self.cluster.me, p) == Role::Backup
-                                    && self.cluster.parts[p as usize].loaded.load(Ordering::SeqCst) =>
+                                    && self.cluster.parts[p as usize]
+                                        .loaded
+                                        .load(Ordering::SeqCst) =>
                             {
                                 Ok(R::Get(get_response(self.store.get(&r.collection, &r.key)?)))
                             }
@@ -140,7 +156,15 @@ impl Node {
                 match self.route(&table, p)? {
                     Route::Local => {
                         self.write(&table, vec![p], || {
-                            Ok(((), self.store.put(&r.collection, r.key.clone(), r.value.clone(), r.ttl_ms)?))
+                            Ok((
+                                (),
+                                self.store.put(
+                                    &r.collection,
+                                    r.key.clone(),
+                                    r.value.clone(),
+                                    r.ttl_ms,
+                                )?,
+                            ))
                         })
                         .await?;
                         Ok(R::Put(proto::PutResponse {}))
@@ -160,7 +184,9 @@ impl Node {
                         Ok(R::Delete(proto::DeleteResponse { deleted }))
                     }
                     Route::Remote(_) if forwarded => Err(self.not_owner(p)),
-                    Route::Remote(addr) => self.forward_command(&addr, command::Op::Delete(r)).await,
+                    Route::Remote(addr) => {
+                        self.forward_command(&addr, command::Op::Delete(r)).await
+                    }
                 }
             }
             command::Op::GetMany(r) => {
@@ -169,7 +195,9 @@ impl Node {
                 let mut entries = Vec::new();
                 for (route, keys) in groups {
                     match route {
-                        Route::Local => entries.extend(kvs(self.store.get_many(&r.collection, &keys)?)),
+                        Route::Local => {
+                            entries.extend(kvs(self.store.get_many(&r.collection, &keys)?))
+                        }
                         Route::Remote(addr) => {
                             let op = command::Op::GetMany(proto::GetManyRequest {
                                 collection: r.collection.clone(),
@@ -177,7 +205,12 @@ impl Node {
                             });
                             match self.forward_command(&addr, op).await? {
                                 R::GetMany(g) => entries.extend(g.entries),
-                                R::Error(e) => return Err(Error::Remote { reason: e.reason, message: e.message }),
+                                R::Error(e) => {
+                                    return Err(Error::Remote {
+                                        reason: e.reason,
+                                        message: e.message,
+                                    });
+                                }
                                 _ => return Err(Error::Internal("unexpected result".into())),
                             }
                         }
@@ -191,8 +224,10 @@ impl Node {
                 for (route, entries) in groups {
                     match route {
                         Route::Local => {
-                            let parts = partitions_of(entries.iter().map(|kv| &kv.key), &meta, count);
-                            let pairs: Vec<(Bytes, Bytes)> = entries.into_iter().map(|kv| (kv.key, kv.value)).collect();
+                            let parts =
+                                partitions_of(entries.iter().map(|kv| &kv.key), &meta, count);
+                            let pairs: Vec<(Bytes, Bytes)> =
+                                entries.into_iter().map(|kv| (kv.key, kv.value)).collect();
                             self.write(&table, parts, || {
                                 Ok(((), self.store.put_many(&r.collection, pairs, r.ttl_ms)?))
                             })
@@ -205,7 +240,10 @@ impl Node {
                                 ttl_ms: r.ttl_ms,
                             });
                             if let R::Error(e) = self.forward_command(&addr, op).await? {
-                                return Err(Error::Remote { reason: e.reason, message: e.message });
+                                return Err(Error::Remote {
+                                    reason: e.reason,
+                                    message: e.message,
+                                });
                             }
                         }
                     }
@@ -221,7 +259,9 @@ impl Node {
                         Route::Local => {
                             let parts = partitions_of(keys.iter(), &meta, count);
                             deleted += self
-                                .write(&table, parts, || self.store.delete_many(&r.collection, &keys))
+                                .write(&table, parts, || {
+                                    self.store.delete_many(&r.collection, &keys)
+                                })
                                 .await?;
                         }
                         Route::Remote(addr) => {
@@ -231,7 +271,12 @@ impl Node {
                             });
                             match self.forward_command(&addr, op).await? {
                                 R::DeleteMany(d) => deleted += d.deleted,
-                                R::Error(e) => return Err(Error::Remote { reason: e.reason, message: e.message }),
+                                R::Error(e) => {
+                                    return Err(Error::Remote {
+                                        reason: e.reason,
+                                        message: e.message,
+                                    });
+                                }
                                 _ => return Err(Error::Internal("unexpected result".into())),
                             }
                         }
@@ -273,7 +318,12 @@ impl Node {
 
     /// Applies `f` (a write to partitions `parts`, all primary here) and
     /// replicates what it changed to the in-sync backups before returning.
-    async fn write<R>(&self, table: &Table, mut parts: Vec<u32>, f: impl FnOnce() -> Result<(R, Written)>) -> Result<R> {
+    async fn write<R>(
+        &self,
+        table: &Table,
+        mut parts: Vec<u32>,
+        f: impl FnOnce() -> Result<(R, Written)>,
+    ) -> Result<R> {
         let c = &self.cluster;
         if !c.quorum() {
             return Err(Error::QuorumLost(format!(
@@ -336,7 +386,10 @@ impl Node {
                 };
                 let (addr, name) = (m.peer.clone(), b.clone());
                 calls.push(async move {
-                    let r = self.peers.call(&addr, req, self.cluster.config.replication_timeout).await;
+                    let r = self
+                        .peers
+                        .call(&addr, req, self.cluster.config.replication_timeout)
+                        .await;
                     (p, name, r)
                 });
             }
@@ -361,7 +414,11 @@ impl Node {
         self.report_unsynced(failed.clone()).await;
         Err(Error::Unavailable(format!(
             "replication to {} failed; the write may or may not have been applied",
-            failed.iter().map(|(p, b)| format!("{b}/p{p}")).collect::<Vec<_>>().join(",")
+            failed
+                .iter()
+                .map(|(p, b)| format!("{b}/p{p}"))
+                .collect::<Vec<_>>()
+                .join(",")
         )))
     }
 
@@ -404,7 +461,11 @@ impl Node {
                 seq,
                 pairs: pairs.clone(),
             };
-            async move { self.peers.call(&m.peer, req, c.config.replication_timeout).await }
+            async move {
+                self.peers
+                    .call(&m.peer, req, c.config.replication_timeout)
+                    .await
+            }
         });
         futures::future::join_all(calls).await;
     }
@@ -435,12 +496,18 @@ impl Node {
         let meta = self.store.collection(collection)?;
         let t = self.cluster.table();
         let mut removed = 0;
-        for p in (0..t.partition_count).filter(|p| t.role_of(&self.cluster.me, *p) == Role::Primary) {
+        for p in (0..t.partition_count).filter(|p| t.role_of(&self.cluster.me, *p) == Role::Primary)
+        {
             removed += self
                 .write(&t, vec![p], || {
                     let n = self.store.clear_partition(&meta.name, p)?;
                     let w = Written {
-                        ops: vec![(p, ReplOp::Clear { collection: meta.name.to_string() })],
+                        ops: vec![(
+                            p,
+                            ReplOp::Clear {
+                                collection: meta.name.to_string(),
+                            },
+                        )],
                         evicted_elsewhere: Vec::new(),
                     };
                     Ok((n, w))
@@ -453,7 +520,12 @@ impl Node {
     // ------------------------------------------------------------ collections
 
     /// Gets or creates a collection here and on every live member.
-    pub async fn create_collection(&self, name: &str, ttl: u64, max: u64) -> Result<(Arc<CollectionMeta>, bool)> {
+    pub async fn create_collection(
+        &self,
+        name: &str,
+        ttl: u64,
+        max: u64,
+    ) -> Result<(Arc<CollectionMeta>, bool)> {
         let (meta, created) = self.store.get_or_create_collection(name, ttl, max)?;
         if created {
             self.broadcast(CollectionOp::Create {
@@ -480,7 +552,14 @@ impl Node {
         let (alive, _) = self.cluster.liveness();
         let calls = alive.iter().filter(|m| m.name != self.name()).map(|m| {
             let req = Request::Collection(op.clone());
-            async move { (m.name.clone(), self.peers.call(&m.peer, req, self.cluster.config.request_timeout).await) }
+            async move {
+                (
+                    m.name.clone(),
+                    self.peers
+                        .call(&m.peer, req, self.cluster.config.request_timeout)
+                        .await,
+                )
+            }
         });
         for (name, r) in futures::future::join_all(calls).await {
             if r.is_err() {
@@ -495,18 +574,29 @@ impl Node {
                 name,
                 default_ttl_ms,
                 max_entries,
-            } => self.store.get_or_create_collection(name, *default_ttl_ms, *max_entries).map(|_| ()),
+            } => self
+                .store
+                .get_or_create_collection(name, *default_ttl_ms, *max_entries)
+                .map(|_| ()),
             CollectionOp::Delete { name } => self.store.delete_collection(name).map(|_| ()),
         }
     }
 
     /// Creates collections the coordinator has and this node lacks.
     pub(crate) async fn pull_collections(&self) {
-        let Some(coord) = self.coordinator().filter(|c| c != self.name()) else { return };
-        let Some(spec) = self.cluster.members().into_iter().find(|m| m.name == coord) else { return };
+        let Some(coord) = self.coordinator().filter(|c| c != self.name()) else {
+            return;
+        };
+        let Some(spec) = self.cluster.members().into_iter().find(|m| m.name == coord) else {
+            return;
+        };
         if let Ok(Response::Collections(list)) = self
             .peers
-            .call(&spec.peer, Request::ListCollections, self.cluster.config.request_timeout)
+            .call(
+                &spec.peer,
+                Request::ListCollections,
+                self.cluster.config.request_timeout,
+            )
             .await
         {
             for (name, ttl, max) in list {
@@ -531,7 +621,13 @@ impl Node {
             Ok((
                 (),
                 Written {
-                    ops: vec![(p, ReplOp::Lock { key: key.clone(), state })],
+                    ops: vec![(
+                        p,
+                        ReplOp::Lock {
+                            key: key.clone(),
+                            state,
+                        },
+                    )],
                     evicted_elsewhere: Vec::new(),
                 },
             ))
@@ -540,7 +636,13 @@ impl Node {
     }
 
     /// Acquire (waiting), routed to the lock's owner.
-    pub async fn lock_acquire(&self, r: proto::AcquireLockRequest, hold: u64, wait: Duration, forwarded: bool) -> Result<Grant> {
+    pub async fn lock_acquire(
+        &self,
+        r: proto::AcquireLockRequest,
+        hold: u64,
+        wait: Duration,
+        forwarded: bool,
+    ) -> Result<Grant> {
         let (table, p, route) = self.lock_route(&r.key).await?;
         match route {
             Route::Local => {
@@ -557,22 +659,34 @@ impl Node {
             Route::Remote(_) if forwarded => Err(self.not_owner(p)),
             Route::Remote(addr) => {
                 let t = self.cluster.config.request_timeout + wait;
-                let b = self.forward(&addr, Forward::Acquire(r.encode_to_vec().into()), t).await?;
+                let b = self
+                    .forward(&addr, Forward::Acquire(r.encode_to_vec().into()), t)
+                    .await?;
                 let g = decode::<proto::LockGrant>(&b)?;
-                Ok(Grant { token: g.fencing_token, hold_ms: g.hold_ms })
+                Ok(Grant {
+                    token: g.fencing_token,
+                    hold_ms: g.hold_ms,
+                })
             }
         }
     }
 
     /// Try-acquire, routed to the lock's owner.
-    pub async fn lock_try(&self, r: proto::TryAcquireLockRequest, hold: u64, forwarded: bool) -> Result<Option<Grant>> {
+    pub async fn lock_try(
+        &self,
+        r: proto::TryAcquireLockRequest,
+        hold: u64,
+        forwarded: bool,
+    ) -> Result<Option<Grant>> {
         let (table, p, route) = self.lock_route(&r.key).await?;
         match route {
             Route::Local => {
                 if !self.cluster.quorum() {
                     return Err(Error::QuorumLost("no majority".into()));
                 }
-                let Some(g) = self.locks.try_acquire(&r.key, hold) else { return Ok(None) };
+                let Some(g) = self.locks.try_acquire(&r.key, hold) else {
+                    return Ok(None);
+                };
                 if let Err(e) = self.replicate_lock(&table, p, &r.key).await {
                     let _ = self.locks.release(&r.key, g.token);
                     return Err(e);
@@ -582,9 +696,14 @@ impl Node {
             Route::Remote(_) if forwarded => Err(self.not_owner(p)),
             Route::Remote(addr) => {
                 let t = self.cluster.config.request_timeout;
-                let b = self.forward(&addr, Forward::TryAcquire(r.encode_to_vec().into()), t).await?;
+                let b = self
+                    .forward(&addr, Forward::TryAcquire(r.encode_to_vec().into()), t)
+                    .await?;
                 let resp = decode::<proto::TryAcquireLockResponse>(&b)?;
-                Ok(resp.grant.filter(|_| resp.acquired).map(|g| Grant { token: g.fencing_token, hold_ms: g.hold_ms }))
+                Ok(resp.grant.filter(|_| resp.acquired).map(|g| Grant {
+                    token: g.fencing_token,
+                    hold_ms: g.hold_ms,
+                }))
             }
         }
     }
@@ -601,14 +720,20 @@ impl Node {
             Route::Remote(_) if forwarded => Err(self.not_owner(p)),
             Route::Remote(addr) => {
                 let t = self.cluster.config.request_timeout;
-                self.forward(&addr, Forward::Release(r.encode_to_vec().into()), t).await?;
+                self.forward(&addr, Forward::Release(r.encode_to_vec().into()), t)
+                    .await?;
                 Ok(())
             }
         }
     }
 
     /// Extend, routed to the lock's owner.
-    pub async fn lock_extend(&self, r: proto::ExtendLockRequest, hold: u64, forwarded: bool) -> Result<Grant> {
+    pub async fn lock_extend(
+        &self,
+        r: proto::ExtendLockRequest,
+        hold: u64,
+        forwarded: bool,
+    ) -> Result<Grant> {
         let (table, p, route) = self.lock_route(&r.key).await?;
         match route {
             Route::Local => {
@@ -619,15 +744,24 @@ impl Node {
             Route::Remote(_) if forwarded => Err(self.not_owner(p)),
             Route::Remote(addr) => {
                 let t = self.cluster.config.request_timeout;
-                let b = self.forward(&addr, Forward::Extend(r.encode_to_vec().into()), t).await?;
+                let b = self
+                    .forward(&addr, Forward::Extend(r.encode_to_vec().into()), t)
+                    .await?;
                 let g = decode::<proto::LockGrant>(&b)?;
-                Ok(Grant { token: g.fencing_token, hold_ms: g.hold_ms })
+                Ok(Grant {
+                    token: g.fencing_token,
+                    hold_ms: g.hold_ms,
+                })
             }
         }
     }
 
     /// Force release, routed to the lock's owner.
-    pub async fn lock_force_release(&self, r: proto::ForceReleaseLockRequest, forwarded: bool) -> Result<bool> {
+    pub async fn lock_force_release(
+        &self,
+        r: proto::ForceReleaseLockRequest,
+        forwarded: bool,
+    ) -> Result<bool> {
         let (table, p, route) = self.lock_route(&r.key).await?;
         match route {
             Route::Local => {
@@ -638,7 +772,9 @@ impl Node {
             Route::Remote(_) if forwarded => Err(self.not_owner(p)),
             Route::Remote(addr) => {
                 let t = self.cluster.config.request_timeout;
-                let b = self.forward(&addr, Forward::ForceRelease(r.encode_to_vec().into()), t).await?;
+                let b = self
+                    .forward(&addr, Forward::ForceRelease(r.encode_to_vec().into()), t)
+                    .await?;
                 Ok(decode::<proto::ForceReleaseLockResponse>(&b)?.released)
             }
         }
@@ -685,7 +821,10 @@ impl Node {
         if t.role_of(&self.cluster.me, p) != Role::Primary || !t.backups(p).iter().any(|x| x == b) {
             return Ok(());
         }
-        let addr = t.member(b).map(|m| m.peer.clone()).ok_or_else(|| Error::Internal("no such member".into()))?;
+        let addr = t
+            .member(b)
+            .map(|m| m.peer.clone())
+            .ok_or_else(|| Error::Internal("no such member".into()))?;
         let mut snapshot = self.store.snapshot(p);
         snapshot.locks = self.locks.snapshot(p);
         let req = Request::Snapshot {
@@ -700,7 +839,10 @@ impl Node {
                 tracing::debug!(partition = p, backup = %b, "backup in sync");
                 Ok(())
             }
-            Response::Error(e) => Err(Error::Remote { reason: e.reason, message: e.message }),
+            Response::Error(e) => Err(Error::Remote {
+                reason: e.reason,
+                message: e.message,
+            }),
             _ => Err(Error::Internal("unexpected answer".into())),
         }
     }
@@ -724,7 +866,10 @@ impl Node {
                     epoch: t.epoch,
                     partition: p,
                 };
-                if let Ok(Response::Digest(theirs)) = self.peers.call(&m.peer, req, self.cluster.config.request_timeout).await
+                if let Ok(Response::Digest(theirs)) = self
+                    .peers
+                    .call(&m.peer, req, self.cluster.config.request_timeout)
+                    .await
                     && theirs != mine
                 {
                     tracing::warn!(partition = p, backup = %b, "anti-entropy: backup diverged, re-syncing");
@@ -750,7 +895,9 @@ impl Node {
                 let reply = Response::Heartbeat(c.heartbeat(c.quorum()));
                 if newer && let Some(m) = c.members().into_iter().find(|m| m.name == from) {
                     let timeout = c.config.request_timeout;
-                    if let Ok(Response::Table(Some(t))) = self.peers.call(&m.peer, Request::GetTable, timeout).await {
+                    if let Ok(Response::Table(Some(t))) =
+                        self.peers.call(&m.peer, Request::GetTable, timeout).await
+                    {
                         self.install(t);
                     }
                 }
@@ -765,9 +912,15 @@ impl Node {
                 let current = c.table().epoch;
                 if t.epoch > *promised && t.epoch > current {
                     *promised = t.epoch;
-                    Response::Vote { granted: true, promised: t.epoch }
+                    Response::Vote {
+                        granted: true,
+                        promised: t.epoch,
+                    }
                 } else {
-                    Response::Vote { granted: false, promised: (*promised).max(current) }
+                    Response::Vote {
+                        granted: false,
+                        promised: (*promised).max(current),
+                    }
                 }
             }
             Request::Commit(t) => {
@@ -778,7 +931,11 @@ impl Node {
                 Ok(b) => Response::Forwarded(b),
                 Err(e) => Response::Error(e.to_wire()),
             },
-            Request::Replicate { epoch, partition, ops } => match self.backup_check(epoch, partition) {
+            Request::Replicate {
+                epoch,
+                partition,
+                ops,
+            } => match self.backup_check(epoch, partition) {
                 Ok(()) => {
                     let _g = c.parts[partition as usize].repl.lock().await;
                     self.store.apply(partition, &ops);
@@ -836,13 +993,18 @@ impl Node {
     fn backup_check(&self, epoch: u64, p: u32) -> Result<()> {
         let t = self.cluster.table();
         if epoch != t.epoch {
-            return Err(Error::Unavailable(format!("epoch {epoch} is not this node's {}", t.epoch)));
+            return Err(Error::Unavailable(format!(
+                "epoch {epoch} is not this node's {}",
+                t.epoch
+            )));
         }
         if t.role_of(&self.cluster.me, p) != Role::Backup {
             return Err(self.not_owner(p));
         }
         if !self.cluster.parts[p as usize].loaded.load(Ordering::SeqCst) {
-            return Err(Error::Unavailable(format!("backup copy of partition {p} not in sync")));
+            return Err(Error::Unavailable(format!(
+                "backup copy of partition {p} not in sync"
+            )));
         }
         Ok(())
     }
@@ -853,16 +1015,32 @@ impl Node {
         Ok(match f {
             Forward::Command(b) => {
                 let cmd = decode::<proto::Command>(&b)?;
-                let op = cmd.op.ok_or_else(|| Error::InvalidArgument("command without op".into()))?;
+                let op = cmd
+                    .op
+                    .ok_or_else(|| Error::InvalidArgument("command without op".into()))?;
                 let result = self.run_command(op, true).await;
-                proto::CommandResult { id: 0, result: Some(result) }.encode_to_vec()
+                proto::CommandResult {
+                    id: 0,
+                    result: Some(result),
+                }
+                .encode_to_vec()
             }
             Forward::Acquire(b) => {
                 let r = decode::<proto::AcquireLockRequest>(&b)?;
-                let (hold, wait) = (or(r.hold_timeout_ms, DEFAULT_HOLD_MS), or(r.acquire_timeout_ms, DEFAULT_ACQUIRE_MS));
+                let (hold, wait) = (
+                    or(r.hold_timeout_ms, DEFAULT_HOLD_MS),
+                    or(r.acquire_timeout_ms, DEFAULT_ACQUIRE_MS),
+                );
                 let key = r.key.clone();
-                let g = self.lock_acquire(r, hold, Duration::from_millis(wait), true).await?;
-                proto::LockGrant { key, fencing_token: g.token, hold_ms: g.hold_ms }.encode_to_vec()
+                let g = self
+                    .lock_acquire(r, hold, Duration::from_millis(wait), true)
+                    .await?;
+                proto::LockGrant {
+                    key,
+                    fencing_token: g.token,
+                    hold_ms: g.hold_ms,
+                }
+                .encode_to_vec()
             }
             Forward::TryAcquire(b) => {
                 let r = decode::<proto::TryAcquireLockRequest>(&b)?;
@@ -871,7 +1049,11 @@ impl Node {
                 let g = self.lock_try(r, hold, true).await?;
                 proto::TryAcquireLockResponse {
                     acquired: g.is_some(),
-                    grant: g.map(|g| proto::LockGrant { key, fencing_token: g.token, hold_ms: g.hold_ms }),
+                    grant: g.map(|g| proto::LockGrant {
+                        key,
+                        fencing_token: g.token,
+                        hold_ms: g.hold_ms,
+                    }),
                 }
                 .encode_to_vec()
             }
@@ -884,7 +1066,12 @@ impl Node {
                 let hold = or(r.hold_timeout_ms, DEFAULT_HOLD_MS);
                 let key = r.key.clone();
                 let g = self.lock_extend(r, hold, true).await?;
-                proto::LockGrant { key, fencing_token: g.token, hold_ms: g.hold_ms }.encode_to_vec()
+                proto::LockGrant {
+                    key,
+                    fencing_token: g.token,
+                    hold_ms: g.hold_ms,
+                }
+                .encode_to_vec()
             }
             Forward::ForceRelease(b) => {
                 let released = self.lock_force_release(decode(&b)?, true).await?;
@@ -902,10 +1089,13 @@ fn get_response(v: Option<Bytes>) -> proto::GetResponse {
     }
 }
 
-fn partitions_of<'a>(keys: impl Iterator<Item = &'a Bytes>, meta: &CollectionMeta, count: u32) -> Vec<u32> {
+fn partitions_of<'a>(
+    keys: impl Iterator<Item = &'a Bytes>,
+    meta: &CollectionMeta,
+    count: u32,
+) -> Vec<u32> {
     let mut v: Vec<u32> = keys.map(|k| partition_for(&meta.name, k, count)).collect();
     v.sort_unstable();
     v.dedup();
     v
 }
-

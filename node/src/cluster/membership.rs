@@ -23,7 +23,8 @@ pub struct MemberSpec {
 impl MemberSpec {
     /// Parses `NAME=GRPC_ADDR/PEER_ADDR`.
     pub fn parse(s: &str) -> Result<MemberSpec> {
-        let bad = || Error::InvalidArgument(format!("member {s:?}: expected NAME=GRPC_ADDR/PEER_ADDR"));
+        let bad =
+            || Error::InvalidArgument(format!("member {s:?}: expected NAME=GRPC_ADDR/PEER_ADDR"));
         let (name, addrs) = s.trim().split_once('=').ok_or_else(bad)?;
         let (grpc, peer) = addrs.split_once('/').ok_or_else(bad)?;
         if name.is_empty() || grpc.is_empty() || peer.is_empty() {
@@ -44,7 +45,10 @@ impl MemberSpec {
             for item in line.split([',', ';', ' ', '\t']).filter(|i| !i.is_empty()) {
                 let m = MemberSpec::parse(item)?;
                 if out.iter().any(|o| o.name == m.name) {
-                    return Err(Error::InvalidArgument(format!("member {} listed twice", m.name)));
+                    return Err(Error::InvalidArgument(format!(
+                        "member {} listed twice",
+                        m.name
+                    )));
                 }
                 out.push(m);
             }
@@ -94,7 +98,9 @@ impl FileProvider {
 
 impl MembersProvider for FileProvider {
     fn members(&self) -> Vec<MemberSpec> {
-        let mtime = std::fs::metadata(&self.path).and_then(|m| m.modified()).ok();
+        let mtime = std::fs::metadata(&self.path)
+            .and_then(|m| m.modified())
+            .ok();
         let mut cache = self.cache.lock();
         if mtime.is_some() && mtime != cache.0 {
             match std::fs::read_to_string(&self.path)
@@ -118,7 +124,9 @@ mod tests {
 
     #[test]
     fn parses_lists_and_rejects_junk() {
-        let l = MemberSpec::parse_list("# c\nn1=127.0.0.1:7100/127.0.0.1:7200, n2=h:1/h:2\nn3=a:1/b:2").expect("list");
+        let l =
+            MemberSpec::parse_list("# c\nn1=127.0.0.1:7100/127.0.0.1:7200, n2=h:1/h:2\nn3=a:1/b:2")
+                .expect("list");
         assert_eq!(l.len(), 3);
         assert_eq!(l[1].peer, "h:2");
         assert!(MemberSpec::parse("n1=127.0.0.1:7100").is_err());
@@ -135,11 +143,16 @@ mod tests {
         assert_eq!(p.members().len(), 1);
         std::thread::sleep(std::time::Duration::from_millis(20));
         std::fs::write(&path, "a=x:1/x:2\nb=y:1/y:2").expect("write");
-        let f = std::fs::File::options().append(true).open(&path).expect("open");
-        f.set_modified(SystemTime::now() + std::time::Duration::from_secs(5)).expect("mtime");
+        let f = std::fs::File::options()
+            .append(true)
+            .open(&path)
+            .expect("open");
+        f.set_modified(SystemTime::now() + std::time::Duration::from_secs(5))
+            .expect("mtime");
         assert_eq!(p.members().len(), 2);
         std::fs::write(&path, "garbage").expect("write");
-        f.set_modified(SystemTime::now() + std::time::Duration::from_secs(10)).expect("mtime");
+        f.set_modified(SystemTime::now() + std::time::Duration::from_secs(10))
+            .expect("mtime");
         assert_eq!(p.members().len(), 2, "bad file keeps the last good list");
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -8,8 +8,8 @@ pub mod rebalancer;
 pub mod table;
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use parking_lot::{Mutex, RwLock};
@@ -36,6 +36,9 @@ pub struct ClusterConfig {
     /// Longest a graceful leave waits for the hand-off.
     pub leave_timeout: Duration,
 }
+
+/// Who reported a backup out of sync: (primary, its incarnation, its seq).
+type UnsyncedReport = (String, u64, u64);
 
 /// What this node knows of another member.
 #[derive(Debug, Clone)]
@@ -75,7 +78,7 @@ pub struct Cluster {
     views: Mutex<HashMap<String, View>>,
     /// (partition, backup) -> (primary, its incarnation, its heartbeat seq)
     /// reported out of sync.
-    unsynced: Mutex<HashMap<(u32, String), (String, u64, u64)>>,
+    unsynced: Mutex<HashMap<(u32, String), UnsyncedReport>>,
     /// Per-partition replication state.
     pub parts: Box<[PartState]>,
     /// Heartbeat sequence number.
@@ -152,7 +155,10 @@ impl Cluster {
     pub fn liveness(&self) -> (Vec<MemberSpec>, usize) {
         let members = self.members();
         let expected = members.len();
-        let alive = members.into_iter().filter(|m| self.alive(&m.name)).collect();
+        let alive = members
+            .into_iter()
+            .filter(|m| self.alive(&m.name))
+            .collect();
         (alive, expected)
     }
 
@@ -171,7 +177,8 @@ impl Cluster {
             let mut unsynced = self.unsynced.lock();
             unsynced.retain(|(p, b), (primary, inc, seq)| {
                 *primary != hb.name
-                    || (*inc == hb.incarnation && (*seq >= hb.seq || hb.unsynced.contains(&(*p, b.clone()))))
+                    || (*inc == hb.incarnation
+                        && (*seq >= hb.seq || hb.unsynced.contains(&(*p, b.clone()))))
             });
         }
         self.views.lock().insert(
@@ -184,7 +191,13 @@ impl Cluster {
     }
 
     /// Records that `primary` marked these backups out of sync at `seq`.
-    pub fn record_unsynced(&self, primary: &str, incarnation: u64, seq: u64, pairs: &[(u32, String)]) {
+    pub fn record_unsynced(
+        &self,
+        primary: &str,
+        incarnation: u64,
+        seq: u64,
+        pairs: &[(u32, String)],
+    ) {
         let mut u = self.unsynced.lock();
         for (p, b) in pairs {
             u.insert((*p, b.clone()), (primary.to_string(), incarnation, seq));
@@ -211,14 +224,19 @@ impl Cluster {
         // primary; after that the current primary's own reports decide.
         if let Some((reporter, inc, _)) = self.unsynced.lock().get(&(p, m.to_string()))
             && Some(reporter.as_str()) == primary
-            && table.member(reporter).is_some_and(|r| r.incarnation == *inc)
+            && table
+                .member(reporter)
+                .is_some_and(|r| r.incarnation == *inc)
         {
             return Some("reported out of sync");
         }
         if m == self.me.name {
-            return (!self.parts[p as usize].loaded.load(Ordering::SeqCst)).then_some("not loaded here");
+            return (!self.parts[p as usize].loaded.load(Ordering::SeqCst))
+                .then_some("not loaded here");
         }
-        let Some(hb) = self.view(m) else { return Some("no heartbeat") };
+        let Some(hb) = self.view(m) else {
+            return Some("no heartbeat");
+        };
         if hb.epoch != table.epoch {
             return Some("other epoch");
         }
@@ -230,11 +248,12 @@ impl Cluster {
         }
         // The primary's own report, when current, has the last word.
         match primary {
-            Some(pr) if pr == self.me.name => {
-                (!self.parts[p as usize].synced.lock().contains(m)).then_some("not in my synced set")
-            }
+            Some(pr) if pr == self.me.name => (!self.parts[p as usize].synced.lock().contains(m))
+                .then_some("not in my synced set"),
             Some(pr) => match self.view(pr) {
-                Some(phb) if phb.epoch == table.epoch && phb.unsynced.contains(&(p, m.to_string())) => {
+                Some(phb)
+                    if phb.epoch == table.epoch && phb.unsynced.contains(&(p, m.to_string())) =>
+                {
                     Some("primary reports it unsynced")
                 }
                 _ => None,

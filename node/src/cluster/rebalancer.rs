@@ -26,7 +26,9 @@ pub fn assign(
 
     // --- primaries
     let pquotas = quotas(p_count, eligible, |m| {
-        (0..p_count).filter(|&p| cur(p).first().map(String::as_str) == Some(m)).count()
+        (0..p_count)
+            .filter(|&p| cur(p).first().map(String::as_str) == Some(m))
+            .count()
     });
     let mut load: HashMap<&str, usize> = eligible.iter().map(|m| (m.as_str(), 0)).collect();
     let mut primary: Vec<Option<String>> = vec![None; p_count];
@@ -48,7 +50,9 @@ pub fn assign(
             .find(|m| is_eligible(m) && load[m.as_str()] < pquotas[m.as_str()]);
         let pick = match from_backups {
             Some(m) => m.clone(),
-            None => least(eligible, &load, &pquotas, |_| true).unwrap_or_else(|| eligible[0].clone()),
+            None => {
+                least(eligible, &load, &pquotas, |_| true).unwrap_or_else(|| eligible[0].clone())
+            }
         };
         *load.get_mut(pick.as_str()).expect("eligible") += 1;
         *slot = Some(pick);
@@ -62,7 +66,9 @@ pub fn assign(
         return owners;
     }
     let bquotas = quotas(p_count * r, eligible, |m| {
-        (0..p_count).filter(|&p| cur(p).iter().skip(1).any(|b| b == m)).count()
+        (0..p_count)
+            .filter(|&p| cur(p).iter().skip(1).any(|b| b == m))
+            .count()
     });
     let mut bload: HashMap<&str, usize> = eligible.iter().map(|m| (m.as_str(), 0)).collect();
     for (p, o) in owners.iter_mut().enumerate() {
@@ -78,8 +84,8 @@ pub fn assign(
     }
     for o in owners.iter_mut() {
         while o.len() <= r {
-            let pick = least(eligible, &bload, &bquotas, |m| !o.iter().any(|x| x == m))
-                .or_else(|| {
+            let pick =
+                least(eligible, &bload, &bquotas, |m| !o.iter().any(|x| x == m)).or_else(|| {
                     // Every member with room is already a replica: take the
                     // least loaded member that is not.
                     eligible
@@ -96,8 +102,15 @@ pub fn assign(
     // Fix-up: move backup slots from the most to the least loaded member
     // until the spread is at most one.
     for _ in 0..p_count * r {
-        let Some((hi, &hi_n)) = bload.iter().max_by_key(|(m, n)| (**n, std::cmp::Reverse(**m))) else { break };
-        let Some((lo, &lo_n)) = bload.iter().min_by_key(|(m, n)| (**n, **m)) else { break };
+        let Some((hi, &hi_n)) = bload
+            .iter()
+            .max_by_key(|(m, n)| (**n, std::cmp::Reverse(**m)))
+        else {
+            break;
+        };
+        let Some((lo, &lo_n)) = bload.iter().min_by_key(|(m, n)| (**n, **m)) else {
+            break;
+        };
         if hi_n <= lo_n + 1 {
             break;
         }
@@ -119,7 +132,7 @@ pub fn assign(
 
 /// Splits `total` slots over `members`: (total mod n) members get one more;
 /// the members that hold the most now (per `held`) get them.
-fn quotas<'a>(total: usize, members: &'a [String], held: impl Fn(&str) -> usize) -> HashMap<&'a str, usize> {
+fn quotas(total: usize, members: &[String], held: impl Fn(&str) -> usize) -> HashMap<&str, usize> {
     let n = members.len();
     let (base, extra) = (total / n, total % n);
     let mut order: Vec<&String> = members.iter().collect();
@@ -169,13 +182,18 @@ mod tests {
                 *back.get_mut(b.as_str()).expect("member") += 1;
             }
         }
-        let spread = |m: &HashMap<&str, usize>| m.values().max().unwrap_or(&0) - m.values().min().unwrap_or(&0);
+        let spread = |m: &HashMap<&str, usize>| {
+            m.values().max().unwrap_or(&0) - m.values().min().unwrap_or(&0)
+        };
         assert!(spread(&prim) <= 1, "primaries unbalanced: {prim:?}");
         assert!(spread(&back) <= 1, "backups unbalanced: {back:?}");
     }
 
     fn moved(a: &[Vec<String>], b: &[Vec<String>]) -> usize {
-        a.iter().zip(b).filter(|(x, y)| x.first() != y.first()).count()
+        a.iter()
+            .zip(b)
+            .filter(|(x, y)| x.first() != y.first())
+            .count()
     }
 
     proptest! {
@@ -235,7 +253,10 @@ mod tests {
             if !owners.is_empty() {
                 let m = moved(&owners, &next);
                 let share = (partitions as usize * added).div_ceil(size) + added;
-                assert!(m <= share, "growing to {size} moved {m} primaries (share {share})");
+                assert!(
+                    m <= share,
+                    "growing to {size} moved {m} primaries (share {share})"
+                );
             }
             owners = next;
         }
@@ -245,7 +266,10 @@ mod tests {
             let next = assign(partitions, 1, &members, &owners);
             check_balanced(&next, &members, 1);
             let m = moved(&owners, &next);
-            assert!(m <= had + size, "shrinking to {size} moved {m} (they had {had})");
+            assert!(
+                m <= had + size,
+                "shrinking to {size} moved {m} (they had {had})"
+            );
             owners = next;
         }
     }

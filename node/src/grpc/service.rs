@@ -70,14 +70,20 @@ fn unexpected() -> Status {
 
 #[tonic::async_trait]
 impl proto::cache_server::Cache for Api {
-    async fn get(&self, req: Request<proto::GetRequest>) -> Result<Response<proto::GetResponse>, Status> {
+    async fn get(
+        &self,
+        req: Request<proto::GetRequest>,
+    ) -> Result<Response<proto::GetResponse>, Status> {
         match self.data(command::Op::Get(req.into_inner())).await? {
             command_result::Result::Get(r) => Ok(Response::new(r)),
             _ => Err(unexpected()),
         }
     }
 
-    async fn put(&self, req: Request<proto::PutRequest>) -> Result<Response<proto::PutResponse>, Status> {
+    async fn put(
+        &self,
+        req: Request<proto::PutRequest>,
+    ) -> Result<Response<proto::PutResponse>, Status> {
         match self.data(command::Op::Put(req.into_inner())).await? {
             command_result::Result::Put(r) => Ok(Response::new(r)),
             _ => Err(unexpected()),
@@ -124,17 +130,34 @@ impl proto::cache_server::Cache for Api {
         }
     }
 
-    async fn keys(&self, req: Request<proto::KeysRequest>) -> Result<Response<proto::KeysResponse>, Status> {
+    async fn keys(
+        &self,
+        req: Request<proto::KeysRequest>,
+    ) -> Result<Response<proto::KeysResponse>, Status> {
         let r = req.into_inner();
-        self.reply(self.node.keys(&r.collection).map(|keys| proto::KeysResponse { keys }))
+        self.reply(
+            self.node
+                .keys(&r.collection)
+                .map(|keys| proto::KeysResponse { keys }),
+        )
     }
 
-    async fn size(&self, req: Request<proto::SizeRequest>) -> Result<Response<proto::SizeResponse>, Status> {
+    async fn size(
+        &self,
+        req: Request<proto::SizeRequest>,
+    ) -> Result<Response<proto::SizeResponse>, Status> {
         let r = req.into_inner();
-        self.reply(self.node.size(&r.collection).map(|size| proto::SizeResponse { size }))
+        self.reply(
+            self.node
+                .size(&r.collection)
+                .map(|size| proto::SizeResponse { size }),
+        )
     }
 
-    async fn clear(&self, req: Request<proto::ClearRequest>) -> Result<Response<proto::ClearResponse>, Status> {
+    async fn clear(
+        &self,
+        req: Request<proto::ClearRequest>,
+    ) -> Result<Response<proto::ClearResponse>, Status> {
         let r = req.into_inner();
         let res = self.node.clear(&r.collection).await;
         self.reply(res.map(|removed| proto::ClearResponse { removed }))
@@ -210,10 +233,12 @@ impl proto::collections_server::Collections for Api {
             .node
             .create_collection(&r.name, r.default_ttl_ms, r.max_entries)
             .await;
-        self.reply(res.map(|(m, created)| proto::GetOrCreateCollectionResponse {
-            settings: Some(settings(&m)),
-            created,
-        }))
+        self.reply(
+            res.map(|(m, created)| proto::GetOrCreateCollectionResponse {
+                settings: Some(settings(&m)),
+                created,
+            }),
+        )
     }
 
     async fn list(
@@ -399,7 +424,10 @@ impl proto::cluster_server::Cluster for Api {
         } else if t.is_empty() {
             "no partition table yet".to_string()
         } else if without > 0 {
-            format!("partitions without an in-sync backup, e.g. {}", examples.join("; "))
+            format!(
+                "partitions without an in-sync backup, e.g. {}",
+                examples.join("; ")
+            )
         } else {
             String::new()
         };

@@ -142,7 +142,13 @@ impl LockTable {
     pub fn replica(&self, key: &Bytes) -> LockReplica {
         let now = self.clock.mono_ms();
         let shard = self.shard(key).lock();
-        shard.get(key).map_or(LockReplica { fence: 0, holder: None }, |st| to_replica(st, now))
+        shard.get(key).map_or(
+            LockReplica {
+                fence: 0,
+                holder: None,
+            },
+            |st| to_replica(st, now),
+        )
     }
 
     /// Sets `key`'s state from its primary (a backup applying replication).
@@ -161,7 +167,10 @@ impl LockTable {
     pub fn snapshot(&self, p: u32) -> Vec<(Bytes, LockReplica)> {
         let now = self.clock.mono_ms();
         let shard = self.shards[p as usize % self.shards.len()].lock();
-        shard.iter().map(|(k, st)| (k.clone(), to_replica(st, now))).collect()
+        shard
+            .iter()
+            .map(|(k, st)| (k.clone(), to_replica(st, now)))
+            .collect()
     }
 
     /// Replaces partition `p`'s locks (a backup receiving a snapshot).
@@ -192,7 +201,8 @@ impl LockTable {
         while st.waiters.front().is_some_and(|w| w.tx.is_closed()) {
             st.waiters.pop_front();
         }
-        (st.holder.is_none() && st.waiters.is_empty()).then(|| st.grant_now(now, hold_ms, self.floor()))
+        (st.holder.is_none() && st.waiters.is_empty())
+            .then(|| st.grant_now(now, hold_ms, self.floor()))
     }
 
     /// Waits in the key's FIFO queue for up to `acquire_timeout`.
@@ -501,7 +511,10 @@ mod replica_tests {
         // A backup takes the state, is promoted in epoch 2: next token is larger.
         let b = LockTable::new(271, clock.clone(), CancellationToken::new());
         b.apply_replica(&Bytes::from("k"), r);
-        assert!(b.try_acquire(&Bytes::from("k"), 1_000).is_none(), "lease still held");
+        assert!(
+            b.try_acquire(&Bytes::from("k"), 1_000).is_none(),
+            "lease still held"
+        );
         b.set_epoch(2);
         clock.advance(5_000);
         let g2 = b.try_acquire(&Bytes::from("k"), 1_000).expect("lease over");

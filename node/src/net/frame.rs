@@ -93,28 +93,54 @@ mod tests {
         write_frame(&mut a, b"hello").await.expect("write");
         write_frame(&mut a, b"").await.expect("write");
         drop(a);
-        assert_eq!(read_frame(&mut b, 100, S, S).await.expect("read"), Some(b"hello".to_vec()));
-        assert_eq!(read_frame(&mut b, 100, S, S).await.expect("read"), Some(Vec::new()));
+        assert_eq!(
+            read_frame(&mut b, 100, S, S).await.expect("read"),
+            Some(b"hello".to_vec())
+        );
+        assert_eq!(
+            read_frame(&mut b, 100, S, S).await.expect("read"),
+            Some(Vec::new())
+        );
         assert_eq!(read_frame(&mut b, 100, S, S).await.expect("read"), None);
     }
 
     #[tokio::test]
     async fn oversized_length_is_refused_before_allocating() {
         let (mut a, mut b) = tokio::io::duplex(1024);
-        tokio::io::AsyncWriteExt::write_all(&mut a, &[0xFF, 0xFF, 0xFF, 0xFF]).await.expect("write");
-        let e = read_frame(&mut b, 1 << 20, S, S).await.expect_err("too large");
-        assert!(matches!(e, FrameError::TooLarge { len: 0xFFFF_FFFF, .. }), "{e}");
+        tokio::io::AsyncWriteExt::write_all(&mut a, &[0xFF, 0xFF, 0xFF, 0xFF])
+            .await
+            .expect("write");
+        let e = read_frame(&mut b, 1 << 20, S, S)
+            .await
+            .expect_err("too large");
+        assert!(
+            matches!(
+                e,
+                FrameError::TooLarge {
+                    len: 0xFFFF_FFFF,
+                    ..
+                }
+            ),
+            "{e}"
+        );
     }
 
     #[tokio::test]
     async fn truncated_and_slow_frames_fail() {
         let (mut a, mut b) = tokio::io::duplex(1024);
-        tokio::io::AsyncWriteExt::write_all(&mut a, &[0, 0, 0, 10, 1, 2]).await.expect("write");
+        tokio::io::AsyncWriteExt::write_all(&mut a, &[0, 0, 0, 10, 1, 2])
+            .await
+            .expect("write");
         drop(a);
-        assert!(matches!(read_frame(&mut b, 100, S, S).await, Err(FrameError::Truncated)));
+        assert!(matches!(
+            read_frame(&mut b, 100, S, S).await,
+            Err(FrameError::Truncated)
+        ));
 
         let (mut a, mut b) = tokio::io::duplex(1024);
-        tokio::io::AsyncWriteExt::write_all(&mut a, &[0, 0]).await.expect("write");
+        tokio::io::AsyncWriteExt::write_all(&mut a, &[0, 0])
+            .await
+            .expect("write");
         let e = read_frame(&mut b, 100, S, Duration::from_millis(50)).await;
         assert!(matches!(e, Err(FrameError::Timeout(_))));
         drop(a);

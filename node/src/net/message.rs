@@ -212,12 +212,25 @@ mod tests {
         };
         let back = decode(&encode(&env).expect("encode")).expect("decode");
         assert_eq!(back.id, 7);
-        assert!(matches!(back.body, Body::Request(Request::Replicate { epoch: 3, partition: 9, .. })));
+        assert!(matches!(
+            back.body,
+            Body::Request(Request::Replicate {
+                epoch: 3,
+                partition: 9,
+                ..
+            })
+        ));
     }
 
     #[test]
     fn garbage_and_deep_nesting_are_errors_not_panics() {
-        for junk in [&b""[..], b"\xc1", b"\xff\xff\xff", &[0x91; 100_000][..], &[0xdd, 0xff, 0xff, 0xff, 0xff][..]] {
+        for junk in [
+            &b""[..],
+            b"\xc1",
+            b"\xff\xff\xff",
+            &[0x91; 100_000][..],
+            &[0xdd, 0xff, 0xff, 0xff, 0xff][..],
+        ] {
             assert!(decode(junk).is_err());
         }
     }

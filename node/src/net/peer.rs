@@ -125,7 +125,10 @@ async fn connection(
             Err(e) => break Err(format!("undecodable frame: {e}")),
         };
         if env.version != PROTOCOL_VERSION {
-            break Err(format!("protocol version {} (expected {PROTOCOL_VERSION})", env.version));
+            break Err(format!(
+                "protocol version {} (expected {PROTOCOL_VERSION})",
+                env.version
+            ));
         }
         let Body::Request(req) = env.body else {
             break Err("response frame on a server connection".to_string());
@@ -175,6 +178,9 @@ struct Pool {
 /// Outbound connections to every peer, by peer address.
 pub struct Peers {
     limits: PeerLimits,
+    /// Source address of outgoing connections (this node's peer IP), so
+    /// that per-address network rules see who talks to whom.
+    bind_ip: Option<std::net::IpAddr>,
     pools: Mutex<HashMap<String, Arc<Pool>>>,
     next_id: AtomicU64,
     shutdown: CancellationToken,
@@ -182,15 +188,22 @@ pub struct Peers {
 
 impl std::fmt::Debug for Peers {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Peers").field("pools", &self.pools.lock().len()).finish()
+        f.debug_struct("Peers")
+            .field("pools", &self.pools.lock().len())
+            .finish()
     }
 }
 
 impl Peers {
     /// An empty pool set; connection tasks end when `shutdown` fires.
-    pub fn new(limits: PeerLimits, shutdown: CancellationToken) -> Self {
+    pub fn new(
+        limits: PeerLimits,
+        bind_ip: Option<std::net::IpAddr>,
+        shutdown: CancellationToken,
+    ) -> Self {
         Peers {
             limits,
+            bind_ip: bind_ip.filter(|ip| !ip.is_unspecified()),
             pools: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             shutdown,
@@ -219,7 +232,28 @@ impl Peers {
         if let Some(c) = slot.as_ref().filter(|c| !c.is_closed()) {
             return Ok(c.clone());
         }
-        let stream = tokio::time::timeout(self.limits.connect_timeout, TcpStream::connect(addr))
+        let connect = async {
+            let target: std::net::SocketAddr = match addr.parse() {
+                Ok(a) => a,
+                Err(_) => tokio::net::lookup_host(addr)
+                    .await?
+                    .next()
+                    .ok_or_else(|| std::io::Error::other("no address"))?,
+            };
+            match self.bind_ip.filter(|ip| ip.is_ipv4() == target.is_ipv4()) {
+                Some(ip) => {
+                    let sock = if ip.is_ipv4() {
+                        tokio::net::TcpSocket::new_v4()?
+                    } else {
+                        tokio::net::TcpSocket::new_v6()?
+                    };
+                    sock.bind(std::net::SocketAddr::new(ip, 0))?;
+                    sock.connect(target).await
+                }
+                None => TcpStream::connect(target).await,
+            }
+        };
+        let stream = tokio::time::timeout(self.limits.connect_timeout, connect)
             .await
             .map_err(|_| Error::Unavailable(format!("connect to peer {addr} timed out")))?
             .map_err(|e| Error::Unavailable(format!("connect to peer {addr}: {e}")))?;

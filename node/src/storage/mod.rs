@@ -3,6 +3,6 @@
 mod store;
 
 pub use store::{
-    CollectionMeta, Limits, LockReplica, MAX_COLLECTION_NAME_BYTES, PartitionSnapshot, ReplOp, Store,
-    Written,
+    CollectionMeta, Limits, LockReplica, MAX_COLLECTION_NAME_BYTES, PartitionSnapshot, ReplOp,
+    Store, Written,
 };

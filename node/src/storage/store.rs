@@ -80,11 +80,14 @@ pub struct LockReplica {
     pub holder: Option<(u64, u64)>,
 }
 
+/// (key, value, expires_at) of one entry in a snapshot.
+pub type SnapshotEntry = (Bytes, Bytes, u64);
+
 /// The whole state of one partition.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PartitionSnapshot {
     /// (collection, [(key, value, expires_at)]).
-    pub collections: Vec<(String, Vec<(Bytes, Bytes, u64)>)>,
+    pub collections: Vec<(String, Vec<SnapshotEntry>)>,
     /// Locks of the partition.
     pub locks: Vec<(Bytes, LockReplica)>,
 }
@@ -305,7 +308,13 @@ impl Store {
     /// Stores `value` under `key`; `ttl_ms` None or 0 = the collection
     /// default. Returns what was written (with its absolute expiry) and the
     /// entries LRU eviction removed, for replication.
-    pub fn put(&self, collection: &str, key: Bytes, value: Bytes, ttl_ms: Option<u64>) -> Result<Written> {
+    pub fn put(
+        &self,
+        collection: &str,
+        key: Bytes,
+        value: Bytes,
+        ttl_ms: Option<u64>,
+    ) -> Result<Written> {
         let meta = self.collection(collection)?;
         self.check_key(&key)?;
         self.check_value(&value)?;
@@ -315,7 +324,14 @@ impl Store {
         Ok(w)
     }
 
-    fn put_in(&self, meta: &CollectionMeta, key: Bytes, value: Bytes, expires_at: u64, w: &mut Written) -> Result<()> {
+    fn put_in(
+        &self,
+        meta: &CollectionMeta,
+        key: Bytes,
+        value: Bytes,
+        expires_at: u64,
+        w: &mut Written,
+    ) -> Result<()> {
         let p = self.partition(meta, &key);
         let mut evicted = Vec::new();
         {
@@ -343,9 +359,12 @@ impl Store {
             if let Some(lru) = &meta.lru {
                 let mut index = lru.lock();
                 index.put((p, key), ());
-                let limit = meta.node_limit(self.primaries.load(Ordering::Relaxed), self.partition_count);
+                let limit =
+                    meta.node_limit(self.primaries.load(Ordering::Relaxed), self.partition_count);
                 while index.len() as u64 > limit {
-                    let Some(((vp, vk), ())) = index.pop_lru() else { break };
+                    let Some(((vp, vk), ())) = index.pop_lru() else {
+                        break;
+                    };
                     if vp == p {
                         map.remove(&vk);
                         w.ops.push((
@@ -379,7 +398,9 @@ impl Store {
     /// since; true if it removed it.
     fn remove_evicted(&self, meta: &CollectionMeta, p: u32, key: &Bytes) -> bool {
         let mut part = self.partitions[p as usize].write();
-        let Some(map) = part.get_mut(&*meta.name) else { return false };
+        let Some(map) = part.get_mut(&*meta.name) else {
+            return false;
+        };
         let reindexed = meta
             .lru
             .as_ref()
@@ -400,8 +421,12 @@ impl Store {
         let p = self.partition(meta, key);
         let now = self.clock.wall_ms();
         let mut part = self.partitions[p as usize].write();
-        let Some(map) = part.get_mut(&*meta.name) else { return false };
-        let Some(old) = map.remove(key) else { return false };
+        let Some(map) = part.get_mut(&*meta.name) else {
+            return false;
+        };
+        let Some(old) = map.remove(key) else {
+            return false;
+        };
         if let Some(l) = &meta.lru {
             l.lock().pop(&(p, key.clone()));
         }
@@ -458,7 +483,10 @@ impl Store {
         self.check_batch(keys.len())?;
         keys.iter().try_for_each(|k| self.check_key(k))?;
         let mut w = Written::default();
-        let n = keys.iter().filter(|k| self.delete_in(&meta, k, &mut w)).count() as u64;
+        let n = keys
+            .iter()
+            .filter(|k| self.delete_in(&meta, k, &mut w))
+            .count() as u64;
         Ok((n, w))
     }
 
@@ -474,7 +502,11 @@ impl Store {
                 continue;
             }
             if let Some(map) = part.read().get(&*meta.name) {
-                out.extend(map.iter().filter(|(_, e)| e.live(now)).map(|(k, _)| k.clone()));
+                out.extend(
+                    map.iter()
+                        .filter(|(_, e)| e.live(now))
+                        .map(|(k, _)| k.clone()),
+                );
             }
         }
         Ok(out)
@@ -510,13 +542,17 @@ impl Store {
     }
 
     fn clear_meta(&self, meta: &CollectionMeta) -> u64 {
-        (0..self.partition_count).map(|p| self.clear_in(meta, p)).sum()
+        (0..self.partition_count)
+            .map(|p| self.clear_in(meta, p))
+            .sum()
     }
 
     fn clear_in(&self, meta: &CollectionMeta, p: u32) -> u64 {
         let now = self.clock.wall_ms();
         let mut part = self.partitions[p as usize].write();
-        let Some(map) = part.remove(&*meta.name) else { return 0 };
+        let Some(map) = part.remove(&*meta.name) else {
+            return 0;
+        };
         let mut index = meta.lru.as_ref().map(|l| l.lock());
         let mut removed = 0;
         for (k, e) in map {
@@ -646,7 +682,9 @@ impl Store {
     pub fn index_partition(&self, p: u32) {
         let part = self.partitions[p as usize].read();
         for meta in self.collections.read().values() {
-            let (Some(lru), Some(map)) = (&meta.lru, part.get(&*meta.name)) else { continue };
+            let (Some(lru), Some(map)) = (&meta.lru, part.get(&*meta.name)) else {
+                continue;
+            };
             let mut index = lru.lock();
             for k in map.keys() {
                 if !index.contains(&(p, k.clone())) {
@@ -660,7 +698,9 @@ impl Store {
     pub fn unindex_partition(&self, p: u32) {
         let part = self.partitions[p as usize].read();
         for meta in self.collections.read().values() {
-            let (Some(lru), Some(map)) = (&meta.lru, part.get(&*meta.name)) else { continue };
+            let (Some(lru), Some(map)) = (&meta.lru, part.get(&*meta.name)) else {
+                continue;
+            };
             let mut index = lru.lock();
             for k in map.keys() {
                 index.pop(&(p, k.clone()));

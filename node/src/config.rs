@@ -34,6 +34,10 @@ pub const DEFAULT_ANTI_ENTROPY_SECS: u64 = 60;
 pub const DEFAULT_LEAVE_TIMEOUT_SECS: u64 = 30;
 /// Default largest peer frame (256 MiB).
 pub const DEFAULT_PEER_MAX_FRAME_BYTES: u64 = 256 * 1024 * 1024;
+/// Default WAL segment size (64 MiB).
+pub const DEFAULT_WAL_MAX_SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
+/// Default WAL checkpoint period (s; seed: 5 min).
+pub const DEFAULT_WAL_CHECKPOINT_SECS: u64 = 300;
 /// Default peer frame completion timeout (ms).
 pub const DEFAULT_PEER_FRAME_TIMEOUT_MS: u64 = 10_000;
 /// Default lock lease when a request gives none (ms).
@@ -107,6 +111,21 @@ pub struct NodeConfig {
     /// Largest peer frame accepted, bytes (checked before allocating).
     #[arg(long, env = "DISTCACHE_PEER_MAX_FRAME_BYTES", default_value_t = DEFAULT_PEER_MAX_FRAME_BYTES)]
     pub peer_max_frame_bytes: u64,
+    /// Directory of the write-ahead log (none: pure in-memory).
+    #[arg(long, env = "DISTCACHE_WAL_DIR")]
+    pub wal_dir: Option<PathBuf>,
+    /// fsync the log before acknowledging a write (group commit shares fsyncs).
+    #[arg(long, env = "DISTCACHE_WAL_FSYNC", default_value_t = true, action = clap::ArgAction::Set)]
+    pub wal_fsync: bool,
+    /// Log segment size before rotation, bytes.
+    #[arg(long, env = "DISTCACHE_WAL_MAX_SEGMENT_BYTES", default_value_t = DEFAULT_WAL_MAX_SEGMENT_BYTES)]
+    pub wal_max_segment_bytes: u64,
+    /// Period of the log checkpoint (compaction), seconds.
+    #[arg(long, env = "DISTCACHE_WAL_CHECKPOINT_INTERVAL_SECS", default_value_t = DEFAULT_WAL_CHECKPOINT_SECS)]
+    pub wal_checkpoint_interval_secs: u64,
+    /// Start even when the log is damaged mid-way, keeping only the records before the damage.
+    #[arg(long, env = "DISTCACHE_WAL_SKIP_CORRUPT")]
+    pub wal_skip_corrupt: bool,
     /// A started peer frame must complete within this, ms (slow senders are cut off).
     #[arg(long, env = "DISTCACHE_PEER_FRAME_TIMEOUT_MS", default_value_t = DEFAULT_PEER_FRAME_TIMEOUT_MS)]
     pub peer_frame_timeout_ms: u64,
@@ -140,6 +159,11 @@ impl Default for NodeConfig {
             leave_timeout_secs: DEFAULT_LEAVE_TIMEOUT_SECS,
             peer_max_frame_bytes: DEFAULT_PEER_MAX_FRAME_BYTES,
             peer_frame_timeout_ms: DEFAULT_PEER_FRAME_TIMEOUT_MS,
+            wal_dir: None,
+            wal_fsync: true,
+            wal_max_segment_bytes: DEFAULT_WAL_MAX_SEGMENT_BYTES,
+            wal_checkpoint_interval_secs: DEFAULT_WAL_CHECKPOINT_SECS,
+            wal_skip_corrupt: false,
             log: "info".into(),
         }
     }

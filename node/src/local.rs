@@ -25,6 +25,10 @@ pub struct LocalArgs {
     /// Backups per partition.
     #[arg(long, default_value_t = 1)]
     backup_count: u32,
+    /// Persist each member's data under DIR/<member name>/ (the WAL): stopping
+    /// and re-running the same command brings the data back.
+    #[arg(long)]
+    wal: bool,
     /// Extra flags passed to every node (e.g. `--failure-timeout-ms=2000`).
     #[arg(last = true)]
     extra: Vec<String>,
@@ -47,6 +51,11 @@ fn spawn(
     Command::new(exe)
         .args(["--listen", &m.grpc, "--name", &m.name, "--members", members])
         .args(["--backup-count", &args.backup_count.to_string()])
+        .args(if args.wal {
+            vec!["--wal-dir".to_string(), dir.join(&m.name).display().to_string()]
+        } else {
+            Vec::new()
+        })
         .args(&args.extra)
         .stdin(Stdio::null())
         .stdout(Stdio::null())

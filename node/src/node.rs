@@ -21,6 +21,7 @@ use crate::error::{Error, Result};
 use crate::locking::LockTable;
 use crate::net::message::{Request, Response};
 use crate::net::peer::{self, Handler, PeerLimits, Peers};
+use crate::storage::wal::{self, Wal, WalRecord};
 use crate::storage::{Limits, Store};
 
 /// One distcache node. Create with [`Node::new`], start its background
@@ -36,10 +37,43 @@ pub struct Node {
     pub cluster: Cluster,
     /// Outbound peer connections.
     pub peers: Peers,
+    /// The write-ahead log, when `--wal-dir` is set.
+    pub wal: Option<Arc<Wal>>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
     pub(crate) syncing: parking_lot::Mutex<HashSet<(u32, String)>>,
     pub(crate) rounds: std::sync::atomic::AtomicU64,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(1, |d| d.as_millis() as u64)
+}
+
+/// The persisted incarnation of member `name` in `dir` (created on first
+/// start): a restart with its log is the same replica, not a new one.
+fn identity(dir: &std::path::Path, name: &str) -> Result<u64> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::Internal(format!("wal dir {}: {e}", dir.display())))?;
+    let path = dir.join("identity");
+    if let Ok(text) = std::fs::read_to_string(&path) {
+        let mut parts = text.split_whitespace();
+        if let (Some(n), Some(inc)) = (parts.next(), parts.next().and_then(|i| i.parse().ok())) {
+            if n == name {
+                return Ok(inc);
+            }
+            return Err(Error::InvalidArgument(format!(
+                "WAL dir {} belongs to member {n:?}, not {name:?}",
+                dir.display()
+            )));
+        }
+    }
+    let inc = now_ms();
+    let tmp = dir.join("identity.tmp");
+    std::fs::write(&tmp, format!("{name} {inc}\n"))
+        .and_then(|()| std::fs::rename(&tmp, &path))
+        .map_err(|e| Error::Internal(format!("writing {}: {e}", path.display())))?;
+    Ok(inc)
 }
 
 fn provider(config: &NodeConfig) -> Result<Box<dyn MembersProvider>> {
@@ -86,9 +120,10 @@ impl Node {
             .iter()
             .find(|m| m.name == name)
             .map_or(grpc, |m| m.grpc.clone());
-        let incarnation = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(1, |d| d.as_millis() as u64);
+        let incarnation = match &config.wal_dir {
+            Some(dir) => identity(dir, &name)?,
+            None => now_ms(),
+        };
         let shutdown = CancellationToken::new();
         let limits = Limits {
             max_key_bytes: config.max_key_bytes,
@@ -112,7 +147,22 @@ impl Node {
             peer: peer_addr,
             incarnation,
         };
-        Ok(Arc::new(Node {
+        let (wal, recovered) = match &config.wal_dir {
+            Some(dir) => {
+                let started = std::time::Instant::now();
+                let rec = wal::recover(dir, config.wal_skip_corrupt)?;
+                tracing::info!(
+                    records = rec.records.len(),
+                    truncated = rec.truncated_bytes,
+                    elapsed = ?started.elapsed(),
+                    "WAL read"
+                );
+                let w = Wal::open(dir, config.wal_fsync, config.wal_max_segment_bytes)?;
+                (Some(Arc::new(w)), rec.records)
+            }
+            None => (None, Vec::new()),
+        };
+        let node = Arc::new(Node {
             store: Store::new(config.partition_count, clock.clone(), limits),
             locks: LockTable::new(config.partition_count, clock, shutdown.clone()),
             cluster: Cluster::new(me, provider, cluster_config, config.partition_count),
@@ -122,7 +172,100 @@ impl Node {
             tasks: TaskTracker::new(),
             syncing: parking_lot::Mutex::new(HashSet::new()),
             rounds: std::sync::atomic::AtomicU64::new(0),
-        }))
+            wal,
+        });
+        node.replay(recovered);
+        Ok(node)
+    }
+
+    /// Rebuilds state from recovered log records (in log order).
+    fn replay(&self, records: Vec<WalRecord>) {
+        if records.is_empty() {
+            return;
+        }
+        let mut table: Option<Table> = None;
+        for r in records {
+            match r {
+                WalRecord::Ops { partition, ops } => {
+                    self.store.apply(partition, &ops);
+                    for op in &ops {
+                        if let crate::storage::ReplOp::Lock { key, state } = op {
+                            self.locks.apply_replica(key, *state);
+                        }
+                    }
+                }
+                WalRecord::Install { partition, snapshot } => {
+                    self.store.install(partition, &snapshot);
+                    self.locks.install(partition, &snapshot.locks);
+                }
+                WalRecord::Drop { partition } => {
+                    self.store.drop_partition(partition);
+                    self.locks.install(partition, &[]);
+                }
+                WalRecord::CreateCollection {
+                    name,
+                    default_ttl_ms,
+                    max_entries,
+                } => {
+                    let _ = self.store.get_or_create_collection(&name, default_ttl_ms, max_entries);
+                }
+                WalRecord::DeleteCollection { name } => {
+                    let _ = self.store.delete_collection(&name);
+                }
+                WalRecord::Table(bytes) => match rmp_serde::from_slice::<Table>(&bytes) {
+                    Ok(t) => table = Some(t),
+                    Err(e) => tracing::warn!(error = %e, "WAL: unreadable table record ignored"),
+                },
+            }
+        }
+        if let Some(t) = table.filter(|t| t.partition_count == self.store.partition_count()) {
+            // Everything this node held at that epoch is in its log: its
+            // replicas are loaded. Peers with newer tables override it.
+            let mut primaries = 0;
+            for p in 0..t.partition_count {
+                match t.role_of(&self.cluster.me, p) {
+                    Role::Primary => {
+                        primaries += 1;
+                        self.store.index_partition(p);
+                        self.cluster.parts[p as usize].loaded.store(true, Ordering::SeqCst);
+                    }
+                    Role::Backup => self.cluster.parts[p as usize].loaded.store(true, Ordering::SeqCst),
+                    Role::None => {}
+                }
+            }
+            self.store.set_primaries(primaries);
+            self.locks.set_epoch(t.epoch);
+            *self.cluster.promised.lock() = t.epoch;
+            tracing::info!(epoch = t.epoch, primaries, "partition table restored from the WAL");
+            self.cluster.set_table(Arc::new(t));
+        }
+    }
+
+    /// Writes a checkpoint of the whole state and drops the log it replaces.
+    pub async fn checkpoint(&self) -> Result<u64> {
+        let Some(wal) = &self.wal else { return Ok(0) };
+        wal.checkpoint(|| {
+            let mut recs = Vec::new();
+            for m in self.store.list_collections() {
+                recs.push(WalRecord::CreateCollection {
+                    name: m.name.to_string(),
+                    default_ttl_ms: m.default_ttl_ms,
+                    max_entries: m.max_entries,
+                });
+            }
+            for p in 0..self.store.partition_count() {
+                let mut snapshot = self.store.snapshot(p);
+                snapshot.locks = self.locks.snapshot(p);
+                if !snapshot.collections.is_empty() || !snapshot.locks.is_empty() {
+                    recs.push(WalRecord::Install { partition: p, snapshot });
+                }
+            }
+            if let Ok(t) = rmp_serde::to_vec(&*self.cluster.table()) {
+                recs.push(WalRecord::Table(t.into()));
+            }
+            recs
+        })
+        .await
     }
 
     /// Starts the background tasks; `peer_listener` serves the node <-> node
@@ -165,6 +308,19 @@ impl Node {
             let node = node.clone();
             async move { node.anti_entropy().await }
         });
+        if self.wal.is_some() {
+            let node = self.clone();
+            let period = Duration::from_secs(self.config.wal_checkpoint_interval_secs.max(1));
+            self.every(period, move || {
+                let node = node.clone();
+                async move {
+                    match node.checkpoint().await {
+                        Ok(bytes) => tracing::info!(bytes, "WAL checkpoint written"),
+                        Err(e) => tracing::warn!(error = %e, "WAL checkpoint failed"),
+                    }
+                }
+            });
+        }
         if let Some(listener) = peer_listener {
             let node = self.clone();
             let handler: Handler = Arc::new(move |req| {
@@ -229,6 +385,9 @@ impl Node {
         self.shutdown.cancel();
         self.tasks.close();
         self.tasks.wait().await;
+        if let Some(wal) = &self.wal {
+            wal.close();
+        }
     }
 
     /// Fires when shutdown begins.
@@ -456,6 +615,7 @@ impl Node {
             return;
         }
         let mut primaries = 0;
+        let mut dropped = Vec::new();
         for p in 0..new.partition_count {
             let st = &c.parts[p as usize];
             let (was, now) = (old.role_of(&c.me, p), new.role_of(&c.me, p));
@@ -491,6 +651,7 @@ impl Node {
                     if was != Role::None {
                         st.loaded.store(false, Ordering::SeqCst);
                         self.store.drop_partition(p);
+                        dropped.push(p);
                     }
                 }
             }
@@ -502,6 +663,13 @@ impl Node {
             *promised = (*promised).max(new.epoch);
         }
         tracing::debug!(epoch = new.epoch, primaries, "table installed");
+        if let Some(wal) = &self.wal {
+            let mut recs: Vec<WalRecord> = dropped.iter().map(|p| WalRecord::Drop { partition: *p }).collect();
+            if let Ok(t) = rmp_serde::to_vec(&new) {
+                recs.push(WalRecord::Table(t.into()));
+            }
+            wal.append_nowait(&recs);
+        }
         c.set_table(Arc::new(new));
     }
 

@@ -155,18 +155,9 @@ impl Node {
                 let p = partition_for(&meta.name, &r.key, count);
                 match self.route(&table, p)? {
                     Route::Local => {
-                        self.write(&table, vec![p], || {
-                            Ok((
-                                (),
-                                self.store.put(
-                                    &r.collection,
-                                    r.key.clone(),
-                                    r.value.clone(),
-                                    r.ttl_ms,
-                                )?,
-                            ))
-                        })
-                        .await?;
+                        let planned = vec![self.store.plan_put(&r.collection, r.key, r.value, r.ttl_ms)?];
+                        self.write(&table, vec![p], planned, |ops| self.store.apply_planned(ops))
+                            .await?;
                         Ok(R::Put(proto::PutResponse {}))
                     }
                     Route::Remote(_) if forwarded => Err(self.not_owner(p)),
@@ -178,10 +169,11 @@ impl Node {
                 let p = partition_for(&meta.name, &r.key, count);
                 match self.route(&table, p)? {
                     Route::Local => {
-                        let deleted = self
-                            .write(&table, vec![p], || self.store.delete(&r.collection, &r.key))
+                        let planned = self.store.plan_deletes(&r.collection, std::slice::from_ref(&r.key))?;
+                        let live = self
+                            .write(&table, vec![p], planned, |ops| self.store.apply_planned(ops))
                             .await?;
-                        Ok(R::Delete(proto::DeleteResponse { deleted }))
+                        Ok(R::Delete(proto::DeleteResponse { deleted: live > 0 }))
                     }
                     Route::Remote(_) if forwarded => Err(self.not_owner(p)),
                     Route::Remote(addr) => {
@@ -224,14 +216,12 @@ impl Node {
                 for (route, entries) in groups {
                     match route {
                         Route::Local => {
-                            let parts =
-                                partitions_of(entries.iter().map(|kv| &kv.key), &meta, count);
                             let pairs: Vec<(Bytes, Bytes)> =
                                 entries.into_iter().map(|kv| (kv.key, kv.value)).collect();
-                            self.write(&table, parts, || {
-                                Ok(((), self.store.put_many(&r.collection, pairs, r.ttl_ms)?))
-                            })
-                            .await?;
+                            let planned = self.store.plan_puts(&r.collection, pairs, r.ttl_ms)?;
+                            let parts = planned.iter().map(|(p, _)| *p).collect();
+                            self.write(&table, parts, planned, |ops| self.store.apply_planned(ops))
+                                .await?;
                         }
                         Route::Remote(addr) => {
                             let op = command::Op::PutMany(proto::PutManyRequest {
@@ -257,11 +247,10 @@ impl Node {
                 for (route, keys) in groups {
                     match route {
                         Route::Local => {
-                            let parts = partitions_of(keys.iter(), &meta, count);
+                            let planned = self.store.plan_deletes(&r.collection, &keys)?;
+                            let parts = planned.iter().map(|(p, _)| *p).collect();
                             deleted += self
-                                .write(&table, parts, || {
-                                    self.store.delete_many(&r.collection, &keys)
-                                })
+                                .write(&table, parts, planned, |ops| self.store.apply_planned(ops))
                                 .await?;
                         }
                         Route::Remote(addr) => {
@@ -322,7 +311,8 @@ impl Node {
         &self,
         table: &Table,
         mut parts: Vec<u32>,
-        f: impl FnOnce() -> Result<(R, Written)>,
+        planned: Vec<(u32, ReplOp)>,
+        apply: impl FnOnce(Vec<(u32, ReplOp)>) -> Result<(R, Written)>,
     ) -> Result<R> {
         let c = &self.cluster;
         if !c.quorum() {
@@ -350,7 +340,17 @@ impl Node {
                 return Err(self.not_owner(p));
             }
         }
-        let (r, written) = f()?;
+        // Write-ahead: the planned writes are logged before they are applied.
+        self.log_ops(&planned).await?;
+        let (r, written) = apply(planned)?;
+        // Consequences known only after applying (LRU evictions, lock states).
+        let after: Vec<(u32, ReplOp)> = written
+            .evicted
+            .iter()
+            .chain(written.ops.iter().filter(|(_, op)| matches!(op, ReplOp::Lock { .. })))
+            .cloned()
+            .collect();
+        self.log_ops(&after).await?;
         let t1 = std::time::Instant::now();
         let rep = self.replicate(table, written.ops).await;
         if t1.elapsed() > Duration::from_millis(500) {
@@ -362,6 +362,25 @@ impl Node {
             self.replicate_evictions(written.evicted_elsewhere).await;
         }
         Ok(r)
+    }
+
+    /// Logs `ops` (grouped per partition, in order) and waits for the log.
+    pub(crate) async fn log_ops(&self, ops: &[(u32, ReplOp)]) -> Result<()> {
+        let Some(wal) = &self.wal else { return Ok(()) };
+        if ops.is_empty() {
+            return Ok(());
+        }
+        let mut recs: Vec<crate::storage::wal::WalRecord> = Vec::new();
+        for (p, op) in ops {
+            match recs.last_mut() {
+                Some(crate::storage::wal::WalRecord::Ops { partition, ops }) if *partition == *p => ops.push(op.clone()),
+                _ => recs.push(crate::storage::wal::WalRecord::Ops {
+                    partition: *p,
+                    ops: vec![op.clone()],
+                }),
+            }
+        }
+        wal.append_all(&recs).await
     }
 
     /// Sends `ops` to the in-sync backups of their partitions (partition
@@ -427,9 +446,6 @@ impl Node {
     /// released, so locks are never taken out of order). A failure marks the
     /// backup out of sync; anti-entropy repairs it.
     async fn replicate_evictions(&self, ops: Vec<(u32, ReplOp)>) {
-        if self.cluster.config.backup_count == 0 {
-            return;
-        }
         let mut per_part: BTreeMap<u32, Vec<(u32, ReplOp)>> = BTreeMap::new();
         for (p, op) in ops {
             per_part.entry(p).or_default().push((p, op));
@@ -437,7 +453,7 @@ impl Node {
         for (p, ops) in per_part {
             let _g = self.cluster.parts[p as usize].repl.lock().await;
             let table = self.cluster.table();
-            if table.role_of(&self.cluster.me, p) == Role::Primary {
+            if table.role_of(&self.cluster.me, p) == Role::Primary && self.log_ops(&ops).await.is_ok() {
                 let _ = self.replicate(&table, ops).await;
             }
         }
@@ -498,20 +514,9 @@ impl Node {
         let mut removed = 0;
         for p in (0..t.partition_count).filter(|p| t.role_of(&self.cluster.me, *p) == Role::Primary)
         {
+            let planned = vec![(p, ReplOp::Clear { collection: meta.name.to_string() })];
             removed += self
-                .write(&t, vec![p], || {
-                    let n = self.store.clear_partition(&meta.name, p)?;
-                    let w = Written {
-                        ops: vec![(
-                            p,
-                            ReplOp::Clear {
-                                collection: meta.name.to_string(),
-                            },
-                        )],
-                        evicted_elsewhere: Vec::new(),
-                    };
-                    Ok((n, w))
-                })
+                .write(&t, vec![p], planned, |ops| self.store.apply_planned(ops))
                 .await?;
         }
         Ok(removed)
@@ -526,6 +531,16 @@ impl Node {
         ttl: u64,
         max: u64,
     ) -> Result<(Arc<CollectionMeta>, bool)> {
+        if let Some(wal) = &self.wal
+            && self.store.collection(name).is_err()
+        {
+            wal.append(&crate::storage::wal::WalRecord::CreateCollection {
+                name: resolve_collection(name).to_string(),
+                default_ttl_ms: ttl,
+                max_entries: max,
+            })
+            .await?;
+        }
         let (meta, created) = self.store.get_or_create_collection(name, ttl, max)?;
         if created {
             self.broadcast(CollectionOp::Create {
@@ -540,6 +555,15 @@ impl Node {
 
     /// Deletes a collection here and on every live member.
     pub async fn delete_collection(&self, name: &str) -> Result<bool> {
+        if let Some(wal) = &self.wal
+            && self.store.collection(name).is_ok()
+            && resolve_collection(name) != distcache_client::partition::DEFAULT_COLLECTION
+        {
+            wal.append(&crate::storage::wal::WalRecord::DeleteCollection {
+                name: resolve_collection(name).to_string(),
+            })
+            .await?;
+        }
         let deleted = self.store.delete_collection(name)?;
         self.broadcast(CollectionOp::Delete {
             name: resolve_collection(name).to_string(),
@@ -568,7 +592,22 @@ impl Node {
         }
     }
 
-    fn apply_collection(&self, op: &CollectionOp) -> Result<()> {
+    async fn apply_collection(&self, op: &CollectionOp) -> Result<()> {
+        if let Some(wal) = &self.wal {
+            let rec = match op {
+                CollectionOp::Create {
+                    name,
+                    default_ttl_ms,
+                    max_entries,
+                } => crate::storage::wal::WalRecord::CreateCollection {
+                    name: name.clone(),
+                    default_ttl_ms: *default_ttl_ms,
+                    max_entries: *max_entries,
+                },
+                CollectionOp::Delete { name } => crate::storage::wal::WalRecord::DeleteCollection { name: name.clone() },
+            };
+            wal.append(&rec).await?;
+        }
         match op {
             CollectionOp::Create {
                 name,
@@ -600,7 +639,14 @@ impl Node {
             .await
         {
             for (name, ttl, max) in list {
-                let _ = self.store.get_or_create_collection(&name, ttl, max);
+                if self.store.collection(&name).is_err() {
+                    let op = CollectionOp::Create {
+                        name,
+                        default_ttl_ms: ttl,
+                        max_entries: max,
+                    };
+                    let _ = self.apply_collection(&op).await;
+                }
             }
         }
     }
@@ -616,21 +662,10 @@ impl Node {
 
     /// Replicates `key`'s lock state (after a change on this primary).
     async fn replicate_lock(&self, table: &Table, p: u32, key: &Bytes) -> Result<()> {
-        self.write(table, vec![p], || {
+        self.write(table, vec![p], Vec::new(), |_| {
             let state = self.locks.replica(key);
-            Ok((
-                (),
-                Written {
-                    ops: vec![(
-                        p,
-                        ReplOp::Lock {
-                            key: key.clone(),
-                            state,
-                        },
-                    )],
-                    evicted_elsewhere: Vec::new(),
-                },
-            ))
+            let ops = vec![(p, ReplOp::Lock { key: key.clone(), state })];
+            Ok(((), Written { ops, ..Written::default() }))
         })
         .await
     }
@@ -938,6 +973,10 @@ impl Node {
             } => match self.backup_check(epoch, partition) {
                 Ok(()) => {
                     let _g = c.parts[partition as usize].repl.lock().await;
+                    let logged: Vec<(u32, ReplOp)> = ops.iter().map(|o| (partition, o.clone())).collect();
+                    if let Err(e) = self.log_ops(&logged).await {
+                        return Response::Error(e.to_wire());
+                    }
                     self.store.apply(partition, &ops);
                     for op in &ops {
                         if let ReplOp::Lock { key, state } = op {
@@ -960,6 +999,15 @@ impl Node {
                 }
                 let st = &c.parts[partition as usize];
                 let _g = st.repl.lock().await;
+                if let Some(wal) = &self.wal {
+                    let rec = crate::storage::wal::WalRecord::Install {
+                        partition,
+                        snapshot: snapshot.clone(),
+                    };
+                    if let Err(e) = wal.append(&rec).await {
+                        return Response::Error(e.to_wire());
+                    }
+                }
                 self.store.install(partition, &snapshot);
                 self.locks.install(partition, &snapshot.locks);
                 st.snap_seq.store(seq, Ordering::SeqCst);
@@ -967,7 +1015,7 @@ impl Node {
                 Response::Ok
             }
             Request::Digest { partition, .. } => Response::Digest(self.store.digest(partition)),
-            Request::Collection(op) => match self.apply_collection(&op) {
+            Request::Collection(op) => match self.apply_collection(&op).await {
                 Ok(()) => Response::Ok,
                 Err(e) => Response::Error(e.to_wire()),
             },
@@ -1089,13 +1137,3 @@ fn get_response(v: Option<Bytes>) -> proto::GetResponse {
     }
 }
 
-fn partitions_of<'a>(
-    keys: impl Iterator<Item = &'a Bytes>,
-    meta: &CollectionMeta,
-    count: u32,
-) -> Vec<u32> {
-    let mut v: Vec<u32> = keys.map(|k| partition_for(&meta.name, k, count)).collect();
-    v.sort_unstable();
-    v.dedup();
-    v
-}

@@ -419,7 +419,10 @@ impl proto::cluster_server::Cluster for Api {
         let t = c.table();
         let (safe, without, migrating, examples) = self.node.safety_detail();
         let quorum = c.quorum();
-        let problem = if !quorum {
+        let wal_failure = self.node.wal.as_ref().and_then(|w| w.failure());
+        let problem = if let Some(why) = wal_failure {
+            format!("WAL failed, writes refused: {why}")
+        } else if !quorum {
             "quorum lost: writes are refused".to_string()
         } else if t.is_empty() {
             "no partition table yet".to_string()

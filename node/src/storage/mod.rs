@@ -1,6 +1,7 @@
 //! Storage: the partitioned store with TTL and LRU. Never sees a socket.
 
 mod store;
+pub mod wal;
 
 pub use store::{
     CollectionMeta, Limits, LockReplica, MAX_COLLECTION_NAME_BYTES, PartitionSnapshot, ReplOp,

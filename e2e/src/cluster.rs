@@ -64,6 +64,8 @@ pub struct ProcCluster {
     extra: Vec<String>,
     next: usize,
     ips: Vec<String>,
+    /// Give each member a WAL under `dir/<name>/wal`.
+    pub wal: bool,
 }
 
 impl ProcCluster {
@@ -87,7 +89,9 @@ impl ProcCluster {
             extra: extra.iter().map(|s| s.to_string()).collect(),
             next: 0,
             ips: ips.iter().map(|s| s.to_string()).collect(),
+            wal: extra.contains(&"--wal"),
         };
+        c.extra.retain(|a| a != "--wal");
         for _ in 0..n {
             c.allocate();
         }
@@ -150,6 +154,11 @@ impl ProcCluster {
             .arg("--members-file")
             .arg(self.dir.join("members"))
             .args(&self.extra)
+            .args(if self.wal {
+                vec!["--wal-dir".to_string(), self.dir.join(&m.name).join("wal").display().to_string()]
+            } else {
+                Vec::new()
+            })
             .args(FAST)
             .env("DISTCACHE_LOG", "info")
             .stdin(Stdio::null())
@@ -164,6 +173,18 @@ impl ProcCluster {
             "{} did not listen",
             self.members[i].name
         );
+    }
+
+    /// Gives every member new loopback ports (same names) and rewrites the
+    /// members file, as after a full restart with new pod IPs.
+    pub fn shuffle_addresses(&mut self) {
+        for m in &mut self.members {
+            let ip = m.grpc.rsplit_once(':').map(|(ip, _)| ip.to_string()).unwrap_or_default();
+            m.grpc = format!("{ip}:{}", free_port());
+            m.peer = format!("{ip}:{}", free_port());
+        }
+        let names = self.listed();
+        self.write_file(&names);
     }
 
     /// Adds a new member to the file and starts it; returns its index.

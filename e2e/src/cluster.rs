@@ -155,7 +155,10 @@ impl ProcCluster {
             .arg(self.dir.join("members"))
             .args(&self.extra)
             .args(if self.wal {
-                vec!["--wal-dir".to_string(), self.dir.join(&m.name).join("wal").display().to_string()]
+                vec![
+                    "--wal-dir".to_string(),
+                    self.dir.join(&m.name).join("wal").display().to_string(),
+                ]
             } else {
                 Vec::new()
             })
@@ -179,7 +182,11 @@ impl ProcCluster {
     /// members file, as after a full restart with new pod IPs.
     pub fn shuffle_addresses(&mut self) {
         for m in &mut self.members {
-            let ip = m.grpc.rsplit_once(':').map(|(ip, _)| ip.to_string()).unwrap_or_default();
+            let ip = m
+                .grpc
+                .rsplit_once(':')
+                .map(|(ip, _)| ip.to_string())
+                .unwrap_or_default();
             m.grpc = format!("{ip}:{}", free_port());
             m.peer = format!("{ip}:{}", free_port());
         }

@@ -18,7 +18,10 @@ async fn kill_9_with_fsync_then_restart_keeps_every_acknowledged_write() {
     c.wait_safe(1, SAFE).await;
     let client = c.client().await;
     client
-        .collection_with("capped", distcache_client::CollectionOptions::default().max_entries(50))
+        .collection_with(
+            "capped",
+            distcache_client::CollectionOptions::default().max_entries(50),
+        )
         .await
         .expect("collection");
     let token_before = client
@@ -26,7 +29,10 @@ async fn kill_9_with_fsync_then_restart_keeps_every_acknowledged_write() {
         .await
         .expect("lock")
         .detach();
-    client.put_with_ttl("short-lived", "x", Duration::from_millis(500)).await.expect("put");
+    client
+        .put_with_ttl("short-lived", "x", Duration::from_millis(500))
+        .await
+        .expect("put");
     let load = WriteLoad::start(&client, 8, 64);
     tokio::time::sleep(Duration::from_secs(2)).await;
     c.kill(0);
@@ -37,14 +43,29 @@ async fn kill_9_with_fsync_then_restart_keeps_every_acknowledged_write() {
     c.wait_safe(1, SAFE).await;
     let client = c.client().await;
     let bad = check_history(&client, &history).await;
-    assert!(bad.is_empty(), "{} lost: {:?}", bad.len(), &bad[..bad.len().min(10)]);
-    assert!(client.collection_exists("capped").await.expect("exists"), "collections survive");
-    assert_eq!(client.get("short-lived").await.expect("get"), None, "TTLs are absolute");
+    assert!(
+        bad.is_empty(),
+        "{} lost: {:?}",
+        bad.len(),
+        &bad[..bad.len().min(10)]
+    );
+    assert!(
+        client.collection_exists("capped").await.expect("exists"),
+        "collections survive"
+    );
+    assert_eq!(
+        client.get("short-lived").await.expect("get"),
+        None,
+        "TTLs are absolute"
+    );
     let g = client
         .acquire_lock("job", LockOptions::default().wait(Duration::from_secs(5)))
         .await
         .expect("lock after restart");
-    assert!(g.fencing_token() > token_before, "fencing tokens never go backwards");
+    assert!(
+        g.fencing_token() > token_before,
+        "fencing tokens never go backwards"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -69,7 +90,10 @@ async fn an_unsynced_tail_cut_after_a_crash_recovers_a_clean_prefix() {
     segs.sort();
     let last = segs.last().expect("a segment");
     let len = std::fs::metadata(last).expect("meta").len();
-    let f = std::fs::OpenOptions::new().write(true).open(last).expect("open");
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(last)
+        .expect("open");
     f.set_len(len.saturating_sub(37)).expect("cut");
     c.spawn(0);
     c.wait_safe(1, SAFE).await;
@@ -77,7 +101,10 @@ async fn an_unsynced_tail_cut_after_a_crash_recovers_a_clean_prefix() {
     // Every key holds a value that was written (a prefix of history), none invented.
     for (key, h) in &history {
         if let Some(v) = client.get(key).await.expect("get") {
-            let v: u64 = std::str::from_utf8(&v).expect("utf8").parse().expect("number");
+            let v: u64 = std::str::from_utf8(&v)
+                .expect("utf8")
+                .parse()
+                .expect("number");
             assert!(v <= h.attempted, "{key}: {v} was never written");
         }
     }
@@ -101,9 +128,19 @@ async fn enospc_refuses_writes_loses_nothing_and_recovers_when_space_returns() {
     std::fs::write(&ballast, vec![0u8; 1 << 20]).expect("ballast");
     let wal_dir = mnt.join("wal");
     let run = async {
-        let mut c = ProcCluster::start(1, &["--wal-dir", wal_dir.to_str().expect("utf8"), "--max-value-bytes", "262144"]);
+        let mut c = ProcCluster::start(
+            1,
+            &[
+                "--wal-dir",
+                wal_dir.to_str().expect("utf8"),
+                "--max-value-bytes",
+                "262144",
+            ],
+        );
         c.wait_safe(1, SAFE).await;
-        let client = Client::with_config(ClientConfig::new(c.endpoints()).max_retries(0)).await.expect("client");
+        let client = Client::with_config(ClientConfig::new(c.endpoints()).max_retries(0))
+            .await
+            .expect("client");
         let value = vec![b'v'; 200 * 1024];
         let mut acked = Vec::new();
         let mut refused = None;
@@ -117,26 +154,47 @@ async fn enospc_refuses_writes_loses_nothing_and_recovers_when_space_returns() {
             }
         }
         let e = refused.expect("the log filled up");
-        assert!(matches!(&e, Error::Unavailable(m) if m.contains("space")), "clear error: {e}");
+        assert!(
+            matches!(&e, Error::Unavailable(m) if m.contains("space")),
+            "clear error: {e}"
+        );
         let health = client.health().await.expect("health");
-        assert!(health.problem.contains("WAL"), "health shows it: {}", health.problem);
+        assert!(
+            health.problem.contains("WAL"),
+            "health shows it: {}",
+            health.problem
+        );
         for i in &acked {
-            assert!(client.get(format!("big{i}")).await.expect("get").is_some(), "acked big{i} kept");
+            assert!(
+                client.get(format!("big{i}")).await.expect("get").is_some(),
+                "acked big{i} kept"
+            );
         }
         // Space returns: writes are accepted again.
         std::fs::remove_file(&ballast).expect("free space");
-        client.put("after-space", "ok").await.expect("writes resume when space returns");
+        client
+            .put("after-space", "ok")
+            .await
+            .expect("writes resume when space returns");
         c.kill(0);
         c.spawn(0);
         c.wait_safe(1, SAFE).await;
         let client = c.client().await;
         for i in &acked {
-            assert!(client.get(format!("big{i}")).await.expect("get").is_some(), "acked big{i} survives restart");
+            assert!(
+                client.get(format!("big{i}")).await.expect("get").is_some(),
+                "acked big{i} survives restart"
+            );
         }
         assert!(client.get("after-space").await.expect("get").is_some());
-        println!("ENOSPC: {} writes acknowledged before the disk filled; all kept", acked.len());
+        println!(
+            "ENOSPC: {} writes acknowledged before the disk filled; all kept",
+            acked.len()
+        );
     };
-    tokio::time::timeout(Duration::from_secs(120), run).await.expect("in time");
+    tokio::time::timeout(Duration::from_secs(120), run)
+        .await
+        .expect("in time");
     let _ = Command::new("umount").arg(&mnt).status();
 }
 
@@ -147,7 +205,10 @@ async fn full_cluster_restart_on_new_addresses_keeps_every_acknowledged_write() 
     c.wait_safe(3, SAFE).await;
     let client = c.client().await;
     let token_before = client
-        .acquire_lock("cluster-job", LockOptions::default().hold(Duration::from_secs(1)))
+        .acquire_lock(
+            "cluster-job",
+            LockOptions::default().hold(Duration::from_secs(1)),
+        )
         .await
         .expect("lock")
         .detach();
@@ -165,10 +226,21 @@ async fn full_cluster_restart_on_new_addresses_keeps_every_acknowledged_write() 
     c.wait_safe(3, SAFE).await;
     let client = c.client().await;
     let bad = check_history(&client, &history).await;
-    assert!(bad.is_empty(), "{} lost: {:?}", bad.len(), &bad[..bad.len().min(10)]);
+    assert!(
+        bad.is_empty(),
+        "{} lost: {:?}",
+        bad.len(),
+        &bad[..bad.len().min(10)]
+    );
     let g = client
-        .acquire_lock("cluster-job", LockOptions::default().wait(Duration::from_secs(10)))
+        .acquire_lock(
+            "cluster-job",
+            LockOptions::default().wait(Duration::from_secs(10)),
+        )
         .await
         .expect("lock after restart");
-    assert!(g.fencing_token() > token_before, "fencing tokens continue above their old values");
+    assert!(
+        g.fencing_token() > token_before,
+        "fencing tokens continue above their old values"
+    );
 }

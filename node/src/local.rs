@@ -52,7 +52,10 @@ fn spawn(
         .args(["--listen", &m.grpc, "--name", &m.name, "--members", members])
         .args(["--backup-count", &args.backup_count.to_string()])
         .args(if args.wal {
-            vec!["--wal-dir".to_string(), dir.join(&m.name).display().to_string()]
+            vec![
+                "--wal-dir".to_string(),
+                dir.join(&m.name).display().to_string(),
+            ]
         } else {
             Vec::new()
         })

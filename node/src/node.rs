@@ -54,7 +54,8 @@ fn now_ms() -> u64 {
 /// The persisted incarnation of member `name` in `dir` (created on first
 /// start): a restart with its log is the same replica, not a new one.
 fn identity(dir: &std::path::Path, name: &str) -> Result<u64> {
-    std::fs::create_dir_all(dir).map_err(|e| Error::Internal(format!("wal dir {}: {e}", dir.display())))?;
+    std::fs::create_dir_all(dir)
+        .map_err(|e| Error::Internal(format!("wal dir {}: {e}", dir.display())))?;
     let path = dir.join("identity");
     if let Ok(text) = std::fs::read_to_string(&path) {
         let mut parts = text.split_whitespace();
@@ -174,7 +175,12 @@ impl Node {
             rounds: std::sync::atomic::AtomicU64::new(0),
             wal,
         });
+        let started = std::time::Instant::now();
+        let n = recovered.len();
         node.replay(recovered);
+        if node.wal.is_some() {
+            tracing::info!(records = n, elapsed = ?started.elapsed(), "WAL replayed");
+        }
         Ok(node)
     }
 
@@ -194,7 +200,10 @@ impl Node {
                         }
                     }
                 }
-                WalRecord::Install { partition, snapshot } => {
+                WalRecord::Install {
+                    partition,
+                    snapshot,
+                } => {
                     self.store.install(partition, &snapshot);
                     self.locks.install(partition, &snapshot.locks);
                 }
@@ -207,7 +216,9 @@ impl Node {
                     default_ttl_ms,
                     max_entries,
                 } => {
-                    let _ = self.store.get_or_create_collection(&name, default_ttl_ms, max_entries);
+                    let _ = self
+                        .store
+                        .get_or_create_collection(&name, default_ttl_ms, max_entries);
                 }
                 WalRecord::DeleteCollection { name } => {
                     let _ = self.store.delete_collection(&name);
@@ -227,16 +238,24 @@ impl Node {
                     Role::Primary => {
                         primaries += 1;
                         self.store.index_partition(p);
-                        self.cluster.parts[p as usize].loaded.store(true, Ordering::SeqCst);
+                        self.cluster.parts[p as usize]
+                            .loaded
+                            .store(true, Ordering::SeqCst);
                     }
-                    Role::Backup => self.cluster.parts[p as usize].loaded.store(true, Ordering::SeqCst),
+                    Role::Backup => self.cluster.parts[p as usize]
+                        .loaded
+                        .store(true, Ordering::SeqCst),
                     Role::None => {}
                 }
             }
             self.store.set_primaries(primaries);
             self.locks.set_epoch(t.epoch);
             *self.cluster.promised.lock() = t.epoch;
-            tracing::info!(epoch = t.epoch, primaries, "partition table restored from the WAL");
+            tracing::info!(
+                epoch = t.epoch,
+                primaries,
+                "partition table restored from the WAL"
+            );
             self.cluster.set_table(Arc::new(t));
         }
     }
@@ -257,7 +276,10 @@ impl Node {
                 let mut snapshot = self.store.snapshot(p);
                 snapshot.locks = self.locks.snapshot(p);
                 if !snapshot.collections.is_empty() || !snapshot.locks.is_empty() {
-                    recs.push(WalRecord::Install { partition: p, snapshot });
+                    recs.push(WalRecord::Install {
+                        partition: p,
+                        snapshot,
+                    });
                 }
             }
             if let Ok(t) = rmp_serde::to_vec(&*self.cluster.table()) {
@@ -369,6 +391,15 @@ impl Node {
         let deadline = tokio::time::Instant::now() + self.cluster.config.leave_timeout;
         while tokio::time::Instant::now() < deadline {
             self.heartbeat_round().await;
+            let (alive, _) = self.cluster.liveness();
+            let heirs = alive
+                .iter()
+                .filter(|m| m.name != self.name() && !self.cluster.is_leaving(&m.name))
+                .count();
+            if heirs == 0 || !self.cluster.quorum() {
+                tracing::warn!(heirs, "leaving without hand-off: no member can take the partitions");
+                return;
+            }
             let t = self.cluster.table();
             let (p, b) = t.counts(&self.cluster.me.name);
             if p + b == 0 && !t.is_empty() {
@@ -664,7 +695,10 @@ impl Node {
         }
         tracing::debug!(epoch = new.epoch, primaries, "table installed");
         if let Some(wal) = &self.wal {
-            let mut recs: Vec<WalRecord> = dropped.iter().map(|p| WalRecord::Drop { partition: *p }).collect();
+            let mut recs: Vec<WalRecord> = dropped
+                .iter()
+                .map(|p| WalRecord::Drop { partition: *p })
+                .collect();
             if let Ok(t) = rmp_serde::to_vec(&new) {
                 recs.push(WalRecord::Table(t.into()));
             }

@@ -155,9 +155,15 @@ impl Node {
                 let p = partition_for(&meta.name, &r.key, count);
                 match self.route(&table, p)? {
                     Route::Local => {
-                        let planned = vec![self.store.plan_put(&r.collection, r.key, r.value, r.ttl_ms)?];
-                        self.write(&table, vec![p], planned, |ops| self.store.apply_planned(ops))
-                            .await?;
+                        let planned =
+                            vec![
+                                self.store
+                                    .plan_put(&r.collection, r.key, r.value, r.ttl_ms)?,
+                            ];
+                        self.write(&table, vec![p], planned, |ops| {
+                            self.store.apply_planned(ops)
+                        })
+                        .await?;
                         Ok(R::Put(proto::PutResponse {}))
                     }
                     Route::Remote(_) if forwarded => Err(self.not_owner(p)),
@@ -169,9 +175,13 @@ impl Node {
                 let p = partition_for(&meta.name, &r.key, count);
                 match self.route(&table, p)? {
                     Route::Local => {
-                        let planned = self.store.plan_deletes(&r.collection, std::slice::from_ref(&r.key))?;
+                        let planned = self
+                            .store
+                            .plan_deletes(&r.collection, std::slice::from_ref(&r.key))?;
                         let live = self
-                            .write(&table, vec![p], planned, |ops| self.store.apply_planned(ops))
+                            .write(&table, vec![p], planned, |ops| {
+                                self.store.apply_planned(ops)
+                            })
                             .await?;
                         Ok(R::Delete(proto::DeleteResponse { deleted: live > 0 }))
                     }
@@ -347,7 +357,12 @@ impl Node {
         let after: Vec<(u32, ReplOp)> = written
             .evicted
             .iter()
-            .chain(written.ops.iter().filter(|(_, op)| matches!(op, ReplOp::Lock { .. })))
+            .chain(
+                written
+                    .ops
+                    .iter()
+                    .filter(|(_, op)| matches!(op, ReplOp::Lock { .. })),
+            )
             .cloned()
             .collect();
         self.log_ops(&after).await?;
@@ -373,7 +388,11 @@ impl Node {
         let mut recs: Vec<crate::storage::wal::WalRecord> = Vec::new();
         for (p, op) in ops {
             match recs.last_mut() {
-                Some(crate::storage::wal::WalRecord::Ops { partition, ops }) if *partition == *p => ops.push(op.clone()),
+                Some(crate::storage::wal::WalRecord::Ops { partition, ops })
+                    if *partition == *p =>
+                {
+                    ops.push(op.clone())
+                }
                 _ => recs.push(crate::storage::wal::WalRecord::Ops {
                     partition: *p,
                     ops: vec![op.clone()],
@@ -453,7 +472,9 @@ impl Node {
         for (p, ops) in per_part {
             let _g = self.cluster.parts[p as usize].repl.lock().await;
             let table = self.cluster.table();
-            if table.role_of(&self.cluster.me, p) == Role::Primary && self.log_ops(&ops).await.is_ok() {
+            if table.role_of(&self.cluster.me, p) == Role::Primary
+                && self.log_ops(&ops).await.is_ok()
+            {
                 let _ = self.replicate(&table, ops).await;
             }
         }
@@ -514,7 +535,12 @@ impl Node {
         let mut removed = 0;
         for p in (0..t.partition_count).filter(|p| t.role_of(&self.cluster.me, *p) == Role::Primary)
         {
-            let planned = vec![(p, ReplOp::Clear { collection: meta.name.to_string() })];
+            let planned = vec![(
+                p,
+                ReplOp::Clear {
+                    collection: meta.name.to_string(),
+                },
+            )];
             removed += self
                 .write(&t, vec![p], planned, |ops| self.store.apply_planned(ops))
                 .await?;
@@ -604,7 +630,9 @@ impl Node {
                     default_ttl_ms: *default_ttl_ms,
                     max_entries: *max_entries,
                 },
-                CollectionOp::Delete { name } => crate::storage::wal::WalRecord::DeleteCollection { name: name.clone() },
+                CollectionOp::Delete { name } => {
+                    crate::storage::wal::WalRecord::DeleteCollection { name: name.clone() }
+                }
             };
             wal.append(&rec).await?;
         }
@@ -664,8 +692,20 @@ impl Node {
     async fn replicate_lock(&self, table: &Table, p: u32, key: &Bytes) -> Result<()> {
         self.write(table, vec![p], Vec::new(), |_| {
             let state = self.locks.replica(key);
-            let ops = vec![(p, ReplOp::Lock { key: key.clone(), state })];
-            Ok(((), Written { ops, ..Written::default() }))
+            let ops = vec![(
+                p,
+                ReplOp::Lock {
+                    key: key.clone(),
+                    state,
+                },
+            )];
+            Ok((
+                (),
+                Written {
+                    ops,
+                    ..Written::default()
+                },
+            ))
         })
         .await
     }
@@ -973,7 +1013,8 @@ impl Node {
             } => match self.backup_check(epoch, partition) {
                 Ok(()) => {
                     let _g = c.parts[partition as usize].repl.lock().await;
-                    let logged: Vec<(u32, ReplOp)> = ops.iter().map(|o| (partition, o.clone())).collect();
+                    let logged: Vec<(u32, ReplOp)> =
+                        ops.iter().map(|o| (partition, o.clone())).collect();
                     if let Err(e) = self.log_ops(&logged).await {
                         return Response::Error(e.to_wire());
                     }
@@ -1136,4 +1177,3 @@ fn get_response(v: Option<Bytes>) -> proto::GetResponse {
         value: v.unwrap_or_default(),
     }
 }
-

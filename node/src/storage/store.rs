@@ -572,12 +572,25 @@ impl Store {
 
     /// Validates a put and returns the op it will apply (with its absolute
     /// expiry) and its partition, without applying it.
-    pub fn plan_put(&self, collection: &str, key: Bytes, value: Bytes, ttl_ms: Option<u64>) -> Result<(u32, ReplOp)> {
-        Ok(self.plan_puts(collection, vec![(key, value)], ttl_ms)?.remove(0))
+    pub fn plan_put(
+        &self,
+        collection: &str,
+        key: Bytes,
+        value: Bytes,
+        ttl_ms: Option<u64>,
+    ) -> Result<(u32, ReplOp)> {
+        Ok(self
+            .plan_puts(collection, vec![(key, value)], ttl_ms)?
+            .remove(0))
     }
 
     /// Validates puts (all or nothing) and returns their ops.
-    pub fn plan_puts(&self, collection: &str, entries: Vec<(Bytes, Bytes)>, ttl_ms: Option<u64>) -> Result<Vec<(u32, ReplOp)>> {
+    pub fn plan_puts(
+        &self,
+        collection: &str,
+        entries: Vec<(Bytes, Bytes)>,
+        ttl_ms: Option<u64>,
+    ) -> Result<Vec<(u32, ReplOp)>> {
         let meta = self.collection(collection)?;
         self.check_batch(entries.len())?;
         for (k, v) in &entries {

@@ -85,13 +85,18 @@ fn checkpoint_name(seq: u64) -> String {
 }
 
 fn parse_seq(name: &str, prefix: &str, suffix: &str) -> Option<u64> {
-    name.strip_prefix(prefix)?.strip_suffix(suffix)?.parse().ok()
+    name.strip_prefix(prefix)?
+        .strip_suffix(suffix)?
+        .parse()
+        .ok()
 }
 
 /// Frames one record.
 pub fn frame(rec: &WalRecord) -> Result<Vec<u8>> {
-    let payload = rmp_serde::to_vec(rec).map_err(|e| Error::Internal(format!("wal encode: {e}")))?;
-    let len = u32::try_from(payload.len()).map_err(|_| Error::Internal("wal record over 4 GiB".into()))?;
+    let payload =
+        rmp_serde::to_vec(rec).map_err(|e| Error::Internal(format!("wal encode: {e}")))?;
+    let len = u32::try_from(payload.len())
+        .map_err(|_| Error::Internal("wal record over 4 GiB".into()))?;
     let mut out = Vec::with_capacity(payload.len() + 8);
     out.extend_from_slice(&len.to_le_bytes());
     out.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
@@ -139,7 +144,8 @@ fn read_records(buf: &[u8]) -> Read_ {
 /// else is an error naming the file and offset, unless `skip_corrupt`, which
 /// stops at the last good record (and cuts the log there).
 pub fn recover(dir: &Path, skip_corrupt: bool) -> Result<Recovered> {
-    fs::create_dir_all(dir).map_err(|e| Error::Internal(format!("wal dir {}: {e}", dir.display())))?;
+    fs::create_dir_all(dir)
+        .map_err(|e| Error::Internal(format!("wal dir {}: {e}", dir.display())))?;
     let (checkpoints, segments) = list(dir)?;
     let mut rec = Recovered::default();
     let mut from = 0;
@@ -220,7 +226,8 @@ fn truncate(path: &Path, len: u64) -> Result<()> {
 fn list(dir: &Path) -> Result<(Vec<u64>, Vec<u64>)> {
     let mut cps = Vec::new();
     let mut segs = Vec::new();
-    let rd = fs::read_dir(dir).map_err(|e| Error::Internal(format!("wal dir {}: {e}", dir.display())))?;
+    let rd = fs::read_dir(dir)
+        .map_err(|e| Error::Internal(format!("wal dir {}: {e}", dir.display())))?;
     for entry in rd.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
         if let Some(s) = parse_seq(&name, "checkpoint-", ".bin") {
@@ -260,7 +267,10 @@ struct Writer {
 
 impl Writer {
     fn open(dir: &Path, seq: u64) -> std::io::Result<(File, u64)> {
-        let file = OpenOptions::new().create(true).append(true).open(dir.join(segment_name(seq)))?;
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join(segment_name(seq)))?;
         let size = file.metadata()?.len();
         if let Ok(d) = File::open(dir) {
             let _ = d.sync_all();
@@ -318,7 +328,9 @@ impl Wal {
     fn send(&self, job: Job) -> Result<()> {
         let tx = self.tx.lock().clone();
         match tx {
-            Some(tx) => tx.send(job).map_err(|_| Error::Unavailable("WAL closed".into())),
+            Some(tx) => tx
+                .send(job)
+                .map_err(|_| Error::Unavailable("WAL closed".into())),
             None => Err(Error::Unavailable("WAL closed".into())),
         }
     }
@@ -336,7 +348,8 @@ impl Wal {
         }
         let (done, rx) = oneshot::channel();
         self.send(Job::Append(bytes, done))?;
-        rx.await.map_err(|_| Error::Unavailable("WAL closed".into()))?
+        rx.await
+            .map_err(|_| Error::Unavailable("WAL closed".into()))?
     }
 
     /// Queues `recs` without waiting for them (ordered with every other append).
@@ -358,7 +371,9 @@ impl Wal {
     pub async fn checkpoint(&self, state: impl FnOnce() -> Vec<WalRecord>) -> Result<u64> {
         let (done, rx) = oneshot::channel();
         self.send(Job::Rotate(done))?;
-        let seq = rx.await.map_err(|_| Error::Unavailable("WAL closed".into()))??;
+        let seq = rx
+            .await
+            .map_err(|_| Error::Unavailable("WAL closed".into()))??;
         let mut buf = Vec::new();
         for r in state() {
             buf.extend(frame(&r)?);
@@ -390,7 +405,12 @@ impl Wal {
     /// Bytes of log files (segments + checkpoints) on disk.
     pub fn disk_bytes(&self) -> u64 {
         fs::read_dir(&self.dir)
-            .map(|rd| rd.flatten().filter_map(|e| e.metadata().ok()).map(|m| m.len()).sum())
+            .map(|rd| {
+                rd.flatten()
+                    .filter_map(|e| e.metadata().ok())
+                    .map(|m| m.len())
+                    .sum()
+            })
             .unwrap_or(0)
     }
 
@@ -434,7 +454,8 @@ fn writer_loop(w: &mut Writer, rx: mpsc::Receiver<Job>, failed: &Mutex<Option<St
                         }
                         Err(e) => {
                             result = Err(e);
-                            let _ = done.send(Err(Error::Unavailable("WAL rotation failed".into())));
+                            let _ =
+                                done.send(Err(Error::Unavailable("WAL rotation failed".into())));
                         }
                     }
                 }
@@ -460,13 +481,19 @@ fn writer_loop(w: &mut Writer, rx: mpsc::Receiver<Job>, failed: &Mutex<Option<St
             // Out of space while writing (not while fsyncing): nothing of the
             // batch counts; cut the partial write off and keep trying later
             // batches, so the node recovers when space returns.
-            Err(e) if !synced && e.raw_os_error() == Some(28) && w.file.set_len(size_before).is_ok() => {
+            Err(e)
+                if !synced
+                    && e.raw_os_error() == Some(28)
+                    && w.file.set_len(size_before).is_ok() =>
+            {
                 w.size = size_before;
                 let why = format!("{e} (in {})", w.dir.display());
                 tracing::error!(error = %why, "WAL out of space: writes are refused until space returns");
                 *failed.lock() = Some(why.clone());
                 for a in acks {
-                    let _ = a.send(Err(Error::Unavailable(format!("WAL out of space, write not acknowledged: {why}"))));
+                    let _ = a.send(Err(Error::Unavailable(format!(
+                        "WAL out of space, write not acknowledged: {why}"
+                    ))));
                 }
             }
             Err(e) => {
@@ -474,16 +501,20 @@ fn writer_loop(w: &mut Writer, rx: mpsc::Receiver<Job>, failed: &Mutex<Option<St
                 tracing::error!(error = %why, "WAL write failed: this node stops acknowledging writes");
                 failed.lock().get_or_insert(why.clone());
                 for a in acks {
-                    let _ = a.send(Err(Error::Unavailable(format!("WAL failed, write not acknowledged: {why}"))));
+                    let _ = a.send(Err(Error::Unavailable(format!(
+                        "WAL failed, write not acknowledged: {why}"
+                    ))));
                 }
                 // Poisoned: refuse everything that is still queued.
                 while let Ok(job) = rx.recv() {
                     match job {
                         Job::Append(_, done) => {
-                            let _ = done.send(Err(Error::Unavailable(format!("WAL failed: {why}"))));
+                            let _ =
+                                done.send(Err(Error::Unavailable(format!("WAL failed: {why}"))));
                         }
                         Job::Rotate(done) => {
-                            let _ = done.send(Err(Error::Unavailable(format!("WAL failed: {why}"))));
+                            let _ =
+                                done.send(Err(Error::Unavailable(format!("WAL failed: {why}"))));
                         }
                     }
                 }
@@ -566,8 +597,15 @@ mod tests {
             let rec = recover(&dir, false).expect("recover a torn tail");
             let complete = ends.iter().filter(|e| **e <= cut).count() - 1;
             assert_eq!(rec.records.len(), complete, "cut at {cut}");
-            assert_eq!(rec.records, (0..complete as u64).map(put).collect::<Vec<_>>());
-            assert_eq!(fs::metadata(&path).expect("meta").len() as usize, ends[complete], "truncated to the last good record");
+            assert_eq!(
+                rec.records,
+                (0..complete as u64).map(put).collect::<Vec<_>>()
+            );
+            assert_eq!(
+                fs::metadata(&path).expect("meta").len() as usize,
+                ends[complete],
+                "truncated to the last good record"
+            );
         }
         let _ = fs::remove_dir_all(&dir);
     }
@@ -583,7 +621,10 @@ mod tests {
         fs::write(&path, &buf).expect("write");
         let err = recover(&dir, false).expect_err("corruption is an error");
         let msg = err.to_string();
-        assert!(msg.contains("wal-00000000000000000001.log") && msg.contains(&format!("offset {at}")), "{msg}");
+        assert!(
+            msg.contains("wal-00000000000000000001.log") && msg.contains(&format!("offset {at}")),
+            "{msg}"
+        );
         // The documented escape hatch keeps what precedes the damage.
         let rec = recover(&dir, true).expect("skip corrupt");
         assert_eq!(rec.records.len(), 5);
@@ -598,7 +639,9 @@ mod tests {
             wal.append(&put(i)).await.expect("append");
         }
         let before = wal.disk_bytes();
-        wal.checkpoint(|| vec![put(1_000)]).await.expect("checkpoint");
+        wal.checkpoint(|| vec![put(1_000)])
+            .await
+            .expect("checkpoint");
         wal.append(&put(1_001)).await.expect("append");
         let after = wal.disk_bytes();
         wal.close();

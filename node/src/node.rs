@@ -397,7 +397,10 @@ impl Node {
                 .filter(|m| m.name != self.name() && !self.cluster.is_leaving(&m.name))
                 .count();
             if heirs == 0 || !self.cluster.quorum() {
-                tracing::warn!(heirs, "leaving without hand-off: no member can take the partitions");
+                tracing::warn!(
+                    heirs,
+                    "leaving without hand-off: no member can take the partitions"
+                );
                 return;
             }
             let t = self.cluster.table();

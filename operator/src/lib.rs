@@ -1,14 +1,19 @@
 //! # distcache-operator
 //!
 //! The Kubernetes side of distcache: the `DistributedCacheCluster` custom
-//! resource ([`crd`]) and the `crdgen` binary that writes `crds/`.
+//! resource ([`crd`]), the pure functions that turn it into the objects a
+//! cluster needs ([`resources`]: StatefulSet with WAL claims, peer and client
+//! Services, PodDisruptionBudget, node RBAC), and the `crdgen` binary that
+//! writes `crds/`.
 //!
-//! Not here yet: the reconciler, the Kubernetes membership provider and the
-//! operator binary (issue #5 is open; see README "Kubernetes").
+//! Not here yet: the reconciler that applies them, status, safe scaling, the
+//! Kubernetes membership provider and the operator binary (issue #5 is open;
+//! see README "Kubernetes").
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
 pub mod crd;
+pub mod resources;
 
 pub use crd::{
     DistributedCacheCluster, DistributedCacheClusterSpec, DistributedCacheClusterStatus,

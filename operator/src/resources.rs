@@ -7,7 +7,8 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec};
 use k8s_openapi::api::core::v1::{
-    Affinity, Container, ContainerPort, EnvVar, EnvVarSource, GRPCAction, ObjectFieldSelector,
+    Affinity, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource, GRPCAction,
+    ObjectFieldSelector,
     PersistentVolumeClaim, PersistentVolumeClaimSpec, PodAffinityTerm, PodAntiAffinity,
     PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SecurityContext, Service, ServiceAccount,
     ServicePort, ServiceSpec, Volume, VolumeMount, VolumeResourceRequirements,
@@ -26,6 +27,9 @@ use crate::crd::DistributedCacheCluster;
 pub const TERMINATION_GRACE_SECONDS: i64 = 60;
 /// Where the WAL volume is mounted.
 pub const WAL_MOUNT: &str = "/data";
+/// Where the member list (ConfigMap) is mounted; nodes re-read it on change,
+/// so scaling rewrites it without restarting pods.
+pub const MEMBERS_MOUNT: &str = "/etc/distcache";
 
 /// Names of the objects of one cluster.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -148,7 +152,7 @@ fn node_env(dcc: &DistributedCacheCluster) -> Vec<EnvVar> {
                 n.peers, n.namespace, s.ports.grpc
             ),
         ),
-        env("DISTCACHE_MEMBERS", members(dcc)),
+        env("DISTCACHE_MEMBERS_FILE", format!("{MEMBERS_MOUNT}/members")),
         env("DISTCACHE_PARTITION_COUNT", s.partition_count.to_string()),
         env("DISTCACHE_BACKUP_COUNT", s.backup_count.to_string()),
         env(
@@ -235,13 +239,20 @@ pub fn statefulset(dcc: &DistributedCacheCluster) -> StatefulSet {
             run_as_non_root: Some(true),
             ..SecurityContext::default()
         }),
-        volume_mounts: s.storage.enabled.then(|| {
-            vec![VolumeMount {
+        volume_mounts: Some(
+            std::iter::once(VolumeMount {
+                name: "members".into(),
+                mount_path: MEMBERS_MOUNT.into(),
+                read_only: Some(true),
+                ..VolumeMount::default()
+            })
+            .chain(s.storage.enabled.then(|| VolumeMount {
                 name: "wal".into(),
                 mount_path: WAL_MOUNT.into(),
                 ..VolumeMount::default()
-            }]
-        }),
+            }))
+            .collect(),
+        ),
         ..Container::default()
     };
     let claims = s.storage.enabled.then(|| {
@@ -300,7 +311,14 @@ pub fn statefulset(dcc: &DistributedCacheCluster) -> StatefulSet {
                         fs_group: Some(65_532),
                         ..PodSecurityContext::default()
                     }),
-                    volumes: None::<Vec<Volume>>,
+                    volumes: Some(vec![Volume {
+                        name: "members".into(),
+                        config_map: Some(ConfigMapVolumeSource {
+                            name: n.cluster.clone(),
+                            ..ConfigMapVolumeSource::default()
+                        }),
+                        ..Volume::default()
+                    }]),
                     ..PodSpec::default()
                 }),
             },
@@ -308,6 +326,16 @@ pub fn statefulset(dcc: &DistributedCacheCluster) -> StatefulSet {
             ..StatefulSetSpec::default()
         }),
         status: None,
+    }
+}
+
+/// The ConfigMap holding the member list (key `members`, one
+/// `NAME=GRPC/PEER` per line), mounted into every pod.
+pub fn members_config(dcc: &DistributedCacheCluster) -> ConfigMap {
+    ConfigMap {
+        metadata: meta(dcc, &Names::of(dcc).cluster),
+        data: Some(BTreeMap::from([("members".to_string(), members(dcc).replace(',', "\n") + "\n")])),
+        ..ConfigMap::default()
     }
 }
 
@@ -449,10 +477,11 @@ mod tests {
         assert!(spec.volume_claim_templates.is_none(), "no storage, no PVCs");
         let e = envs(&s);
         assert_eq!(e["DISTCACHE_BACKUP_COUNT"], "2");
-        assert_eq!(e["DISTCACHE_MEMBERS"].split(',').count(), 5);
-        assert!(e["DISTCACHE_MEMBERS"].starts_with(
-            "cache-0=cache-0.cache-peers.prod.svc:7100/cache-0.cache-peers.prod.svc:7200"
-        ));
+        assert_eq!(e["DISTCACHE_MEMBERS_FILE"], "/etc/distcache/members");
+        let cm = members_config(&d);
+        let list = &cm.data.as_ref().expect("data")["members"];
+        assert_eq!(list.lines().count(), 5);
+        assert!(list.starts_with("cache-0=cache-0.cache-peers.prod.svc:7100/cache-0.cache-peers.prod.svc:7200\n"));
         assert!(!e.contains_key("DISTCACHE_WAL_DIR"));
         let pod = spec.template.spec.as_ref().expect("pod");
         assert_eq!(

@@ -235,6 +235,9 @@ pub struct DistributedCacheClusterStatus {
     /// All partitions have in-sync backups and nothing migrates.
     #[serde(default)]
     pub safe: bool,
+    /// Partition count the cluster was created with (partitionCount is immutable).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partition_count: Option<i32>,
 }
 
 /// One member in the status.

@@ -13,6 +13,7 @@
 #![deny(missing_docs)]
 
 pub mod crd;
+pub mod reconcile;
 pub mod resources;
 
 pub use crd::{

@@ -7,12 +7,11 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec};
 use k8s_openapi::api::core::v1::{
-    Affinity, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource, GRPCAction,
-    ObjectFieldSelector,
-    PersistentVolumeClaim, PersistentVolumeClaimSpec, PodAffinityTerm, PodAntiAffinity,
-    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SecurityContext, Service, ServiceAccount,
-    ServicePort, ServiceSpec, Volume, VolumeMount, VolumeResourceRequirements,
-    WeightedPodAffinityTerm,
+    Affinity, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource,
+    GRPCAction, ObjectFieldSelector, PersistentVolumeClaim, PersistentVolumeClaimSpec,
+    PodAffinityTerm, PodAntiAffinity, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
+    SecurityContext, Service, ServiceAccount, ServicePort, ServiceSpec, Volume, VolumeMount,
+    VolumeResourceRequirements, WeightedPodAffinityTerm,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
@@ -334,7 +333,10 @@ pub fn statefulset(dcc: &DistributedCacheCluster) -> StatefulSet {
 pub fn members_config(dcc: &DistributedCacheCluster) -> ConfigMap {
     ConfigMap {
         metadata: meta(dcc, &Names::of(dcc).cluster),
-        data: Some(BTreeMap::from([("members".to_string(), members(dcc).replace(',', "\n") + "\n")])),
+        data: Some(BTreeMap::from([(
+            "members".to_string(),
+            members(dcc).replace(',', "\n") + "\n",
+        )])),
         ..ConfigMap::default()
     }
 }
@@ -481,7 +483,9 @@ mod tests {
         let cm = members_config(&d);
         let list = &cm.data.as_ref().expect("data")["members"];
         assert_eq!(list.lines().count(), 5);
-        assert!(list.starts_with("cache-0=cache-0.cache-peers.prod.svc:7100/cache-0.cache-peers.prod.svc:7200\n"));
+        assert!(list.starts_with(
+            "cache-0=cache-0.cache-peers.prod.svc:7100/cache-0.cache-peers.prod.svc:7200\n"
+        ));
         assert!(!e.contains_key("DISTCACHE_WAL_DIR"));
         let pod = spec.template.spec.as_ref().expect("pod");
         assert_eq!(

@@ -1,0 +1,267 @@
+//! A thin reconcile: validate the spec, server-side apply the objects that
+//! [`crate::resources`] builds, and report status and conditions.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::NamespaceResourceScope;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::{Resource, ResourceExt};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::crd::{DistributedCacheCluster, DistributedCacheClusterStatus};
+use crate::resources;
+
+/// Field manager of everything the operator applies.
+pub const MANAGER: &str = "distcache-operator";
+
+/// Every (API group, resource, verbs) the operator itself uses; the Helm
+/// chart's ClusterRole is derived from this one list.
+pub const OPERATOR_RULES: &[(&str, &str, &[&str])] = &[
+    (
+        "distcache.io",
+        "distributedcacheclusters",
+        &["get", "list", "watch", "patch"],
+    ),
+    (
+        "distcache.io",
+        "distributedcacheclusters/status",
+        &["get", "patch"],
+    ),
+    ("apps", "statefulsets", &["get", "list", "watch", "patch"]),
+    ("", "services", &["get", "list", "watch", "patch"]),
+    ("", "configmaps", &["get", "list", "watch", "patch"]),
+    ("", "serviceaccounts", &["get", "list", "watch", "patch"]),
+    ("", "pods", &["get", "list", "watch"]),
+    (
+        "policy",
+        "poddisruptionbudgets",
+        &["get", "list", "watch", "patch", "delete"],
+    ),
+    (
+        "rbac.authorization.k8s.io",
+        "roles",
+        &["get", "list", "watch", "patch"],
+    ),
+    (
+        "rbac.authorization.k8s.io",
+        "rolebindings",
+        &["get", "list", "watch", "patch"],
+    ),
+];
+
+/// Reconcile failures.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// An API call failed.
+    #[error("kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    /// The object has no namespace.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// What reconcile needs.
+#[derive(Clone)]
+pub struct Context {
+    /// API client.
+    pub client: kube::Client,
+}
+
+/// Checks what the CRD's schema cannot: partitionCount against the value
+/// the cluster was created with (kept in status).
+pub fn validate(dcc: &DistributedCacheCluster) -> Result<(), String> {
+    let s = &dcc.spec;
+    if s.replicas < 1 {
+        return Err("spec.replicas must be at least 1".into());
+    }
+    if s.backup_count < 0 || s.backup_count >= s.replicas {
+        return Err(format!(
+            "spec.backupCount ({}) must be between 0 and spec.replicas - 1 ({})",
+            s.backup_count,
+            s.replicas - 1
+        ));
+    }
+    if let Some(was) = dcc.status.as_ref().and_then(|st| st.partition_count)
+        && was != s.partition_count
+    {
+        return Err(format!(
+            "spec.partitionCount is immutable: the cluster has {was} partitions, the spec asks for {}",
+            s.partition_count
+        ));
+    }
+    Ok(())
+}
+
+async fn apply<K>(client: &kube::Client, ns: &str, obj: &K) -> Result<K, Error>
+where
+    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
+        + Serialize
+        + DeserializeOwned
+        + Clone
+        + std::fmt::Debug,
+{
+    let api: Api<K> = Api::namespaced(client.clone(), ns);
+    Ok(api
+        .patch(
+            &obj.name_any(),
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(obj),
+        )
+        .await?)
+}
+
+fn condition(
+    type_: &str,
+    ok: bool,
+    reason: &str,
+    message: &str,
+    generation: Option<i64>,
+) -> Condition {
+    Condition {
+        type_: type_.into(),
+        status: if ok { "True" } else { "False" }.into(),
+        reason: reason.into(),
+        message: message.into(),
+        observed_generation: generation,
+        last_transition_time: Time(jiff::Timestamp::now()),
+    }
+}
+
+/// Keeps the transition time of conditions whose status did not change.
+fn carry_times(
+    old: Option<&DistributedCacheClusterStatus>,
+    new: &mut DistributedCacheClusterStatus,
+) {
+    let Some(old) = old else { return };
+    for c in &mut new.conditions {
+        if let Some(prev) = old
+            .conditions
+            .iter()
+            .find(|p| p.type_ == c.type_ && p.status == c.status)
+        {
+            c.last_transition_time = prev.last_transition_time.clone();
+        }
+    }
+}
+
+async fn patch_status(
+    client: &kube::Client,
+    dcc: &DistributedCacheCluster,
+    ns: &str,
+    mut status: DistributedCacheClusterStatus,
+) -> Result<(), Error> {
+    carry_times(dcc.status.as_ref(), &mut status);
+    let api: Api<DistributedCacheCluster> = Api::namespaced(client.clone(), ns);
+    let body = serde_json::json!({
+        "apiVersion": "distcache.io/v1alpha1",
+        "kind": "DistributedCacheCluster",
+        "status": status,
+    });
+    api.patch_status(
+        &dcc.name_any(),
+        &PatchParams::apply(MANAGER).force(),
+        &Patch::Apply(&body),
+    )
+    .await?;
+    Ok(())
+}
+
+/// Brings the cluster's objects to what the spec asks for.
+pub async fn reconcile(
+    dcc: Arc<DistributedCacheCluster>,
+    ctx: Arc<Context>,
+) -> Result<Action, Error> {
+    let ns = dcc
+        .namespace()
+        .ok_or_else(|| Error::Invalid("DistributedCacheCluster without a namespace".into()))?;
+    let client = &ctx.client;
+    let generation = dcc.meta().generation;
+    let previous = dcc.status.clone().unwrap_or_default();
+    if let Err(why) = validate(&dcc) {
+        tracing::warn!(name = %dcc.name_any(), %why, "invalid spec; nothing changed");
+        let status = DistributedCacheClusterStatus {
+            observed_generation: generation,
+            conditions: vec![
+                condition("Ready", false, "InvalidSpec", &why, generation),
+                condition("Progressing", false, "InvalidSpec", &why, generation),
+                condition("Degraded", true, "InvalidSpec", &why, generation),
+            ],
+            ..previous
+        };
+        patch_status(client, &dcc, &ns, status).await?;
+        return Ok(Action::await_change());
+    }
+    let (sa, role, binding) = resources::rbac(&dcc);
+    apply(client, &ns, &sa).await?;
+    apply(client, &ns, &role).await?;
+    apply(client, &ns, &binding).await?;
+    apply(client, &ns, &resources::members_config(&dcc)).await?;
+    apply(client, &ns, &resources::peer_service(&dcc)).await?;
+    apply(client, &ns, &resources::client_service(&dcc)).await?;
+    match resources::pdb(&dcc) {
+        Some(pdb) => {
+            apply(client, &ns, &pdb).await?;
+        }
+        None => {
+            let api: Api<k8s_openapi::api::policy::v1::PodDisruptionBudget> =
+                Api::namespaced(client.clone(), &ns);
+            match api.delete(&dcc.name_any(), &DeleteParams::default()).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(e)) if e.code == 404 => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+    let sts = apply(client, &ns, &resources::statefulset(&dcc)).await?;
+    let ready = sts
+        .status
+        .as_ref()
+        .and_then(|s| s.ready_replicas)
+        .unwrap_or(0);
+    let want = dcc.spec.replicas;
+    let all_ready = ready >= want;
+    let msg = format!("{ready}/{want} nodes ready");
+    let status = DistributedCacheClusterStatus {
+        observed_generation: generation,
+        conditions: vec![
+            condition(
+                "Ready",
+                all_ready,
+                if all_ready {
+                    "AllNodesReady"
+                } else {
+                    "NodesStarting"
+                },
+                &msg,
+                generation,
+            ),
+            condition(
+                "Progressing",
+                !all_ready,
+                if all_ready { "Stable" } else { "RollingOut" },
+                &msg,
+                generation,
+            ),
+            condition("Degraded", false, "SpecValid", "spec accepted", generation),
+        ],
+        ready_replicas: ready,
+        partition_count: Some(dcc.spec.partition_count),
+        ..previous
+    };
+    patch_status(client, &dcc, &ns, status).await?;
+    Ok(Action::requeue(if all_ready {
+        Duration::from_secs(60)
+    } else {
+        Duration::from_secs(5)
+    }))
+}
+
+/// Retry a failed reconcile after a pause.
+pub fn error_policy(dcc: Arc<DistributedCacheCluster>, err: &Error, _ctx: Arc<Context>) -> Action {
+    tracing::warn!(name = %dcc.name_any(), error = %err, "reconcile failed; retrying");
+    Action::requeue(Duration::from_secs(10))
+}

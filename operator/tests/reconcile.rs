@@ -1,0 +1,249 @@
+//! Reconcile against a mocked API server (the controller-rs fixture idea):
+//! every request is recorded and answered like an apiserver would for
+//! server-side apply; tests assert on what the operator asked for.
+
+use std::sync::{Arc, Mutex};
+
+use distcache_operator::reconcile::{Context, MANAGER, reconcile};
+use distcache_operator::{DistributedCacheCluster, DistributedCacheClusterSpec};
+use http::{Request, Response};
+use kube::client::Body;
+
+#[derive(Debug, Clone)]
+struct Call {
+    method: String,
+    path: String,
+    query: String,
+    body: serde_json::Value,
+}
+
+/// Starts the mock; `ready` is what StatefulSet applies report as ready
+/// replicas; `fail_kind` makes applies of that resource fail with a 500.
+fn mock(ready: i32, fail_kind: Option<&'static str>) -> (kube::Client, Arc<Mutex<Vec<Call>>>) {
+    let (svc, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let calls: Arc<Mutex<Vec<Call>>> = Arc::default();
+    let log = calls.clone();
+    tokio::spawn(async move {
+        while let Some((req, send)) = handle.next_request().await {
+            let method = req.method().to_string();
+            let path = req.uri().path().to_string();
+            let query = req.uri().query().unwrap_or_default().to_string();
+            let bytes = req.into_body().collect_bytes().await.unwrap_or_default();
+            let mut body: serde_json::Value =
+                serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
+            log.lock().expect("log").push(Call {
+                method: method.clone(),
+                path: path.clone(),
+                query,
+                body: body.clone(),
+            });
+            let (code, reply) = if fail_kind.is_some_and(|k| path.contains(k)) {
+                (
+                    500,
+                    serde_json::json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "message": "boom", "reason": "InternalError", "code": 500}),
+                )
+            } else if method == "PATCH" {
+                // An apiserver answers with the whole object.
+                if body.get("metadata").is_none() {
+                    body["metadata"] = serde_json::json!({"name": "cache", "namespace": "prod"});
+                }
+                if path.ends_with("/status") && body.get("spec").is_none() {
+                    body["spec"] = serde_json::json!({});
+                }
+                if path.contains("/statefulsets/") {
+                    body["status"] = serde_json::json!({"replicas": ready, "readyReplicas": ready});
+                }
+                (200, body)
+            } else {
+                (
+                    404,
+                    serde_json::json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "message": "not found", "reason": "NotFound", "code": 404}),
+                )
+            };
+            let resp = Response::builder()
+                .status(code)
+                .header("content-type", "application/json")
+                .body(Body::from(serde_json::to_vec(&reply).expect("json")))
+                .expect("response");
+            send.send_response(resp);
+        }
+    });
+    (kube::Client::new(svc, "default"), calls)
+}
+
+fn cluster(spec: &str) -> Arc<DistributedCacheCluster> {
+    let spec: DistributedCacheClusterSpec = serde_json::from_str(spec).expect("spec");
+    let mut d = DistributedCacheCluster::new("cache", spec);
+    d.metadata.namespace = Some("prod".into());
+    d.metadata.uid = Some("uid-1".into());
+    d.metadata.generation = Some(4);
+    Arc::new(d)
+}
+
+fn applied(calls: &[Call]) -> Vec<String> {
+    calls
+        .iter()
+        .filter(|c| c.method == "PATCH")
+        // .../<resource>/<name>, or .../<resource>/<name>/status
+        .map(|c| match c.path.strip_suffix("/status") {
+            Some(_) => "status".to_string(),
+            None => c.path.rsplit('/').nth(1).unwrap_or_default().to_string(),
+        })
+        .collect()
+}
+
+fn status_patch(calls: &[Call]) -> serde_json::Value {
+    calls
+        .iter()
+        .rev()
+        .find(|c| c.path.ends_with("/status"))
+        .map(|c| c.body["status"].clone())
+        .expect("a status patch")
+}
+
+fn condition(status: &serde_json::Value, t: &str) -> String {
+    status["conditions"]
+        .as_array()
+        .and_then(|cs| cs.iter().find(|c| c["type"] == t))
+        .map(|c| c["status"].as_str().unwrap_or_default().to_string())
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn create_applies_every_object_server_side_and_reports_progress() {
+    let (client, calls) = mock(1, None);
+    let ctx = Arc::new(Context { client });
+    reconcile(
+        cluster(r#"{"replicas": 3, "storage": {"enabled": true}}"#),
+        ctx,
+    )
+    .await
+    .expect("reconcile");
+    let calls = calls.lock().expect("calls").clone();
+    let kinds = applied(&calls);
+    for k in [
+        "serviceaccounts",
+        "roles",
+        "rolebindings",
+        "configmaps",
+        "services",
+        "poddisruptionbudgets",
+        "statefulsets",
+    ] {
+        assert!(kinds.iter().any(|x| x == k), "{k} not applied: {kinds:?}");
+    }
+    for c in calls.iter().filter(|c| c.method == "PATCH") {
+        assert!(
+            c.query.contains(&format!("fieldManager={MANAGER}")) && c.query.contains("force=true"),
+            "{c:?}"
+        );
+        assert!(c.path.contains("/namespaces/prod/"), "{}", c.path);
+    }
+    let sts = calls
+        .iter()
+        .find(|c| c.path.contains("/statefulsets/"))
+        .expect("sts");
+    assert_eq!(sts.body["spec"]["replicas"], 3);
+    assert!(
+        sts.body["spec"]["volumeClaimTemplates"].is_array(),
+        "storage enabled -> PVCs"
+    );
+    assert_eq!(
+        sts.body["metadata"]["ownerReferences"][0]["kind"],
+        "DistributedCacheCluster"
+    );
+    let st = status_patch(&calls);
+    assert_eq!(st["readyReplicas"], 1);
+    assert_eq!(st["observedGeneration"], 4);
+    assert_eq!(condition(&st, "Ready"), "False");
+    assert_eq!(condition(&st, "Progressing"), "True");
+    assert_eq!(st["partitionCount"], 271);
+}
+
+#[tokio::test]
+async fn all_ready_is_ready_and_scaling_changes_only_the_replica_count() {
+    let (client, calls) = mock(5, None);
+    let ctx = Arc::new(Context { client });
+    reconcile(cluster(r#"{"replicas": 5}"#), ctx)
+        .await
+        .expect("reconcile");
+    let calls = calls.lock().expect("calls").clone();
+    let st = status_patch(&calls);
+    assert_eq!(condition(&st, "Ready"), "True");
+    assert_eq!(condition(&st, "Progressing"), "False");
+    let cm = calls
+        .iter()
+        .find(|c| c.path.contains("/configmaps/"))
+        .expect("members");
+    assert_eq!(
+        cm.body["data"]["members"]
+            .as_str()
+            .map(|m| m.lines().count()),
+        Some(5)
+    );
+}
+
+#[tokio::test]
+async fn disabled_pdb_is_deleted() {
+    let (client, calls) = mock(3, None);
+    reconcile(
+        cluster(r#"{"podDisruptionBudget": {"enabled": false}}"#),
+        Arc::new(Context { client }),
+    )
+    .await
+    .expect("reconcile (a missing PDB is fine)");
+    let calls = calls.lock().expect("calls").clone();
+    assert!(
+        calls
+            .iter()
+            .any(|c| c.method == "DELETE" && c.path.contains("/poddisruptionbudgets/cache"))
+    );
+    assert!(!applied(&calls).iter().any(|k| k == "poddisruptionbudgets"));
+}
+
+#[tokio::test]
+async fn invalid_spec_changes_nothing_and_says_why() {
+    let (client, calls) = mock(3, None);
+    reconcile(
+        cluster(r#"{"replicas": 2, "backupCount": 2}"#),
+        Arc::new(Context { client }),
+    )
+    .await
+    .expect("reconcile");
+    let calls = calls.lock().expect("calls").clone();
+    assert_eq!(
+        applied(&calls),
+        vec!["status".to_string()],
+        "only the status patch: {calls:?}"
+    );
+    let st = status_patch(&calls);
+    assert_eq!(condition(&st, "Degraded"), "True");
+    assert!(st["conditions"].to_string().contains("backupCount"));
+
+    // Changing partitionCount after creation is refused.
+    let (client, calls) = mock(3, None);
+    let mut d = (*cluster(r#"{"partitionCount": 512}"#)).clone();
+    d.status = Some(distcache_operator::DistributedCacheClusterStatus {
+        partition_count: Some(271),
+        ..Default::default()
+    });
+    reconcile(Arc::new(d), Arc::new(Context { client }))
+        .await
+        .expect("reconcile");
+    let calls = calls.lock().expect("calls").clone();
+    assert!(!applied(&calls).iter().any(|k| k == "statefulsets"));
+    assert!(
+        status_patch(&calls)["conditions"]
+            .to_string()
+            .contains("immutable")
+    );
+}
+
+#[tokio::test]
+async fn api_errors_surface_as_reconcile_errors() {
+    let (client, _calls) = mock(3, Some("/statefulsets/"));
+    let err = reconcile(cluster("{}"), Arc::new(Context { client }))
+        .await
+        .expect_err("500 from the API");
+    assert!(err.to_string().contains("boom"), "{err}");
+}

@@ -439,3 +439,17 @@ pub async fn check_history(client: &Client, history: &HashMap<String, KeyHistory
     }
     bad
 }
+
+/// [`check_history`], failing the test with the first violations.
+pub async fn assert_no_acknowledged_write_lost(
+    client: &Client,
+    history: &HashMap<String, KeyHistory>,
+) {
+    let bad = check_history(client, history).await;
+    assert!(
+        bad.is_empty(),
+        "{} keys lost or wrong: {:?}",
+        bad.len(),
+        &bad[..bad.len().min(10)]
+    );
+}

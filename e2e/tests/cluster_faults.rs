@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use distcache_client::LockOptions;
 use distcache_client::partition::lock_partition_for;
-use distcache_e2e::cluster::{ProcCluster, WriteLoad, check_history};
+use distcache_e2e::cluster::{ProcCluster, WriteLoad, assert_no_acknowledged_write_lost};
 
 const SAFE: Duration = Duration::from_secs(60);
 
@@ -73,13 +73,7 @@ async fn kill_9_one_of_three_under_write_load_loses_no_acknowledged_write() {
     let (history, acked, failed) = load.stop().await;
     report("kill -9", acked, failed);
     c.wait_safe(2, SAFE).await;
-    let bad = check_history(&client, &history).await;
-    assert!(
-        bad.is_empty(),
-        "{} lost or wrong: {:?}",
-        bad.len(),
-        &bad[..bad.len().min(10)]
-    );
+    assert_no_acknowledged_write_lost(&client, &history).await;
     assert!(acked > 100, "the load made progress");
     assert_eq!(
         client.get(probe_key).await.expect("get").as_deref(),
@@ -177,13 +171,7 @@ async fn a_paused_coordinator_cannot_install_its_stale_table() {
     );
     let (history, acked, failed) = load.stop().await;
     report("paused coordinator", acked, failed);
-    let bad = check_history(&client, &history).await;
-    assert!(
-        bad.is_empty(),
-        "{} lost or wrong: {:?}",
-        bad.len(),
-        &bad[..bad.len().min(10)]
-    );
+    assert_no_acknowledged_write_lost(&client, &history).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -201,13 +189,7 @@ async fn rolling_restart_under_load_loses_nothing() {
     }
     let (history, acked, failed) = load.stop().await;
     report("rolling restart", acked, failed);
-    let bad = check_history(&client, &history).await;
-    assert!(
-        bad.is_empty(),
-        "{} lost or wrong: {:?}",
-        bad.len(),
-        &bad[..bad.len().min(10)]
-    );
+    assert_no_acknowledged_write_lost(&client, &history).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -232,11 +214,5 @@ async fn scale_three_to_five_to_three_under_load_loses_nothing() {
     }
     let (history, acked, failed) = load.stop().await;
     report("scale 3 -> 5 -> 3", acked, failed);
-    let bad = check_history(&client, &history).await;
-    assert!(
-        bad.is_empty(),
-        "{} lost or wrong: {:?}",
-        bad.len(),
-        &bad[..bad.len().min(10)]
-    );
+    assert_no_acknowledged_write_lost(&client, &history).await;
 }

@@ -6,7 +6,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use distcache_client::{Client, ClientConfig, Error, LockOptions};
-use distcache_e2e::cluster::{ProcCluster, WriteLoad, check_history};
+use distcache_e2e::cluster::{ProcCluster, WriteLoad, assert_no_acknowledged_write_lost};
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 const SAFE: Duration = Duration::from_secs(60);
@@ -42,13 +42,7 @@ async fn kill_9_with_fsync_then_restart_keeps_every_acknowledged_write() {
     c.spawn(0);
     c.wait_safe(1, SAFE).await;
     let client = c.client().await;
-    let bad = check_history(&client, &history).await;
-    assert!(
-        bad.is_empty(),
-        "{} lost: {:?}",
-        bad.len(),
-        &bad[..bad.len().min(10)]
-    );
+    assert_no_acknowledged_write_lost(&client, &history).await;
     assert!(
         client.collection_exists("capped").await.expect("exists"),
         "collections survive"
@@ -225,13 +219,7 @@ async fn full_cluster_restart_on_new_addresses_keeps_every_acknowledged_write() 
     }
     c.wait_safe(3, SAFE).await;
     let client = c.client().await;
-    let bad = check_history(&client, &history).await;
-    assert!(
-        bad.is_empty(),
-        "{} lost: {:?}",
-        bad.len(),
-        &bad[..bad.len().min(10)]
-    );
+    assert_no_acknowledged_write_lost(&client, &history).await;
     let g = client
         .acquire_lock(
             "cluster-job",

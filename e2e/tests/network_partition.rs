@@ -10,7 +10,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use distcache_client::{Client, ClientConfig, Error};
-use distcache_e2e::cluster::{ProcCluster, WriteLoad, check_history};
+use distcache_e2e::cluster::{ProcCluster, WriteLoad, assert_no_acknowledged_write_lost};
 
 const INSIDE: &str = "DISTCACHE_NETNS_INSIDE";
 
@@ -125,13 +125,7 @@ async fn inside() {
     c.wait_safe(3, Duration::from_secs(60)).await;
     let (history, acked, failed) = load.stop().await;
     println!("partition: {acked} acknowledged writes, {failed} client-visible failures");
-    let bad = check_history(&client, &history).await;
-    assert!(
-        bad.is_empty(),
-        "{} lost or wrong: {:?}",
-        bad.len(),
-        &bad[..bad.len().min(10)]
-    );
+    assert_no_acknowledged_write_lost(&client, &history).await;
     assert!(
         lonely.get(&mine).await.expect("get").is_none(),
         "the refused write did not happen"

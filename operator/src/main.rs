@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use distcache_operator::DistributedCacheCluster;
-use distcache_operator::reconcile::{Context, error_policy, reconcile};
+use distcache_operator::reconcile::{Context, GrpcProbe, error_policy, reconcile};
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use kube::runtime::{Controller, watcher};
@@ -20,7 +20,10 @@ async fn main() -> anyhow::Result<()> {
     let client = Client::try_default().await?;
     let clusters: Api<DistributedCacheCluster> = Api::all(client.clone());
     let statefulsets: Api<StatefulSet> = Api::all(client.clone());
-    let ctx = Arc::new(Context { client });
+    let ctx = Arc::new(Context {
+        client,
+        probe: Arc::new(GrpcProbe),
+    });
     tracing::info!("distcache-operator started");
     Controller::new(clusters, watcher::Config::default())
         .owns(statefulsets, watcher::Config::default())

@@ -64,11 +64,81 @@ pub enum Error {
     Invalid(String),
 }
 
+/// What the nodes say about the cluster (from one member's Health and
+/// partition table).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ClusterHealth {
+    /// Partition table epoch.
+    pub epoch: u64,
+    /// Every partition has its in-sync backups, nothing migrates.
+    pub safe: bool,
+    /// Partitions without an in-sync backup.
+    pub partitions_without_backup: u32,
+    /// Migrations pending.
+    pub migrations_running: u32,
+    /// Members: (name, address, alive, primaries, backups).
+    pub members: Vec<(String, String, bool, u32, u32)>,
+}
+
+/// Asks the cache nodes how the cluster is (a seam for tests).
+pub trait ClusterProbe: Send + Sync {
+    /// Health seen through `endpoint` (`host:port`); None when unreachable.
+    fn health(
+        &self,
+        endpoint: String,
+    ) -> futures::future::BoxFuture<'static, Option<ClusterHealth>>;
+}
+
+/// The real probe: the distcache client against the client Service.
+pub struct GrpcProbe;
+
+impl ClusterProbe for GrpcProbe {
+    fn health(
+        &self,
+        endpoint: String,
+    ) -> futures::future::BoxFuture<'static, Option<ClusterHealth>> {
+        Box::pin(async move {
+            let config = distcache_client::ClientConfig::new([endpoint])
+                .request_timeout(Duration::from_secs(3))
+                .max_retries(0);
+            let client = distcache_client::Client::with_config(config).await.ok()?;
+            let h = client.health().await.ok()?;
+            let t = client.partition_table().await.ok()?;
+            Some(ClusterHealth {
+                epoch: h.epoch,
+                safe: h.safe,
+                partitions_without_backup: h.partitions_without_backup,
+                migrations_running: h.migrations_running,
+                members: t
+                    .members
+                    .into_iter()
+                    .map(|m| (m.name, m.address, m.alive, m.primaries, m.backups))
+                    .collect(),
+            })
+        })
+    }
+}
+
 /// What reconcile needs.
 #[derive(Clone)]
 pub struct Context {
     /// API client.
     pub client: kube::Client,
+    /// How to ask the nodes.
+    pub probe: Arc<dyn ClusterProbe>,
+}
+
+/// The StatefulSet size to apply now: a new cluster starts at the desired
+/// size and grows at once; it shrinks one member at a time, and only while
+/// the cluster is safe (every partition has an in-sync backup, nothing
+/// migrates), so the leaving member's partitions always have a copy elsewhere.
+pub fn next_replicas(current: Option<i32>, desired: i32, safe: bool) -> i32 {
+    match current {
+        None => desired,
+        Some(c) if desired >= c => desired,
+        Some(c) if safe => c - 1,
+        Some(c) => c,
+    }
 }
 
 /// Checks what the CRD's schema cannot: partitionCount against the value
@@ -180,6 +250,7 @@ pub async fn reconcile(
         .ok_or_else(|| Error::Invalid("DistributedCacheCluster without a namespace".into()))?;
     let client = &ctx.client;
     let generation = dcc.meta().generation;
+    let desired = dcc.spec.replicas;
     let previous = dcc.status.clone().unwrap_or_default();
     if let Err(why) = validate(&dcc) {
         tracing::warn!(name = %dcc.name_any(), %why, "invalid spec; nothing changed");
@@ -195,6 +266,30 @@ pub async fn reconcile(
         patch_status(client, &dcc, &ns, status).await?;
         return Ok(Action::await_change());
     }
+    let sts_api: Api<k8s_openapi::api::apps::v1::StatefulSet> =
+        Api::namespaced(client.clone(), &ns);
+    let current = sts_api
+        .get_opt(&dcc.name_any())
+        .await?
+        .and_then(|s| s.spec.and_then(|s| s.replicas));
+    let names = resources::Names::of(&dcc);
+    let endpoint = format!(
+        "{}.{}.svc:{}",
+        names.cluster, names.namespace, dcc.spec.ports.grpc
+    );
+    let health = match current {
+        Some(_) => ctx.probe.health(endpoint).await,
+        None => None,
+    };
+    let safe = health.as_ref().is_some_and(|h| h.safe);
+    let step = next_replicas(current, dcc.spec.replicas, safe);
+    if current.is_some_and(|c| step != c) {
+        tracing::info!(name = %dcc.name_any(), from = ?current, to = step, "scaling one step");
+    }
+    // Build every object for the size applied now (the member list follows it).
+    let mut stepped = (*dcc).clone();
+    stepped.spec.replicas = step;
+    let dcc = Arc::new(stepped);
     let (sa, role, binding) = resources::rbac(&dcc);
     apply(client, &ns, &sa).await?;
     apply(client, &ns, &role).await?;
@@ -222,9 +317,14 @@ pub async fn reconcile(
         .as_ref()
         .and_then(|s| s.ready_replicas)
         .unwrap_or(0);
-    let want = dcc.spec.replicas;
-    let all_ready = ready >= want;
-    let msg = format!("{ready}/{want} nodes ready");
+    let all_ready = ready >= desired && step == desired;
+    let msg = if step == desired {
+        format!("{ready}/{desired} nodes ready")
+    } else {
+        format!(
+            "scaling {step} -> {desired} one member at a time (cluster safe: {safe}); {ready} ready"
+        )
+    };
     let status = DistributedCacheClusterStatus {
         observed_generation: generation,
         conditions: vec![
@@ -250,7 +350,27 @@ pub async fn reconcile(
         ],
         ready_replicas: ready,
         partition_count: Some(dcc.spec.partition_count),
-        ..previous
+        epoch: health.as_ref().map_or(previous.epoch, |h| h.epoch as i64),
+        safe,
+        partitions_without_backup: health
+            .as_ref()
+            .map_or(0, |h| h.partitions_without_backup as i32),
+        migrations_running: health.as_ref().map_or(0, |h| h.migrations_running as i32),
+        members: health
+            .as_ref()
+            .map(|h| {
+                h.members
+                    .iter()
+                    .map(|(name, address, alive, p, b)| crate::crd::MemberStatus {
+                        name: name.clone(),
+                        address: address.clone(),
+                        ready: *alive,
+                        primaries: *p as i32,
+                        backups: *b as i32,
+                    })
+                    .collect()
+            })
+            .unwrap_or(previous.members),
     };
     patch_status(client, &dcc, &ns, status).await?;
     Ok(Action::requeue(if all_ready {

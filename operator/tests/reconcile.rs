@@ -4,7 +4,9 @@
 
 use std::sync::{Arc, Mutex};
 
-use distcache_operator::reconcile::{Context, MANAGER, reconcile};
+use distcache_operator::reconcile::{
+    ClusterHealth, ClusterProbe, Context, MANAGER, next_replicas, reconcile,
+};
 use distcache_operator::{DistributedCacheCluster, DistributedCacheClusterSpec};
 use http::{Request, Response};
 use kube::client::Body;
@@ -20,6 +22,39 @@ struct Call {
 /// Starts the mock; `ready` is what StatefulSet applies report as ready
 /// replicas; `fail_kind` makes applies of that resource fail with a 500.
 fn mock(ready: i32, fail_kind: Option<&'static str>) -> (kube::Client, Arc<Mutex<Vec<Call>>>) {
+    mock_with(ready, fail_kind, None)
+}
+
+/// A probe that answers with a fixed health.
+struct FixedProbe(Option<ClusterHealth>);
+
+impl ClusterProbe for FixedProbe {
+    fn health(
+        &self,
+        _endpoint: String,
+    ) -> futures::future::BoxFuture<'static, Option<ClusterHealth>> {
+        let h = self.0.clone();
+        Box::pin(async move { h })
+    }
+}
+
+fn ctx(client: kube::Client, safe: bool) -> Arc<Context> {
+    Arc::new(Context {
+        client,
+        probe: Arc::new(FixedProbe(Some(ClusterHealth {
+            epoch: 9,
+            safe,
+            ..ClusterHealth::default()
+        }))),
+    })
+}
+
+/// Like [`mock`], with an existing StatefulSet of `current` replicas.
+fn mock_with(
+    ready: i32,
+    fail_kind: Option<&'static str>,
+    current: Option<i32>,
+) -> (kube::Client, Arc<Mutex<Vec<Call>>>) {
     let (svc, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let calls: Arc<Mutex<Vec<Call>>> = Arc::default();
     let log = calls.clone();
@@ -41,6 +76,15 @@ fn mock(ready: i32, fail_kind: Option<&'static str>) -> (kube::Client, Arc<Mutex
                 (
                     500,
                     serde_json::json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "message": "boom", "reason": "InternalError", "code": 500}),
+                )
+            } else if method == "GET" && path.contains("/statefulsets/") && current.is_some() {
+                (
+                    200,
+                    serde_json::json!({
+                        "apiVersion": "apps/v1", "kind": "StatefulSet",
+                        "metadata": {"name": "cache", "namespace": "prod"},
+                        "spec": {"replicas": current, "selector": {}, "serviceName": "cache-peers", "template": {}},
+                    }),
                 )
             } else if method == "PATCH" {
                 // An apiserver answers with the whole object.
@@ -112,7 +156,7 @@ fn condition(status: &serde_json::Value, t: &str) -> String {
 #[tokio::test]
 async fn create_applies_every_object_server_side_and_reports_progress() {
     let (client, calls) = mock(1, None);
-    let ctx = Arc::new(Context { client });
+    let ctx = ctx(client, true);
     reconcile(
         cluster(r#"{"replicas": 3, "storage": {"enabled": true}}"#),
         ctx,
@@ -141,7 +185,7 @@ async fn create_applies_every_object_server_side_and_reports_progress() {
     }
     let sts = calls
         .iter()
-        .find(|c| c.path.contains("/statefulsets/"))
+        .find(|c| c.method == "PATCH" && c.path.contains("/statefulsets/"))
         .expect("sts");
     assert_eq!(sts.body["spec"]["replicas"], 3);
     assert!(
@@ -163,7 +207,7 @@ async fn create_applies_every_object_server_side_and_reports_progress() {
 #[tokio::test]
 async fn all_ready_is_ready_and_scaling_changes_only_the_replica_count() {
     let (client, calls) = mock(5, None);
-    let ctx = Arc::new(Context { client });
+    let ctx = ctx(client, true);
     reconcile(cluster(r#"{"replicas": 5}"#), ctx)
         .await
         .expect("reconcile");
@@ -188,7 +232,7 @@ async fn disabled_pdb_is_deleted() {
     let (client, calls) = mock(3, None);
     reconcile(
         cluster(r#"{"podDisruptionBudget": {"enabled": false}}"#),
-        Arc::new(Context { client }),
+        ctx(client, true),
     )
     .await
     .expect("reconcile (a missing PDB is fine)");
@@ -206,7 +250,7 @@ async fn invalid_spec_changes_nothing_and_says_why() {
     let (client, calls) = mock(3, None);
     reconcile(
         cluster(r#"{"replicas": 2, "backupCount": 2}"#),
-        Arc::new(Context { client }),
+        ctx(client, true),
     )
     .await
     .expect("reconcile");
@@ -227,7 +271,7 @@ async fn invalid_spec_changes_nothing_and_says_why() {
         partition_count: Some(271),
         ..Default::default()
     });
-    reconcile(Arc::new(d), Arc::new(Context { client }))
+    reconcile(Arc::new(d), ctx(client, true))
         .await
         .expect("reconcile");
     let calls = calls.lock().expect("calls").clone();
@@ -242,8 +286,67 @@ async fn invalid_spec_changes_nothing_and_says_why() {
 #[tokio::test]
 async fn api_errors_surface_as_reconcile_errors() {
     let (client, _calls) = mock(3, Some("/statefulsets/"));
-    let err = reconcile(cluster("{}"), Arc::new(Context { client }))
+    let err = reconcile(cluster("{}"), ctx(client, true))
         .await
         .expect_err("500 from the API");
     assert!(err.to_string().contains("boom"), "{err}");
+}
+
+#[test]
+fn replicas_shrink_one_step_at_a_time_and_only_when_safe() {
+    assert_eq!(
+        next_replicas(None, 3, false),
+        3,
+        "a new cluster starts at its size"
+    );
+    assert_eq!(next_replicas(Some(3), 5, false), 5, "growing needs no wait");
+    assert_eq!(next_replicas(Some(5), 2, true), 4);
+    assert_eq!(next_replicas(Some(5), 2, false), 5, "unsafe: hold");
+    assert_eq!(next_replicas(Some(3), 3, true), 3);
+}
+
+#[tokio::test]
+async fn scale_down_applies_one_step_when_the_cluster_is_safe() {
+    let (client, calls) = mock_with(5, None, Some(5));
+    reconcile(cluster(r#"{"replicas": 2}"#), ctx(client, true))
+        .await
+        .expect("reconcile");
+    let calls = calls.lock().expect("calls").clone();
+    let sts = calls
+        .iter()
+        .find(|c| c.method == "PATCH" && c.path.contains("/statefulsets/"))
+        .expect("sts");
+    assert_eq!(sts.body["spec"]["replicas"], 4);
+    let cm = calls
+        .iter()
+        .find(|c| c.path.contains("/configmaps/"))
+        .expect("members");
+    assert_eq!(
+        cm.body["data"]["members"]
+            .as_str()
+            .map(|m| m.lines().count()),
+        Some(4)
+    );
+    let st = status_patch(&calls);
+    assert_eq!(condition(&st, "Progressing"), "True");
+    assert_eq!(st["epoch"], 9);
+    assert!(
+        st["conditions"]
+            .to_string()
+            .contains("one member at a time")
+    );
+
+    let (client, calls) = mock_with(5, None, Some(5));
+    reconcile(cluster(r#"{"replicas": 2}"#), ctx(client, false))
+        .await
+        .expect("reconcile");
+    let calls = calls.lock().expect("calls").clone();
+    let sts = calls
+        .iter()
+        .find(|c| c.method == "PATCH" && c.path.contains("/statefulsets/"))
+        .expect("sts");
+    assert_eq!(
+        sts.body["spec"]["replicas"], 5,
+        "not safe: no member leaves"
+    );
 }

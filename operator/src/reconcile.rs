@@ -128,6 +128,29 @@ pub struct Context {
     pub probe: Arc<dyn ClusterProbe>,
 }
 
+/// The rolling-update partition to apply now. Without a pending rollout all
+/// pods are held (`replicas`), so a template change rolls nothing by itself;
+/// during a rollout one more pod is released once the previously released
+/// ones run the new revision, every pod is ready and the cluster is safe.
+pub fn next_partition(
+    replicas: i32,
+    partition: i32,
+    updated: i32,
+    ready: i32,
+    rollout: bool,
+    safe: bool,
+) -> i32 {
+    if !rollout {
+        return replicas;
+    }
+    let partition = partition.min(replicas);
+    if updated >= replicas - partition && ready >= replicas && safe {
+        (partition - 1).max(0)
+    } else {
+        partition
+    }
+}
+
 /// The StatefulSet size to apply now: a new cluster starts at the desired
 /// size and grows at once; it shrinks one member at a time, and only while
 /// the cluster is safe (every partition has an in-sync backup, nothing
@@ -268,10 +291,11 @@ pub async fn reconcile(
     }
     let sts_api: Api<k8s_openapi::api::apps::v1::StatefulSet> =
         Api::namespaced(client.clone(), &ns);
-    let current = sts_api
-        .get_opt(&dcc.name_any())
-        .await?
-        .and_then(|s| s.spec.and_then(|s| s.replicas));
+    let existing = sts_api.get_opt(&dcc.name_any()).await?;
+    let current = existing
+        .as_ref()
+        .and_then(|s| s.spec.as_ref())
+        .and_then(|s| s.replicas);
     let names = resources::Names::of(&dcc);
     let endpoint = format!(
         "{}.{}.svc:{}",
@@ -311,7 +335,38 @@ pub async fn reconcile(
             }
         }
     }
-    let sts = apply(client, &ns, &resources::statefulset(&dcc)).await?;
+    let partition = match &existing {
+        None => 0,
+        Some(sts) => {
+            let st = sts.status.clone().unwrap_or_default();
+            let held = sts
+                .spec
+                .as_ref()
+                .and_then(|s| s.update_strategy.as_ref())
+                .and_then(|u| u.rolling_update.as_ref())
+                .and_then(|r| r.partition)
+                .unwrap_or(0);
+            let rollout = st.update_revision.is_some() && st.update_revision != st.current_revision;
+            let next = next_partition(
+                step,
+                held,
+                st.updated_replicas.unwrap_or(0),
+                st.ready_replicas.unwrap_or(0),
+                rollout,
+                safe,
+            );
+            if rollout && next != held {
+                tracing::info!(name = %dcc.name_any(), partition = next, "rolling update: releasing one more pod");
+            }
+            next
+        }
+    };
+    let sts = apply(
+        client,
+        &ns,
+        &resources::statefulset_with_partition(&dcc, partition),
+    )
+    .await?;
     let ready = sts
         .status
         .as_ref()

@@ -5,7 +5,9 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec};
+use k8s_openapi::api::apps::v1::{
+    RollingUpdateStatefulSetStrategy, StatefulSet, StatefulSetSpec, StatefulSetUpdateStrategy,
+};
 use k8s_openapi::api::core::v1::{
     Affinity, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource,
     GRPCAction, ObjectFieldSelector, PersistentVolumeClaim, PersistentVolumeClaimSpec,
@@ -207,6 +209,23 @@ fn default_affinity(dcc: &DistributedCacheCluster) -> Affinity {
         }),
         ..Affinity::default()
     }
+}
+
+/// The StatefulSet of nodes, holding pod updates back at `partition`
+/// (pods with an ordinal >= partition get a new template; the reconciler
+/// releases one pod at a time while the cluster is safe).
+pub fn statefulset_with_partition(dcc: &DistributedCacheCluster, partition: i32) -> StatefulSet {
+    let mut sts = statefulset(dcc);
+    if let Some(spec) = sts.spec.as_mut() {
+        spec.update_strategy = Some(StatefulSetUpdateStrategy {
+            type_: Some("RollingUpdate".into()),
+            rolling_update: Some(RollingUpdateStatefulSetStrategy {
+                partition: Some(partition),
+                ..RollingUpdateStatefulSetStrategy::default()
+            }),
+        });
+    }
+    sts
 }
 
 /// The StatefulSet of nodes.

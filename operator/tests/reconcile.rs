@@ -5,7 +5,7 @@
 use std::sync::{Arc, Mutex};
 
 use distcache_operator::reconcile::{
-    ClusterHealth, ClusterProbe, Context, MANAGER, next_replicas, reconcile,
+    ClusterHealth, ClusterProbe, Context, MANAGER, next_partition, next_replicas, reconcile,
 };
 use distcache_operator::{DistributedCacheCluster, DistributedCacheClusterSpec};
 use http::{Request, Response};
@@ -348,5 +348,52 @@ async fn scale_down_applies_one_step_when_the_cluster_is_safe() {
     assert_eq!(
         sts.body["spec"]["replicas"], 5,
         "not safe: no member leaves"
+    );
+}
+
+#[test]
+fn rolling_updates_release_one_pod_at_a_time_when_safe() {
+    // No rollout: everything held.
+    assert_eq!(next_partition(3, 0, 3, 3, false, true), 3);
+    // Rollout starts: first release ordinal 2.
+    assert_eq!(next_partition(3, 3, 0, 3, true, true), 2);
+    // Ordinal 2 not updated yet: hold.
+    assert_eq!(next_partition(3, 2, 0, 3, true, true), 2);
+    // Updated and ready but the cluster is migrating: hold.
+    assert_eq!(next_partition(3, 2, 1, 3, true, false), 2);
+    // Updated, ready, safe: next one.
+    assert_eq!(next_partition(3, 2, 1, 3, true, true), 1);
+    assert_eq!(next_partition(3, 1, 2, 3, true, true), 0);
+    assert_eq!(next_partition(3, 0, 3, 3, true, true), 0);
+}
+
+#[tokio::test]
+async fn a_new_cluster_is_not_held_and_a_steady_one_is() {
+    let (client, calls) = mock(3, None);
+    reconcile(cluster("{}"), ctx(client, true))
+        .await
+        .expect("reconcile");
+    let calls = calls.lock().expect("calls").clone();
+    let sts = calls
+        .iter()
+        .find(|c| c.method == "PATCH" && c.path.contains("/statefulsets/"))
+        .expect("sts");
+    assert_eq!(
+        sts.body["spec"]["updateStrategy"]["rollingUpdate"]["partition"],
+        0
+    );
+
+    let (client, calls) = mock_with(3, None, Some(3));
+    reconcile(cluster("{}"), ctx(client, true))
+        .await
+        .expect("reconcile");
+    let calls = calls.lock().expect("calls").clone();
+    let sts = calls
+        .iter()
+        .find(|c| c.method == "PATCH" && c.path.contains("/statefulsets/"))
+        .expect("sts");
+    assert_eq!(
+        sts.body["spec"]["updateStrategy"]["rollingUpdate"]["partition"], 3,
+        "steady: template changes wait for release"
     );
 }

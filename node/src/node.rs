@@ -190,7 +190,18 @@ impl Node {
             return;
         }
         let mut table: Option<Table> = None;
+        let count = self.store.partition_count();
         for r in records {
+            let part = match &r {
+                WalRecord::Ops { partition, .. }
+                | WalRecord::Install { partition, .. }
+                | WalRecord::Drop { partition } => Some(*partition),
+                _ => None,
+            };
+            if part.is_some_and(|p| p >= count) {
+                tracing::warn!(partition = ?part, count, "WAL record for a partition this node does not have; skipped");
+                continue;
+            }
             match r {
                 WalRecord::Ops { partition, ops } => {
                     self.store.apply(partition, &ops);

@@ -1055,7 +1055,12 @@ impl Node {
                 st.loaded.store(true, Ordering::SeqCst);
                 Response::Ok
             }
-            Request::Digest { partition, .. } => Response::Digest(self.store.digest(partition)),
+            Request::Digest { partition, .. } if partition < self.store.partition_count() => {
+                Response::Digest(self.store.digest(partition))
+            }
+            Request::Digest { partition, .. } => {
+                Response::Error(self.not_owner(partition).to_wire())
+            }
             Request::Collection(op) => match self.apply_collection(&op).await {
                 Ok(()) => Response::Ok,
                 Err(e) => Response::Error(e.to_wire()),
@@ -1073,6 +1078,9 @@ impl Node {
                 seq,
                 pairs,
             } => {
+                let count = self.store.partition_count();
+                let pairs: Vec<(u32, String)> =
+                    pairs.into_iter().filter(|(p, _)| *p < count).collect();
                 c.record_unsynced(&name, incarnation, seq, &pairs);
                 Response::Ok
             }

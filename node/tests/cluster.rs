@@ -223,6 +223,40 @@ async fn hostile_peer_input_is_cut_off_and_the_node_keeps_serving() {
     s.write_all(&[0, 0]).await.expect("write");
     assert!(closed(s).await, "a stalled frame must be cut off");
 
+    // A well-formed request naming a partition that does not exist.
+    let mut s = tokio::net::TcpStream::connect(&peer_addr)
+        .await
+        .expect("connect");
+    let env = distcache_node::net::message::Envelope {
+        version: distcache_node::net::message::PROTOCOL_VERSION,
+        id: 1,
+        body: distcache_node::net::message::Body::Request(
+            distcache_node::net::message::Request::Digest {
+                epoch: 0,
+                partition: 1_000_000,
+            },
+        ),
+    };
+    let frame = distcache_node::net::message::encode(&env).expect("encode");
+    s.write_all(&(frame.len() as u32).to_be_bytes())
+        .await
+        .expect("write");
+    s.write_all(&frame).await.expect("write");
+    let mut len = [0u8; 4];
+    s.read_exact(&mut len).await.expect("an answer");
+    let mut buf = vec![0u8; u32::from_be_bytes(len) as usize];
+    s.read_exact(&mut buf).await.expect("an answer");
+    let answer = distcache_node::net::message::decode(&buf).expect("decode");
+    assert!(
+        matches!(
+            answer.body,
+            distcache_node::net::message::Body::Response(
+                distcache_node::net::message::Response::Error(_)
+            )
+        ),
+        "out-of-range partition is refused: {answer:?}"
+    );
+
     // Everyone else is still served, and the cluster is intact.
     client.put("after", "attack").await.expect("put");
     assert_eq!(

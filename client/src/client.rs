@@ -126,20 +126,39 @@ impl Client {
                 candidates.push(Arc::new(NodeConn::new(ep, &self.inner.config)?));
             }
         }
+        // Ask every member at once and keep the newest table: a member cut
+        // off on the minority side still answers with its stale epoch.
+        let timeout = self
+            .inner
+            .config
+            .request_timeout
+            .min(Duration::from_secs(2));
+        let answers = join_all(candidates.into_iter().map(|conn| async move {
+            let r = fetch_table(&conn, timeout).await;
+            (conn, r)
+        }))
+        .await;
         let mut last = Error::Connect("no member reachable".into());
-        for conn in candidates {
-            match fetch_table(&conn, self.inner.config.request_timeout).await {
-                Ok(table) if table.epoch >= current.epoch => {
-                    let mut conns = self.inner.conns.lock();
-                    let routing = Routing::build(&table, conn, &mut conns, &self.inner.config)?;
-                    *self.inner.routing.write() = Arc::new(routing);
-                    return Ok(());
+        let mut best: Option<(Arc<NodeConn>, proto::PartitionTableResponse)> = None;
+        for (conn, r) in answers {
+            match r {
+                Ok(t)
+                    if t.epoch >= current.epoch
+                        && best.as_ref().is_none_or(|(_, b)| t.epoch > b.epoch) =>
+                {
+                    best = Some((conn, t));
                 }
-                Ok(_) => continue,
+                Ok(_) => {}
                 Err(e) => last = e,
             }
         }
-        Err(last)
+        let Some((conn, table)) = best else {
+            return Err(last);
+        };
+        let mut conns = self.inner.conns.lock();
+        let routing = Routing::build(&table, conn, &mut conns, &self.inner.config)?;
+        *self.inner.routing.write() = Arc::new(routing);
+        Ok(())
     }
 
     async fn backoff(&self, attempt: u32, err: &Error) {

@@ -318,13 +318,7 @@ impl Store {
         value: Bytes,
         ttl_ms: Option<u64>,
     ) -> Result<Written> {
-        let meta = self.collection(collection)?;
-        self.check_key(&key)?;
-        self.check_value(&value)?;
-        let expires_at = self.expiry(&meta, ttl_ms);
-        let mut w = Written::default();
-        self.put_in(&meta, key, value, expires_at, &mut w)?;
-        Ok(w)
+        self.put_many(collection, vec![(key, value)], ttl_ms)
     }
 
     fn put_in(
@@ -412,11 +406,8 @@ impl Store {
 
     /// Removes `key`; true if a live entry was there.
     pub fn delete(&self, collection: &str, key: &Bytes) -> Result<(bool, Written)> {
-        let meta = self.collection(collection)?;
-        self.check_key(key)?;
-        let mut w = Written::default();
-        let live = self.delete_in(&meta, key, &mut w);
-        Ok((live, w))
+        let (live, w) = self.delete_many(collection, std::slice::from_ref(key))?;
+        Ok((live > 0, w))
     }
 
     fn delete_in(&self, meta: &CollectionMeta, key: &Bytes, w: &mut Written) -> bool {
@@ -465,31 +456,14 @@ impl Store {
         entries: Vec<(Bytes, Bytes)>,
         ttl_ms: Option<u64>,
     ) -> Result<Written> {
-        let meta = self.collection(collection)?;
-        self.check_batch(entries.len())?;
-        for (k, v) in &entries {
-            self.check_key(k)?;
-            self.check_value(v)?;
-        }
-        let expires_at = self.expiry(&meta, ttl_ms);
-        let mut w = Written::default();
-        for (k, v) in entries {
-            self.put_in(&meta, k, v, expires_at, &mut w)?;
-        }
-        Ok(w)
+        let planned = self.plan_puts(collection, entries, ttl_ms)?;
+        Ok(self.apply_planned(planned)?.1)
     }
 
     /// Removes `keys`; returns how many live entries were removed.
     pub fn delete_many(&self, collection: &str, keys: &[Bytes]) -> Result<(u64, Written)> {
-        let meta = self.collection(collection)?;
-        self.check_batch(keys.len())?;
-        keys.iter().try_for_each(|k| self.check_key(k))?;
-        let mut w = Written::default();
-        let n = keys
-            .iter()
-            .filter(|k| self.delete_in(&meta, k, &mut w))
-            .count() as u64;
-        Ok((n, w))
+        let planned = self.plan_deletes(collection, keys)?;
+        self.apply_planned(planned)
     }
 
     // ------------------------------------------------------------ whole-collection ops
@@ -528,13 +502,6 @@ impl Store {
             }
         }
         Ok(n)
-    }
-
-    /// Removes every entry of the collection in partition `p`; returns how
-    /// many live ones.
-    pub fn clear_partition(&self, collection: &str, p: u32) -> Result<u64> {
-        let meta = self.collection(collection)?;
-        Ok(self.clear_in(&meta, p))
     }
 
     /// Removes every entry of the collection everywhere on this node.

@@ -136,6 +136,14 @@ fn applied(calls: &[Call]) -> Vec<String> {
         .collect()
 }
 
+/// The StatefulSet the operator applied.
+fn sts_patch(calls: &[Call]) -> &Call {
+    calls
+        .iter()
+        .find(|c| c.method == "PATCH" && c.path.contains("/statefulsets/"))
+        .expect("a StatefulSet apply")
+}
+
 fn status_patch(calls: &[Call]) -> serde_json::Value {
     calls
         .iter()
@@ -183,10 +191,7 @@ async fn create_applies_every_object_server_side_and_reports_progress() {
         );
         assert!(c.path.contains("/namespaces/prod/"), "{}", c.path);
     }
-    let sts = calls
-        .iter()
-        .find(|c| c.method == "PATCH" && c.path.contains("/statefulsets/"))
-        .expect("sts");
+    let sts = sts_patch(&calls);
     assert_eq!(sts.body["spec"]["replicas"], 3);
     assert!(
         sts.body["spec"]["volumeClaimTemplates"].is_array(),
@@ -312,10 +317,7 @@ async fn scale_down_applies_one_step_when_the_cluster_is_safe() {
         .await
         .expect("reconcile");
     let calls = calls.lock().expect("calls").clone();
-    let sts = calls
-        .iter()
-        .find(|c| c.method == "PATCH" && c.path.contains("/statefulsets/"))
-        .expect("sts");
+    let sts = sts_patch(&calls);
     assert_eq!(sts.body["spec"]["replicas"], 4);
     let cm = calls
         .iter()
@@ -341,10 +343,7 @@ async fn scale_down_applies_one_step_when_the_cluster_is_safe() {
         .await
         .expect("reconcile");
     let calls = calls.lock().expect("calls").clone();
-    let sts = calls
-        .iter()
-        .find(|c| c.method == "PATCH" && c.path.contains("/statefulsets/"))
-        .expect("sts");
+    let sts = sts_patch(&calls);
     assert_eq!(
         sts.body["spec"]["replicas"], 5,
         "not safe: no member leaves"
@@ -374,10 +373,7 @@ async fn a_new_cluster_is_not_held_and_a_steady_one_is() {
         .await
         .expect("reconcile");
     let calls = calls.lock().expect("calls").clone();
-    let sts = calls
-        .iter()
-        .find(|c| c.method == "PATCH" && c.path.contains("/statefulsets/"))
-        .expect("sts");
+    let sts = sts_patch(&calls);
     assert_eq!(
         sts.body["spec"]["updateStrategy"]["rollingUpdate"]["partition"],
         0
@@ -388,10 +384,7 @@ async fn a_new_cluster_is_not_held_and_a_steady_one_is() {
         .await
         .expect("reconcile");
     let calls = calls.lock().expect("calls").clone();
-    let sts = calls
-        .iter()
-        .find(|c| c.method == "PATCH" && c.path.contains("/statefulsets/"))
-        .expect("sts");
+    let sts = sts_patch(&calls);
     assert_eq!(
         sts.body["spec"]["updateStrategy"]["rollingUpdate"]["partition"], 3,
         "steady: template changes wait for release"

@@ -36,6 +36,7 @@ mod collection;
 pub mod config;
 pub mod error;
 mod lock;
+pub mod members;
 mod mux;
 pub mod partition;
 mod routing;

@@ -1,6 +1,7 @@
 //! Node configuration: every field is a flag with a `DISTCACHE_*` env var and
 //! a named default.
 
+use crate::cluster::membership::MemberSpec;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -84,6 +85,14 @@ pub struct NodeConfig {
     /// File of members (same syntax, one or more per line), re-read when it changes.
     #[arg(long, env = "DISTCACHE_MEMBERS_FILE")]
     pub members_file: Option<PathBuf>,
+    /// Member list from the Kubernetes API: `NAMESPACE/NAME` of the ConfigMap
+    /// the operator publishes (watched; used instead of --members/--members-file).
+    #[arg(long, env = "DISTCACHE_MEMBERS_CONFIGMAP")]
+    pub members_configmap: Option<String>,
+    /// Peer address other members reach this one at (with
+    /// --members-configmap; default: the advertised host with the peer port).
+    #[arg(long, env = "DISTCACHE_PEER_ADVERTISE")]
+    pub peer_advertise: Option<String>,
     /// Peer (node <-> node) listen address (default: this member's peer address).
     #[arg(long, env = "DISTCACHE_PEER_LISTEN")]
     pub peer_listen: Option<SocketAddr>,
@@ -149,6 +158,8 @@ impl Default for NodeConfig {
             sweep_partitions: DEFAULT_SWEEP_PARTITIONS,
             members: None,
             members_file: None,
+            members_configmap: None,
+            peer_advertise: None,
             peer_listen: None,
             backup_count: DEFAULT_BACKUP_COUNT,
             heartbeat_interval_ms: DEFAULT_HEARTBEAT_INTERVAL_MS,
@@ -190,6 +201,40 @@ impl NodeConfig {
         if self.sweep_interval_ms == 0 {
             return Err("sweep-interval-ms must be positive".into());
         }
+        if self.members_configmap.is_some() {
+            if self.members.is_some() || self.members_file.is_some() {
+                return Err("give one of --members, --members-file, --members-configmap".into());
+            }
+            if self.name.is_none() {
+                return Err("--members-configmap needs --name (the pod name)".into());
+            }
+        }
         Ok(())
+    }
+
+    /// The gRPC address advertised to clients.
+    pub fn advertised(&self, bound: SocketAddr) -> String {
+        self.advertise.clone().unwrap_or_else(|| bound.to_string())
+    }
+
+    /// This member as other members should reach it (for providers that
+    /// learn the others' addresses from elsewhere, like Kubernetes).
+    pub fn me(&self, bound: SocketAddr) -> Result<MemberSpec, String> {
+        let grpc = self.advertised(bound);
+        let peer = match (&self.peer_advertise, self.peer_listen) {
+            (Some(p), _) => p.clone(),
+            (None, Some(listen)) => {
+                let host = grpc.rsplit_once(':').map_or(grpc.as_str(), |(h, _)| h);
+                format!("{host}:{}", listen.port())
+            }
+            (None, None) => {
+                return Err("--members-configmap needs --peer-advertise or --peer-listen".into());
+            }
+        };
+        Ok(MemberSpec {
+            name: self.name.clone().unwrap_or_else(|| grpc.clone()),
+            grpc,
+            peer,
+        })
     }
 }

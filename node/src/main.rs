@@ -5,6 +5,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Parser;
 use distcache_node::clock::SystemClock;
+use distcache_node::cluster::kubernetes::KubernetesProvider;
 use distcache_node::config::NodeConfig;
 use distcache_node::{Node, server};
 
@@ -70,7 +71,16 @@ async fn main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let bound = listener.local_addr()?;
-    let node = Node::new(config, bound, Arc::new(SystemClock::default()))?;
+    let clock = Arc::new(SystemClock::default());
+    let node = match config.members_configmap.clone() {
+        Some(spec) => {
+            let me = config.me(bound).map_err(anyhow::Error::msg)?;
+            let provider =
+                KubernetesProvider::start(&spec, me, std::time::Duration::from_secs(60)).await?;
+            Node::with_provider(config, bound, clock, Box::new(provider))?
+        }
+        None => Node::new(config, bound, clock)?,
+    };
     let peer = server::bind_peer(&node).await?;
     node.start(peer);
     tracing::info!(name = node.name(), address = %bound, "distcache node serving");

@@ -78,6 +78,11 @@ fn identity(dir: &std::path::Path, name: &str) -> Result<u64> {
 }
 
 fn provider(config: &NodeConfig) -> Result<Box<dyn MembersProvider>> {
+    if config.members_configmap.is_some() {
+        return Err(Error::InvalidArgument(
+            "--members-configmap needs the async start (KubernetesProvider::start)".into(),
+        ));
+    }
     Ok(match (&config.members, &config.members_file) {
         (Some(_), Some(_)) => {
             return Err(Error::InvalidArgument(
@@ -102,11 +107,18 @@ impl Node {
     /// A node serving gRPC on `bound` (the actual listen address, after binding).
     pub fn new(config: NodeConfig, bound: SocketAddr, clock: Arc<dyn Clock>) -> Result<Arc<Node>> {
         let provider = provider(&config)?;
+        Node::with_provider(config, bound, clock, provider)
+    }
+
+    /// A node whose member list comes from `provider`.
+    pub fn with_provider(
+        config: NodeConfig,
+        bound: SocketAddr,
+        clock: Arc<dyn Clock>,
+        provider: Box<dyn MembersProvider>,
+    ) -> Result<Arc<Node>> {
         let listed = provider.members();
-        let grpc = config
-            .advertise
-            .clone()
-            .unwrap_or_else(|| bound.to_string());
+        let grpc = config.advertised(bound);
         let name = config.name.clone().unwrap_or_else(|| grpc.clone());
         let peer_addr = match listed.iter().find(|m| m.name == name) {
             Some(m) => m.peer.clone(),
@@ -468,6 +480,7 @@ impl Node {
     // ------------------------------------------------------------ heartbeats
 
     async fn heartbeat_round(&self) {
+        self.cluster.apply_gone();
         let quorum = self.cluster.quorum();
         let hb = self.cluster.heartbeat(quorum);
         let timeout = self.cluster.config.heartbeat_interval * 2;

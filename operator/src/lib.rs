@@ -6,13 +6,15 @@
 //! Services, PodDisruptionBudget, node RBAC), and the `crdgen` binary that
 //! writes `crds/`.
 //!
-//! Not here yet: the reconciler that applies them, status, safe scaling, the
-//! Kubernetes membership provider and the operator binary (issue #5 is open;
-//! see README "Kubernetes").
+//! [`reconcile`] applies them server-side, publishes the member list the
+//! nodes watch, scales and rolls one member at a time while the nodes say
+//! the cluster is safe, reports status and emits events; [`metrics`] is what
+//! the `distcache-operator` binary exports.
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
 pub mod crd;
+pub mod metrics;
 pub mod reconcile;
 pub mod resources;
 

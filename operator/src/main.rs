@@ -1,13 +1,154 @@
-//! `distcache-operator`: watches DistributedCacheClusters and reconciles them.
+//! `distcache-operator`: watches DistributedCacheClusters (and the
+//! StatefulSets and pods they own) and reconciles them while it holds the
+//! leader Lease; serves `/metrics`, `/healthz` and `/readyz`.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
+use anyhow::Context as _;
+use clap::Parser;
 use distcache_operator::DistributedCacheCluster;
-use distcache_operator::reconcile::{Context, GrpcProbe, error_policy, reconcile};
+use distcache_operator::metrics::Metrics;
+use distcache_operator::reconcile::{Context, GrpcProbe, MANAGER, error_policy, reconcile};
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::Pod;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{Controller, watcher};
-use kube::{Api, Client};
+use kube::{Api, Client, ResourceExt};
+use tokio_util::sync::CancellationToken;
+
+/// Command line (every flag also reads an environment variable).
+#[derive(Debug, Parser)]
+#[command(name = "distcache-operator", version, about)]
+struct Cli {
+    /// Address of the metrics and health endpoints.
+    #[arg(
+        long,
+        env = "DISTCACHE_OPERATOR_METRICS_ADDR",
+        default_value = "0.0.0.0:8080"
+    )]
+    metrics_addr: SocketAddr,
+    /// Watch only this namespace (default: all namespaces).
+    #[arg(long, env = "DISTCACHE_OPERATOR_NAMESPACE")]
+    namespace: Option<String>,
+    /// Run only while holding the leader Lease (so several replicas can run).
+    #[arg(long, env = "DISTCACHE_OPERATOR_LEADER_ELECTION", default_value_t = true, action = clap::ArgAction::Set)]
+    leader_election: bool,
+    /// Name of the leader Lease.
+    #[arg(
+        long,
+        env = "DISTCACHE_OPERATOR_LEASE_NAME",
+        default_value = "distcache-operator"
+    )]
+    lease_name: String,
+    /// Namespace of the leader Lease (the operator's own namespace).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    lease_namespace: String,
+    /// Seconds a leader's Lease stays valid without renewal.
+    #[arg(
+        long,
+        env = "DISTCACHE_OPERATOR_LEASE_DURATION_SECS",
+        default_value_t = 15
+    )]
+    lease_duration_secs: u64,
+    /// Seconds before expiry the leader renews (must be below the duration).
+    #[arg(long, env = "DISTCACHE_OPERATOR_LEASE_GRACE_SECS", default_value_t = 5)]
+    lease_grace_secs: u64,
+    /// This replica's identity in the Lease and in events (default: the pod
+    /// name, else host name and process id).
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+}
+
+async fn serve_metrics(
+    addr: SocketAddr,
+    metrics: Arc<Metrics>,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
+    use axum::routing::get;
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let m = metrics.clone();
+                async move {
+                    (
+                        [(
+                            "content-type",
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
+                        m.encode(),
+                    )
+                }
+            }),
+        )
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(|| async { "ok" }));
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr}"))?;
+    tracing::info!(%addr, "metrics and health endpoints");
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move { stop.cancelled().await })
+        .await?;
+    Ok(())
+}
+
+async fn shutdown_signal(stop: CancellationToken) {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = term => {},
+    }
+    tracing::info!("shutting down");
+    stop.cancel();
+}
+
+/// Runs the controller until `until` fires.
+async fn run_controller(client: Client, cli: &Cli, ctx: Arc<Context>, until: CancellationToken) {
+    let (clusters, statefulsets, pods): (Api<DistributedCacheCluster>, Api<StatefulSet>, Api<Pod>) =
+        match &cli.namespace {
+            Some(ns) => (
+                Api::namespaced(client.clone(), ns),
+                Api::namespaced(client.clone(), ns),
+                Api::namespaced(client.clone(), ns),
+            ),
+            None => (
+                Api::all(client.clone()),
+                Api::all(client.clone()),
+                Api::all(client.clone()),
+            ),
+        };
+    let managed =
+        watcher::Config::default().labels("app.kubernetes.io/managed-by=distcache-operator");
+    Controller::new(clusters, watcher::Config::default())
+        .owns(statefulsets, managed.clone())
+        // Pod changes (IPs, readiness, deletions) republish the member list.
+        .watches(pods, managed, |pod: Pod| {
+            let ns = pod.namespace()?;
+            pod.labels()
+                .get("app.kubernetes.io/instance")
+                .map(|name| ObjectRef::<DistributedCacheCluster>::new(name).within(&ns))
+        })
+        .graceful_shutdown_on(async move { until.cancelled().await })
+        .run(reconcile, error_policy, ctx)
+        .for_each(|r| async move {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "reconcile event");
+            }
+        })
+        .await;
+}
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -17,23 +158,87 @@ async fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
-    let client = Client::try_default().await?;
-    let clusters: Api<DistributedCacheCluster> = Api::all(client.clone());
-    let statefulsets: Api<StatefulSet> = Api::all(client.clone());
-    let ctx = Arc::new(Context {
-        client,
-        probe: Arc::new(GrpcProbe),
+    let cli = Cli::parse();
+    if cli.lease_grace_secs >= cli.lease_duration_secs {
+        anyhow::bail!("--lease-grace-secs must be below --lease-duration-secs");
+    }
+    let identity = cli.identity.clone().unwrap_or_else(|| {
+        let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "operator".into());
+        format!("{host}-{}", std::process::id())
     });
-    tracing::info!("distcache-operator started");
-    Controller::new(clusters, watcher::Config::default())
-        .owns(statefulsets, watcher::Config::default())
-        .shutdown_on_signal()
-        .run(reconcile, error_policy, ctx)
-        .for_each(|r| async move {
-            if let Err(e) = r {
-                tracing::debug!(error = %e, "reconcile event");
+    let client = Client::try_default().await?;
+    let metrics = Arc::new(Metrics::default());
+    let stop = CancellationToken::new();
+    let server = tokio::spawn(serve_metrics(
+        cli.metrics_addr,
+        metrics.clone(),
+        stop.clone(),
+    ));
+    tokio::spawn(shutdown_signal(stop.clone()));
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        probe: Arc::new(GrpcProbe),
+        recorder: Some(Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: MANAGER.into(),
+                instance: Some(identity.clone()),
+            },
+        )),
+        metrics: metrics.clone(),
+    });
+    tracing::info!(%identity, leader_election = cli.leader_election, "distcache-operator started");
+    if !cli.leader_election {
+        metrics.leader.set(1);
+        run_controller(client, &cli, ctx, stop.clone()).await;
+    } else {
+        let manager = kube_lease_manager::LeaseManagerBuilder::new(client.clone(), &cli.lease_name)
+            .with_namespace(&cli.lease_namespace)
+            .with_identity(&identity)
+            .with_duration(cli.lease_duration_secs)
+            .with_grace(cli.lease_grace_secs)
+            .with_field_manager(format!("{MANAGER}-{identity}"))
+            .build()
+            .await
+            .context("leader Lease")?;
+        let (mut leader, lease_task) = manager.watch().await;
+        loop {
+            // Wait until this replica leads (or shutdown).
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                ok = leader.wait_for(|l| *l) => if ok.is_err() { break },
             }
-        })
-        .await;
+            tracing::info!(%identity, "leading: reconciling");
+            metrics.leader.set(1);
+            let lost = CancellationToken::new();
+            let until = lost.clone();
+            let mut watch = leader.clone();
+            let stop2 = stop.clone();
+            let guard = tokio::spawn(async move {
+                tokio::select! {
+                    _ = stop2.cancelled() => {},
+                    _ = watch.wait_for(|l| !*l) => {},
+                }
+                until.cancel();
+            });
+            run_controller(client.clone(), &cli, ctx.clone(), lost).await;
+            guard.abort();
+            metrics.leader.set(0);
+            if stop.is_cancelled() {
+                break;
+            }
+            tracing::warn!(%identity, "lost the leader Lease; standing by");
+        }
+        // Dropping the receiver makes the lease task release the Lease.
+        drop(leader);
+        match tokio::time::timeout(Duration::from_secs(5), lease_task).await {
+            Ok(Ok(Ok(_))) => tracing::info!("leader Lease released"),
+            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "releasing the leader Lease"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "lease task"),
+            Err(_) => tracing::warn!("releasing the leader Lease timed out"),
+        }
+    }
+    stop.cancel();
+    server.await??;
     Ok(())
 }

@@ -13,7 +13,11 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::crd::{DistributedCacheCluster, DistributedCacheClusterStatus};
+use crate::metrics::{ClusterLabels, Metrics, ResultLabels};
 use crate::resources;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::ListParams;
+use kube::runtime::events::{Event, EventType, Recorder};
 
 /// Field manager of everything the operator applies.
 pub const MANAGER: &str = "distcache-operator";
@@ -36,6 +40,8 @@ pub const OPERATOR_RULES: &[(&str, &str, &[&str])] = &[
     ("", "configmaps", &["get", "list", "watch", "patch"]),
     ("", "serviceaccounts", &["get", "list", "watch", "patch"]),
     ("", "pods", &["get", "list", "watch"]),
+    ("events.k8s.io", "events", &["create", "patch"]),
+    ("coordination.k8s.io", "leases", &["get", "create", "patch"]),
     (
         "policy",
         "poddisruptionbudgets",
@@ -82,10 +88,11 @@ pub struct ClusterHealth {
 
 /// Asks the cache nodes how the cluster is (a seam for tests).
 pub trait ClusterProbe: Send + Sync {
-    /// Health seen through `endpoint` (`host:port`); None when unreachable.
+    /// Health seen through the first of `endpoints` (`host:port`) that
+    /// answers; None when none does.
     fn health(
         &self,
-        endpoint: String,
+        endpoints: Vec<String>,
     ) -> futures::future::BoxFuture<'static, Option<ClusterHealth>>;
 }
 
@@ -95,10 +102,10 @@ pub struct GrpcProbe;
 impl ClusterProbe for GrpcProbe {
     fn health(
         &self,
-        endpoint: String,
+        endpoints: Vec<String>,
     ) -> futures::future::BoxFuture<'static, Option<ClusterHealth>> {
         Box::pin(async move {
-            let config = distcache_client::ClientConfig::new([endpoint])
+            let config = distcache_client::ClientConfig::new(endpoints)
                 .request_timeout(Duration::from_secs(3))
                 .max_retries(0);
             let client = distcache_client::Client::with_config(config).await.ok()?;
@@ -126,6 +133,102 @@ pub struct Context {
     pub client: kube::Client,
     /// How to ask the nodes.
     pub probe: Arc<dyn ClusterProbe>,
+    /// Publishes Kubernetes events (None: events are only logged).
+    pub recorder: Option<Recorder>,
+    /// Exported metrics.
+    pub metrics: Arc<Metrics>,
+}
+
+/// An event to publish about the cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Note {
+    /// Warning (else Normal).
+    pub warning: bool,
+    /// PascalCase reason.
+    pub reason: &'static str,
+    /// Human readable message.
+    pub message: String,
+}
+
+fn note(warning: bool, reason: &'static str, message: impl Into<String>) -> Note {
+    Note {
+        warning,
+        reason,
+        message: message.into(),
+    }
+}
+
+/// Events for the transitions between two statuses.
+pub fn transitions(
+    old: &DistributedCacheClusterStatus,
+    new: &DistributedCacheClusterStatus,
+) -> Vec<Note> {
+    let cond = |s: &DistributedCacheClusterStatus, t: &str| {
+        s.conditions
+            .iter()
+            .find(|c| c.type_ == t)
+            .map(|c| (c.status == "True", c.reason.clone(), c.message.clone()))
+    };
+    let mut out = Vec::new();
+    match (cond(old, "Ready"), cond(new, "Ready")) {
+        (Some((true, ..)), Some((false, _, m))) => out.push(note(true, "NotReady", m)),
+        (old_ready, Some((true, _, m))) if !old_ready.as_ref().is_some_and(|r| r.0) => {
+            out.push(note(false, "Ready", m))
+        }
+        _ => {}
+    }
+    if let Some((true, reason, m)) = cond(new, "Degraded")
+        && cond(old, "Degraded").is_none_or(|(d, r, _)| !d || r != reason)
+    {
+        out.push(note(true, "InvalidSpec", m));
+    }
+    if old.safe && !new.safe && new.epoch > 0 {
+        out.push(note(
+            true,
+            "ClusterUnsafe",
+            format!(
+                "{} partitions without an in-sync backup, {} migrations running",
+                new.partitions_without_backup, new.migrations_running
+            ),
+        ));
+    } else if !old.safe && new.safe {
+        out.push(note(
+            false,
+            "ClusterSafe",
+            format!(
+                "every partition has its in-sync backups (epoch {})",
+                new.epoch
+            ),
+        ));
+    }
+    out
+}
+
+async fn publish(ctx: &Context, dcc: &DistributedCacheCluster, notes: &[Note]) {
+    for n in notes {
+        if n.warning {
+            tracing::warn!(name = %dcc.name_any(), reason = n.reason, message = %n.message, "event");
+        } else {
+            tracing::info!(name = %dcc.name_any(), reason = n.reason, message = %n.message, "event");
+        }
+        let Some(recorder) = &ctx.recorder else {
+            continue;
+        };
+        let ev = Event {
+            type_: if n.warning {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
+            reason: n.reason.into(),
+            note: Some(n.message.clone()),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        if let Err(e) = recorder.publish(&ev, &dcc.object_ref(&())).await {
+            tracing::warn!(error = %e, "publishing an event failed");
+        }
+    }
 }
 
 /// The rolling-update partition to apply now. Without a pending rollout all
@@ -263,10 +366,59 @@ async fn patch_status(
     Ok(())
 }
 
-/// Brings the cluster's objects to what the spec asks for.
+/// Brings the cluster's objects to what the spec asks for (and counts it).
 pub async fn reconcile(
     dcc: Arc<DistributedCacheCluster>,
     ctx: Arc<Context>,
+) -> Result<Action, Error> {
+    let started = std::time::Instant::now();
+    let out = reconcile_inner(dcc, &ctx).await;
+    ctx.metrics
+        .reconcile_duration
+        .observe(started.elapsed().as_secs_f64());
+    ctx.metrics
+        .reconciliations
+        .get_or_create(&ResultLabels {
+            result: if out.is_ok() { "ok" } else { "error" }.into(),
+        })
+        .inc();
+    out
+}
+
+fn selector_string(dcc: &DistributedCacheCluster) -> String {
+    resources::selector(dcc)
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// The gRPC endpoints to probe: ready pods first, then other pods with an
+/// IP, then the client Service.
+pub fn probe_endpoints(dcc: &DistributedCacheCluster, pods: &[Pod]) -> Vec<String> {
+    let port = dcc.spec.ports.grpc;
+    let published = resources::published_members(dcc, pods);
+    let with_ip = |m: &&distcache_client::members::PublishedMember| {
+        pods.iter().any(|p| {
+            p.metadata.name.as_deref() == Some(m.name.as_str())
+                && p.status.as_ref().and_then(|s| s.pod_ip.as_ref()).is_some()
+        })
+    };
+    let mut out: Vec<String> = published
+        .members
+        .iter()
+        .filter(|m| m.ready && with_ip(m))
+        .chain(published.members.iter().filter(|m| !m.ready && with_ip(m)))
+        .map(|m| m.grpc.clone())
+        .collect();
+    let names = resources::Names::of(dcc);
+    out.push(format!("{}.{}.svc:{port}", names.cluster, names.namespace));
+    out
+}
+
+async fn reconcile_inner(
+    dcc: Arc<DistributedCacheCluster>,
+    ctx: &Context,
 ) -> Result<Action, Error> {
     let ns = dcc
         .namespace()
@@ -284,9 +436,11 @@ pub async fn reconcile(
                 condition("Progressing", false, "InvalidSpec", &why, generation),
                 condition("Degraded", true, "InvalidSpec", &why, generation),
             ],
-            ..previous
+            ..previous.clone()
         };
+        let notes = transitions(&previous, &status);
         patch_status(client, &dcc, &ns, status).await?;
+        publish(ctx, &dcc, &notes).await;
         return Ok(Action::await_change());
     }
     let sts_api: Api<k8s_openapi::api::apps::v1::StatefulSet> =
@@ -296,19 +450,34 @@ pub async fn reconcile(
         .as_ref()
         .and_then(|s| s.spec.as_ref())
         .and_then(|s| s.replicas);
-    let names = resources::Names::of(&dcc);
-    let endpoint = format!(
-        "{}.{}.svc:{}",
-        names.cluster, names.namespace, dcc.spec.ports.grpc
-    );
+    let pods = Api::<Pod>::namespaced(client.clone(), &ns)
+        .list(&ListParams::default().labels(&selector_string(&dcc)))
+        .await?
+        .items;
     let health = match current {
-        Some(_) => ctx.probe.health(endpoint).await,
+        Some(_) => ctx.probe.health(probe_endpoints(&dcc, &pods)).await,
         None => None,
     };
     let safe = health.as_ref().is_some_and(|h| h.safe);
     let step = next_replicas(current, dcc.spec.replicas, safe);
-    if current.is_some_and(|c| step != c) {
-        tracing::info!(name = %dcc.name_any(), from = ?current, to = step, "scaling one step");
+    let mut notes = Vec::new();
+    match current {
+        Some(c) if step < c => notes.push(note(
+            false,
+            "ScalingDown",
+            format!(
+                "cluster safe: removing member {}-{} ({c} -> {step}, target {desired})",
+                dcc.name_any(),
+                c - 1
+            ),
+        )),
+        Some(c) if step > c => notes.push(note(
+            false,
+            "ScalingUp",
+            format!("adding members ({c} -> {step})"),
+        )),
+        None => notes.push(note(false, "Created", format!("creating {step} members"))),
+        _ => {}
     }
     // Build every object for the size applied now (the member list follows it).
     let mut stepped = (*dcc).clone();
@@ -318,7 +487,7 @@ pub async fn reconcile(
     apply(client, &ns, &sa).await?;
     apply(client, &ns, &role).await?;
     apply(client, &ns, &binding).await?;
-    apply(client, &ns, &resources::members_config(&dcc)).await?;
+    apply(client, &ns, &resources::members_config(&dcc, &pods)).await?;
     apply(client, &ns, &resources::peer_service(&dcc)).await?;
     apply(client, &ns, &resources::client_service(&dcc)).await?;
     match resources::pdb(&dcc) {
@@ -355,8 +524,16 @@ pub async fn reconcile(
                 rollout,
                 safe,
             );
-            if rollout && next != held {
-                tracing::info!(name = %dcc.name_any(), partition = next, "rolling update: releasing one more pod");
+            if rollout && next < held {
+                notes.push(note(
+                    false,
+                    "RollingUpdate",
+                    format!(
+                        "cluster safe: updating member {}-{next} ({} of {step} updated)",
+                        dcc.name_any(),
+                        step - held
+                    ),
+                ));
             }
             next
         }
@@ -425,9 +602,24 @@ pub async fn reconcile(
                     })
                     .collect()
             })
-            .unwrap_or(previous.members),
+            .unwrap_or_else(|| previous.members.clone()),
     };
+    let labels = ClusterLabels {
+        namespace: ns.clone(),
+        name: dcc.name_any(),
+    };
+    let m = &ctx.metrics;
+    m.ready_replicas
+        .get_or_create(&labels)
+        .set(i64::from(status.ready_replicas));
+    m.safe.get_or_create(&labels).set(i64::from(status.safe));
+    m.epoch.get_or_create(&labels).set(status.epoch);
+    m.partitions_without_backup
+        .get_or_create(&labels)
+        .set(i64::from(status.partitions_without_backup));
+    notes.extend(transitions(&previous, &status));
     patch_status(client, &dcc, &ns, status).await?;
+    publish(ctx, &dcc, &notes).await;
     Ok(Action::requeue(if all_ready {
         Duration::from_secs(60)
     } else {

@@ -9,11 +9,11 @@ use k8s_openapi::api::apps::v1::{
     RollingUpdateStatefulSetStrategy, StatefulSet, StatefulSetSpec, StatefulSetUpdateStrategy,
 };
 use k8s_openapi::api::core::v1::{
-    Affinity, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource,
-    GRPCAction, ObjectFieldSelector, PersistentVolumeClaim, PersistentVolumeClaimSpec,
-    PodAffinityTerm, PodAntiAffinity, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
-    SecurityContext, Service, ServiceAccount, ServicePort, ServiceSpec, Volume, VolumeMount,
-    VolumeResourceRequirements, WeightedPodAffinityTerm,
+    Affinity, ConfigMap, Container, ContainerPort, EnvVar, EnvVarSource, GRPCAction,
+    ObjectFieldSelector, PersistentVolumeClaim, PersistentVolumeClaimSpec, Pod, PodAffinityTerm,
+    PodAntiAffinity, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SecurityContext, Service,
+    ServiceAccount, ServicePort, ServiceSpec, VolumeMount, VolumeResourceRequirements,
+    WeightedPodAffinityTerm,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
@@ -23,14 +23,14 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
 
 use crate::crd::DistributedCacheCluster;
+use distcache_client::members::{
+    MEMBERS_JSON_KEY, MEMBERS_TEXT_KEY, PublishedMember, PublishedMembers,
+};
 
 /// Seconds a node gets to hand its partitions off before it is killed.
 pub const TERMINATION_GRACE_SECONDS: i64 = 60;
 /// Where the WAL volume is mounted.
 pub const WAL_MOUNT: &str = "/data";
-/// Where the member list (ConfigMap) is mounted; nodes re-read it on change,
-/// so scaling rewrites it without restarting pods.
-pub const MEMBERS_MOUNT: &str = "/etc/distcache";
 
 /// Names of the objects of one cluster.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -107,18 +107,41 @@ fn owner(dcc: &DistributedCacheCluster) -> Option<OwnerReference> {
     dcc.controller_owner_ref(&())
 }
 
-/// The static member list handed to every node (`NAME=GRPC/PEER`, comma
-/// separated), one entry per replica, by stable pod name and DNS name.
-pub fn members(dcc: &DistributedCacheCluster) -> String {
+/// The member list the nodes watch: one entry per replica by stable pod
+/// name, with the pod's IP when it has one (its DNS name through the
+/// headless Service otherwise), its readiness and its UID.
+pub fn published_members(dcc: &DistributedCacheCluster, pods: &[Pod]) -> PublishedMembers {
     let n = Names::of(dcc);
     let p = &dcc.spec.ports;
-    (0..dcc.spec.replicas)
+    let members = (0..dcc.spec.replicas)
         .map(|i| {
-            let host = n.member_host(i);
-            format!("{}-{i}={host}:{}/{host}:{}", n.cluster, p.grpc, p.peer)
+            let name = format!("{}-{i}", n.cluster);
+            let pod = pods
+                .iter()
+                .find(|pod| pod.metadata.name.as_deref() == Some(&name));
+            let status = pod.and_then(|pod| pod.status.as_ref());
+            let host = status
+                .and_then(|s| s.pod_ip.clone())
+                .filter(|ip| !ip.is_empty())
+                .unwrap_or_else(|| n.member_host(i));
+            let ready = status
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+            PublishedMember {
+                grpc: format!("{host}:{}", p.grpc),
+                peer: format!("{host}:{}", p.peer),
+                ready,
+                pod_uid: pod
+                    .and_then(|pod| pod.metadata.uid.clone())
+                    .unwrap_or_default(),
+                name,
+            }
         })
-        .collect::<Vec<_>>()
-        .join(",")
+        .collect();
+    PublishedMembers {
+        expected_size: u32::try_from(dcc.spec.replicas).unwrap_or(0),
+        members,
+    }
 }
 
 fn env(name: &str, value: impl Into<String>) -> EnvVar {
@@ -129,31 +152,41 @@ fn env(name: &str, value: impl Into<String>) -> EnvVar {
     }
 }
 
+fn field_env(name: &str, path: &str) -> EnvVar {
+    EnvVar {
+        name: name.to_string(),
+        value: None,
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                field_path: path.into(),
+                api_version: None,
+            }),
+            ..EnvVarSource::default()
+        }),
+    }
+}
+
 fn node_env(dcc: &DistributedCacheCluster) -> Vec<EnvVar> {
     let n = Names::of(dcc);
     let s = &dcc.spec;
     let mut v = vec![
-        EnvVar {
-            name: "DISTCACHE_NAME".into(),
-            value: None,
-            value_from: Some(EnvVarSource {
-                field_ref: Some(ObjectFieldSelector {
-                    field_path: "metadata.name".into(),
-                    api_version: None,
-                }),
-                ..EnvVarSource::default()
-            }),
-        },
+        field_env("DISTCACHE_NAME", "metadata.name"),
+        field_env("DISTCACHE_NAMESPACE", "metadata.namespace"),
+        field_env("DISTCACHE_POD_IP", "status.podIP"),
         env("DISTCACHE_LISTEN", format!("0.0.0.0:{}", s.ports.grpc)),
         env("DISTCACHE_PEER_LISTEN", format!("0.0.0.0:{}", s.ports.peer)),
         env(
             "DISTCACHE_ADVERTISE",
-            format!(
-                "$(DISTCACHE_NAME).{}.{}.svc:{}",
-                n.peers, n.namespace, s.ports.grpc
-            ),
+            format!("$(DISTCACHE_POD_IP):{}", s.ports.grpc),
         ),
-        env("DISTCACHE_MEMBERS_FILE", format!("{MEMBERS_MOUNT}/members")),
+        env(
+            "DISTCACHE_PEER_ADVERTISE",
+            format!("$(DISTCACHE_POD_IP):{}", s.ports.peer),
+        ),
+        env(
+            "DISTCACHE_MEMBERS_CONFIGMAP",
+            format!("$(DISTCACHE_NAMESPACE)/{}", n.cluster),
+        ),
         env("DISTCACHE_PARTITION_COUNT", s.partition_count.to_string()),
         env("DISTCACHE_BACKUP_COUNT", s.backup_count.to_string()),
         env(
@@ -257,20 +290,13 @@ pub fn statefulset(dcc: &DistributedCacheCluster) -> StatefulSet {
             run_as_non_root: Some(true),
             ..SecurityContext::default()
         }),
-        volume_mounts: Some(
-            std::iter::once(VolumeMount {
-                name: "members".into(),
-                mount_path: MEMBERS_MOUNT.into(),
-                read_only: Some(true),
-                ..VolumeMount::default()
-            })
-            .chain(s.storage.enabled.then(|| VolumeMount {
+        volume_mounts: s.storage.enabled.then(|| {
+            vec![VolumeMount {
                 name: "wal".into(),
                 mount_path: WAL_MOUNT.into(),
                 ..VolumeMount::default()
-            }))
-            .collect(),
-        ),
+            }]
+        }),
         ..Container::default()
     };
     let claims = s.storage.enabled.then(|| {
@@ -329,14 +355,6 @@ pub fn statefulset(dcc: &DistributedCacheCluster) -> StatefulSet {
                         fs_group: Some(65_532),
                         ..PodSecurityContext::default()
                     }),
-                    volumes: Some(vec![Volume {
-                        name: "members".into(),
-                        config_map: Some(ConfigMapVolumeSource {
-                            name: n.cluster.clone(),
-                            ..ConfigMapVolumeSource::default()
-                        }),
-                        ..Volume::default()
-                    }]),
                     ..PodSpec::default()
                 }),
             },
@@ -347,15 +365,20 @@ pub fn statefulset(dcc: &DistributedCacheCluster) -> StatefulSet {
     }
 }
 
-/// The ConfigMap holding the member list (key `members`, one
-/// `NAME=GRPC/PEER` per line), mounted into every pod.
-pub fn members_config(dcc: &DistributedCacheCluster) -> ConfigMap {
+/// The ConfigMap holding the member list ([`published_members`]) under
+/// `members.json` (what the nodes watch) and as `NAME=GRPC/PEER` text under
+/// `members`.
+pub fn members_config(dcc: &DistributedCacheCluster, pods: &[Pod]) -> ConfigMap {
+    let list = published_members(dcc, pods);
     ConfigMap {
         metadata: meta(dcc, &Names::of(dcc).cluster),
-        data: Some(BTreeMap::from([(
-            "members".to_string(),
-            members(dcc).replace(',', "\n") + "\n",
-        )])),
+        data: Some(BTreeMap::from([
+            (
+                MEMBERS_JSON_KEY.to_string(),
+                serde_json::to_string(&list).unwrap_or_default(),
+            ),
+            (MEMBERS_TEXT_KEY.to_string(), list.to_text() + "\n"),
+        ])),
         ..ConfigMap::default()
     }
 }
@@ -420,9 +443,9 @@ pub fn pdb(dcc: &DistributedCacheCluster) -> Option<PodDisruptionBudget> {
     })
 }
 
-/// What the nodes may do in the API (least privilege: read the pods of
-/// their namespace, for membership).
-pub const NODE_RULES: &[(&str, &str, &[&str])] = &[("", "pods", &["get", "list", "watch"])];
+/// What the nodes may do in the API (least privilege: read the ConfigMaps
+/// of their namespace, for the member list).
+pub const NODE_RULES: &[(&str, &str, &[&str])] = &[("", "configmaps", &["get", "list", "watch"])];
 
 /// ServiceAccount, Role and RoleBinding of the nodes.
 pub fn rbac(dcc: &DistributedCacheCluster) -> (ServiceAccount, Role, RoleBinding) {
@@ -498,13 +521,38 @@ mod tests {
         assert!(spec.volume_claim_templates.is_none(), "no storage, no PVCs");
         let e = envs(&s);
         assert_eq!(e["DISTCACHE_BACKUP_COUNT"], "2");
-        assert_eq!(e["DISTCACHE_MEMBERS_FILE"], "/etc/distcache/members");
-        let cm = members_config(&d);
-        let list = &cm.data.as_ref().expect("data")["members"];
+        assert_eq!(
+            e["DISTCACHE_MEMBERS_CONFIGMAP"],
+            "$(DISTCACHE_NAMESPACE)/cache"
+        );
+        assert_eq!(e["DISTCACHE_ADVERTISE"], "$(DISTCACHE_POD_IP):7100");
+        assert_eq!(e["DISTCACHE_PEER_ADVERTISE"], "$(DISTCACHE_POD_IP):7200");
+        let pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "cache-1", "uid": "p1"},
+            "status": {"podIP": "10.1.2.3", "conditions": [{"type": "Ready", "status": "True"}]},
+        }))
+        .expect("pod");
+        let cm = members_config(&d, &[pod]);
+        let data = cm.data.as_ref().expect("data");
+        let list = &data["members"];
         assert_eq!(list.lines().count(), 5);
         assert!(list.starts_with(
             "cache-0=cache-0.cache-peers.prod.svc:7100/cache-0.cache-peers.prod.svc:7200\n"
         ));
+        let published = PublishedMembers::from_json(&data["members.json"]).expect("published list");
+        assert_eq!(published.expected_size, 5);
+        let m1 = &published.members[1];
+        assert_eq!(
+            (
+                m1.grpc.as_str(),
+                m1.peer.as_str(),
+                m1.ready,
+                m1.pod_uid.as_str()
+            ),
+            ("10.1.2.3:7100", "10.1.2.3:7200", true, "p1"),
+            "a pod with an IP is published by IP, with readiness and UID"
+        );
+        assert!(!published.members[0].ready && published.members[0].pod_uid.is_empty());
         assert!(!e.contains_key("DISTCACHE_WAL_DIR"));
         let pod = spec.template.spec.as_ref().expect("pod");
         assert_eq!(

@@ -31,7 +31,7 @@ struct FixedProbe(Option<ClusterHealth>);
 impl ClusterProbe for FixedProbe {
     fn health(
         &self,
-        _endpoint: String,
+        _endpoints: Vec<String>,
     ) -> futures::future::BoxFuture<'static, Option<ClusterHealth>> {
         let h = self.0.clone();
         Box::pin(async move { h })
@@ -46,6 +46,8 @@ fn ctx(client: kube::Client, safe: bool) -> Arc<Context> {
             safe,
             ..ClusterHealth::default()
         }))),
+        recorder: None,
+        metrics: Arc::default(),
     })
 }
 
@@ -76,6 +78,11 @@ fn mock_with(
                 (
                     500,
                     serde_json::json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "message": "boom", "reason": "InternalError", "code": 500}),
+                )
+            } else if method == "GET" && path.ends_with("/pods") {
+                (
+                    200,
+                    serde_json::json!({"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": []}),
                 )
             } else if method == "GET" && path.contains("/statefulsets/") && current.is_some() {
                 (
@@ -389,4 +396,42 @@ async fn a_new_cluster_is_not_held_and_a_steady_one_is() {
         sts.body["spec"]["updateStrategy"]["rollingUpdate"]["partition"], 3,
         "steady: template changes wait for release"
     );
+}
+
+#[test]
+fn transitions_become_events_once() {
+    use distcache_operator::DistributedCacheClusterStatus;
+    use distcache_operator::reconcile::transitions;
+    let with = |ready: &str, degraded: &str, safe: bool| {
+        let cond = |t: &str, s: &str| {
+            serde_json::json!({"type": t, "status": s, "reason": "R", "message": "m",
+                "lastTransitionTime": "2026-01-01T00:00:00Z"})
+        };
+        let mut st: DistributedCacheClusterStatus = serde_json::from_value(serde_json::json!({
+            "conditions": [cond("Ready", ready), cond("Degraded", degraded)],
+        }))
+        .expect("status");
+        st.safe = safe;
+        st.epoch = 3;
+        st
+    };
+    let reasons = |a: &DistributedCacheClusterStatus, b: &DistributedCacheClusterStatus| {
+        transitions(a, b)
+            .iter()
+            .map(|n| n.reason)
+            .collect::<Vec<_>>()
+    };
+    let starting = with("False", "False", false);
+    let ready = with("True", "False", true);
+    assert_eq!(reasons(&starting, &ready), vec!["Ready", "ClusterSafe"]);
+    assert!(reasons(&ready, &ready).is_empty(), "no change, no event");
+    let unsafe_ready = with("True", "False", false);
+    assert_eq!(reasons(&ready, &unsafe_ready), vec!["ClusterUnsafe"]);
+    let invalid = with("False", "True", false);
+    assert_eq!(
+        reasons(&unsafe_ready, &invalid),
+        vec!["NotReady", "InvalidSpec"]
+    );
+    assert!(reasons(&invalid, &invalid).is_empty());
+    assert!(transitions(&ready, &invalid).iter().all(|n| n.warning));
 }

@@ -62,6 +62,14 @@ pub trait MembersProvider: Send + Sync + std::fmt::Debug {
     /// The members that should be in the cluster now; its length is the
     /// expected cluster size.
     fn members(&self) -> Vec<MemberSpec>;
+
+    /// Members whose process is known to be gone since the last call (their
+    /// pod was deleted or replaced); the cluster stops counting their
+    /// current incarnation as alive without waiting for the heartbeat
+    /// timeout.
+    fn take_gone(&self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 /// A fixed list.

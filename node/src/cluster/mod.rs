@@ -3,6 +3,7 @@
 //! drives them: heartbeats, votes, installs, replication and migration.
 
 pub mod coordinator;
+pub mod kubernetes;
 pub mod membership;
 pub mod rebalancer;
 pub mod table;
@@ -76,6 +77,9 @@ pub struct Cluster {
     /// Highest epoch this node voted for.
     pub promised: Mutex<u64>,
     views: Mutex<HashMap<String, View>>,
+    /// Member -> highest incarnation known to be gone (heartbeats from it or
+    /// older ones are ignored).
+    tombstones: Mutex<HashMap<String, u64>>,
     /// (partition, backup) -> (primary, its incarnation, its heartbeat seq)
     /// reported out of sync.
     unsynced: Mutex<HashMap<(u32, String), UnsyncedReport>>,
@@ -102,6 +106,7 @@ impl Cluster {
             table: RwLock::new(Arc::new(Table::empty(partition_count, config.backup_count))),
             promised: Mutex::new(0),
             views: Mutex::new(HashMap::new()),
+            tombstones: Mutex::new(HashMap::new()),
             unsynced: Mutex::new(HashMap::new()),
             parts: (0..partition_count).map(|_| PartState::default()).collect(),
             seq: AtomicU64::new(1),
@@ -170,7 +175,13 @@ impl Cluster {
 
     /// Records a heartbeat from a peer; clears out-of-sync reports it supersedes.
     pub fn record(&self, hb: Heartbeat) {
-        if hb.name == self.me.name {
+        if hb.name == self.me.name
+            || self
+                .tombstones
+                .lock()
+                .get(&hb.name)
+                .is_some_and(|gone| hb.incarnation <= *gone)
+        {
             return;
         }
         {
@@ -188,6 +199,24 @@ impl Cluster {
                 hb,
             },
         );
+    }
+
+    /// Takes the provider's reports of members whose process is gone: their
+    /// current incarnation stops counting as alive now. Returns how many.
+    pub fn apply_gone(&self) -> usize {
+        let gone = self.provider.take_gone();
+        for name in &gone {
+            if name == &self.me.name {
+                continue;
+            }
+            if let Some(v) = self.views.lock().remove(name) {
+                tracing::info!(member = %name, incarnation = v.hb.incarnation, "member gone (reported by the membership provider)");
+                self.tombstones
+                    .lock()
+                    .insert(name.clone(), v.hb.incarnation);
+            }
+        }
+        gone.len()
     }
 
     /// Records that `primary` marked these backups out of sync at `seq`.

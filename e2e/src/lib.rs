@@ -8,6 +8,7 @@
 #![deny(missing_docs)]
 
 pub mod cluster;
+pub mod k8s;
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;

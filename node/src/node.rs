@@ -274,6 +274,10 @@ impl Node {
             self.store.set_primaries(primaries);
             self.locks.set_epoch(t.epoch);
             *self.cluster.promised.lock() = t.epoch;
+            self.cluster.restored.store(true, Ordering::SeqCst);
+            if self.cluster.members().len() > 1 {
+                self.cluster.current.store(false, Ordering::SeqCst);
+            }
             tracing::info!(
                 epoch = t.epoch,
                 primaries,
@@ -507,14 +511,22 @@ impl Node {
         {
             self.pull_collections().await;
         }
+        let expected = self.cluster.members().len();
+        let mut not_newer = 1;
         for (m, r) in futures::future::join_all(calls).await {
             if let Ok(Response::Heartbeat(theirs)) = r {
                 let newer = theirs.epoch > my_epoch;
                 self.cluster.record(theirs);
                 if newer {
                     self.adopt_table_from(&m.peer).await;
+                } else {
+                    not_newer += 1;
                 }
             }
+        }
+        if !self.cluster.current.load(Ordering::SeqCst) && not_newer > expected / 2 {
+            tracing::info!(epoch = my_epoch, "a majority has no newer table: serving");
+            self.cluster.current.store(true, Ordering::SeqCst);
         }
     }
 
@@ -674,6 +686,9 @@ impl Node {
         }
         let mut primaries = 0;
         let mut dropped = Vec::new();
+        // After a restart the old roles come from the WAL: the cluster may
+        // have moved on without this node, so its backup copies are re-synced.
+        let restarted = c.restored.swap(false, Ordering::SeqCst);
         for p in 0..new.partition_count {
             let st = &c.parts[p as usize];
             let (was, now) = (old.role_of(&c.me, p), new.role_of(&c.me, p));
@@ -700,7 +715,7 @@ impl Node {
                     }
                     if fresh {
                         st.loaded.store(true, Ordering::SeqCst);
-                    } else if was == Role::None {
+                    } else if was == Role::None || restarted {
                         st.loaded.store(false, Ordering::SeqCst);
                     }
                 }
@@ -732,6 +747,7 @@ impl Node {
             wal.append_nowait(&recs);
         }
         c.set_table(Arc::new(new));
+        c.current.store(true, Ordering::SeqCst);
     }
 
     /// Whether every partition has its in-sync backups and no migration is

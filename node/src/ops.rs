@@ -54,6 +54,11 @@ impl Node {
             return Err(Error::ClusterNotReady("no partition table yet".into()));
         };
         if primary == self.name() {
+            if !self.cluster.current.load(Ordering::SeqCst) {
+                return Err(Error::Unavailable(
+                    "this node restarted; confirming the partition table with the cluster".into(),
+                ));
+            }
             if table.role_of(&self.cluster.me, p) != Role::Primary {
                 return Err(Error::Unavailable(
                     "this node restarted; waiting for a table that includes it".into(),

@@ -77,9 +77,12 @@ pub struct Cluster {
     /// Highest epoch this node voted for.
     pub promised: Mutex<u64>,
     views: Mutex<HashMap<String, View>>,
-    /// Member -> highest incarnation known to be gone (heartbeats from it or
-    /// older ones are ignored).
-    tombstones: Mutex<HashMap<String, u64>>,
+    /// Member -> (incarnation, heartbeat seq, when) of a process known to be
+    /// gone: for a failure timeout, heartbeats of older incarnations or of
+    /// that process (same incarnation, later seq) are ignored. A restart with
+    /// its WAL keeps the incarnation but counts its seq from 1 again, so it
+    /// is heard at once.
+    tombstones: Mutex<HashMap<String, (u64, u64, Instant)>>,
     /// (partition, backup) -> (primary, its incarnation, its heartbeat seq)
     /// reported out of sync.
     unsynced: Mutex<HashMap<(u32, String), UnsyncedReport>>,
@@ -89,6 +92,14 @@ pub struct Cluster {
     pub seq: AtomicU64,
     /// Leaving gracefully.
     pub leaving: AtomicBool,
+    /// The table came from this node's WAL (a restart): until the next
+    /// install, the roles it lists may be stale.
+    pub restored: AtomicBool,
+    /// This node's table is known to be current (a newer one was installed,
+    /// or a majority reported no newer epoch). A restarted node does not
+    /// serve as primary before: the cluster may have failed its partitions
+    /// over while it was down.
+    pub current: AtomicBool,
 }
 
 impl Cluster {
@@ -111,6 +122,8 @@ impl Cluster {
             parts: (0..partition_count).map(|_| PartState::default()).collect(),
             seq: AtomicU64::new(1),
             leaving: AtomicBool::new(false),
+            restored: AtomicBool::new(false),
+            current: AtomicBool::new(true),
         }
     }
 
@@ -175,14 +188,19 @@ impl Cluster {
 
     /// Records a heartbeat from a peer; clears out-of-sync reports it supersedes.
     pub fn record(&self, hb: Heartbeat) {
-        if hb.name == self.me.name
-            || self
-                .tombstones
-                .lock()
-                .get(&hb.name)
-                .is_some_and(|gone| hb.incarnation <= *gone)
-        {
+        if hb.name == self.me.name {
             return;
+        }
+        {
+            let mut tombs = self.tombstones.lock();
+            if let Some((inc, seq, when)) = tombs.get(&hb.name) {
+                let old_process =
+                    hb.incarnation < *inc || (hb.incarnation == *inc && hb.seq > *seq);
+                if old_process && when.elapsed() < self.config.failure_timeout {
+                    return;
+                }
+                tombs.remove(&hb.name);
+            }
         }
         {
             let mut unsynced = self.unsynced.lock();
@@ -213,7 +231,7 @@ impl Cluster {
                 tracing::info!(member = %name, incarnation = v.hb.incarnation, "member gone (reported by the membership provider)");
                 self.tombstones
                     .lock()
-                    .insert(name.clone(), v.hb.incarnation);
+                    .insert(name.clone(), (v.hb.incarnation, v.hb.seq, Instant::now()));
             }
         }
         gone.len()
@@ -260,29 +278,36 @@ impl Cluster {
             return Some("reported out of sync");
         }
         if m == self.me.name {
-            return (!self.parts[p as usize].loaded.load(Ordering::SeqCst))
-                .then_some("not loaded here");
-        }
-        let Some(hb) = self.view(m) else {
-            return Some("no heartbeat");
-        };
-        if hb.epoch != table.epoch {
-            return Some("other epoch");
-        }
-        if hb.unloaded.contains(&p) {
-            return Some("reports itself not loaded");
+            // Holding the data is not enough: a primary elsewhere may have
+            // acknowledged writes without this copy (its report decides).
+            if !self.parts[p as usize].loaded.load(Ordering::SeqCst) {
+                return Some("not loaded here");
+            }
+        } else {
+            let Some(hb) = self.view(m) else {
+                return Some("no heartbeat");
+            };
+            if hb.epoch != table.epoch {
+                return Some("other epoch");
+            }
+            if hb.unloaded.contains(&p) {
+                return Some("reports itself not loaded");
+            }
         }
         if primary == Some(m) {
             return None;
         }
-        // The primary's own report, when current, has the last word.
+        // The primary's own report, when current, has the last word; a live
+        // primary that has not reported at this epoch yet has not vouched
+        // for anyone.
         match primary {
             Some(pr) if pr == self.me.name => (!self.parts[p as usize].synced.lock().contains(m))
                 .then_some("not in my synced set"),
             Some(pr) => match self.view(pr) {
-                Some(phb)
-                    if phb.epoch == table.epoch && phb.unsynced.contains(&(p, m.to_string())) =>
-                {
+                Some(phb) if phb.epoch != table.epoch => {
+                    Some("primary has not reported at this epoch")
+                }
+                Some(phb) if phb.unsynced.contains(&(p, m.to_string())) => {
                     Some("primary reports it unsynced")
                 }
                 _ => None,

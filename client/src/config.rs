@@ -31,6 +31,11 @@ pub struct ClientConfig {
     pub max_retries: u32,
     /// Largest gRPC message sent or accepted (default [`DEFAULT_MAX_MESSAGE_BYTES`]).
     pub max_message_bytes: usize,
+    /// Send everything through the seed that answered instead of to each
+    /// key's owner (the node forwards): for clients that cannot reach the
+    /// members' addresses, like one behind `kubectl port-forward`. One extra
+    /// hop per request (default false).
+    pub gateway: bool,
 }
 
 impl Default for ClientConfig {
@@ -42,6 +47,7 @@ impl Default for ClientConfig {
             streams_per_node: DEFAULT_STREAMS_PER_NODE,
             max_retries: DEFAULT_MAX_RETRIES,
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+            gateway: false,
         }
     }
 }
@@ -74,6 +80,12 @@ impl ClientConfig {
     /// Sets the retry budget.
     pub fn max_retries(mut self, n: u32) -> Self {
         self.max_retries = n;
+        self
+    }
+
+    /// Routes every request through the seed (see [`ClientConfig::gateway`]).
+    pub fn gateway(mut self, on: bool) -> Self {
+        self.gateway = on;
         self
     }
 }

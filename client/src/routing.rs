@@ -97,6 +97,10 @@ impl Routing {
             if m.address.is_empty() {
                 continue;
             }
+            if config.gateway {
+                by_name.insert(m.name.as_str(), from.clone());
+                continue;
+            }
             let conn = match conns.get(&m.address) {
                 Some(c) => c.clone(),
                 None => {

@@ -183,3 +183,67 @@ fn node_help_documents_every_flag_with_its_env_var() {
         "every flag but --help/--version has an env var: {envs} of {flags}"
     );
 }
+
+#[test]
+fn verify_writes_then_reads_every_key_back() {
+    let node = NodeProcess::start(&[]);
+    let o = cli(
+        &node,
+        &["verify", "--seconds", "1", "--keys", "50", "--prefix", "v-"],
+    );
+    let out = stdout(&o);
+    assert_eq!(o.status.code(), Some(0), "{out} {}", stderr(&o));
+    assert!(out.contains("50 keys checked, 0 lost"), "{out}");
+    let acked: u64 = out
+        .split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
+        .expect("count");
+    assert!(acked >= 50, "{out}");
+    // The keys it wrote are there: the last counter of key 0 reads back.
+    let g = cli(&node, &["get", "v-0"]);
+    assert_eq!(g.status.code(), Some(0));
+    assert!(stdout(&g).trim().parse::<u64>().is_ok());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_mode_serves_every_key_through_one_member() {
+    let mut cluster = distcache_e2e::cluster::ProcCluster::start(3, &[]);
+    cluster
+        .wait_safe(3, std::time::Duration::from_secs(30))
+        .await;
+    let seed = cluster.endpoints()[0].clone();
+    let run = |args: &[&str]| {
+        Command::new(bin("distcache"))
+            .args(["--endpoints", &seed, "--gateway"])
+            .args(args)
+            .output()
+            .expect("run distcache")
+    };
+    let o = run(&[
+        "verify",
+        "--seconds",
+        "1",
+        "--keys",
+        "100",
+        "--prefix",
+        "gw-",
+    ]);
+    let out = stdout(&o);
+    assert_eq!(o.status.code(), Some(0), "{out} {}", stderr(&o));
+    assert!(out.contains("100 keys checked, 0 lost"), "{out}");
+    // The keys live on every member, not only on the seed.
+    let c = cluster.client().await;
+    let table = c.partition_table().await.expect("table");
+    let owners: std::collections::HashSet<String> = (0..100)
+        .map(|k| {
+            let p = distcache_client::partition::partition_for(
+                distcache_client::partition::DEFAULT_COLLECTION,
+                format!("gw-{k}").as_bytes(),
+                table.partition_count,
+            );
+            table.partitions[p as usize].primary.clone()
+        })
+        .collect();
+    assert_eq!(owners.len(), 3, "keys owned by all three members");
+}

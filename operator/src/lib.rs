@@ -32,3 +32,20 @@ pub fn crd_yaml(
         serde_json::to_string_pretty(crd)?
     ))
 }
+
+/// The operator's RBAC rules ([`reconcile::OPERATOR_RULES`]) as the JSON
+/// array of PolicyRules the Helm chart's (Cluster)Role uses
+/// (`charts/distcache-operator/files/operator-rules.json`).
+pub fn operator_rules_json() -> serde_json::Result<String> {
+    let rules: Vec<serde_json::Value> = reconcile::OPERATOR_RULES
+        .iter()
+        .map(|(group, resource, verbs)| {
+            serde_json::json!({
+                "apiGroups": [group],
+                "resources": [resource],
+                "verbs": verbs,
+            })
+        })
+        .collect();
+    Ok(serde_json::to_string_pretty(&rules)? + "\n")
+}

@@ -26,6 +26,11 @@ struct Cli {
     /// Request timeout, seconds.
     #[arg(long, default_value_t = 10.0)]
     timeout: f64,
+    /// Send every request through the seed endpoint, which forwards it to
+    /// the key's owner (for `kubectl port-forward`, where the members'
+    /// addresses are unreachable).
+    #[arg(long, env = "DISTCACHE_GATEWAY")]
+    gateway: bool,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -118,6 +123,20 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Write increasing counters to KEYS keys for SECONDS, then read every
+    /// key back; exit 1 if an acknowledged write is missing (a smoke test
+    /// to run while pods are deleted, scaled or rolled).
+    Verify {
+        /// How long to write, seconds.
+        #[arg(long, default_value_t = 30.0)]
+        seconds: f64,
+        /// Distinct keys written.
+        #[arg(long, default_value_t = 1000)]
+        keys: u64,
+        /// Key prefix (default: unique per run).
+        #[arg(long)]
+        prefix: Option<String>,
+    },
 }
 
 fn secs(s: f64, what: &str) -> anyhow::Result<Duration> {
@@ -129,11 +148,76 @@ enum Outcome {
     Ok,
     NotFound,
     LockNotAcquired,
+    WritesLost(u64),
+}
+
+/// Writes counters for `duration`, then reads them back: (acknowledged,
+/// failed, lost) with a few examples of lost keys.
+async fn verify(
+    client: &Client,
+    duration: Duration,
+    keys: u64,
+    prefix: &str,
+) -> (u64, u64, Vec<String>) {
+    let keys = keys.max(1);
+    let mut acked: Vec<Option<u64>> = vec![None; keys as usize];
+    let mut attempted: Vec<u64> = vec![0; keys as usize];
+    let (mut ok, mut failed) = (0u64, 0u64);
+    let end = std::time::Instant::now() + duration;
+    let mut seq = 0u64;
+    while std::time::Instant::now() < end {
+        seq += 1;
+        let k = (seq % keys) as usize;
+        attempted[k] = seq;
+        match client.put(format!("{prefix}{k}"), seq.to_string()).await {
+            Ok(()) => {
+                acked[k] = Some(seq);
+                ok += 1;
+            }
+            Err(_) => {
+                failed += 1;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    let mut lost = Vec::new();
+    for k in 0..keys as usize {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        let got = loop {
+            match client.get(format!("{prefix}{k}")).await {
+                Ok(v) => break Ok(v),
+                Err(e) if e.is_retryable() && std::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => break Err(e),
+            }
+        };
+        let value = match got {
+            Ok(v) => v.and_then(|b| std::str::from_utf8(&b).ok()?.parse::<u64>().ok()),
+            Err(e) => {
+                lost.push(format!("{prefix}{k}: read failed: {e}"));
+                continue;
+            }
+        };
+        let fine = match (acked[k], value) {
+            (Some(a), Some(v)) => v >= a && v <= attempted[k],
+            (None, v) => v.is_none_or(|v| v <= attempted[k]),
+            (Some(_), None) => false,
+        };
+        if !fine {
+            lost.push(format!(
+                "{prefix}{k}: acknowledged {:?}, read {value:?}",
+                acked[k]
+            ));
+        }
+    }
+    (ok, failed, lost)
 }
 
 async fn run(cli: Cli) -> anyhow::Result<Outcome> {
-    let mut config =
-        ClientConfig::new(cli.endpoints.clone()).request_timeout(secs(cli.timeout, "--timeout")?);
+    let mut config = ClientConfig::new(cli.endpoints.clone())
+        .request_timeout(secs(cli.timeout, "--timeout")?)
+        .gateway(cli.gateway);
     config.max_retries = 2;
     let client = Client::with_config(config).await?;
     let coll = |c: &Coll| -> distcache_client::Collection {
@@ -250,6 +334,33 @@ async fn run(cli: Cli) -> anyhow::Result<Outcome> {
                 return Ok(Outcome::NotFound);
             }
         }
+        Cmd::Verify {
+            seconds,
+            keys,
+            prefix,
+        } => {
+            let prefix = prefix.unwrap_or_else(|| {
+                let t = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis());
+                format!("verify-{}-{t}-", std::process::id())
+            });
+            let (ok, failed, lost) =
+                verify(&client, secs(seconds, "--seconds")?, keys, &prefix).await;
+            writeln!(
+                out,
+                "{ok} writes acknowledged, {failed} failed (retried), {} keys checked, {} lost",
+                keys,
+                lost.len()
+            )?;
+            for l in lost.iter().take(20) {
+                writeln!(out, "lost: {l}")?;
+            }
+            if !lost.is_empty() {
+                out.flush()?;
+                return Ok(Outcome::WritesLost(lost.len() as u64));
+            }
+        }
         Cmd::Cluster { json } => {
             let table = client.partition_table().await?;
             let health = client.health().await?;
@@ -320,6 +431,10 @@ async fn main() -> ExitCode {
         Ok(Outcome::LockNotAcquired) => {
             eprintln!("lock not acquired");
             ExitCode::from(2)
+        }
+        Ok(Outcome::WritesLost(n)) => {
+            eprintln!("{n} acknowledged writes lost");
+            ExitCode::from(1)
         }
         Err(e) => {
             eprintln!("error: {e:#}");

@@ -216,3 +216,45 @@ async fn scale_three_to_five_to_three_under_load_loses_nothing() {
     report("scale 3 -> 5 -> 3", acked, failed);
     assert_no_acknowledged_write_lost(&client, &history).await;
 }
+
+/// Members with a WAL come back with their old data and roles after a
+/// crash: they must neither serve as primary from their stale table nor
+/// count as in-sync backups before a fresh copy (found by the operator e2e).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kill_9_and_restart_with_wal_under_load_loses_nothing() {
+    let _serial = SERIAL.lock().await;
+    let mut c = ProcCluster::start(3, &["--wal", "--wal-fsync", "false"]);
+    c.wait_safe(3, SAFE).await;
+    let client = c.client().await;
+    let load = WriteLoad::start(&client, 8, 64);
+    for i in [1, 0, 2] {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        c.kill(i);
+        // Failed over (after the heartbeat timeout), or back before it.
+        tokio::time::sleep(Duration::from_millis(if i == 0 { 300 } else { 2500 })).await;
+        c.spawn(i);
+        c.wait_safe(3, SAFE).await;
+    }
+    let (history, acked, failed) = load.stop().await;
+    report("kill -9 + restart with WAL", acked, failed);
+    assert!(acked > 100, "the load made progress");
+    assert_no_acknowledged_write_lost(&client, &history).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rolling_restart_with_wal_under_load_loses_nothing() {
+    let _serial = SERIAL.lock().await;
+    let mut c = ProcCluster::start(3, &["--wal", "--wal-fsync", "false"]);
+    c.wait_safe(3, SAFE).await;
+    let client = c.client().await;
+    let load = WriteLoad::start(&client, 8, 64);
+    for i in [2, 1, 0] {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(c.terminate(i), "graceful exit of member {i}");
+        c.spawn(i);
+        c.wait_safe(3, SAFE).await;
+    }
+    let (history, acked, failed) = load.stop().await;
+    report("rolling restart with WAL", acked, failed);
+    assert_no_acknowledged_write_lost(&client, &history).await;
+}

@@ -368,3 +368,124 @@ impl Cluster {
         self.view(name).is_some_and(|h| h.leaving)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::membership::MemberSpec;
+    use crate::cluster::table::Table;
+
+    /// A provider reporting `gone` once.
+    #[derive(Debug)]
+    struct Gone(Mutex<Vec<String>>);
+
+    impl MembersProvider for Gone {
+        fn members(&self) -> Vec<MemberSpec> {
+            ["a", "b", "c"]
+                .iter()
+                .map(|n| MemberSpec {
+                    name: n.to_string(),
+                    grpc: format!("{n}:1"),
+                    peer: format!("{n}:2"),
+                })
+                .collect()
+        }
+        fn take_gone(&self) -> Vec<String> {
+            std::mem::take(&mut self.0.lock())
+        }
+    }
+
+    fn cluster(gone: &[&str]) -> Cluster {
+        let config = ClusterConfig {
+            backup_count: 1,
+            heartbeat_interval: Duration::from_millis(100),
+            failure_timeout: Duration::from_secs(30),
+            request_timeout: Duration::from_secs(1),
+            replication_timeout: Duration::from_secs(1),
+            anti_entropy_interval: Duration::from_secs(60),
+            leave_timeout: Duration::from_secs(1),
+        };
+        let me = MemberInfo {
+            name: "a".into(),
+            grpc: "a:1".into(),
+            peer: "a:2".into(),
+            incarnation: 1,
+        };
+        let provider = Gone(Mutex::new(gone.iter().map(|s| s.to_string()).collect()));
+        Cluster::new(me, Box::new(provider), config, 4)
+    }
+
+    fn hb(name: &str, incarnation: u64, seq: u64, epoch: u64) -> Heartbeat {
+        Heartbeat {
+            name: name.into(),
+            incarnation,
+            epoch,
+            leaving: false,
+            quorum: true,
+            seq,
+            unsynced: Vec::new(),
+            unloaded: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_gone_process_is_dead_at_once_and_its_restart_is_heard() {
+        let c = cluster(&["b"]);
+        c.record(hb("b", 5, 10, 1));
+        assert!(c.alive("b"));
+        assert_eq!(c.apply_gone(), 1);
+        assert!(
+            !c.alive("b"),
+            "dead without waiting for the heartbeat timeout"
+        );
+        c.record(hb("b", 5, 11, 1));
+        assert!(!c.alive("b"), "the old process's late heartbeat is ignored");
+        c.record(hb("b", 4, 1, 1));
+        assert!(!c.alive("b"), "an older incarnation is ignored");
+        c.record(hb("b", 5, 1, 1));
+        assert!(
+            c.alive("b"),
+            "a restart with its WAL (same incarnation, seq from 1) is heard"
+        );
+        c.record(hb("b", 5, 12, 1));
+        assert!(
+            c.alive("b"),
+            "the tombstone is gone once the restart was heard"
+        );
+        assert_eq!(c.apply_gone(), 0);
+    }
+
+    #[test]
+    fn a_backup_copy_here_needs_the_primarys_word() {
+        let c = cluster(&[]);
+        let mut t = Table::empty(4, 1);
+        t.epoch = 7;
+        for (name, inc) in [("a", 1), ("b", 5)] {
+            t.members.push(MemberInfo {
+                name: name.into(),
+                grpc: format!("{name}:1"),
+                peer: format!("{name}:2"),
+                incarnation: inc,
+            });
+        }
+        t.owners[0] = vec!["b".into(), "a".into()];
+        c.parts[0].loaded.store(true, Ordering::SeqCst);
+        c.record(hb("b", 5, 1, 6));
+        assert_eq!(
+            c.sync_problem(&t, 0, "a"),
+            Some("primary has not reported at this epoch")
+        );
+        let mut report = hb("b", 5, 2, 7);
+        report.unsynced = vec![(0, "a".into())];
+        c.record(report);
+        assert_eq!(
+            c.sync_problem(&t, 0, "a"),
+            Some("primary reports it unsynced"),
+            "loaded here is not enough"
+        );
+        c.record(hb("b", 5, 3, 7));
+        assert_eq!(c.sync_problem(&t, 0, "a"), None);
+        c.parts[0].loaded.store(false, Ordering::SeqCst);
+        assert_eq!(c.sync_problem(&t, 0, "a"), Some("not loaded here"));
+    }
+}

@@ -680,6 +680,7 @@ impl Node {
     /// Installs a committed table newer than the current one.
     pub fn install(&self, new: Table) {
         let c = &self.cluster;
+        let _one_at_a_time = c.install_lock.lock();
         let old = c.table();
         if new.epoch <= old.epoch || new.partition_count != old.partition_count {
             return;
@@ -689,10 +690,15 @@ impl Node {
         // After a restart the old roles come from the WAL: the cluster may
         // have moved on without this node, so its backup copies are re-synced.
         let restarted = c.restored.swap(false, Ordering::SeqCst);
+        // Odd while installing (see Cluster::installs).
+        c.installs.fetch_add(1, Ordering::SeqCst);
         for p in 0..new.partition_count {
             let st = &c.parts[p as usize];
             let (was, now) = (old.role_of(&c.me, p), new.role_of(&c.me, p));
             let fresh = old.replicas(p).is_empty();
+            if was != now {
+                tracing::debug!(partition = p, epoch = new.epoch, ?was, ?now, replicas = ?new.replicas(p), "role change");
+            }
             match now {
                 Role::Primary => {
                     primaries += 1;
@@ -748,6 +754,8 @@ impl Node {
         }
         c.set_table(Arc::new(new));
         c.current.store(true, Ordering::SeqCst);
+        // Even again: the install is complete (see Cluster::installs).
+        c.installs.fetch_add(1, Ordering::SeqCst);
     }
 
     /// Whether every partition has its in-sync backups and no migration is

@@ -133,7 +133,9 @@ impl Node {
                 let p = partition_for(&meta.name, &r.key, count);
                 match self.route(&table, p)? {
                     Route::Local => {
-                        Ok(R::Get(get_response(self.store.get(&r.collection, &r.key)?)))
+                        let v = self.store.get(&r.collection, &r.key)?;
+                        tracing::trace!(partition = p, epoch = table.epoch, key = %String::from_utf8_lossy(&r.key), value = ?v.as_ref().map(|v| String::from_utf8_lossy(v).into_owned()), "get");
+                        Ok(R::Get(get_response(v)))
                     }
                     Route::Remote(_) if forwarded => Err(self.not_owner(p)),
                     Route::Remote(addr) => {
@@ -141,13 +143,19 @@ impl Node {
                             .forward_command(&addr, command::Op::Get(r.clone()))
                             .await;
                         match res {
-                            // Read-from-backup fallback: the primary is unreachable.
+                            // Read-from-backup fallback: the primary is
+                            // unreachable, and this copy is in sync by the
+                            // primary's own last word (loaded is not enough:
+                            // a primary acknowledges writes without backups
+                            // it reported out of sync).
                             Err(Error::Unavailable(_))
                                 if table.role_of(&self.cluster.me, p) == Role::Backup
-                                    && self.cluster.parts[p as usize]
-                                        .loaded
-                                        .load(Ordering::SeqCst) =>
+                                    && self.cluster.in_sync(&table, p, self.name()) =>
                             {
+                                tracing::info!(
+                                    partition = p,
+                                    "primary unreachable: read served by this backup"
+                                );
                                 Ok(R::Get(get_response(self.store.get(&r.collection, &r.key)?)))
                             }
                             other => other,
@@ -160,15 +168,26 @@ impl Node {
                 let p = partition_for(&meta.name, &r.key, count);
                 match self.route(&table, p)? {
                     Route::Local => {
+                        let what = tracing::enabled!(tracing::Level::TRACE).then(|| {
+                            (
+                                String::from_utf8_lossy(&r.key).into_owned(),
+                                String::from_utf8_lossy(&r.value).into_owned(),
+                            )
+                        });
                         let planned =
                             vec![
                                 self.store
                                     .plan_put(&r.collection, r.key, r.value, r.ttl_ms)?,
                             ];
-                        self.write(&table, vec![p], planned, |ops| {
-                            self.store.apply_planned(ops)
-                        })
-                        .await?;
+                        let res = self
+                            .write(&table, vec![p], planned, |ops| {
+                                self.store.apply_planned(ops)
+                            })
+                            .await;
+                        if let Some((key, value)) = what {
+                            tracing::trace!(partition = p, epoch = table.epoch, %key, %value, ok = res.is_ok(), "put");
+                        }
+                        res?;
                         Ok(R::Put(proto::PutResponse {}))
                     }
                     Route::Remote(_) if forwarded => Err(self.not_owner(p)),
@@ -346,8 +365,9 @@ impl Node {
         if t0.elapsed() > Duration::from_millis(500) {
             tracing::warn!(elapsed = ?t0.elapsed(), ?parts, "slow partition lock");
         }
+        let installs = c.installs.load(Ordering::SeqCst);
         let now = c.table();
-        if now.epoch != table.epoch {
+        if now.epoch != table.epoch || installs % 2 == 1 {
             return Err(Error::Unavailable("partition table changed; retry".into()));
         }
         for &p in &parts {
@@ -377,6 +397,18 @@ impl Node {
             tracing::warn!(elapsed = ?t1.elapsed(), ok = rep.is_ok(), "slow replication");
         }
         rep?;
+        // A table install that began while this write ran may have changed
+        // the partition's backups under it (install does not wait for the
+        // partition lock, and publishes the table only at its end): then the
+        // replication above may have skipped a backup that the new table
+        // relies on, so the write is not acknowledged (it is indeterminate,
+        // like a failed replication).
+        if c.installs.load(Ordering::SeqCst) != installs || c.table().epoch != table.epoch {
+            return Err(Error::Unavailable(
+                "the partition table changed during the write; it may or may not have been applied"
+                    .into(),
+            ));
+        }
         drop(guards);
         if !written.evicted_elsewhere.is_empty() {
             self.replicate_evictions(written.evicted_elsewhere).await;
@@ -1023,6 +1055,7 @@ impl Node {
                     if let Err(e) = self.log_ops(&logged).await {
                         return Response::Error(e.to_wire());
                     }
+                    tracing::trace!(partition, epoch, ops = ?ops, "replicated ops applied");
                     self.store.apply(partition, &ops);
                     for op in &ops {
                         if let ReplOp::Lock { key, state } = op {
@@ -1054,6 +1087,7 @@ impl Node {
                         return Response::Error(e.to_wire());
                     }
                 }
+                tracing::trace!(partition, epoch, "snapshot installed");
                 self.store.install(partition, &snapshot);
                 self.locks.install(partition, &snapshot.locks);
                 st.snap_seq.store(seq, Ordering::SeqCst);

@@ -95,6 +95,14 @@ pub struct Cluster {
     /// The table came from this node's WAL (a restart): until the next
     /// install, the roles it lists may be stale.
     pub restored: AtomicBool,
+    /// Twice the table installs on this node, odd while one is in progress
+    /// (a seqlock): a write that starts during an install, or sees the
+    /// count change while it runs, is not acknowledged (install changes
+    /// backups and sync state without waiting for partition locks, and
+    /// publishes the table last).
+    pub installs: AtomicU64,
+    /// Serializes table installs.
+    pub install_lock: Mutex<()>,
     /// This node's table is known to be current (a newer one was installed,
     /// or a majority reported no newer epoch). A restarted node does not
     /// serve as primary before: the cluster may have failed its partitions
@@ -123,6 +131,8 @@ impl Cluster {
             seq: AtomicU64::new(1),
             leaving: AtomicBool::new(false),
             restored: AtomicBool::new(false),
+            installs: AtomicU64::new(0),
+            install_lock: Mutex::new(()),
             current: AtomicBool::new(true),
         }
     }

@@ -325,6 +325,11 @@ async fn operator_creates_scales_rolls_and_deletes_without_losing_writes() {
 
     // Rolling update: a new image rolls one pod at a time.
     let before_roll = kubelet.started().len();
+    let old_revision = api
+        .shared
+        .get(&Key::new("apps/v1", "statefulsets", "default", "cache"))
+        .and_then(|s| s.pointer("/status/updateRevision").cloned())
+        .expect("a revision");
     dccs.patch(
         "cache",
         &ssa,
@@ -339,7 +344,8 @@ async fn operator_creates_scales_rolls_and_deletes_without_losing_writes() {
         let sts = api
             .shared
             .get(&Key::new("apps/v1", "statefulsets", "default", "cache"))?;
-        let done = sts.pointer("/status/currentRevision") == sts.pointer("/status/updateRevision")
+        let done = sts.pointer("/status/updateRevision") != Some(&old_revision)
+            && sts.pointer("/status/currentRevision") == sts.pointer("/status/updateRevision")
             && sts.pointer("/status/updatedReplicas") == Some(&json!(2));
         let d = dccs.get("cache").await.ok()?;
         (done && settled(d.status.as_ref()?, 2, d.metadata.generation?)).then_some(())

@@ -323,6 +323,11 @@ fn env_of(pod: &Value, ip: &str, root: &Path, kubeconfig: &Path) -> Vec<(String,
         vars.push((k.to_string(), v));
     }
     vars.push(("KUBECONFIG".into(), kubeconfig.display().to_string()));
+    // Debugging aid: DISTCACHE_SIM_NODE_LOG overrides the nodes' log filter.
+    if let Ok(filter) = std::env::var("DISTCACHE_SIM_NODE_LOG") {
+        vars.retain(|(k, _)| k != "DISTCACHE_LOG");
+        vars.push(("DISTCACHE_LOG".into(), filter));
+    }
     vars
 }
 

@@ -36,7 +36,7 @@ LABEL org.opencontainers.image.title="distcache-node" \
       org.opencontainers.image.description="distcache node: partitioned in-memory cache served over gRPC"
 COPY --from=build /out/distcache-node /out/distcache /usr/local/bin/
 # gRPC (clients), peer protocol (members).
-EXPOSE 7100 7200
+EXPOSE 7100 7200 9100
 ENV DISTCACHE_LISTEN=0.0.0.0:7100
 ENTRYPOINT ["/usr/local/bin/distcache-node"]
 

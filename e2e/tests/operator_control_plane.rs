@@ -208,6 +208,22 @@ async fn operator_creates_scales_rolls_and_deletes_without_losing_writes() {
     let load = WriteLoad::start(&cache, 8, 500);
     tokio::time::sleep(Duration::from_secs(2)).await;
 
+    // Every node serves its metrics on the port the StatefulSet declares.
+    let mut node_puts = 0.0;
+    for e in &endpoints {
+        let text = scrape(&e.replace(":7100", ":9100"));
+        assert!(text.contains("distcache_node_members 3"), "{e}: {text}");
+        assert!(text.contains("distcache_node_quorum 1"), "{e}: {text}");
+        node_puts += text
+            .lines()
+            .filter_map(|l| {
+                l.strip_prefix("distcache_node_commands_total{op=\"put\",result=\"ok\"} ")
+            })
+            .filter_map(|v| v.trim().parse::<f64>().ok())
+            .sum::<f64>();
+    }
+    assert!(node_puts > 0.0, "the nodes count the load's writes");
+
     // The leader dies; the other replica takes over the Lease.
     let idx = ops
         .iter()

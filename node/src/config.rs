@@ -138,6 +138,9 @@ pub struct NodeConfig {
     /// A started peer frame must complete within this, ms (slow senders are cut off).
     #[arg(long, env = "DISTCACHE_PEER_FRAME_TIMEOUT_MS", default_value_t = DEFAULT_PEER_FRAME_TIMEOUT_MS)]
     pub peer_frame_timeout_ms: u64,
+    /// Address of the Prometheus metrics endpoint (`GET /metrics`); none by default.
+    #[arg(long, env = "DISTCACHE_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
     /// Log filter (tracing EnvFilter syntax, e.g. `info,distcache_node=debug`).
     #[arg(long, env = "DISTCACHE_LOG", default_value = "info")]
     pub log: String,
@@ -175,6 +178,7 @@ impl Default for NodeConfig {
             wal_max_segment_bytes: DEFAULT_WAL_MAX_SEGMENT_BYTES,
             wal_checkpoint_interval_secs: DEFAULT_WAL_CHECKPOINT_SECS,
             wal_skip_corrupt: false,
+            metrics_listen: None,
             log: "info".into(),
         }
     }

@@ -34,6 +34,7 @@ pub mod config;
 pub mod error;
 pub mod grpc;
 pub mod locking;
+pub mod metrics;
 pub mod net;
 mod node;
 mod ops;

@@ -39,6 +39,8 @@ pub struct Node {
     pub peers: Peers,
     /// The write-ahead log, when `--wal-dir` is set.
     pub wal: Option<Arc<Wal>>,
+    /// Prometheus metrics (`--metrics-listen`).
+    pub metrics: crate::metrics::Metrics,
     shutdown: CancellationToken,
     tasks: TaskTracker,
     pub(crate) syncing: parking_lot::Mutex<HashSet<(u32, String)>>,
@@ -186,6 +188,7 @@ impl Node {
             syncing: parking_lot::Mutex::new(HashSet::new()),
             rounds: std::sync::atomic::AtomicU64::new(0),
             wal,
+            metrics: crate::metrics::Metrics::default(),
         });
         let started = std::time::Instant::now();
         let n = recovered.len();

@@ -117,10 +117,13 @@ impl Node {
     /// Runs one data command. `forwarded`: it came from another node, so it
     /// is not forwarded again (a stale route answers NOT_OWNER).
     pub async fn run_command(&self, op: command::Op, forwarded: bool) -> command_result::Result {
-        match self.command(op, forwarded).await {
+        let (name, started) = (crate::metrics::op_name(&op), std::time::Instant::now());
+        let result = match self.command(op, forwarded).await {
             Ok(r) => r,
             Err(e) => command_result::Result::Error(to_proto(&e, self.epoch())),
-        }
+        };
+        self.metrics.command(name, &result, started.elapsed());
+        result
     }
 
     async fn command(&self, op: command::Op, forwarded: bool) -> Result<command_result::Result> {

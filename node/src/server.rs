@@ -21,6 +21,10 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<()> {
     let max = usize::try_from(node.config().max_message_bytes).unwrap_or(usize::MAX);
+    if let Some(addr) = node.config().metrics_listen {
+        crate::metrics::serve(&node, crate::metrics::bind(addr).await?);
+        tracing::info!(address = %addr, "metrics served at /metrics");
+    }
     let api = Api::new(node.clone());
 
     let (health, health_service) = tonic_health::server::health_reporter();

@@ -537,3 +537,117 @@ async fn server_reflection_lists_the_services() {
     }
     node.stop().await.expect("stop");
 }
+
+async fn scrape(addr: std::net::SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("metrics endpoint reachable");
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+        .await
+        .expect("request sent");
+    let mut out = String::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut out))
+        .await
+        .expect("metrics answered in time")
+        .expect("metrics read");
+    out
+}
+
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
+#[tokio::test]
+async fn metrics_endpoint_counts_commands_and_reports_state() {
+    let (node, c) = start().await;
+    let listener = distcache_node::metrics::bind("127.0.0.1:0".parse().expect("addr"))
+        .await
+        .expect("metrics bind");
+    let addr = listener.local_addr().expect("metrics addr");
+    distcache_node::metrics::serve(&node.node, listener);
+
+    let users = c.collection("users").await.expect("collection");
+    for i in 0..5 {
+        users.put(format!("k{i}"), "v").await.expect("put");
+    }
+    assert_eq!(users.get("k1").await.expect("get"), Some(Bytes::from("v")));
+    assert_eq!(users.get("absent").await.expect("get"), None);
+    // A command refused with an error is counted under its reason.
+    assert!(c.collection_handle("nope").get("k").await.is_err());
+
+    let text = scrape(addr).await;
+    assert!(
+        text.starts_with("HTTP/1.0 200") || text.starts_with("HTTP/1.1 200"),
+        "{text}"
+    );
+    assert!(
+        text.contains("content-type: text/plain; version=0.0.4"),
+        "{text}"
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "distcache_node_commands_total{op=\"put\",result=\"ok\"}"
+        ),
+        Some(5.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "distcache_node_commands_total{op=\"get\",result=\"ok\"}"
+        ),
+        Some(2.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "distcache_node_command_duration_seconds_count{op=\"put\"}"
+        ),
+        Some(5.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, "distcache_node_entries{collection=\"users\"}"),
+        Some(5.0),
+        "{text}"
+    );
+    // A lone node owns every partition as primary and has no backups.
+    assert_eq!(
+        sample(&text, "distcache_node_partitions{role=\"primary\"}"),
+        Some(271.0),
+        "{text}"
+    );
+    assert_eq!(sample(&text, "distcache_node_quorum"), Some(1.0), "{text}");
+    assert_eq!(
+        sample(&text, "distcache_node_wal_failed"),
+        Some(0.0),
+        "{text}"
+    );
+    assert!(
+        sample(&text, "distcache_node_partition_table_epoch").is_some_and(|e| e >= 1.0),
+        "{text}"
+    );
+
+    assert_eq!(
+        sample(
+            &text,
+            "distcache_node_commands_total{op=\"get\",result=\"COLLECTION_NOT_FOUND\"}"
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    node.stop().await.expect("stop");
+    assert!(
+        tokio::net::TcpStream::connect(addr).await.is_err(),
+        "the metrics endpoint stops with the node"
+    );
+}

@@ -138,13 +138,20 @@ impl Default for StorageSpec {
 /// Ports of the nodes.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.grpc != self.peer && self.grpc != self.metrics && self.peer != self.metrics").message("spec.ports.grpc, spec.ports.peer and spec.ports.metrics must differ"))]
 pub struct PortsSpec {
     /// Client gRPC port.
     #[serde(default = "default_grpc")]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 65535").message("spec.ports.grpc must be between 1 and 65535"))]
     pub grpc: i32,
     /// Node <-> node port.
     #[serde(default = "default_peer")]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 65535").message("spec.ports.peer must be between 1 and 65535"))]
     pub peer: i32,
+    /// Prometheus metrics port of each node (`GET /metrics`).
+    #[serde(default = "default_metrics")]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 65535").message("spec.ports.metrics must be between 1 and 65535"))]
+    pub metrics: i32,
 }
 
 fn default_grpc() -> i32 {
@@ -153,12 +160,16 @@ fn default_grpc() -> i32 {
 fn default_peer() -> i32 {
     7200
 }
+fn default_metrics() -> i32 {
+    9100
+}
 
 impl Default for PortsSpec {
     fn default() -> Self {
         PortsSpec {
             grpc: default_grpc(),
             peer: default_peer(),
+            metrics: default_metrics(),
         }
     }
 }

@@ -281,6 +281,17 @@ pub fn validate(dcc: &DistributedCacheCluster) -> Result<(), String> {
             s.replicas - 1
         ));
     }
+    let p = &s.ports;
+    for (name, port) in [("grpc", p.grpc), ("peer", p.peer), ("metrics", p.metrics)] {
+        if !(1..=65535).contains(&port) {
+            return Err(format!(
+                "spec.ports.{name} ({port}) must be between 1 and 65535"
+            ));
+        }
+    }
+    if p.grpc == p.peer || p.grpc == p.metrics || p.peer == p.metrics {
+        return Err("spec.ports.grpc, spec.ports.peer and spec.ports.metrics must differ".into());
+    }
     if let Some(was) = dcc.status.as_ref().and_then(|st| st.partition_count)
         && was != s.partition_count
     {

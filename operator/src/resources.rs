@@ -176,6 +176,10 @@ fn node_env(dcc: &DistributedCacheCluster) -> Vec<EnvVar> {
         env("DISTCACHE_LISTEN", format!("0.0.0.0:{}", s.ports.grpc)),
         env("DISTCACHE_PEER_LISTEN", format!("0.0.0.0:{}", s.ports.peer)),
         env(
+            "DISTCACHE_METRICS_LISTEN",
+            format!("0.0.0.0:{}", s.ports.metrics),
+        ),
+        env(
             "DISTCACHE_ADVERTISE",
             format!("$(DISTCACHE_POD_IP):{}", s.ports.grpc),
         ),
@@ -280,6 +284,11 @@ pub fn statefulset(dcc: &DistributedCacheCluster) -> StatefulSet {
                 container_port: s.ports.peer,
                 ..ContainerPort::default()
             },
+            ContainerPort {
+                name: Some("metrics".into()),
+                container_port: s.ports.metrics,
+                ..ContainerPort::default()
+            },
         ]),
         readiness_probe: Some(grpc_probe(s.ports.grpc, 5, 3)),
         liveness_probe: Some(grpc_probe(s.ports.grpc, 10, 6)),
@@ -334,6 +343,17 @@ pub fn statefulset(dcc: &DistributedCacheCluster) -> StatefulSet {
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
                     labels: Some(labels(dcc)),
+                    // The common scrape convention (Prometheus kubernetes_sd
+                    // relabelling); the headless Service's `metrics` port
+                    // serves ServiceMonitors.
+                    annotations: Some(BTreeMap::from([
+                        ("prometheus.io/scrape".to_string(), "true".to_string()),
+                        (
+                            "prometheus.io/port".to_string(),
+                            s.ports.metrics.to_string(),
+                        ),
+                        ("prometheus.io/path".to_string(), "/metrics".to_string()),
+                    ])),
                     ..ObjectMeta::default()
                 }),
                 spec: Some(PodSpec {
@@ -405,6 +425,7 @@ pub fn peer_service(dcc: &DistributedCacheCluster) -> Service {
             ports: Some(vec![
                 port("grpc", dcc.spec.ports.grpc),
                 port("peer", dcc.spec.ports.peer),
+                port("metrics", dcc.spec.ports.metrics),
             ]),
             ..ServiceSpec::default()
         }),
@@ -527,6 +548,25 @@ mod tests {
         );
         assert_eq!(e["DISTCACHE_ADVERTISE"], "$(DISTCACHE_POD_IP):7100");
         assert_eq!(e["DISTCACHE_PEER_ADVERTISE"], "$(DISTCACHE_POD_IP):7200");
+        assert_eq!(e["DISTCACHE_METRICS_LISTEN"], "0.0.0.0:9100");
+        let template = spec.template.metadata.as_ref().expect("template metadata");
+        let annotations = template.annotations.as_ref().expect("annotations");
+        assert_eq!(annotations["prometheus.io/port"], "9100");
+        let ports: Vec<(Option<&str>, i32)> = spec.template.spec.as_ref().expect("pod").containers
+            [0]
+        .ports
+        .iter()
+        .flatten()
+        .map(|p| (p.name.as_deref(), p.container_port))
+        .collect();
+        assert_eq!(
+            ports,
+            vec![
+                (Some("grpc"), 7100),
+                (Some("peer"), 7200),
+                (Some("metrics"), 9100)
+            ]
+        );
         let pod: Pod = serde_json::from_value(serde_json::json!({
             "metadata": {"name": "cache-1", "uid": "p1"},
             "status": {"podIP": "10.1.2.3", "conditions": [{"type": "Ready", "status": "True"}]},

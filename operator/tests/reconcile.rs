@@ -293,6 +293,22 @@ async fn invalid_spec_changes_nothing_and_says_why() {
             .to_string()
             .contains("immutable")
     );
+
+    // Colliding or out-of-range ports are refused before anything is applied.
+    for (spec, why) in [
+        (r#"{"ports": {"grpc": 7100, "peer": 7100}}"#, "must differ"),
+        (r#"{"ports": {"metrics": 7200}}"#, "must differ"),
+        (r#"{"ports": {"grpc": 70000}}"#, "spec.ports.grpc (70000)"),
+    ] {
+        let (client, calls) = mock(3, None);
+        reconcile(cluster(spec), ctx(client, true))
+            .await
+            .expect("reconcile");
+        let calls = calls.lock().expect("calls").clone();
+        assert_eq!(applied(&calls), vec!["status".to_string()], "{spec}");
+        let conditions = status_patch(&calls)["conditions"].to_string();
+        assert!(conditions.contains(why), "{spec}: {conditions}");
+    }
 }
 
 #[tokio::test]

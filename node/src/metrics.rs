@@ -1,0 +1,287 @@
+//! Prometheus metrics of one node, served as text at `/metrics` on
+//! `--metrics-listen` (see [`serve`]).
+//!
+//! Counters and the latency histogram are updated on the request path; the
+//! gauges describing the cluster (epoch, roles, safety, quorum, entries) are
+//! read from the node when scraped.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use distcache_client::proto::{ErrorReason, command, command_result};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+
+use crate::cluster::table::Role;
+use crate::error::{Error, Result};
+use crate::node::Node;
+
+/// Labels of the per-command counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CommandLabels {
+    /// `get`, `put`, `delete`, `get_many`, `put_many`, `delete_many`.
+    pub op: &'static str,
+    /// `ok` or the error reason (`NOT_OWNER`, `QUORUM_LOST`, ...).
+    pub result: &'static str,
+}
+
+/// Labels of the per-command latency histogram.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OpLabels {
+    /// The command.
+    pub op: &'static str,
+}
+
+/// Labels of the partition gauge.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RoleLabels {
+    /// `primary` or `backup`.
+    pub role: &'static str,
+}
+
+/// Labels of the per-collection gauge.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CollectionLabels {
+    /// The collection name.
+    pub collection: String,
+}
+
+type Latency = Family<OpLabels, Histogram, fn() -> Histogram>;
+
+fn latency_histogram() -> Histogram {
+    // 50 µs .. ~1.6 s.
+    Histogram::new(exponential_buckets(0.000_05, 2.0, 16))
+}
+
+/// Every metric one node exports.
+pub struct Metrics {
+    registry: Registry,
+    commands: Family<CommandLabels, Counter>,
+    latency: Latency,
+    epoch: Gauge,
+    members: Gauge,
+    members_alive: Gauge,
+    quorum: Gauge,
+    safe: Gauge,
+    without_backup: Gauge,
+    migrations: Gauge,
+    partitions: Family<RoleLabels, Gauge>,
+    entries: Family<CollectionLabels, Gauge>,
+    wal_failed: Gauge,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("distcache_node");
+        let commands = Family::<CommandLabels, Counter>::default();
+        let latency: Latency = Family::new_with_constructor(latency_histogram);
+        registry.register(
+            "commands",
+            "Data commands served (unary and Batch), by command and result",
+            commands.clone(),
+        );
+        registry.register(
+            "command_duration_seconds",
+            "Time to serve one data command, replication included",
+            latency.clone(),
+        );
+        let gauge = |registry: &mut Registry, name: &str, help: &str| {
+            let g = Gauge::default();
+            registry.register(name, help, g.clone());
+            g
+        };
+        let epoch = gauge(
+            &mut registry,
+            "partition_table_epoch",
+            "Epoch of this node's partition table",
+        );
+        let members = gauge(&mut registry, "members", "Members the cluster expects");
+        let members_alive = gauge(
+            &mut registry,
+            "members_alive",
+            "Members this node sees alive (itself included)",
+        );
+        let quorum = gauge(
+            &mut registry,
+            "quorum",
+            "1 while this node sees a majority of the members (writes accepted)",
+        );
+        let safe = gauge(
+            &mut registry,
+            "cluster_safe",
+            "1 when every partition has its in-sync backups and nothing migrates",
+        );
+        let without_backup = gauge(
+            &mut registry,
+            "partitions_without_backup",
+            "Partitions without an in-sync backup",
+        );
+        let migrations = gauge(
+            &mut registry,
+            "migrations_running",
+            "Partitions whose owners differ from the balanced target",
+        );
+        let wal_failed = gauge(
+            &mut registry,
+            "wal_failed",
+            "1 when the WAL failed and writes are refused",
+        );
+        let partitions = Family::<RoleLabels, Gauge>::default();
+        registry.register(
+            "partitions",
+            "Partitions this node owns, by role",
+            partitions.clone(),
+        );
+        let entries = Family::<CollectionLabels, Gauge>::default();
+        registry.register(
+            "entries",
+            "Live entries held on this node (primary and backup copies), by collection",
+            entries.clone(),
+        );
+        Metrics {
+            registry,
+            commands,
+            latency,
+            epoch,
+            members,
+            members_alive,
+            quorum,
+            safe,
+            without_backup,
+            migrations,
+            partitions,
+            entries,
+            wal_failed,
+        }
+    }
+}
+
+/// The metric name of a data command.
+pub fn op_name(op: &command::Op) -> &'static str {
+    match op {
+        command::Op::Get(_) => "get",
+        command::Op::Put(_) => "put",
+        command::Op::Delete(_) => "delete",
+        command::Op::GetMany(_) => "get_many",
+        command::Op::PutMany(_) => "put_many",
+        command::Op::DeleteMany(_) => "delete_many",
+    }
+}
+
+impl Metrics {
+    /// Counts one served data command.
+    pub fn command(&self, op: &'static str, result: &command_result::Result, took: Duration) {
+        let result = match result {
+            command_result::Result::Error(e) => ErrorReason::try_from(e.reason)
+                .map(|r| r.as_str_name())
+                .unwrap_or("UNKNOWN"),
+            _ => "ok",
+        };
+        self.commands
+            .get_or_create(&CommandLabels { op, result })
+            .inc();
+        self.latency
+            .get_or_create(&OpLabels { op })
+            .observe(took.as_secs_f64());
+    }
+
+    /// Reads the node's state into the gauges and encodes every metric in
+    /// the Prometheus text format.
+    pub fn render(&self, node: &Node) -> String {
+        let c = &node.cluster;
+        let t = c.table();
+        let (alive, expected) = c.liveness();
+        let (safe, without, migrating) = node.safety();
+        let (mut primaries, mut backups) = (0i64, 0i64);
+        for p in 0..t.partition_count {
+            match t.role_of(&c.me, p) {
+                Role::Primary => primaries += 1,
+                Role::Backup => backups += 1,
+                _ => {}
+            }
+        }
+        self.epoch.set(i64::try_from(t.epoch).unwrap_or(i64::MAX));
+        self.members.set(expected as i64);
+        self.members_alive.set(alive.len() as i64);
+        self.quorum.set(i64::from(c.quorum()));
+        self.safe.set(i64::from(safe));
+        self.without_backup.set(i64::from(without));
+        self.migrations.set(i64::from(migrating));
+        self.partitions
+            .get_or_create(&RoleLabels { role: "primary" })
+            .set(primaries);
+        self.partitions
+            .get_or_create(&RoleLabels { role: "backup" })
+            .set(backups);
+        self.entries.clear();
+        for meta in node.store.list_collections() {
+            if let Ok(n) = node.store.size(&meta.name, |_| true) {
+                self.entries
+                    .get_or_create(&CollectionLabels {
+                        collection: meta.name.to_string(),
+                    })
+                    .set(i64::try_from(n).unwrap_or(i64::MAX));
+            }
+        }
+        let wal_failed = node.wal.as_ref().is_some_and(|w| w.failure().is_some());
+        self.wal_failed.set(i64::from(wal_failed));
+        let mut out = String::new();
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+            tracing::warn!(error = %e, "encoding metrics");
+        }
+        out
+    }
+}
+
+/// Binds `addr` for the metrics endpoint (`--metrics-listen`).
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| Error::InvalidArgument(format!("cannot listen for metrics on {addr}: {e}")))
+}
+
+/// Serves `GET /metrics` on `listener` until the node shuts down; a task of
+/// the node's tracker.
+pub fn serve(node: &Arc<Node>, listener: TcpListener) {
+    let token = node.shutdown_token().clone();
+    let weak = Arc::downgrade(node);
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let weak = weak.clone();
+            async move {
+                let body = weak
+                    .upgrade()
+                    .map(|node| node.metrics.render(&node))
+                    .unwrap_or_default();
+                (
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        "text/plain; version=0.0.4; charset=utf-8",
+                    )],
+                    body,
+                )
+            }
+        }),
+    );
+    node.tasks().spawn(async move {
+        let res = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { token.cancelled().await })
+            .await;
+        if let Err(e) = res {
+            tracing::warn!(error = %e, "metrics endpoint stopped");
+        }
+    });
+}

@@ -110,6 +110,11 @@ impl Error {
             Some(r) => Error::from_reason(r, message, epoch),
             None => match status.code() {
                 tonic::Code::Unavailable | tonic::Code::Cancelled => Error::Unavailable(message),
+                // A distcache node names the reason of every error it sends;
+                // an Unknown status without one is tonic's mapping of a
+                // broken connection ("transport error", the node died
+                // mid-request): indeterminate, worth retrying elsewhere.
+                tonic::Code::Unknown => Error::Unavailable(message),
                 tonic::Code::InvalidArgument => Error::InvalidArgument(message),
                 // tonic's own "message too large" errors.
                 tonic::Code::OutOfRange | tonic::Code::ResourceExhausted => {
@@ -193,6 +198,11 @@ mod tests {
     fn status_without_reason_maps_by_code() {
         let e = Error::from_status(&tonic::Status::unavailable("down"));
         assert!(e.is_retryable());
+        let e = Error::from_status(&tonic::Status::unknown("transport error"));
+        assert!(
+            matches!(e, Error::Unavailable(_)) && e.is_retryable(),
+            "{e:?}"
+        );
         let e = Error::from_status(&tonic::Status::out_of_range("too large"));
         assert!(matches!(e, Error::LimitExceeded(_)));
         let e = Error::from_status(&tonic::Status::permission_denied("no"));

@@ -163,7 +163,11 @@ impl ProcCluster {
                 Vec::new()
             })
             .args(FAST)
-            .env("DISTCACHE_LOG", "info")
+            // DISTCACHE_E2E_NODE_LOG overrides the nodes' log filter (debugging).
+            .env(
+                "DISTCACHE_LOG",
+                std::env::var("DISTCACHE_E2E_NODE_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -435,7 +439,12 @@ pub async fn check_history(client: &Client, history: &HashMap<String, KeyHistory
             (None, None) => {}
             (None, Some(v)) if v <= h.attempted => {}
             (a, v) => bad.push(format!(
-                "{key}: acked {a:?} attempted {} read {v:?}{}",
+                "{key} (p{}): acked {a:?} attempted {} read {v:?}{}",
+                distcache_client::partition::partition_for(
+                    "__default__",
+                    key.as_bytes(),
+                    distcache_client::partition::DEFAULT_PARTITION_COUNT
+                ),
                 h.attempted,
                 if v.is_some_and(|v| h.failed.contains(&v)) {
                     " (a failed, indeterminate write)"

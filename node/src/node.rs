@@ -589,16 +589,34 @@ impl Node {
         let mut owners = Vec::with_capacity(table.owners.len());
         for (p, o) in table.owners.iter().enumerate() {
             let primary = o.first().map(String::as_str).filter(|m| valid(m));
-            let backups: Vec<&str> = o
+            let mut backups: Vec<&str> = o
                 .iter()
                 .skip(1)
                 .map(String::as_str)
                 .filter(|m| valid(m))
                 .collect();
+            // A replica holding a loaded copy (not vouched for yet, maybe
+            // complete): kept through migrations, and on a failover with no
+            // backup known in sync it beats one whose snapshot never came.
+            let loaded = |m: &str| {
+                if m == c.me.name {
+                    c.parts[p].loaded.load(Ordering::SeqCst)
+                } else {
+                    // Its report counts if made while it held this place.
+                    c.view(m).is_some_and(|h| {
+                        h.epoch >= table.since_of(p as u32, m)
+                            && h.epoch <= table.epoch
+                            && !h.unloaded.contains(&(p as u32))
+                    })
+                }
+            };
+            if primary.is_none() {
+                backups.sort_by_key(|m| !loaded(m));
+            }
             let fresh = o.is_empty();
-            let next = coordinator::next_owners(primary, &backups, &target[p], |m| {
-                fresh || c.in_sync(&table, p as u32, m)
-            });
+            let in_sync = |m: &str| fresh || c.in_sync(&table, p as u32, m);
+            let next =
+                coordinator::next_owners_keeping(primary, &backups, &target[p], &in_sync, &loaded);
             owners.push(next);
         }
         let names: HashSet<&String> = owners.iter().flatten().collect();
@@ -625,6 +643,11 @@ impl Node {
             backup_count: c.config.backup_count,
             members,
             owners,
+            since: Vec::new(),
+        })
+        .map(|mut t| {
+            t.carry_since(&table);
+            t
         })
     }
 
@@ -645,6 +668,7 @@ impl Node {
             next.epoch = (*promised).max(c.table().epoch).max(highest_seen) + 1;
             *promised = next.epoch;
         }
+        next.seal_since();
         let timeout = c.config.heartbeat_interval * 4;
         let others: Vec<MemberSpec> = alive.into_iter().filter(|m| m.name != c.me.name).collect();
         let votes = futures::future::join_all(others.iter().map(|m| {

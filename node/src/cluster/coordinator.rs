@@ -19,6 +19,21 @@ pub fn next_owners(
     target: &[String],
     in_sync: impl Fn(&str) -> bool,
 ) -> Vec<String> {
+    next_owners_keeping(primary, backups, target, &in_sync, &in_sync)
+}
+
+/// [`next_owners`], where `holds_copy(m)` says that `m` holds a loaded copy
+/// that may be complete even if nobody vouched for it yet (for example the
+/// primary died before reporting at the current epoch). Until every new
+/// backup is in sync, such replicas are kept too: a replica that may be the
+/// only holder of acknowledged writes is never dropped.
+pub fn next_owners_keeping(
+    primary: Option<&str>,
+    backups: &[&str],
+    target: &[String],
+    in_sync: &dyn Fn(&str) -> bool,
+    holds_copy: &dyn Fn(&str) -> bool,
+) -> Vec<String> {
     let Some(t_primary) = target.first() else {
         return primary.map(|p| vec![p.to_string()]).unwrap_or_default();
     };
@@ -59,7 +74,7 @@ pub fn next_owners(
             push(p, &mut out);
         }
         for b in backups {
-            if in_sync(b) {
+            if in_sync(b) || holds_copy(b) {
                 push(b, &mut out);
             }
         }
@@ -73,6 +88,32 @@ mod tests {
 
     fn t(v: &[&str]) -> Vec<String> {
         v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn replicas_nobody_vouched_for_yet_are_kept_until_the_target_is_in_sync() {
+        // b and c hold copies, but the primary has not reported since the
+        // last table: the rebalancer's new backups d and e must not replace
+        // them before they are in sync themselves.
+        let in_sync = |_: &str| false;
+        let holds = |m: &str| m == "b" || m == "c";
+        let next = next_owners_keeping(
+            Some("a"),
+            &["b", "c"],
+            &t(&["a", "d", "e"]),
+            &in_sync,
+            &holds,
+        );
+        assert_eq!(next, t(&["a", "d", "e", "b", "c"]));
+        // Once the target is in sync they go.
+        let next = next_owners_keeping(
+            Some("a"),
+            &["d", "e", "b", "c"],
+            &t(&["a", "d", "e"]),
+            &|_| true,
+            &holds,
+        );
+        assert_eq!(next, t(&["a", "d", "e"]));
     }
 
     #[test]

@@ -276,6 +276,11 @@ impl Cluster {
         if !self.alive(m) {
             return Some("not alive");
         }
+        // A member the table does not list for `p` holds no copy the
+        // primary replicates to, whatever its reports say.
+        if table.role(m, p) == table::Role::None {
+            return Some("not a replica");
+        }
         let primary = table.primary(p);
         // A report counts while its reporter is still the partition's
         // primary; after that the current primary's own reports decide.
@@ -307,15 +312,23 @@ impl Cluster {
         if primary == Some(m) {
             return None;
         }
-        // The primary's own report, when current, has the last word; a live
-        // primary that has not reported at this epoch yet has not vouched
-        // for anyone.
+        // The primary's own report has the last word. It vouches for `m` only
+        // if made while `m` already held its place without a break under
+        // this primary (the table's `since`): later tables kept both in
+        // place, the primary keeps such a backup in its synced set, and it
+        // reports a backup out of sync before acknowledging any write
+        // without it. A primary that has not reported since has not
+        // vouched (a dead primary's last report still counts).
         match primary {
             Some(pr) if pr == self.me.name => (!self.parts[p as usize].synced.lock().contains(m))
                 .then_some("not in my synced set"),
             Some(pr) => match self.view(pr) {
-                Some(phb) if phb.epoch != table.epoch => {
-                    Some("primary has not reported at this epoch")
+                Some(phb)
+                    if phb.epoch < table.since_of(p, m)
+                        || phb.epoch > table.epoch
+                        || table.member(pr).map(|i| i.incarnation) != Some(phb.incarnation) =>
+                {
+                    Some("primary has not reported since this replica's place began")
                 }
                 Some(phb) if phb.unsynced.contains(&(p, m.to_string())) => {
                     Some("primary reports it unsynced")
@@ -483,8 +496,22 @@ mod tests {
         c.record(hb("b", 5, 1, 6));
         assert_eq!(
             c.sync_problem(&t, 0, "a"),
-            Some("primary has not reported at this epoch")
+            Some("primary has not reported since this replica's place began"),
+            "no `since`: only a report at this epoch counts"
         );
+        // Both held their places since epoch 5: the primary's report at 6
+        // (it may have died since) still vouches.
+        t.since = vec![vec![5, 5], vec![], vec![], vec![]];
+        assert_eq!(c.sync_problem(&t, 0, "a"), None);
+        // A place that began at 7 needs a report made at 7.
+        t.since[0] = vec![5, 7];
+        assert_eq!(
+            c.sync_problem(&t, 0, "a"),
+            Some("primary has not reported since this replica's place began")
+        );
+        // A member the table does not list for a partition is never in sync.
+        t.owners[1] = vec!["a".into()];
+        assert_eq!(c.sync_problem(&t, 1, "b"), Some("not a replica"));
         let mut report = hb("b", 5, 2, 7);
         report.unsynced = vec![(0, "a".into())];
         c.record(report);

@@ -147,7 +147,7 @@ impl Default for Metrics {
         let entries = Family::<CollectionLabels, Gauge>::default();
         registry.register(
             "entries",
-            "Live entries held on this node (primary and backup copies), by collection",
+            "Entries held on this node (primary and backup copies, expired ones not swept yet included), by collection",
             entries.clone(),
         );
         Metrics {
@@ -226,14 +226,12 @@ impl Metrics {
             .get_or_create(&RoleLabels { role: "backup" })
             .set(backups);
         self.entries.clear();
-        for meta in node.store.list_collections() {
-            if let Ok(n) = node.store.size(&meta.name, |_| true) {
-                self.entries
-                    .get_or_create(&CollectionLabels {
-                        collection: meta.name.to_string(),
-                    })
-                    .set(i64::try_from(n).unwrap_or(i64::MAX));
-            }
+        for (collection, n) in node.store.held_entries() {
+            self.entries
+                .get_or_create(&CollectionLabels {
+                    collection: collection.to_string(),
+                })
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
         }
         let wal_failed = node.wal.as_ref().is_some_and(|w| w.failure().is_some());
         self.wal_failed.set(i64::from(wal_failed));

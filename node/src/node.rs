@@ -598,18 +598,7 @@ impl Node {
             // A replica holding a loaded copy (not vouched for yet, maybe
             // complete): kept through migrations, and on a failover with no
             // backup known in sync it beats one whose snapshot never came.
-            let loaded = |m: &str| {
-                if m == c.me.name {
-                    c.parts[p].loaded.load(Ordering::SeqCst)
-                } else {
-                    // Its report counts if made while it held this place.
-                    c.view(m).is_some_and(|h| {
-                        h.epoch >= table.since_of(p as u32, m)
-                            && h.epoch <= table.epoch
-                            && !h.unloaded.contains(&(p as u32))
-                    })
-                }
-            };
+            let loaded = |m: &str| c.holds_copy(&table, p as u32, m);
             if primary.is_none() {
                 backups.sort_by_key(|m| !loaded(m));
             }

@@ -406,7 +406,7 @@ impl Node {
         // replication above may have skipped a backup that the new table
         // relies on, so the write is not acknowledged (it is indeterminate,
         // like a failed replication).
-        if c.installs.load(Ordering::SeqCst) != installs || c.table().epoch != table.epoch {
+        if c.installs.load(Ordering::SeqCst) != installs {
             return Err(Error::Unavailable(
                 "the partition table changed during the write; it may or may not have been applied"
                     .into(),

@@ -339,6 +339,17 @@ impl Cluster {
         }
     }
 
+    /// Whether `m` holds a loaded copy of `p` (by its own report, made while
+    /// it held its place in `table`), vouched for or not.
+    pub fn holds_copy(&self, table: &Table, p: u32, m: &str) -> bool {
+        if m == self.me.name {
+            return self.parts[p as usize].loaded.load(Ordering::SeqCst);
+        }
+        self.view(m).is_some_and(|h| {
+            h.epoch >= table.since_of(p, m) && h.epoch <= table.epoch && !h.unloaded.contains(&p)
+        })
+    }
+
     /// This node's heartbeat.
     pub fn heartbeat(&self, quorum: bool) -> Heartbeat {
         let table = self.table();

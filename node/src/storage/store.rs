@@ -488,6 +488,19 @@ impl Store {
         Ok(out)
     }
 
+    /// Entries held per collection over every partition, expired ones the
+    /// sweep has not removed yet included: one pass reading map sizes, no
+    /// entry visited (for metrics).
+    pub fn held_entries(&self) -> HashMap<Arc<str>, u64> {
+        let mut out: HashMap<Arc<str>, u64> = HashMap::new();
+        for part in self.partitions.iter() {
+            for (name, map) in part.read().iter() {
+                *out.entry(name.clone()).or_default() += map.len() as u64;
+            }
+        }
+        out
+    }
+
     /// Number of live entries of the collection in the partitions `owned` selects.
     pub fn size(&self, collection: &str, owned: impl Fn(u32) -> bool) -> Result<u64> {
         let meta = self.collection(collection)?;

@@ -471,7 +471,8 @@ pub async fn assert_no_acknowledged_write_lost(
     tokio::time::sleep(Duration::from_secs(2)).await;
     let keys: HashMap<String, KeyHistory> = bad
         .iter()
-        .filter_map(|b| b.split(':').next())
+        // Each violation starts with the key (then " (pN): ...").
+        .filter_map(|b| b.split(' ').next())
         .filter_map(|k| history.get(k).map(|h| (k.to_string(), h.clone())))
         .collect();
     let again = check_history(client, &keys).await;

@@ -30,6 +30,7 @@
 
 pub mod clock;
 pub mod cluster;
+pub mod command;
 pub mod config;
 pub mod error;
 pub mod grpc;
@@ -37,7 +38,7 @@ pub mod locking;
 pub mod metrics;
 pub mod net;
 mod node;
-mod ops;
+pub mod replica;
 pub mod server;
 pub mod storage;
 

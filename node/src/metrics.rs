@@ -9,7 +9,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use distcache_client::proto::{ErrorReason, command, command_result};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -168,27 +167,10 @@ impl Default for Metrics {
     }
 }
 
-/// The metric name of a data command.
-pub fn op_name(op: &command::Op) -> &'static str {
-    match op {
-        command::Op::Get(_) => "get",
-        command::Op::Put(_) => "put",
-        command::Op::Delete(_) => "delete",
-        command::Op::GetMany(_) => "get_many",
-        command::Op::PutMany(_) => "put_many",
-        command::Op::DeleteMany(_) => "delete_many",
-    }
-}
-
 impl Metrics {
-    /// Counts one served data command.
-    pub fn command(&self, op: &'static str, result: &command_result::Result, took: Duration) {
-        let result = match result {
-            command_result::Result::Error(e) => ErrorReason::try_from(e.reason)
-                .map(|r| r.as_str_name())
-                .unwrap_or("UNKNOWN"),
-            _ => "ok",
-        };
+    /// Counts one served command (`error`: how it failed, if it did).
+    pub fn command(&self, op: &'static str, error: Option<&Error>, took: Duration) {
+        let result = error.map_or("ok", |e| e.reason().as_str_name());
         self.commands
             .get_or_create(&CommandLabels { op, result })
             .inc();
@@ -206,7 +188,7 @@ impl Metrics {
         let (safe, without, migrating) = node.safety();
         let (mut primaries, mut backups) = (0i64, 0i64);
         for p in 0..t.partition_count {
-            match t.role_of(&c.me, p) {
+            match t.role_of(c.me(), p) {
                 Role::Primary => primaries += 1,
                 Role::Backup => backups += 1,
                 _ => {}

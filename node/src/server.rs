@@ -97,8 +97,8 @@ pub async fn serve(
 pub async fn bind_peer(node: &Node) -> Result<Option<TcpListener>> {
     let addr = match node.config().peer_listen {
         Some(a) => a.to_string(),
-        None if node.cluster.me.peer.is_empty() => return Ok(None),
-        None => node.cluster.me.peer.clone(),
+        None if node.cluster.me().peer.is_empty() => return Ok(None),
+        None => node.cluster.me().peer.clone(),
     };
     TcpListener::bind(&addr)
         .await

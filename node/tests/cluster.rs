@@ -12,7 +12,7 @@ use distcache_node::clock::SystemClock;
 use distcache_node::cluster::table::Role;
 use distcache_node::config::NodeConfig;
 use distcache_node::server::Running;
-use distcache_node::storage::ReplOp;
+use distcache_node::replica::ReplOp;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn port() -> u16 {
@@ -137,11 +137,11 @@ async fn anti_entropy_repairs_a_diverged_backup() {
     let p = partition_for("__default__", b"ae-key", t.partition_count);
     let backup = nodes
         .iter()
-        .find(|r| t.role_of(&r.node.cluster.me, p) == Role::Backup)
+        .find(|r| t.role_of(r.node.cluster.me(), p) == Role::Backup)
         .expect("a backup");
     let primary = nodes
         .iter()
-        .find(|r| t.role_of(&r.node.cluster.me, p) == Role::Primary)
+        .find(|r| t.role_of(r.node.cluster.me(), p) == Role::Primary)
         .expect("the primary");
     assert_eq!(backup.node.store.digest(p), primary.node.store.digest(p));
     // Corrupt the backup's copy behind the primary's back.
@@ -187,7 +187,7 @@ async fn closed(mut s: tokio::net::TcpStream) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn hostile_peer_input_is_cut_off_and_the_node_keeps_serving() {
     let nodes = cluster(3).await;
-    let peer_addr = nodes[0].node.cluster.me.peer.clone();
+    let peer_addr = nodes[0].node.cluster.me().peer.clone();
     let client = Client::connect([nodes[0].addr.to_string()])
         .await
         .expect("client");

@@ -2,10 +2,11 @@
 //! coordinator's step function and the rebalancer. The node (`crate::Node`)
 //! drives them: heartbeats, votes, installs, replication and migration.
 
-pub mod coordinator;
 pub mod kubernetes;
 pub mod membership;
+pub mod placement;
 pub mod rebalancer;
+pub mod seqlock;
 pub mod table;
 
 use std::collections::{HashMap, HashSet};
@@ -17,6 +18,7 @@ use parking_lot::{Mutex, RwLock};
 
 use crate::net::message::Heartbeat;
 use membership::{MemberSpec, MembersProvider};
+use seqlock::InstallSeq;
 use table::{MemberInfo, Table};
 
 /// Cluster timing and replication settings.
@@ -68,14 +70,12 @@ pub struct PartState {
 /// The cluster state of one node.
 #[derive(Debug)]
 pub struct Cluster {
-    /// This member.
-    pub me: MemberInfo,
-    /// Settings.
-    pub config: ClusterConfig,
+    me: MemberInfo,
+    config: ClusterConfig,
     provider: Box<dyn MembersProvider>,
     table: RwLock<Arc<Table>>,
     /// Highest epoch this node voted for.
-    pub promised: Mutex<u64>,
+    promised: Mutex<u64>,
     views: Mutex<HashMap<String, View>>,
     /// Member -> (incarnation, heartbeat seq, when) of a process known to be
     /// gone: for a failure timeout, heartbeats of older incarnations or of
@@ -87,27 +87,23 @@ pub struct Cluster {
     /// reported out of sync.
     unsynced: Mutex<HashMap<(u32, String), UnsyncedReport>>,
     /// Per-partition replication state.
-    pub parts: Box<[PartState]>,
+    parts: Box<[PartState]>,
     /// Heartbeat sequence number.
-    pub seq: AtomicU64,
+    seq: AtomicU64,
     /// Leaving gracefully.
-    pub leaving: AtomicBool,
+    leaving: AtomicBool,
     /// The table came from this node's WAL (a restart): until the next
     /// install, the roles it lists may be stale.
-    pub restored: AtomicBool,
-    /// Twice the table installs on this node, odd while one is in progress
-    /// (a seqlock): a write that starts during an install, or sees the
-    /// count change while it runs, is not acknowledged (install changes
-    /// backups and sync state without waiting for partition locks, and
-    /// publishes the table last).
-    pub installs: AtomicU64,
+    restored: AtomicBool,
+    /// The table-install seqlock (see [`seqlock`]).
+    installs: InstallSeq,
     /// Serializes table installs.
-    pub install_lock: Mutex<()>,
+    install_lock: Mutex<()>,
     /// This node's table is known to be current (a newer one was installed,
     /// or a majority reported no newer epoch). A restarted node does not
     /// serve as primary before: the cluster may have failed its partitions
     /// over while it was down.
-    pub current: AtomicBool,
+    current: AtomicBool,
 }
 
 impl Cluster {
@@ -131,10 +127,93 @@ impl Cluster {
             seq: AtomicU64::new(1),
             leaving: AtomicBool::new(false),
             restored: AtomicBool::new(false),
-            installs: AtomicU64::new(0),
+            installs: InstallSeq::default(),
             install_lock: Mutex::new(()),
             current: AtomicBool::new(true),
         }
+    }
+
+    /// This member.
+    pub fn me(&self) -> &MemberInfo {
+        &self.me
+    }
+
+    /// Settings.
+    pub fn config(&self) -> &ClusterConfig {
+        &self.config
+    }
+
+    /// Replication state of partition `p` (`p` < the partition count).
+    pub fn part(&self, p: u32) -> &PartState {
+        &self.parts[p as usize]
+    }
+
+    /// The next heartbeat / report sequence number of this node.
+    pub fn next_seq(&self) -> u64 {
+        self.seq.fetch_add(1, Ordering::SeqCst)
+    }
+
+    /// Marks this node as leaving gracefully.
+    pub fn set_leaving(&self) {
+        self.leaving.store(true, Ordering::SeqCst);
+    }
+
+    /// The table-install seqlock.
+    pub fn installs(&self) -> &InstallSeq {
+        &self.installs
+    }
+
+    /// Serializes table installs while the guard lives.
+    pub fn install_lock(&self) -> parking_lot::MutexGuard<'_, ()> {
+        self.install_lock.lock()
+    }
+
+    /// Whether this node's table is known to be current.
+    pub fn is_current(&self) -> bool {
+        self.current.load(Ordering::SeqCst)
+    }
+
+    /// Sets whether this node's table is known to be current.
+    pub fn set_current(&self, current: bool) {
+        self.current.store(current, Ordering::SeqCst);
+    }
+
+    /// Records that the table came from this node's WAL.
+    pub fn mark_restored(&self) {
+        self.restored.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether the table came from the WAL (cleared by this call).
+    pub fn take_restored(&self) -> bool {
+        self.restored.swap(false, Ordering::SeqCst)
+    }
+
+    /// Votes for a proposed epoch: granted if it is above every epoch
+    /// promised or installed here; otherwise the highest of those.
+    pub fn vote(&self, epoch: u64) -> Result<u64, u64> {
+        let mut promised = self.promised.lock();
+        let current = self.table().epoch;
+        if epoch > *promised && epoch > current {
+            *promised = epoch;
+            Ok(epoch)
+        } else {
+            Err((*promised).max(current))
+        }
+    }
+
+    /// Reserves the epoch of this coordinator's next proposal: above every
+    /// epoch promised, installed or `seen`.
+    pub fn reserve_epoch(&self, seen: u64) -> u64 {
+        let mut promised = self.promised.lock();
+        let next = (*promised).max(self.table().epoch).max(seen) + 1;
+        *promised = next;
+        next
+    }
+
+    /// Raises the promised epoch to at least `epoch`.
+    pub fn raise_promise(&self, epoch: u64) {
+        let mut promised = self.promised.lock();
+        *promised = (*promised).max(epoch);
     }
 
     /// The installed table.

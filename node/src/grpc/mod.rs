@@ -1,5 +1,6 @@
 //! The client-facing gRPC layer.
 
+mod convert;
 mod service;
 mod status;
 

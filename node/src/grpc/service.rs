@@ -1,19 +1,17 @@
 //! The gRPC services of package `distcache.v1`, over a [`Node`].
 
-use std::sync::Arc;
-use std::time::Duration;
-
-use bytes::Bytes;
 use distcache_client::proto::{self, command, command_result};
+use std::sync::Arc;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use futures::{FutureExt, StreamExt, stream::FuturesUnordered};
 
-use super::status::{proto_to_status, to_proto, to_status};
-use crate::config::{DEFAULT_ACQUIRE_MS, DEFAULT_HOLD_MS};
-use crate::error::Result;
+use super::convert;
+use super::status::{to_proto, to_status};
+use crate::command::{Command, Origin, Outcome};
+use crate::error::{Error, Result};
 use crate::node::Node;
 use crate::storage::CollectionMeta;
 
@@ -46,26 +44,37 @@ fn settings(m: &CollectionMeta) -> proto::CollectionSettings {
     }
 }
 
-fn or_default(ms: u64, default: u64) -> u64 {
-    if ms == 0 { default } else { ms }
-}
-
 /// Most commands of one Batch stream in flight at once.
 const BATCH_IN_FLIGHT: usize = 4096;
 /// Depth of the response queue of one Batch stream.
 const BATCH_OUT_DEPTH: usize = 64;
 
 impl Api {
-    async fn data(&self, op: command::Op) -> Result<command_result::Result, Status> {
-        match self.node.run_command(op, false).await {
-            command_result::Result::Error(e) => Err(proto_to_status(&e)),
-            ok => Ok(ok),
-        }
+    /// Runs a client's command and picks its answer out of the outcome (the
+    /// one unary handler body).
+    async fn unary<T>(
+        &self,
+        cmd: Command,
+        answer: impl FnOnce(Outcome) -> Option<T>,
+    ) -> Result<Response<T>, Status> {
+        let outcome = self.node.run(cmd, Origin::Client).await;
+        self.reply(outcome.and_then(|o| {
+            let mismatch = convert::mismatch(&o);
+            answer(o).ok_or(mismatch)
+        }))
     }
-}
 
-fn unexpected() -> Status {
-    Status::internal("unexpected result type")
+    /// A unary data RPC: the same command and answer as on the Batch stream.
+    async fn data<T>(
+        &self,
+        op: command::Op,
+        pick: impl FnOnce(command_result::Result) -> Option<T>,
+    ) -> Result<Response<T>, Status> {
+        self.unary(convert::command(op), |o| {
+            convert::result(o).ok().and_then(pick)
+        })
+        .await
+    }
 }
 
 #[tonic::async_trait]
@@ -74,60 +83,66 @@ impl proto::cache_server::Cache for Api {
         &self,
         req: Request<proto::GetRequest>,
     ) -> Result<Response<proto::GetResponse>, Status> {
-        match self.data(command::Op::Get(req.into_inner())).await? {
-            command_result::Result::Get(r) => Ok(Response::new(r)),
-            _ => Err(unexpected()),
-        }
+        self.data(command::Op::Get(req.into_inner()), |r| match r {
+            command_result::Result::Get(r) => Some(r),
+            _ => None,
+        })
+        .await
     }
 
     async fn put(
         &self,
         req: Request<proto::PutRequest>,
     ) -> Result<Response<proto::PutResponse>, Status> {
-        match self.data(command::Op::Put(req.into_inner())).await? {
-            command_result::Result::Put(r) => Ok(Response::new(r)),
-            _ => Err(unexpected()),
-        }
+        self.data(command::Op::Put(req.into_inner()), |r| match r {
+            command_result::Result::Put(r) => Some(r),
+            _ => None,
+        })
+        .await
     }
 
     async fn delete(
         &self,
         req: Request<proto::DeleteRequest>,
     ) -> Result<Response<proto::DeleteResponse>, Status> {
-        match self.data(command::Op::Delete(req.into_inner())).await? {
-            command_result::Result::Delete(r) => Ok(Response::new(r)),
-            _ => Err(unexpected()),
-        }
+        self.data(command::Op::Delete(req.into_inner()), |r| match r {
+            command_result::Result::Delete(r) => Some(r),
+            _ => None,
+        })
+        .await
     }
 
     async fn get_many(
         &self,
         req: Request<proto::GetManyRequest>,
     ) -> Result<Response<proto::GetManyResponse>, Status> {
-        match self.data(command::Op::GetMany(req.into_inner())).await? {
-            command_result::Result::GetMany(r) => Ok(Response::new(r)),
-            _ => Err(unexpected()),
-        }
+        self.data(command::Op::GetMany(req.into_inner()), |r| match r {
+            command_result::Result::GetMany(r) => Some(r),
+            _ => None,
+        })
+        .await
     }
 
     async fn put_many(
         &self,
         req: Request<proto::PutManyRequest>,
     ) -> Result<Response<proto::PutManyResponse>, Status> {
-        match self.data(command::Op::PutMany(req.into_inner())).await? {
-            command_result::Result::PutMany(r) => Ok(Response::new(r)),
-            _ => Err(unexpected()),
-        }
+        self.data(command::Op::PutMany(req.into_inner()), |r| match r {
+            command_result::Result::PutMany(r) => Some(r),
+            _ => None,
+        })
+        .await
     }
 
     async fn delete_many(
         &self,
         req: Request<proto::DeleteManyRequest>,
     ) -> Result<Response<proto::DeleteManyResponse>, Status> {
-        match self.data(command::Op::DeleteMany(req.into_inner())).await? {
-            command_result::Result::DeleteMany(r) => Ok(Response::new(r)),
-            _ => Err(unexpected()),
-        }
+        self.data(command::Op::DeleteMany(req.into_inner()), |r| match r {
+            command_result::Result::DeleteMany(r) => Some(r),
+            _ => None,
+        })
+        .await
     }
 
     async fn keys(
@@ -184,12 +199,10 @@ impl proto::cache_server::Cache for Api {
                                 let node = node.clone();
                                 in_flight.push(async move {
                                     let result = match c.op {
-                                        Some(op) => node.run_command(op, false).await,
-                                        None => command_result::Result::Error(to_proto(
-                                            &crate::error::Error::InvalidArgument("command without op".into()),
-                                            node.epoch(),
-                                        )),
+                                        Some(op) => node.run(convert::command(op), Origin::Client).await.and_then(convert::result),
+                                        None => Err(Error::InvalidArgument("command without op".into())),
                                     };
+                                    let result = result.unwrap_or_else(|e| command_result::Result::Error(to_proto(&e, node.epoch())));
                                     proto::CommandResult { id: c.id, result: Some(result) }
                                 });
                             }
@@ -275,67 +288,77 @@ impl proto::collections_server::Collections for Api {
     }
 }
 
-fn grant(key: Bytes, g: crate::locking::Grant) -> proto::LockGrant {
-    proto::LockGrant {
-        key,
-        fencing_token: g.token,
-        hold_ms: g.hold_ms,
-    }
-}
-
 #[tonic::async_trait]
 impl proto::locks_server::Locks for Api {
     async fn acquire(
         &self,
         req: Request<proto::AcquireLockRequest>,
     ) -> Result<Response<proto::LockGrant>, Status> {
-        let r = req.into_inner();
-        let hold = or_default(r.hold_timeout_ms, DEFAULT_HOLD_MS);
-        let wait = Duration::from_millis(or_default(r.acquire_timeout_ms, DEFAULT_ACQUIRE_MS));
-        let key = r.key.clone();
-        let g = self.node.lock_acquire(r, hold, wait, false).await;
-        self.reply(g.map(|g| grant(key, g)))
+        let cmd = convert::acquire(req.into_inner());
+        let key = cmd.key().cloned().unwrap_or_default();
+        self.unary(cmd, |o| match o {
+            Outcome::Granted(g) => Some(convert::grant(key, g)),
+            _ => None,
+        })
+        .await
     }
 
     async fn try_acquire(
         &self,
         req: Request<proto::TryAcquireLockRequest>,
     ) -> Result<Response<proto::TryAcquireLockResponse>, Status> {
-        let r = req.into_inner();
-        let hold = or_default(r.hold_timeout_ms, DEFAULT_HOLD_MS);
-        let key = r.key.clone();
-        let g = self.node.lock_try(r, hold, false).await;
-        self.reply(g.map(|g| proto::TryAcquireLockResponse {
-            acquired: g.is_some(),
-            grant: g.map(|g| grant(key, g)),
-        }))
+        let cmd = convert::try_acquire(req.into_inner());
+        let key = cmd.key().cloned().unwrap_or_default();
+        self.unary(cmd, |o| match o {
+            Outcome::MaybeGranted(g) => Some(proto::TryAcquireLockResponse {
+                acquired: g.is_some(),
+                grant: g.map(|g| convert::grant(key, g)),
+            }),
+            _ => None,
+        })
+        .await
     }
 
     async fn release(
         &self,
         req: Request<proto::ReleaseLockRequest>,
     ) -> Result<Response<proto::ReleaseLockResponse>, Status> {
-        let res = self.node.lock_release(req.into_inner(), false).await;
-        self.reply(res.map(|()| proto::ReleaseLockResponse {}))
+        let r = req.into_inner();
+        let cmd = Command::Release {
+            key: r.key,
+            token: r.fencing_token,
+        };
+        self.unary(cmd, |o| {
+            matches!(o, Outcome::Released).then_some(proto::ReleaseLockResponse {})
+        })
+        .await
     }
 
     async fn extend(
         &self,
         req: Request<proto::ExtendLockRequest>,
     ) -> Result<Response<proto::LockGrant>, Status> {
-        let r = req.into_inner();
-        let hold = or_default(r.hold_timeout_ms, DEFAULT_HOLD_MS);
-        let key = r.key.clone();
-        let g = self.node.lock_extend(r, hold, false).await;
-        self.reply(g.map(|g| grant(key, g)))
+        let cmd = convert::extend(req.into_inner());
+        let key = cmd.key().cloned().unwrap_or_default();
+        self.unary(cmd, |o| match o {
+            Outcome::Granted(g) => Some(convert::grant(key, g)),
+            _ => None,
+        })
+        .await
     }
 
     async fn force_release(
         &self,
         req: Request<proto::ForceReleaseLockRequest>,
     ) -> Result<Response<proto::ForceReleaseLockResponse>, Status> {
-        let res = self.node.lock_force_release(req.into_inner(), false).await;
-        self.reply(res.map(|released| proto::ForceReleaseLockResponse { released }))
+        let cmd = Command::ForceRelease {
+            key: req.into_inner().key,
+        };
+        self.unary(cmd, |o| match o {
+            Outcome::ForceReleased(released) => Some(proto::ForceReleaseLockResponse { released }),
+            _ => None,
+        })
+        .await
     }
 }
 
@@ -420,7 +443,9 @@ impl proto::cluster_server::Cluster for Api {
         let (safe, without, migrating, examples) = self.node.safety_detail();
         let quorum = c.quorum();
         let wal_failure = self.node.wal.as_ref().and_then(|w| w.failure());
-        let problem = if let Some(why) = wal_failure {
+        let problem = if let Some(why) = self.node.failure() {
+            format!("node failed: {why}")
+        } else if let Some(why) = wal_failure {
             format!("WAL failed, writes refused: {why}")
         } else if !quorum {
             "quorum lost: writes are refused".to_string()
@@ -438,8 +463,8 @@ impl proto::cluster_server::Cluster for Api {
             member: self.node.name().to_string(),
             epoch: t.epoch,
             partition_count: t.partition_count,
-            backup_count: c.config.backup_count,
-            safe,
+            backup_count: c.config().backup_count,
+            safe: safe && self.node.failure().is_none(),
             quorum,
             partitions_without_backup: without,
             migrations_running: migrating,

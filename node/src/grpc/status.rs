@@ -26,13 +26,3 @@ pub fn to_proto(e: &Error, epoch: u64) -> proto::Error {
         epoch,
     }
 }
-
-/// A gRPC status from a Batch-style error (forwarded or local).
-pub fn proto_to_status(e: &proto::Error) -> tonic::Status {
-    let reason = proto::ErrorReason::try_from(e.reason).unwrap_or(proto::ErrorReason::Internal);
-    let err = Error::Remote {
-        reason: reason as i32,
-        message: e.message.clone(),
-    };
-    to_status(&err, e.epoch)
-}

@@ -23,10 +23,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::clock::Clock;
 use crate::error::{Error, Result};
-use crate::storage::LockReplica;
+use crate::replica::LockReplica;
 
 /// A granted lock.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Grant {
     /// Fencing token.
     pub token: u64,

@@ -1,14 +1,14 @@
 //! The node <-> node protocol: one versioned message enum, msgpack-encoded
 //! (rmp-serde) inside length-prefixed frames.
 
-use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use crate::cluster::table::Table;
-use crate::storage::{PartitionSnapshot, ReplOp};
+use crate::command::{Command, Outcome};
+use crate::replica::{PartitionSnapshot, ReplOp};
 
 /// Version of this protocol; a frame of another version is refused.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// One frame's content.
 #[derive(Debug, Serialize, Deserialize)]
@@ -70,23 +70,6 @@ pub enum CollectionOp {
     },
 }
 
-/// A forwarded client call (prost-encoded `distcache.v1` messages).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub enum Forward {
-    /// A `Command` (data op).
-    Command(Bytes),
-    /// `AcquireLockRequest`.
-    Acquire(Bytes),
-    /// `TryAcquireLockRequest`.
-    TryAcquire(Bytes),
-    /// `ReleaseLockRequest`.
-    Release(Bytes),
-    /// `ExtendLockRequest`.
-    Extend(Bytes),
-    /// `ForceReleaseLockRequest`.
-    ForceRelease(Bytes),
-}
-
 /// An error crossing the peer protocol.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct WireError {
@@ -107,8 +90,8 @@ pub enum Request {
     Propose(Table),
     /// Install this table (it won a majority).
     Commit(Table),
-    /// Run a client call on the receiver (its owner).
-    Forward(Forward),
+    /// Run a client's command on the receiver (its owner).
+    Forward(Command),
     /// Apply these writes to a backup copy of `partition`.
     Replicate {
         /// Table epoch of the sender.
@@ -170,8 +153,8 @@ pub enum Response {
         /// Highest promised epoch.
         promised: u64,
     },
-    /// Result of a forwarded call (prost-encoded response).
-    Forwarded(Bytes),
+    /// Outcome of a forwarded command.
+    Forwarded(Outcome),
     /// A digest.
     Digest(u64),
     /// Collections: (name, default_ttl_ms, max_entries).
@@ -193,6 +176,7 @@ pub fn decode(buf: &[u8]) -> Result<Envelope, rmp_serde::decode::Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Bytes;
 
     #[test]
     fn round_trip() {

@@ -3,7 +3,4 @@
 mod store;
 pub mod wal;
 
-pub use store::{
-    CollectionMeta, Limits, LockReplica, MAX_COLLECTION_NAME_BYTES, PartitionSnapshot, ReplOp,
-    Store, Written,
-};
+pub use store::{CollectionMeta, Limits, MAX_COLLECTION_NAME_BYTES, Store};

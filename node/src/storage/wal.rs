@@ -24,8 +24,8 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
-use super::{PartitionSnapshot, ReplOp};
 use crate::error::{Error, Result};
+use crate::replica::{PartitionSnapshot, ReplOp};
 
 /// One logged change.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

@@ -1,0 +1,316 @@
+//! The engine's own commands and outcomes: what a client may ask of the
+//! cache, independent of how it arrived. The gRPC layer (`grpc/convert.rs`)
+//! maps protobuf to these and back; forwarding between nodes carries them
+//! as they are (msgpack), so no protobuf crosses the engine.
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::locking::Grant;
+
+/// One data or lock command. Lock durations are resolved (defaults applied)
+/// before a command is built.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// Read one entry.
+    Get {
+        /// Collection name ("" = default).
+        collection: String,
+        /// Key.
+        key: Bytes,
+    },
+    /// Store one entry.
+    Put {
+        /// Collection name.
+        collection: String,
+        /// Key.
+        key: Bytes,
+        /// Value.
+        value: Bytes,
+        /// TTL, ms (None: the collection's default).
+        ttl_ms: Option<u64>,
+    },
+    /// Remove one entry.
+    Delete {
+        /// Collection name.
+        collection: String,
+        /// Key.
+        key: Bytes,
+    },
+    /// Read several entries.
+    GetMany {
+        /// Collection name.
+        collection: String,
+        /// Keys.
+        keys: Vec<Bytes>,
+    },
+    /// Store several entries.
+    PutMany {
+        /// Collection name.
+        collection: String,
+        /// (key, value) pairs.
+        entries: Vec<(Bytes, Bytes)>,
+        /// TTL, ms (None: the collection's default).
+        ttl_ms: Option<u64>,
+    },
+    /// Remove several entries.
+    DeleteMany {
+        /// Collection name.
+        collection: String,
+        /// Keys.
+        keys: Vec<Bytes>,
+    },
+    /// Take a lock, waiting up to `wait_ms`.
+    Acquire {
+        /// Lock key.
+        key: Bytes,
+        /// Lease, ms.
+        hold_ms: u64,
+        /// Longest wait, ms.
+        wait_ms: u64,
+    },
+    /// Take a lock if it is free.
+    TryAcquire {
+        /// Lock key.
+        key: Bytes,
+        /// Lease, ms.
+        hold_ms: u64,
+    },
+    /// Release a lock held with `token`.
+    Release {
+        /// Lock key.
+        key: Bytes,
+        /// Fencing token of the holder.
+        token: u64,
+    },
+    /// Renew the lease of a lock held with `token`.
+    Extend {
+        /// Lock key.
+        key: Bytes,
+        /// Fencing token of the holder.
+        token: u64,
+        /// New lease, ms.
+        hold_ms: u64,
+    },
+    /// Release a lock whoever holds it.
+    ForceRelease {
+        /// Lock key.
+        key: Bytes,
+    },
+}
+
+/// What a command produced.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Outcome {
+    /// Get: the value, if found.
+    Value(Option<Bytes>),
+    /// Put: stored.
+    Stored,
+    /// PutMany: stored.
+    StoredMany,
+    /// Delete: whether a live entry was removed.
+    Deleted(bool),
+    /// GetMany: the entries found.
+    Entries(Vec<(Bytes, Bytes)>),
+    /// DeleteMany: how many live entries were removed.
+    DeletedCount(u64),
+    /// Acquire / Extend: the grant.
+    Granted(Grant),
+    /// TryAcquire: the grant, if the lock was free.
+    MaybeGranted(Option<Grant>),
+    /// Release: done.
+    Released,
+    /// ForceRelease: whether the lock was held.
+    ForceReleased(bool),
+}
+
+/// Where a command came from. A command from a peer was already forwarded
+/// once: if this node is not the owner either, it answers NOT_OWNER rather
+/// than forwarding again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// A client of this node.
+    Client,
+    /// Another node, forwarding a client's command to its owner.
+    Peer,
+}
+
+/// How a command's keys are placed on partitions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Keyspace<'a> {
+    /// Entries of the named collection.
+    Collection(&'a str),
+    /// Lock keys.
+    Locks,
+}
+
+impl Command {
+    /// The metric name of the command.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Command::Get { .. } => "get",
+            Command::Put { .. } => "put",
+            Command::Delete { .. } => "delete",
+            Command::GetMany { .. } => "get_many",
+            Command::PutMany { .. } => "put_many",
+            Command::DeleteMany { .. } => "delete_many",
+            Command::Acquire { .. } => "lock_acquire",
+            Command::TryAcquire { .. } => "lock_try_acquire",
+            Command::Release { .. } => "lock_release",
+            Command::Extend { .. } => "lock_extend",
+            Command::ForceRelease { .. } => "lock_force_release",
+        }
+    }
+
+    /// Where the command's keys live.
+    pub fn keyspace(&self) -> Keyspace<'_> {
+        match self {
+            Command::Get { collection, .. }
+            | Command::Put { collection, .. }
+            | Command::Delete { collection, .. }
+            | Command::GetMany { collection, .. }
+            | Command::PutMany { collection, .. }
+            | Command::DeleteMany { collection, .. } => Keyspace::Collection(collection),
+            _ => Keyspace::Locks,
+        }
+    }
+
+    /// The key of a single-key command (None for batches).
+    pub fn key(&self) -> Option<&Bytes> {
+        match self {
+            Command::Get { key, .. }
+            | Command::Put { key, .. }
+            | Command::Delete { key, .. }
+            | Command::Acquire { key, .. }
+            | Command::TryAcquire { key, .. }
+            | Command::Release { key, .. }
+            | Command::Extend { key, .. }
+            | Command::ForceRelease { key } => Some(key),
+            Command::GetMany { .. } | Command::PutMany { .. } | Command::DeleteMany { .. } => None,
+        }
+    }
+
+    /// Longest a client may have to wait for this command beyond the usual
+    /// request timeout (an Acquire's wait).
+    pub fn extra_wait_ms(&self) -> u64 {
+        match self {
+            Command::Acquire { wait_ms, .. } => *wait_ms,
+            _ => 0,
+        }
+    }
+
+    /// Splits a batch command into one command per group, grouping its
+    /// items by `group(key)` (first-seen order within a group, groups in
+    /// key order). A single-key command is one group.
+    pub fn split_by<G: Ord, E>(
+        self,
+        mut group: impl FnMut(&Bytes) -> Result<G, E>,
+    ) -> Result<Vec<(G, Command)>, E> {
+        use std::collections::BTreeMap;
+        fn by<G: Ord, T, E>(
+            items: Vec<T>,
+            key: impl Fn(&T) -> &Bytes,
+            group: &mut impl FnMut(&Bytes) -> Result<G, E>,
+        ) -> Result<BTreeMap<G, Vec<T>>, E> {
+            let mut out: BTreeMap<G, Vec<T>> = BTreeMap::new();
+            for item in items {
+                out.entry(group(key(&item))?).or_default().push(item);
+            }
+            Ok(out)
+        }
+        Ok(match self {
+            Command::GetMany { collection, keys } => by(keys, |k| k, &mut group)?
+                .into_iter()
+                .map(|(g, keys)| {
+                    let collection = collection.clone();
+                    (g, Command::GetMany { collection, keys })
+                })
+                .collect(),
+            Command::DeleteMany { collection, keys } => by(keys, |k| k, &mut group)?
+                .into_iter()
+                .map(|(g, keys)| {
+                    let collection = collection.clone();
+                    (g, Command::DeleteMany { collection, keys })
+                })
+                .collect(),
+            Command::PutMany {
+                collection,
+                entries,
+                ttl_ms,
+            } => by(entries, |(k, _)| k, &mut group)?
+                .into_iter()
+                .map(|(g, entries)| {
+                    let collection = collection.clone();
+                    (
+                        g,
+                        Command::PutMany {
+                            collection,
+                            entries,
+                            ttl_ms,
+                        },
+                    )
+                })
+                .collect(),
+            single => {
+                let g = match single.key() {
+                    Some(k) => group(k)?,
+                    None => return Ok(Vec::new()),
+                };
+                vec![(g, single)]
+            }
+        })
+    }
+}
+
+impl Outcome {
+    /// Folds the outcome of one part of a split batch into `self`.
+    pub fn merge(&mut self, part: Outcome) {
+        match (self, part) {
+            (Outcome::Entries(all), Outcome::Entries(more)) => all.extend(more),
+            (Outcome::DeletedCount(all), Outcome::DeletedCount(more)) => *all += more,
+            (slot, other) => *slot = other,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn b(s: &str) -> Bytes {
+        Bytes::copy_from_slice(s.as_bytes())
+    }
+
+    #[test]
+    fn split_groups_items_and_keeps_their_order_within_a_group() {
+        let cmd = Command::GetMany {
+            collection: "c".into(),
+            keys: vec![b("a1"), b("b1"), b("a2"), b("b2")],
+        };
+        let parts = cmd
+            .split_by(|k| Ok::<_, ()>(k[0]))
+            .expect("grouping never fails here");
+        assert_eq!(parts.len(), 2);
+        assert_eq!(
+            parts[0].1,
+            Command::GetMany {
+                collection: "c".into(),
+                keys: vec![b("a1"), b("a2")]
+            }
+        );
+        assert_eq!(parts[1].0, b'b');
+    }
+
+    #[test]
+    fn merge_sums_counts_and_concatenates_entries() {
+        let mut n = Outcome::DeletedCount(2);
+        n.merge(Outcome::DeletedCount(3));
+        assert_eq!(n, Outcome::DeletedCount(5));
+        let mut e = Outcome::Entries(vec![(b("a"), b("1"))]);
+        e.merge(Outcome::Entries(vec![(b("b"), b("2"))]));
+        assert_eq!(
+            e,
+            Outcome::Entries(vec![(b("a"), b("1")), (b("b"), b("2"))])
+        );
+    }
+}

@@ -1,0 +1,176 @@
+//! Collections: the registry (create/delete here and on every member,
+//! pulled from the coordinator when missed), and whole-collection ops.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use distcache_client::partition::{DEFAULT_COLLECTION, resolve_collection};
+
+use crate::cluster::table::{Role, Table};
+use crate::error::Result;
+use crate::net::message::{CollectionOp, Request, Response};
+use crate::node::Node;
+use crate::replica::ReplOp;
+use crate::storage::CollectionMeta;
+
+impl Node {
+    fn primary_here(&self, table: &Table) -> impl Fn(u32) -> bool + use<> {
+        let owned: Vec<bool> = (0..table.partition_count)
+            .map(|p| table.role_of(self.cluster.me(), p) == Role::Primary)
+            .collect();
+        move |p| owned.get(p as usize).copied().unwrap_or(false)
+    }
+
+    /// Live keys of the partitions this node is primary of.
+    pub fn keys(&self, collection: &str) -> Result<Vec<Bytes>> {
+        let t = self.cluster.table();
+        self.store.keys(collection, self.primary_here(&t))
+    }
+
+    /// Live entries of the partitions this node is primary of.
+    pub fn size(&self, collection: &str) -> Result<u64> {
+        let t = self.cluster.table();
+        self.store.size(collection, self.primary_here(&t))
+    }
+
+    /// Clears the collection in the partitions this node is primary of.
+    pub async fn clear(&self, collection: &str) -> Result<u64> {
+        let meta = self.store.collection(collection)?;
+        let t = self.cluster.table();
+        let mut removed = 0;
+        for p in
+            (0..t.partition_count).filter(|p| t.role_of(self.cluster.me(), *p) == Role::Primary)
+        {
+            let planned = vec![(
+                p,
+                ReplOp::Clear {
+                    collection: meta.name.to_string(),
+                },
+            )];
+            removed += self
+                .write(&t, vec![p], planned, |ops| self.store.apply_planned(ops))
+                .await?;
+        }
+        Ok(removed)
+    }
+
+    /// Gets or creates a collection here and on every live member.
+    pub async fn create_collection(
+        &self,
+        name: &str,
+        ttl: u64,
+        max: u64,
+    ) -> Result<(Arc<CollectionMeta>, bool)> {
+        if self.wal.is_some() && self.store.collection(name).is_err() {
+            self.log_collection(&CollectionOp::Create {
+                name: resolve_collection(name).to_string(),
+                default_ttl_ms: ttl,
+                max_entries: max,
+            })
+            .await?;
+        }
+        let (meta, created) = self.store.get_or_create_collection(name, ttl, max)?;
+        if created {
+            self.broadcast(CollectionOp::Create {
+                name: meta.name.to_string(),
+                default_ttl_ms: meta.default_ttl_ms,
+                max_entries: meta.max_entries,
+            })
+            .await;
+        }
+        Ok((meta, created))
+    }
+
+    /// Deletes a collection here and on every live member.
+    pub async fn delete_collection(&self, name: &str) -> Result<bool> {
+        let op = CollectionOp::Delete {
+            name: resolve_collection(name).to_string(),
+        };
+        if self.wal.is_some()
+            && self.store.collection(name).is_ok()
+            && resolve_collection(name) != DEFAULT_COLLECTION
+        {
+            self.log_collection(&op).await?;
+        }
+        let deleted = self.store.delete_collection(name)?;
+        self.broadcast(op).await;
+        Ok(deleted)
+    }
+
+    async fn broadcast(&self, op: CollectionOp) {
+        let (alive, _) = self.cluster.liveness();
+        let calls = alive.iter().filter(|m| m.name != self.name()).map(|m| {
+            let req = Request::Collection(op.clone());
+            async move {
+                (
+                    m.name.clone(),
+                    self.peers
+                        .call(&m.peer, req, self.cluster.config().request_timeout)
+                        .await,
+                )
+            }
+        });
+        for (name, r) in futures::future::join_all(calls).await {
+            if r.is_err() {
+                tracing::warn!(member = %name, "collection change not delivered; it syncs later");
+            }
+        }
+    }
+
+    /// Applies a collection-registry change from a peer (logged first).
+    pub(super) async fn apply_collection(&self, op: &CollectionOp) -> Result<()> {
+        self.log_collection(op).await?;
+        match op {
+            CollectionOp::Create {
+                name,
+                default_ttl_ms,
+                max_entries,
+            } => self
+                .store
+                .get_or_create_collection(name, *default_ttl_ms, *max_entries)
+                .map(|_| ()),
+            CollectionOp::Delete { name } => self.store.delete_collection(name).map(|_| ()),
+        }
+    }
+
+    /// Creates collections the coordinator has and this node lacks.
+    pub(super) async fn pull_collections(&self) {
+        let Some(coord) = self.coordinator().filter(|c| c != self.name()) else {
+            return;
+        };
+        let Some(spec) = self.cluster.members().into_iter().find(|m| m.name == coord) else {
+            return;
+        };
+        if let Ok(Response::Collections(list)) = self
+            .peers
+            .call(
+                &spec.peer,
+                Request::ListCollections,
+                self.cluster.config().request_timeout,
+            )
+            .await
+        {
+            for (name, ttl, max) in list {
+                if self.store.collection(&name).is_err() {
+                    let op = CollectionOp::Create {
+                        name,
+                        default_ttl_ms: ttl,
+                        max_entries: max,
+                    };
+                    let _ = self.apply_collection(&op).await;
+                }
+            }
+        }
+    }
+
+    /// The collections as a peer answer.
+    pub(super) fn collections_answer(&self) -> Response {
+        Response::Collections(
+            self.store
+                .list_collections()
+                .iter()
+                .map(|m| (m.name.to_string(), m.default_ttl_ms, m.max_entries))
+                .collect(),
+        )
+    }
+}

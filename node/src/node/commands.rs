@@ -1,0 +1,196 @@
+//! Commands: runs one engine [`Command`] here when this node is the
+//! partition's primary, or forwards it to the primary (a batch is split by
+//! owner first). Data and lock commands share this one path.
+
+use std::time::Duration;
+
+use crate::cluster::table::{Role, Table};
+use distcache_client::partition::partition_for;
+
+use crate::command::{Command, Keyspace, Origin, Outcome};
+use crate::error::{Error, Result};
+use crate::node::Node;
+use crate::node::routing::Route;
+
+impl Node {
+    /// Runs one command (counted in the metrics). `origin`: a command from
+    /// a peer was already forwarded once and is not forwarded again (a stale
+    /// route answers NOT_OWNER).
+    pub async fn run(&self, cmd: Command, origin: Origin) -> Result<Outcome> {
+        let (name, started) = (cmd.name(), std::time::Instant::now());
+        let result = self.execute(cmd, origin).await;
+        self.metrics
+            .command(name, result.as_ref().err(), started.elapsed());
+        result
+    }
+
+    async fn execute(&self, cmd: Command, origin: Origin) -> Result<Outcome> {
+        let table = self.cluster.table();
+        if cmd.key().is_none() {
+            return self.execute_batch(&table, cmd, origin).await;
+        }
+        let space = cmd.keyspace();
+        let key = cmd.key().cloned().unwrap_or_default();
+        let (p, route) = self.route_key(&table, space, &key, origin)?;
+        match route {
+            Route::Local => self.execute_here(&table, p, cmd).await,
+            Route::Remote(addr) => {
+                let fallback = matches!(cmd, Command::Get { .. }).then(|| cmd.clone());
+                match (self.forward(&addr, cmd).await, fallback) {
+                    // Read-from-backup fallback: the primary is unreachable,
+                    // and this copy is in sync by the primary's own last word
+                    // (loaded is not enough: a primary acknowledges writes
+                    // without backups it reported out of sync).
+                    (Err(Error::Unavailable(_)), Some(Command::Get { collection, key }))
+                        if table.role_of(self.cluster.me(), p) == Role::Backup
+                            && self.cluster.in_sync(&table, p, self.name()) =>
+                    {
+                        tracing::info!(
+                            partition = p,
+                            "primary unreachable: read served by this backup"
+                        );
+                        Ok(Outcome::Value(self.store.get(&collection, &key)?))
+                    }
+                    (other, _) => other,
+                }
+            }
+        }
+    }
+
+    /// A batch: split by owner, the local part run here, each remote part
+    /// forwarded to its owner; outcomes merged.
+    async fn execute_batch(&self, table: &Table, cmd: Command, origin: Origin) -> Result<Outcome> {
+        let space = cmd.keyspace();
+        let mut merged = match &cmd {
+            Command::GetMany { .. } => Outcome::Entries(Vec::new()),
+            Command::DeleteMany { .. } => Outcome::DeletedCount(0),
+            _ => Outcome::StoredMany,
+        };
+        let meta = match space {
+            Keyspace::Collection(name) => self.store.collection(name)?,
+            Keyspace::Locks => return Err(Error::Internal("lock batches do not exist".into())),
+        };
+        let parts = cmd.split_by(|key| {
+            let p = partition_for(&meta.name, key, table.partition_count);
+            self.route_from(table, p, origin)
+        })?;
+        for (route, part) in parts {
+            let outcome = match route {
+                Route::Local => self.execute_batch_here(table, part).await?,
+                Route::Remote(addr) => self.forward(&addr, part).await?,
+            };
+            merged.merge(outcome);
+        }
+        Ok(merged)
+    }
+
+    /// A batch whose partitions are all primary here.
+    async fn execute_batch_here(&self, table: &Table, cmd: Command) -> Result<Outcome> {
+        let apply = |ops| self.store.apply_planned(ops);
+        match cmd {
+            Command::GetMany { collection, keys } => {
+                Ok(Outcome::Entries(self.store.get_many(&collection, &keys)?))
+            }
+            Command::PutMany {
+                collection,
+                entries,
+                ttl_ms,
+            } => {
+                let planned = self.store.plan_puts(&collection, entries, ttl_ms)?;
+                let parts = planned.iter().map(|(p, _)| *p).collect();
+                self.write(table, parts, planned, apply).await?;
+                Ok(Outcome::StoredMany)
+            }
+            Command::DeleteMany { collection, keys } => {
+                let planned = self.store.plan_deletes(&collection, &keys)?;
+                let parts = planned.iter().map(|(p, _)| *p).collect();
+                let n = self.write(table, parts, planned, apply).await?;
+                Ok(Outcome::DeletedCount(n))
+            }
+            single => Err(Error::Internal(format!(
+                "{} is not a batch command",
+                single.name()
+            ))),
+        }
+    }
+
+    /// A single-key command on partition `p`, primary here.
+    async fn execute_here(&self, table: &Table, p: u32, cmd: Command) -> Result<Outcome> {
+        let apply = |ops| self.store.apply_planned(ops);
+        match cmd {
+            Command::Get { collection, key } => {
+                let v = self.store.get(&collection, &key)?;
+                tracing::trace!(partition = p, epoch = table.epoch, key = %String::from_utf8_lossy(&key), value = ?v.as_ref().map(|v| String::from_utf8_lossy(v).into_owned()), "get");
+                Ok(Outcome::Value(v))
+            }
+            Command::Put {
+                collection,
+                key,
+                value,
+                ttl_ms,
+            } => {
+                let what = tracing::enabled!(tracing::Level::TRACE).then(|| {
+                    (
+                        String::from_utf8_lossy(&key).into_owned(),
+                        String::from_utf8_lossy(&value).into_owned(),
+                    )
+                });
+                let planned = vec![self.store.plan_put(&collection, key, value, ttl_ms)?];
+                let res = self.write(table, vec![p], planned, apply).await;
+                if let Some((key, value)) = what {
+                    tracing::trace!(partition = p, epoch = table.epoch, %key, %value, ok = res.is_ok(), "put");
+                }
+                res?;
+                Ok(Outcome::Stored)
+            }
+            Command::Delete { collection, key } => {
+                let planned = self
+                    .store
+                    .plan_deletes(&collection, std::slice::from_ref(&key))?;
+                let live = self.write(table, vec![p], planned, apply).await?;
+                Ok(Outcome::Deleted(live > 0))
+            }
+            Command::Acquire {
+                key,
+                hold_ms,
+                wait_ms,
+            } => {
+                self.require_quorum()?;
+                let g = self
+                    .locks
+                    .acquire(&key, hold_ms, Duration::from_millis(wait_ms))
+                    .await?;
+                self.replicate_grant(table, p, &key, g).await?;
+                Ok(Outcome::Granted(g))
+            }
+            Command::TryAcquire { key, hold_ms } => {
+                self.require_quorum()?;
+                let Some(g) = self.locks.try_acquire(&key, hold_ms) else {
+                    return Ok(Outcome::MaybeGranted(None));
+                };
+                self.replicate_grant(table, p, &key, g).await?;
+                Ok(Outcome::MaybeGranted(Some(g)))
+            }
+            Command::Release { key, token } => {
+                let res = self.locks.release(&key, token);
+                self.replicate_lock(table, p, &key).await?;
+                res.map(|()| Outcome::Released)
+            }
+            Command::Extend {
+                key,
+                token,
+                hold_ms,
+            } => {
+                let g = self.locks.extend(&key, token, hold_ms)?;
+                self.replicate_lock(table, p, &key).await?;
+                Ok(Outcome::Granted(g))
+            }
+            Command::ForceRelease { key } => {
+                let released = self.locks.force_release(&key);
+                self.replicate_lock(table, p, &key).await?;
+                Ok(Outcome::ForceReleased(released))
+            }
+            batch => self.execute_batch_here(table, batch).await,
+        }
+    }
+}

@@ -1,0 +1,136 @@
+//! Installing a committed partition table: each partition's role change
+//! here (promotion, demotion, drop), and the safety summary Health and the
+//! operator read.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use crate::cluster::table::{Role, Table};
+use crate::node::Node;
+
+impl Node {
+    /// Installs a committed table newer than the current one.
+    pub fn install(&self, new: Table) {
+        let c = &self.cluster;
+        let _one_at_a_time = c.install_lock();
+        let old = c.table();
+        if new.epoch <= old.epoch || new.partition_count != old.partition_count {
+            return;
+        }
+        let mut primaries = 0;
+        let mut dropped = Vec::new();
+        // After a restart the old roles come from the WAL: the cluster may
+        // have moved on without this node, so its backup copies are re-synced.
+        let restarted = c.take_restored();
+        // Writes overlapping this install are not acknowledged (see
+        // cluster::seqlock); the install ends when `installing` drops.
+        let installing = c.installs().begin_install();
+        for p in 0..new.partition_count {
+            let st = c.part(p);
+            let (was, now) = (old.role_of(c.me(), p), new.role_of(c.me(), p));
+            let fresh = old.replicas(p).is_empty();
+            if was != now {
+                tracing::debug!(partition = p, epoch = new.epoch, ?was, ?now, replicas = ?new.replicas(p), "role change");
+            }
+            match now {
+                Role::Primary => {
+                    primaries += 1;
+                    // The coordinator promotes the best replica there is: from
+                    // now on this node's copy is the partition.
+                    st.loaded.store(true, Ordering::SeqCst);
+                    if was != Role::Primary {
+                        self.store.index_partition(p);
+                        st.synced.lock().clear();
+                    } else {
+                        // Keep in-sync backups that stay backups.
+                        let keep: HashSet<&String> = new.backups(p).iter().collect();
+                        st.synced.lock().retain(|b| keep.contains(b));
+                    }
+                }
+                Role::Backup => {
+                    st.synced.lock().clear();
+                    if was == Role::Primary {
+                        self.store.unindex_partition(p);
+                    }
+                    if fresh {
+                        st.loaded.store(true, Ordering::SeqCst);
+                    } else if was == Role::None || restarted {
+                        st.loaded.store(false, Ordering::SeqCst);
+                    }
+                }
+                Role::None => {
+                    st.synced.lock().clear();
+                    if was != Role::None {
+                        st.loaded.store(false, Ordering::SeqCst);
+                        self.store.drop_partition(p);
+                        dropped.push(p);
+                    }
+                }
+            }
+        }
+        self.store.set_primaries(primaries);
+        self.locks.set_epoch(new.epoch);
+        c.raise_promise(new.epoch);
+        tracing::debug!(epoch = new.epoch, primaries, "table installed");
+        self.log_install(&dropped, &new);
+        c.set_table(Arc::new(new));
+        c.set_current(true);
+        drop(installing);
+    }
+
+    /// Whether every partition has its in-sync backups and no migration is
+    /// pending; with the counts (partitions without an in-sync backup,
+    /// partitions whose owners differ from the balanced target).
+    pub fn safety(&self) -> (bool, u32, u32) {
+        let (safe, without, migrating, _) = self.safety_detail();
+        (safe, without, migrating)
+    }
+
+    /// [`Node::safety`] with a few examples of partitions lacking a backup.
+    pub fn safety_detail(&self) -> (bool, u32, u32, Vec<String>) {
+        let c = &self.cluster;
+        let t = c.table();
+        if t.is_empty() {
+            return (false, t.partition_count, 0, vec!["no table".into()]);
+        }
+        let mut examples = Vec::new();
+        let (alive, _) = c.liveness();
+        let eligible = alive.iter().filter(|m| !c.is_leaving(&m.name)).count();
+        let want = (c.config().backup_count as usize).min(eligible.saturating_sub(1));
+        let mut without = 0;
+        for p in 0..t.partition_count {
+            let synced = t.backups(p).iter().filter(|b| c.in_sync(&t, p, b)).count();
+            let primary_ok = t.primary(p).is_some_and(|m| c.alive(m));
+            if synced < want || !primary_ok {
+                without += 1;
+                if examples.len() < 3 {
+                    let why: Vec<String> = t
+                        .backups(p)
+                        .iter()
+                        .map(|b| format!("{b}: {}", c.sync_problem(&t, p, b).unwrap_or("ok")))
+                        .collect();
+                    examples.push(format!(
+                        "p{p} primary {:?} [{}]",
+                        t.primary(p),
+                        why.join(", ")
+                    ));
+                }
+            }
+        }
+        // Every node runs the coordinator's planning on its own view.
+        let migrating = self.plan().map_or(0, |next| {
+            next.owners
+                .iter()
+                .zip(&t.owners)
+                .filter(|(a, b)| a != b)
+                .count() as u32
+        });
+        (
+            without == 0 && migrating == 0 && c.quorum(),
+            without,
+            migrating,
+            examples,
+        )
+    }
+}

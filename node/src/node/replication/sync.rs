@@ -1,0 +1,113 @@
+//! Bringing backups into sync: snapshot transfers to backups the primary
+//! does not hold in sync, and anti-entropy (digest comparison) for the ones
+//! it does.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::cluster::table::Role;
+use crate::error::{Error, Result};
+use crate::net::message::{Request, Response};
+use crate::node::Node;
+
+impl Node {
+    /// Starts snapshot transfers to backups that are not in sync.
+    pub(in crate::node) async fn sync_backups(self: &Arc<Self>) {
+        let t = self.cluster.table();
+        let mut todo = Vec::new();
+        for p in 0..t.partition_count {
+            if t.role_of(self.cluster.me(), p) != Role::Primary {
+                continue;
+            }
+            let synced = self.cluster.part(p).synced.lock().clone();
+            for b in t.backups(p) {
+                if !synced.contains(b) && self.cluster.alive(b) {
+                    todo.push((p, b.clone()));
+                }
+            }
+        }
+        for (p, b) in todo {
+            {
+                let mut syncing = self.syncing.lock();
+                if syncing.len() >= 8 || !syncing.insert((p, b.clone())) {
+                    continue;
+                }
+            }
+            let node = self.clone();
+            self.tasks().spawn(async move {
+                if let Err(e) = node.sync_one(p, &b).await {
+                    tracing::debug!(partition = p, backup = %b, error = %e, "backup sync failed");
+                }
+                node.syncing.lock().remove(&(p, b));
+            });
+        }
+    }
+
+    async fn sync_one(&self, p: u32, b: &str) -> Result<()> {
+        let st = self.cluster.part(p);
+        let _g = st.repl.lock().await;
+        let t = self.cluster.table();
+        if t.role_of(self.cluster.me(), p) != Role::Primary || !t.backups(p).iter().any(|x| x == b)
+        {
+            return Ok(());
+        }
+        let addr = t
+            .member(b)
+            .map(|m| m.peer.clone())
+            .ok_or_else(|| Error::Internal("no such member".into()))?;
+        let snapshot = self.snapshot_of(p);
+        let req = Request::Snapshot {
+            epoch: t.epoch,
+            partition: p,
+            snapshot,
+            seq: self.cluster.next_seq(),
+        };
+        match self.peers.call(&addr, req, Duration::from_secs(30)).await? {
+            Response::Ok => {
+                st.synced.lock().insert(b.to_string());
+                tracing::debug!(partition = p, backup = %b, "backup in sync");
+                Ok(())
+            }
+            Response::Error(e) => Err(Error::Remote {
+                reason: e.reason,
+                message: e.message,
+            }),
+            _ => Err(Error::Internal("unexpected answer".into())),
+        }
+    }
+
+    /// Compares each in-sync backup's digest with this primary's copy and
+    /// re-syncs the ones that differ.
+    pub(in crate::node) async fn anti_entropy(&self) {
+        let t = self.cluster.table();
+        let mut diverged = Vec::new();
+        for p in 0..t.partition_count {
+            if t.role_of(self.cluster.me(), p) != Role::Primary {
+                continue;
+            }
+            let st = self.cluster.part(p);
+            let _g = st.repl.lock().await;
+            let mine = self.store.digest(p);
+            let synced = st.synced.lock().clone();
+            for b in synced {
+                let Some(m) = t.member(&b) else { continue };
+                let req = Request::Digest {
+                    epoch: t.epoch,
+                    partition: p,
+                };
+                if let Ok(Response::Digest(theirs)) = self
+                    .peers
+                    .call(&m.peer, req, self.cluster.config().request_timeout)
+                    .await
+                    && theirs != mine
+                {
+                    tracing::warn!(partition = p, backup = %b, "anti-entropy: backup diverged, re-syncing");
+                    diverged.push((p, b));
+                }
+            }
+        }
+        if !diverged.is_empty() {
+            self.report_unsynced(diverged).await;
+        }
+    }
+}

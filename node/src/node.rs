@@ -41,7 +41,7 @@ use crate::config::NodeConfig;
 use crate::error::{Error, Result};
 use crate::locking::LockTable;
 use crate::net::peer::{self, Handler, PeerLimits, Peers};
-use crate::storage::wal::{self, Wal};
+use crate::storage::wal::{self, Durability, Wal};
 use crate::storage::{Limits, Store};
 
 /// One distcache node. Create with [`Node::new`], start its background
@@ -196,7 +196,8 @@ impl Node {
                     elapsed = ?started.elapsed(),
                     "WAL read"
                 );
-                let w = Wal::open(dir, config.wal_fsync, config.wal_max_segment_bytes)?;
+                let durability = Durability::from_fsync(config.wal_fsync);
+                let w = Wal::open(dir, durability, config.wal_max_segment_bytes)?;
                 (Some(Arc::new(w)), rec.records)
             }
             None => (None, Vec::new()),

@@ -11,8 +11,8 @@ use distcache_client::{Client, ClientConfig};
 use distcache_node::clock::SystemClock;
 use distcache_node::cluster::table::Role;
 use distcache_node::config::NodeConfig;
-use distcache_node::server::Running;
 use distcache_node::replica::ReplOp;
+use distcache_node::server::Running;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn port() -> u16 {

@@ -49,13 +49,13 @@ impl Node {
         if ops.is_empty() {
             return Ok(());
         }
-        wal.append_all(&ops_records(ops)).await
+        Ok(wal.append_all(&ops_records(ops)).await?)
     }
 
     /// Logs a collection-registry change and waits for the log.
     pub(in crate::node) async fn log_collection(&self, op: &CollectionOp) -> Result<()> {
         match &self.wal {
-            Some(wal) => wal.append(&collection_record(op)).await,
+            Some(wal) => Ok(wal.append(&collection_record(op)).await?),
             None => Ok(()),
         }
     }
@@ -68,11 +68,11 @@ impl Node {
     ) -> Result<()> {
         match &self.wal {
             Some(wal) => {
-                wal.append(&WalRecord::Install {
+                let rec = WalRecord::Install {
                     partition: p,
                     snapshot: snapshot.clone(),
-                })
-                .await
+                };
+                Ok(wal.append(&rec).await?)
             }
             None => Ok(()),
         }
@@ -196,29 +196,31 @@ impl Node {
     /// Writes a checkpoint of the whole state and drops the log it replaces.
     pub async fn checkpoint(&self) -> Result<u64> {
         let Some(wal) = &self.wal else { return Ok(0) };
-        wal.checkpoint(|| {
-            let mut recs = Vec::new();
-            for m in self.store.list_collections() {
-                recs.push(collection_record(&CollectionOp::Create {
-                    name: m.name.to_string(),
-                    default_ttl_ms: m.default_ttl_ms,
-                    max_entries: m.max_entries,
-                }));
-            }
-            for p in 0..self.store.partition_count() {
-                let snapshot = self.snapshot_of(p);
-                if !snapshot.collections.is_empty() || !snapshot.locks.is_empty() {
-                    recs.push(WalRecord::Install {
-                        partition: p,
-                        snapshot,
-                    });
+        let bytes = wal
+            .checkpoint(|| {
+                let mut recs = Vec::new();
+                for m in self.store.list_collections() {
+                    recs.push(collection_record(&CollectionOp::Create {
+                        name: m.name.to_string(),
+                        default_ttl_ms: m.default_ttl_ms,
+                        max_entries: m.max_entries,
+                    }));
                 }
-            }
-            if let Ok(t) = rmp_serde::to_vec(&*self.cluster.table()) {
-                recs.push(WalRecord::Table(t.into()));
-            }
-            recs
-        })
-        .await
+                for p in 0..self.store.partition_count() {
+                    let snapshot = self.snapshot_of(p);
+                    if !snapshot.collections.is_empty() || !snapshot.locks.is_empty() {
+                        recs.push(WalRecord::Install {
+                            partition: p,
+                            snapshot,
+                        });
+                    }
+                }
+                if let Ok(t) = rmp_serde::to_vec(&*self.cluster.table()) {
+                    recs.push(WalRecord::Table(t.into()));
+                }
+                recs
+            })
+            .await?;
+        Ok(bytes)
     }
 }

@@ -1,0 +1,270 @@
+//! The log writer: one thread appends what concurrent callers hand it, then
+//! fsyncs once for all of them (group commit) when durability is `Fsync`. A
+//! write or fsync error poisons the log: every later append fails and
+//! nothing is retried into a false success.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::mpsc;
+
+use parking_lot::Mutex;
+use tokio::sync::oneshot;
+
+use super::record::{WalRecord, frame};
+use super::{Durability, WalError, list, segment_name};
+
+pub(super) enum Job {
+    Append(Vec<u8>, oneshot::Sender<Result<(), WalError>>),
+    /// Start a new segment; answers its sequence number.
+    Rotate(oneshot::Sender<Result<u64, WalError>>),
+}
+
+/// The log writer. Cheap to share (`Arc`).
+#[derive(Debug)]
+pub struct Wal {
+    pub(super) dir: PathBuf,
+    tx: Mutex<Option<mpsc::Sender<Job>>>,
+    failed: Arc<Mutex<Option<String>>>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+struct Writer {
+    dir: PathBuf,
+    file: File,
+    seq: u64,
+    size: u64,
+    max_segment_bytes: u64,
+    fsync: bool,
+}
+
+impl Writer {
+    fn open(dir: &Path, seq: u64) -> std::io::Result<(File, u64)> {
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join(segment_name(seq)))?;
+        let size = file.metadata()?.len();
+        if let Ok(d) = File::open(dir) {
+            let _ = d.sync_all();
+        }
+        Ok((file, size))
+    }
+
+    fn rotate(&mut self) -> std::io::Result<u64> {
+        self.file.sync_all()?;
+        let (file, size) = Writer::open(&self.dir, self.seq + 1)?;
+        self.seq += 1;
+        self.file = file;
+        self.size = size;
+        Ok(self.seq)
+    }
+}
+
+impl Wal {
+    /// Opens the log for appending after [`recover`](super::recover) (new records go to the
+    /// last segment, or a first one).
+    pub fn open(
+        dir: &Path,
+        durability: Durability,
+        max_segment_bytes: u64,
+    ) -> Result<Wal, WalError> {
+        let (_, segs) = list(dir)?;
+        let seq = segs.last().copied().unwrap_or(1);
+        let (file, size) = Writer::open(dir, seq)
+            .map_err(|e| WalError::io(format!("opening WAL in {}", dir.display()), &e))?;
+        let mut w = Writer {
+            dir: dir.to_path_buf(),
+            file,
+            seq,
+            size,
+            max_segment_bytes: max_segment_bytes.max(1024),
+            fsync: durability == Durability::Fsync,
+        };
+        let (tx, rx) = mpsc::channel::<Job>();
+        let failed: Arc<Mutex<Option<String>>> = Arc::default();
+        let poisoned = failed.clone();
+        let thread = std::thread::Builder::new()
+            .name("distcache-wal".into())
+            .spawn(move || writer_loop(&mut w, rx, &poisoned))
+            .map_err(|e| WalError::io("WAL thread".into(), &e))?;
+        Ok(Wal {
+            dir: dir.to_path_buf(),
+            tx: Mutex::new(Some(tx)),
+            failed,
+            thread: Mutex::new(Some(thread)),
+        })
+    }
+
+    /// Why the last append failed, while the log refuses writes (out of space
+    /// clears once a later append succeeds; any other failure is final).
+    pub fn failure(&self) -> Option<String> {
+        self.failed.lock().clone()
+    }
+
+    pub(super) fn send(&self, job: Job) -> Result<(), WalError> {
+        let tx = self.tx.lock().clone();
+        match tx {
+            Some(tx) => tx.send(job).map_err(|_| WalError::Closed),
+            None => Err(WalError::Closed),
+        }
+    }
+
+    /// Appends `rec`; returns once it is written (and fsynced, if on).
+    pub async fn append(&self, rec: &WalRecord) -> Result<(), WalError> {
+        self.append_all(std::slice::from_ref(rec)).await
+    }
+
+    /// Appends `recs` in order as one unit of the group commit.
+    pub async fn append_all(&self, recs: &[WalRecord]) -> Result<(), WalError> {
+        let mut bytes = Vec::new();
+        for r in recs {
+            bytes.extend(frame(r)?);
+        }
+        let (done, rx) = oneshot::channel();
+        self.send(Job::Append(bytes, done))?;
+        rx.await.map_err(|_| WalError::Closed)?
+    }
+
+    /// Queues `recs` without waiting for them (ordered with every other append).
+    pub fn append_nowait(&self, recs: &[WalRecord]) {
+        let mut bytes = Vec::new();
+        for r in recs {
+            match frame(r) {
+                Ok(b) => bytes.extend(b),
+                Err(e) => tracing::error!(error = %e, "WAL record not encodable"),
+            }
+        }
+        let (done, _rx) = oneshot::channel();
+        let _ = self.send(Job::Append(bytes, done));
+    }
+
+    /// Bytes of log files (segments + checkpoints) on disk.
+    pub fn disk_bytes(&self) -> u64 {
+        fs::read_dir(&self.dir)
+            .map(|rd| {
+                rd.flatten()
+                    .filter_map(|e| e.metadata().ok())
+                    .map(|m| m.len())
+                    .sum()
+            })
+            .unwrap_or(0)
+    }
+
+    /// Stops the writer after what is queued.
+    pub fn close(&self) {
+        self.tx.lock().take();
+        if let Some(t) = self.thread.lock().take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Wal {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+fn writer_loop(w: &mut Writer, rx: mpsc::Receiver<Job>, failed: &Mutex<Option<String>>) {
+    while let Ok(first) = rx.recv() {
+        let mut jobs = vec![first];
+        while let Ok(j) = rx.try_recv() {
+            jobs.push(j);
+        }
+        let mut acks = Vec::new();
+        let mut buf = Vec::new();
+        let mut result: std::io::Result<()> = Ok(());
+        let size_before = w.size;
+        let mut synced = false;
+        for job in jobs {
+            match job {
+                Job::Append(bytes, done) => {
+                    buf.extend_from_slice(&bytes);
+                    acks.push(done);
+                }
+                Job::Rotate(done) => {
+                    let r = flush(w, &mut buf).and_then(|()| w.rotate());
+                    match r {
+                        Ok(seq) => {
+                            let _ = done.send(Ok(seq));
+                        }
+                        Err(e) => {
+                            result = Err(e);
+                            let _ = done.send(Err(WalError::Failed("WAL rotation failed".into())));
+                        }
+                    }
+                }
+            }
+        }
+        if result.is_ok() {
+            result = flush(w, &mut buf);
+            if result.is_ok() && w.fsync {
+                synced = true;
+                result = w.file.sync_data();
+            }
+            if result.is_ok() && w.size > w.max_segment_bytes {
+                result = w.rotate().map(|_| ());
+            }
+        }
+        match result {
+            Ok(()) => {
+                failed.lock().take();
+                for a in acks {
+                    let _ = a.send(Ok(()));
+                }
+            }
+            // Out of space while writing (not while fsyncing): nothing of the
+            // batch counts; cut the partial write off and keep trying later
+            // batches, so the node recovers when space returns.
+            Err(e)
+                if !synced
+                    && e.raw_os_error() == Some(28)
+                    && w.file.set_len(size_before).is_ok() =>
+            {
+                w.size = size_before;
+                let why = format!("{e} (in {})", w.dir.display());
+                tracing::error!(error = %why, "WAL out of space: writes are refused until space returns");
+                *failed.lock() = Some(why.clone());
+                for a in acks {
+                    let _ = a.send(Err(WalError::Failed(format!(
+                        "WAL out of space, write not acknowledged: {why}"
+                    ))));
+                }
+            }
+            Err(e) => {
+                let why = format!("{e} (in {})", w.dir.display());
+                tracing::error!(error = %why, "WAL write failed: this node stops acknowledging writes");
+                failed.lock().get_or_insert(why.clone());
+                for a in acks {
+                    let _ = a.send(Err(WalError::Failed(format!(
+                        "WAL failed, write not acknowledged: {why}"
+                    ))));
+                }
+                // Poisoned: refuse everything that is still queued.
+                while let Ok(job) = rx.recv() {
+                    match job {
+                        Job::Append(_, done) => {
+                            let _ = done.send(Err(WalError::Failed(format!("WAL failed: {why}"))));
+                        }
+                        Job::Rotate(done) => {
+                            let _ = done.send(Err(WalError::Failed(format!("WAL failed: {why}"))));
+                        }
+                    }
+                }
+                return;
+            }
+        }
+    }
+}
+
+fn flush(w: &mut Writer, buf: &mut Vec<u8>) -> std::io::Result<()> {
+    if buf.is_empty() {
+        return Ok(());
+    }
+    w.file.write_all(buf)?;
+    w.size += buf.len() as u64;
+    buf.clear();
+    Ok(())
+}

@@ -8,10 +8,10 @@ use bytes::Bytes;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::client::Client;
 use crate::error::{Error, Result};
 use crate::partition::partition_for;
 use crate::proto::{self, cache_client::CacheClient, command, command_result};
+use crate::router::Router;
 
 /// Settings used when a collection is created.
 #[derive(Debug, Clone, Default)]
@@ -52,7 +52,7 @@ impl CollectionOptions {
 /// ```
 #[derive(Clone, Debug)]
 pub struct Collection {
-    client: Client,
+    router: Arc<Router>,
     name: Arc<str>,
     settings: Option<proto::CollectionSettings>,
 }
@@ -66,9 +66,9 @@ fn unexpected() -> Error {
 }
 
 impl Collection {
-    pub(crate) fn new(client: Client, name: Arc<str>) -> Self {
+    pub(crate) fn new(router: Arc<Router>, name: Arc<str>) -> Self {
         Collection {
-            client,
+            router,
             name,
             settings: None,
         }
@@ -90,7 +90,7 @@ impl Collection {
     }
 
     fn partition(&self, key: &[u8]) -> u32 {
-        partition_for(&self.name, key, self.client.partition_count())
+        partition_for(&self.name, key, self.router.partition_count())
     }
 
     /// The value of `key`, if present and not expired.
@@ -100,7 +100,7 @@ impl Collection {
             collection: self.name.to_string(),
             key: key.clone(),
         });
-        match self.client.execute(self.partition(&key), op).await? {
+        match self.router.execute(self.partition(&key), op).await? {
             command_result::Result::Get(r) => Ok(r.found.then_some(r.value)),
             _ => Err(unexpected()),
         }
@@ -115,7 +115,7 @@ impl Collection {
             value,
             ttl_ms: ttl_ms(ttl),
         });
-        match self.client.execute(p, op).await? {
+        match self.router.execute(p, op).await? {
             command_result::Result::Put(_) => Ok(()),
             _ => Err(unexpected()),
         }
@@ -165,7 +165,7 @@ impl Collection {
             collection: self.name.to_string(),
             key,
         });
-        match self.client.execute(p, op).await? {
+        match self.router.execute(p, op).await? {
             command_result::Result::Delete(r) => Ok(r.deleted),
             _ => Err(unexpected()),
         }
@@ -183,7 +183,7 @@ impl Collection {
             .collect();
         let name = self.name.to_string();
         let parts = self
-            .client
+            .router
             .fan_out(
                 &self.name,
                 keys,
@@ -222,7 +222,7 @@ impl Collection {
             .collect();
         let name = self.name.to_string();
         let ttl_ms = ttl_ms(ttl);
-        self.client
+        self.router
             .fan_out(
                 &self.name,
                 entries,
@@ -254,7 +254,7 @@ impl Collection {
             .collect();
         let name = self.name.to_string();
         let counts = self
-            .client
+            .router
             .fan_out(
                 &self.name,
                 keys,
@@ -279,9 +279,9 @@ impl Collection {
         let req = proto::KeysRequest {
             collection: self.name.to_string(),
         };
-        let max = self.client.config().max_message_bytes;
+        let max = self.router.max_msg();
         let parts = self
-            .client
+            .router
             .on_every_member(|ch| {
                 let req = req.clone();
                 async move {
@@ -299,7 +299,7 @@ impl Collection {
             collection: self.name.to_string(),
         };
         let parts = self
-            .client
+            .router
             .on_every_member(|ch| {
                 let req = req.clone();
                 async move { Ok(CacheClient::new(ch).size(req).await?.into_inner().size) }
@@ -314,7 +314,7 @@ impl Collection {
             collection: self.name.to_string(),
         };
         let parts = self
-            .client
+            .router
             .on_every_member(|ch| {
                 let req = req.clone();
                 async move { Ok(CacheClient::new(ch).clear(req).await?.into_inner().removed) }

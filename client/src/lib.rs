@@ -39,6 +39,7 @@ mod lock;
 pub mod members;
 mod mux;
 pub mod partition;
+mod router;
 mod routing;
 
 /// Generated gRPC messages, clients and servers of package `distcache.v1`.

@@ -4,9 +4,13 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use crate::client::Client;
+use std::sync::Arc;
+
 use crate::error::Result;
+use crate::partition::lock_partition_for;
 use crate::proto;
+use crate::proto::locks_client::LocksClient;
+use crate::router::Router;
 
 /// Default lease length (seed: 60 s).
 pub const DEFAULT_HOLD_TIMEOUT: Duration = Duration::from_secs(60);
@@ -53,7 +57,7 @@ impl LockOptions {
 /// background (when a tokio runtime is running) and ignores the outcome.
 #[derive(Debug)]
 pub struct LockGuard {
-    client: Client,
+    router: Arc<Router>,
     key: Bytes,
     token: u64,
     hold: Duration,
@@ -61,9 +65,9 @@ pub struct LockGuard {
 }
 
 impl LockGuard {
-    pub(crate) fn new(client: Client, key: Bytes, grant: proto::LockGrant) -> Self {
+    pub(crate) fn new(router: Arc<Router>, key: Bytes, grant: proto::LockGrant) -> Self {
         LockGuard {
-            client,
+            router,
             key,
             token: grant.fencing_token,
             hold: Duration::from_millis(grant.hold_ms),
@@ -90,7 +94,7 @@ impl LockGuard {
     /// expired, `LockNotHeld` if another holder has it now.
     pub async fn release(mut self) -> Result<()> {
         self.released = true;
-        self.client.release_lock(self.key.clone(), self.token).await
+        release(&self.router, self.key.clone(), self.token).await
     }
 
     /// Gives up the handle without releasing: the lock stays held until its
@@ -102,10 +106,7 @@ impl LockGuard {
 
     /// Renews the lease to `hold` from now.
     pub async fn extend(&mut self, hold: Duration) -> Result<()> {
-        let g = self
-            .client
-            .extend_lock(self.key.clone(), self.token, hold)
-            .await?;
+        let g = extend(&self.router, self.key.clone(), self.token, hold).await?;
         self.hold = Duration::from_millis(g.hold_ms);
         Ok(())
     }
@@ -117,12 +118,49 @@ impl Drop for LockGuard {
             return;
         }
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            let (client, key, token) = (self.client.clone(), self.key.clone(), self.token);
+            let (router, key, token) = (self.router.clone(), self.key.clone(), self.token);
             rt.spawn(async move {
-                if let Err(e) = client.release_lock(key, token).await {
+                if let Err(e) = release(&router, key, token).await {
                     tracing::debug!(error = %e, "background lock release failed");
                 }
             });
         }
     }
+}
+
+/// Releases lock `key` held with fencing `token`.
+pub(crate) async fn release(router: &Router, key: Bytes, token: u64) -> Result<()> {
+    let p = lock_partition_for(&key, router.partition_count());
+    let req = proto::ReleaseLockRequest {
+        key,
+        fencing_token: token,
+    };
+    router
+        .unary(Some(p), router.config().request_timeout, |ch| {
+            let req = req.clone();
+            async move { Ok(LocksClient::new(ch).release(req).await?.into_inner()) }
+        })
+        .await?;
+    Ok(())
+}
+
+/// Renews the lease of lock `key` held with `token` to `hold` from now.
+async fn extend(
+    router: &Router,
+    key: Bytes,
+    token: u64,
+    hold: Duration,
+) -> Result<proto::LockGrant> {
+    let p = lock_partition_for(&key, router.partition_count());
+    let req = proto::ExtendLockRequest {
+        key,
+        fencing_token: token,
+        hold_timeout_ms: hold.as_millis() as u64,
+    };
+    router
+        .unary(Some(p), router.config().request_timeout, |ch| {
+            let req = req.clone();
+            async move { Ok(LocksClient::new(ch).extend(req).await?.into_inner()) }
+        })
+        .await
 }

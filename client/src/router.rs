@@ -344,7 +344,10 @@ mod tests {
                 ceiling / 2
             );
             let distinct: std::collections::HashSet<_> = seen.iter().collect();
-            assert!(distinct.len() > 5, "attempt {attempt}: not jittered: {distinct:?}");
+            assert!(
+                distinct.len() > 5,
+                "attempt {attempt}: not jittered: {distinct:?}"
+            );
         }
     }
 }

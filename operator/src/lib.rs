@@ -15,6 +15,7 @@
 
 pub mod crd;
 pub mod metrics;
+pub mod plan;
 pub mod reconcile;
 pub mod resources;
 

@@ -4,7 +4,6 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Parser;
@@ -19,6 +18,8 @@ use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{Controller, watcher};
 use kube::{Api, Client, ResourceExt};
 use tokio_util::sync::CancellationToken;
+
+mod leader;
 
 /// Command line (every flag also reads an environment variable).
 #[derive(Debug, Parser)]
@@ -193,51 +194,17 @@ async fn main() -> anyhow::Result<()> {
         metrics.leader.set(1);
         run_controller(client, &cli, ctx, stop.clone()).await;
     } else {
-        let manager = kube_lease_manager::LeaseManagerBuilder::new(client.clone(), &cli.lease_name)
-            .with_namespace(&cli.lease_namespace)
-            .with_identity(&identity)
-            .with_duration(cli.lease_duration_secs)
-            .with_grace(cli.lease_grace_secs)
-            .with_field_manager(format!("{MANAGER}-{identity}"))
-            .build()
-            .await
-            .context("leader Lease")?;
-        let (mut leader, lease_task) = manager.watch().await;
-        loop {
-            // Wait until this replica leads (or shutdown).
-            tokio::select! {
-                _ = stop.cancelled() => break,
-                ok = leader.wait_for(|l| *l) => if ok.is_err() { break },
-            }
-            tracing::info!(%identity, "leading: reconciling");
-            metrics.leader.set(1);
-            let lost = CancellationToken::new();
-            let until = lost.clone();
-            let mut watch = leader.clone();
-            let stop2 = stop.clone();
-            let guard = tokio::spawn(async move {
-                tokio::select! {
-                    _ = stop2.cancelled() => {},
-                    _ = watch.wait_for(|l| !*l) => {},
-                }
-                until.cancel();
-            });
-            run_controller(client.clone(), &cli, ctx.clone(), lost).await;
-            guard.abort();
-            metrics.leader.set(0);
-            if stop.is_cancelled() {
-                break;
-            }
-            tracing::warn!(%identity, "lost the leader Lease; standing by");
-        }
-        // Dropping the receiver makes the lease task release the Lease.
-        drop(leader);
-        match tokio::time::timeout(Duration::from_secs(5), lease_task).await {
-            Ok(Ok(Ok(_))) => tracing::info!("leader Lease released"),
-            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "releasing the leader Lease"),
-            Ok(Err(e)) => tracing::warn!(error = %e, "lease task"),
-            Err(_) => tracing::warn!("releasing the leader Lease timed out"),
-        }
+        let lease = leader::LeaseSettings {
+            name: cli.lease_name.clone(),
+            namespace: cli.lease_namespace.clone(),
+            identity: identity.clone(),
+            duration_secs: cli.lease_duration_secs,
+            grace_secs: cli.lease_grace_secs,
+        };
+        leader::run_while_leading(client.clone(), lease, &metrics, &stop, |lost| {
+            run_controller(client.clone(), &cli, ctx.clone(), lost)
+        })
+        .await?;
     }
     stop.cancel();
     server.await??;

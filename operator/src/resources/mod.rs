@@ -1,0 +1,286 @@
+//! Pure functions from a `DistributedCacheCluster` to the objects it needs,
+//! one file per kind: `statefulset` (with WAL volume claims), `services`
+//! (headless peer Service, client Service), `members` (the published member
+//! list), `policy` (PodDisruptionBudget), `rbac` (the nodes' ServiceAccount,
+//! Role and RoleBinding). No API calls here: the reconciler applies what
+//! these return.
+
+mod members;
+mod policy;
+mod rbac;
+mod services;
+mod statefulset;
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use kube::{Resource, ResourceExt};
+
+use crate::crd::DistributedCacheCluster;
+
+pub use members::{members_config, published_members};
+pub use policy::pdb;
+pub use rbac::{NODE_RULES, rbac};
+pub use services::{client_service, peer_service};
+pub use statefulset::{statefulset, statefulset_with_partition};
+
+/// Seconds a node gets to hand its partitions off before it is killed.
+pub const TERMINATION_GRACE_SECONDS: i64 = 60;
+/// Where the WAL volume is mounted.
+pub const WAL_MOUNT: &str = "/data";
+
+/// Names of the objects of one cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Names {
+    /// StatefulSet and client Service.
+    pub cluster: String,
+    /// Headless Service for peers.
+    pub peers: String,
+    /// ServiceAccount, Role, RoleBinding of the nodes.
+    pub account: String,
+    /// Namespace.
+    pub namespace: String,
+}
+
+impl Names {
+    /// Names derived from the resource.
+    pub fn of(dcc: &DistributedCacheCluster) -> Names {
+        let name = dcc.name_any();
+        Names {
+            peers: format!("{name}-peers"),
+            account: format!("{name}-node"),
+            namespace: dcc.namespace().unwrap_or_else(|| "default".into()),
+            cluster: name,
+        }
+    }
+
+    /// DNS name of member `i` through the headless Service.
+    pub fn member_host(&self, i: i32) -> String {
+        format!("{}-{i}.{}.{}.svc", self.cluster, self.peers, self.namespace)
+    }
+}
+
+/// Labels every object and pod of the cluster carries.
+pub fn labels(dcc: &DistributedCacheCluster) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (
+            "app.kubernetes.io/name".to_string(),
+            "distcache".to_string(),
+        ),
+        ("app.kubernetes.io/instance".to_string(), dcc.name_any()),
+        (
+            "app.kubernetes.io/component".to_string(),
+            "cache-node".to_string(),
+        ),
+        (
+            "app.kubernetes.io/managed-by".to_string(),
+            "distcache-operator".to_string(),
+        ),
+    ])
+}
+
+/// Labels that select the cluster's pods.
+pub fn selector(dcc: &DistributedCacheCluster) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (
+            "app.kubernetes.io/name".to_string(),
+            "distcache".to_string(),
+        ),
+        ("app.kubernetes.io/instance".to_string(), dcc.name_any()),
+    ])
+}
+
+pub(crate) fn meta(dcc: &DistributedCacheCluster, name: &str) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name.to_string()),
+        namespace: dcc.namespace(),
+        labels: Some(labels(dcc)),
+        owner_references: owner(dcc).map(|o| vec![o]),
+        ..ObjectMeta::default()
+    }
+}
+
+pub(crate) fn owner(dcc: &DistributedCacheCluster) -> Option<OwnerReference> {
+    dcc.controller_owner_ref(&())
+}
+
+#[cfg(test)]
+mod tests {
+    use distcache_client::members::PublishedMembers;
+    use k8s_openapi::api::apps::v1::StatefulSet;
+    use k8s_openapi::api::core::v1::Pod;
+    use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+    use super::*;
+    use crate::crd::DistributedCacheClusterSpec;
+
+    fn dcc(json: &str) -> DistributedCacheCluster {
+        let spec: DistributedCacheClusterSpec = serde_json::from_str(json).expect("spec");
+        let mut d = DistributedCacheCluster::new("cache", spec);
+        d.metadata.namespace = Some("prod".into());
+        d.metadata.uid = Some("uid-1".into());
+        d
+    }
+
+    fn envs(s: &StatefulSet) -> BTreeMap<String, String> {
+        s.spec
+            .as_ref()
+            .and_then(|s| s.template.spec.as_ref())
+            .expect("pod")
+            .containers[0]
+            .env
+            .iter()
+            .flatten()
+            .filter_map(|e| e.value.clone().map(|v| (e.name.clone(), v)))
+            .collect()
+    }
+
+    #[test]
+    fn statefulset_follows_the_spec() {
+        let d = dcc(r#"{"replicas": 5, "backupCount": 2, "image": "x:1"}"#);
+        let s = statefulset(&d);
+        let spec = s.spec.as_ref().expect("spec");
+        assert_eq!(spec.replicas, Some(5));
+        assert_eq!(spec.service_name.as_deref(), Some("cache-peers"));
+        assert!(spec.volume_claim_templates.is_none(), "no storage, no PVCs");
+        let e = envs(&s);
+        assert_eq!(e["DISTCACHE_BACKUP_COUNT"], "2");
+        assert_eq!(
+            e["DISTCACHE_MEMBERS_CONFIGMAP"],
+            "$(DISTCACHE_NAMESPACE)/cache"
+        );
+        assert_eq!(e["DISTCACHE_ADVERTISE"], "$(DISTCACHE_POD_IP):7100");
+        assert_eq!(e["DISTCACHE_PEER_ADVERTISE"], "$(DISTCACHE_POD_IP):7200");
+        assert_eq!(e["DISTCACHE_METRICS_LISTEN"], "0.0.0.0:9100");
+        let template = spec.template.metadata.as_ref().expect("template metadata");
+        let annotations = template.annotations.as_ref().expect("annotations");
+        assert_eq!(annotations["prometheus.io/port"], "9100");
+        let ports: Vec<(Option<&str>, i32)> = spec.template.spec.as_ref().expect("pod").containers
+            [0]
+        .ports
+        .iter()
+        .flatten()
+        .map(|p| (p.name.as_deref(), p.container_port))
+        .collect();
+        assert_eq!(
+            ports,
+            vec![
+                (Some("grpc"), 7100),
+                (Some("peer"), 7200),
+                (Some("metrics"), 9100)
+            ]
+        );
+        let pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "cache-1", "uid": "p1"},
+            "status": {"podIP": "10.1.2.3", "conditions": [{"type": "Ready", "status": "True"}]},
+        }))
+        .expect("pod");
+        let cm = members_config(&d, &[pod]);
+        let data = cm.data.as_ref().expect("data");
+        let list = &data["members"];
+        assert_eq!(list.lines().count(), 5);
+        assert!(list.starts_with(
+            "cache-0=cache-0.cache-peers.prod.svc:7100/cache-0.cache-peers.prod.svc:7200\n"
+        ));
+        let published = PublishedMembers::from_json(&data["members.json"]).expect("published list");
+        assert_eq!(published.expected_size, 5);
+        let m1 = &published.members[1];
+        assert_eq!(
+            (
+                m1.grpc.as_str(),
+                m1.peer.as_str(),
+                m1.ready,
+                m1.pod_uid.as_str()
+            ),
+            ("10.1.2.3:7100", "10.1.2.3:7200", true, "p1"),
+            "a pod with an IP is published by IP, with readiness and UID"
+        );
+        assert!(!published.members[0].ready && published.members[0].pod_uid.is_empty());
+        assert!(!e.contains_key("DISTCACHE_WAL_DIR"));
+        let pod = spec.template.spec.as_ref().expect("pod");
+        assert_eq!(
+            pod.termination_grace_period_seconds,
+            Some(TERMINATION_GRACE_SECONDS)
+        );
+        let c = &pod.containers[0];
+        assert_eq!(
+            c.readiness_probe
+                .as_ref()
+                .and_then(|p| p.grpc.as_ref())
+                .map(|g| g.port),
+            Some(7100)
+        );
+        assert!(
+            pod.affinity
+                .as_ref()
+                .and_then(|a| a.pod_anti_affinity.as_ref())
+                .is_some(),
+            "spread by default"
+        );
+        assert_eq!(
+            s.metadata
+                .owner_references
+                .as_ref()
+                .map(|o| o[0].kind.as_str()),
+            Some("DistributedCacheCluster")
+        );
+    }
+
+    #[test]
+    fn storage_adds_wal_claims_and_env() {
+        let d = dcc(
+            r#"{"storage": {"enabled": true, "size": "5Gi", "storageClassName": "fast", "fsync": false}}"#,
+        );
+        let s = statefulset(&d);
+        let claims = s
+            .spec
+            .as_ref()
+            .and_then(|s| s.volume_claim_templates.clone())
+            .expect("claims");
+        let req = claims[0]
+            .spec
+            .as_ref()
+            .and_then(|s| s.resources.as_ref())
+            .and_then(|r| r.requests.as_ref())
+            .expect("requests");
+        assert_eq!(req["storage"], Quantity("5Gi".into()));
+        assert_eq!(
+            claims[0]
+                .spec
+                .as_ref()
+                .and_then(|s| s.storage_class_name.as_deref()),
+            Some("fast")
+        );
+        let e = envs(&s);
+        assert_eq!(e["DISTCACHE_WAL_DIR"], "/data/wal");
+        assert_eq!(e["DISTCACHE_WAL_FSYNC"], "false");
+    }
+
+    #[test]
+    fn services_pdb_and_rbac() {
+        let d = dcc("{}");
+        let peers = peer_service(&d);
+        let ps = peers.spec.as_ref().expect("spec");
+        assert_eq!(ps.cluster_ip.as_deref(), Some("None"));
+        assert_eq!(ps.publish_not_ready_addresses, Some(true));
+        assert_eq!(client_service(&d).metadata.name.as_deref(), Some("cache"));
+        let pdb = pdb(&d).expect("pdb on by default");
+        assert_eq!(
+            pdb.spec.and_then(|s| s.max_unavailable),
+            Some(IntOrString::Int(1))
+        );
+        assert!(super::pdb(&dcc(r#"{"podDisruptionBudget": {"enabled": false}}"#)).is_none());
+        let (sa, role, binding) = rbac(&d);
+        assert_eq!(sa.metadata.name.as_deref(), Some("cache-node"));
+        let rules = role.rules.expect("rules");
+        assert!(
+            rules.iter().all(|r| r
+                .verbs
+                .iter()
+                .all(|v| ["get", "list", "watch"].contains(&v.as_str()))),
+            "read-only"
+        );
+        assert_eq!(binding.role_ref.name, "cache-node");
+    }
+}

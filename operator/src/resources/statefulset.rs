@@ -1,0 +1,260 @@
+//! The StatefulSet: node pods with their probes, environment, affinity and
+//! WAL volume claims.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{
+    RollingUpdateStatefulSetStrategy, StatefulSet, StatefulSetSpec, StatefulSetUpdateStrategy,
+};
+use k8s_openapi::api::core::v1::{
+    Affinity, Container, ContainerPort, EnvVar, EnvVarSource, GRPCAction, ObjectFieldSelector,
+    PersistentVolumeClaim, PersistentVolumeClaimSpec, PodAffinityTerm, PodAntiAffinity,
+    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SecurityContext, VolumeMount,
+    VolumeResourceRequirements, WeightedPodAffinityTerm,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+
+use super::{Names, TERMINATION_GRACE_SECONDS, WAL_MOUNT, labels, meta, selector};
+use crate::crd::DistributedCacheCluster;
+
+fn env(name: &str, value: impl Into<String>) -> EnvVar {
+    EnvVar {
+        name: name.to_string(),
+        value: Some(value.into()),
+        value_from: None,
+    }
+}
+
+fn field_env(name: &str, path: &str) -> EnvVar {
+    EnvVar {
+        name: name.to_string(),
+        value: None,
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                field_path: path.into(),
+                api_version: None,
+            }),
+            ..EnvVarSource::default()
+        }),
+    }
+}
+
+fn node_env(dcc: &DistributedCacheCluster) -> Vec<EnvVar> {
+    let n = Names::of(dcc);
+    let s = &dcc.spec;
+    let mut v = vec![
+        field_env("DISTCACHE_NAME", "metadata.name"),
+        field_env("DISTCACHE_NAMESPACE", "metadata.namespace"),
+        field_env("DISTCACHE_POD_IP", "status.podIP"),
+        env("DISTCACHE_LISTEN", format!("0.0.0.0:{}", s.ports.grpc)),
+        env("DISTCACHE_PEER_LISTEN", format!("0.0.0.0:{}", s.ports.peer)),
+        env(
+            "DISTCACHE_METRICS_LISTEN",
+            format!("0.0.0.0:{}", s.ports.metrics),
+        ),
+        env(
+            "DISTCACHE_ADVERTISE",
+            format!("$(DISTCACHE_POD_IP):{}", s.ports.grpc),
+        ),
+        env(
+            "DISTCACHE_PEER_ADVERTISE",
+            format!("$(DISTCACHE_POD_IP):{}", s.ports.peer),
+        ),
+        env(
+            "DISTCACHE_MEMBERS_CONFIGMAP",
+            format!("$(DISTCACHE_NAMESPACE)/{}", n.cluster),
+        ),
+        env("DISTCACHE_PARTITION_COUNT", s.partition_count.to_string()),
+        env("DISTCACHE_BACKUP_COUNT", s.backup_count.to_string()),
+        env(
+            "DISTCACHE_FAILURE_TIMEOUT_MS",
+            s.failure_detection_timeout_ms.to_string(),
+        ),
+        env(
+            "DISTCACHE_LEAVE_TIMEOUT_SECS",
+            (TERMINATION_GRACE_SECONDS - 15).to_string(),
+        ),
+        env("DISTCACHE_LOG", "info"),
+    ];
+    if s.storage.enabled {
+        v.push(env("DISTCACHE_WAL_DIR", format!("{WAL_MOUNT}/wal")));
+        v.push(env("DISTCACHE_WAL_FSYNC", s.storage.fsync.to_string()));
+        v.push(env(
+            "DISTCACHE_WAL_MAX_SEGMENT_BYTES",
+            s.storage.max_segment_bytes.to_string(),
+        ));
+    }
+    v
+}
+
+fn grpc_probe(port: i32, period: i32, failures: i32) -> Probe {
+    Probe {
+        grpc: Some(GRPCAction {
+            port,
+            service: None,
+        }),
+        period_seconds: Some(period),
+        failure_threshold: Some(failures),
+        ..Probe::default()
+    }
+}
+
+fn default_affinity(dcc: &DistributedCacheCluster) -> Affinity {
+    Affinity {
+        pod_anti_affinity: Some(PodAntiAffinity {
+            preferred_during_scheduling_ignored_during_execution: Some(vec![
+                WeightedPodAffinityTerm {
+                    weight: 100,
+                    pod_affinity_term: PodAffinityTerm {
+                        label_selector: Some(LabelSelector {
+                            match_labels: Some(selector(dcc)),
+                            ..LabelSelector::default()
+                        }),
+                        topology_key: "kubernetes.io/hostname".into(),
+                        ..PodAffinityTerm::default()
+                    },
+                },
+            ]),
+            ..PodAntiAffinity::default()
+        }),
+        ..Affinity::default()
+    }
+}
+
+/// The StatefulSet of nodes, holding pod updates back at `partition`
+/// (pods with an ordinal >= partition get a new template; the reconciler
+/// releases one pod at a time while the cluster is safe).
+pub fn statefulset_with_partition(dcc: &DistributedCacheCluster, partition: i32) -> StatefulSet {
+    let mut sts = statefulset(dcc);
+    if let Some(spec) = sts.spec.as_mut() {
+        spec.update_strategy = Some(StatefulSetUpdateStrategy {
+            type_: Some("RollingUpdate".into()),
+            rolling_update: Some(RollingUpdateStatefulSetStrategy {
+                partition: Some(partition),
+                ..RollingUpdateStatefulSetStrategy::default()
+            }),
+        });
+    }
+    sts
+}
+
+/// The StatefulSet of nodes.
+pub fn statefulset(dcc: &DistributedCacheCluster) -> StatefulSet {
+    let n = Names::of(dcc);
+    let s = &dcc.spec;
+    let container = Container {
+        name: "node".into(),
+        image: Some(s.image.clone()),
+        env: Some(node_env(dcc)),
+        ports: Some(vec![
+            ContainerPort {
+                name: Some("grpc".into()),
+                container_port: s.ports.grpc,
+                ..ContainerPort::default()
+            },
+            ContainerPort {
+                name: Some("peer".into()),
+                container_port: s.ports.peer,
+                ..ContainerPort::default()
+            },
+            ContainerPort {
+                name: Some("metrics".into()),
+                container_port: s.ports.metrics,
+                ..ContainerPort::default()
+            },
+        ]),
+        readiness_probe: Some(grpc_probe(s.ports.grpc, 5, 3)),
+        liveness_probe: Some(grpc_probe(s.ports.grpc, 10, 6)),
+        resources: s.resources.clone(),
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            run_as_non_root: Some(true),
+            ..SecurityContext::default()
+        }),
+        volume_mounts: s.storage.enabled.then(|| {
+            vec![VolumeMount {
+                name: "wal".into(),
+                mount_path: WAL_MOUNT.into(),
+                ..VolumeMount::default()
+            }]
+        }),
+        ..Container::default()
+    };
+    let claims = s.storage.enabled.then(|| {
+        vec![PersistentVolumeClaim {
+            metadata: ObjectMeta {
+                name: Some("wal".into()),
+                labels: Some(labels(dcc)),
+                ..ObjectMeta::default()
+            },
+            spec: Some(PersistentVolumeClaimSpec {
+                access_modes: Some(vec!["ReadWriteOnce".into()]),
+                storage_class_name: s.storage.storage_class_name.clone(),
+                resources: Some(VolumeResourceRequirements {
+                    requests: Some(BTreeMap::from([(
+                        "storage".into(),
+                        Quantity(s.storage.size.clone()),
+                    )])),
+                    ..VolumeResourceRequirements::default()
+                }),
+                ..PersistentVolumeClaimSpec::default()
+            }),
+            ..PersistentVolumeClaim::default()
+        }]
+    });
+    StatefulSet {
+        metadata: meta(dcc, &n.cluster),
+        spec: Some(StatefulSetSpec {
+            replicas: Some(s.replicas),
+            service_name: Some(n.peers.clone()),
+            pod_management_policy: Some("Parallel".into()),
+            selector: LabelSelector {
+                match_labels: Some(selector(dcc)),
+                ..LabelSelector::default()
+            },
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels(dcc)),
+                    // The common scrape convention (Prometheus kubernetes_sd
+                    // relabelling); the headless Service's `metrics` port
+                    // serves ServiceMonitors.
+                    annotations: Some(BTreeMap::from([
+                        ("prometheus.io/scrape".to_string(), "true".to_string()),
+                        (
+                            "prometheus.io/port".to_string(),
+                            s.ports.metrics.to_string(),
+                        ),
+                        ("prometheus.io/path".to_string(), "/metrics".to_string()),
+                    ])),
+                    ..ObjectMeta::default()
+                }),
+                spec: Some(PodSpec {
+                    service_account_name: Some(n.account.clone()),
+                    termination_grace_period_seconds: Some(TERMINATION_GRACE_SECONDS),
+                    containers: vec![container],
+                    affinity: Some(
+                        s.scheduling
+                            .affinity
+                            .clone()
+                            .unwrap_or_else(|| default_affinity(dcc)),
+                    ),
+                    topology_spread_constraints: s.scheduling.topology_spread_constraints.clone(),
+                    tolerations: s.scheduling.tolerations.clone(),
+                    node_selector: s.scheduling.node_selector.clone(),
+                    security_context: Some(PodSecurityContext {
+                        run_as_non_root: Some(true),
+                        run_as_user: Some(65_532),
+                        fs_group: Some(65_532),
+                        ..PodSecurityContext::default()
+                    }),
+                    ..PodSpec::default()
+                }),
+            },
+            volume_claim_templates: claims,
+            ..StatefulSetSpec::default()
+        }),
+        status: None,
+    }
+}

@@ -6,7 +6,6 @@
 //! read from the node when scraped.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -17,9 +16,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 
-use crate::cluster::table::Role;
 use crate::error::{Error, Result};
-use crate::node::Node;
 
 /// Labels of the per-command counter.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -179,44 +176,31 @@ impl Metrics {
             .observe(took.as_secs_f64());
     }
 
-    /// Reads the node's state into the gauges and encodes every metric in
-    /// the Prometheus text format.
-    pub fn render(&self, node: &Node) -> String {
-        let c = &node.cluster;
-        let t = c.table();
-        let (alive, expected) = c.liveness();
-        let (safe, without, migrating) = node.safety();
-        let (mut primaries, mut backups) = (0i64, 0i64);
-        for p in 0..t.partition_count {
-            match t.role_of(c.me(), p) {
-                Role::Primary => primaries += 1,
-                Role::Backup => backups += 1,
-                _ => {}
-            }
-        }
-        self.epoch.set(i64::try_from(t.epoch).unwrap_or(i64::MAX));
-        self.members.set(expected as i64);
-        self.members_alive.set(alive.len() as i64);
-        self.quorum.set(i64::from(c.quorum()));
-        self.safe.set(i64::from(safe));
-        self.without_backup.set(i64::from(without));
-        self.migrations.set(i64::from(migrating));
+    /// Sets the gauges from `g` and encodes every metric in the Prometheus
+    /// text format.
+    pub fn render(&self, g: &Gauges) -> String {
+        self.epoch.set(i64::try_from(g.epoch).unwrap_or(i64::MAX));
+        self.members.set(g.members as i64);
+        self.members_alive.set(g.members_alive as i64);
+        self.quorum.set(i64::from(g.quorum));
+        self.safe.set(i64::from(g.safe));
+        self.without_backup.set(i64::from(g.without_backup));
+        self.migrations.set(i64::from(g.migrations));
         self.partitions
             .get_or_create(&RoleLabels { role: "primary" })
-            .set(primaries);
+            .set(i64::from(g.primaries));
         self.partitions
             .get_or_create(&RoleLabels { role: "backup" })
-            .set(backups);
+            .set(i64::from(g.backups));
         self.entries.clear();
-        for (collection, n) in node.store.held_entries() {
+        for (collection, n) in &g.entries {
             self.entries
                 .get_or_create(&CollectionLabels {
                     collection: collection.to_string(),
                 })
-                .set(i64::try_from(n).unwrap_or(i64::MAX));
+                .set(i64::try_from(*n).unwrap_or(i64::MAX));
         }
-        let wal_failed = node.wal.as_ref().is_some_and(|w| w.failure().is_some());
-        self.wal_failed.set(i64::from(wal_failed));
+        self.wal_failed.set(i64::from(g.wal_failed));
         let mut out = String::new();
         if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
             tracing::warn!(error = %e, "encoding metrics");
@@ -225,43 +209,36 @@ impl Metrics {
     }
 }
 
+/// A node's state as the gauges show it (read by the node at scrape time).
+#[derive(Debug, Clone, Default)]
+pub struct Gauges {
+    /// Partition table epoch.
+    pub epoch: u64,
+    /// Members the cluster expects.
+    pub members: usize,
+    /// Members seen alive.
+    pub members_alive: usize,
+    /// Sees a majority.
+    pub quorum: bool,
+    /// Every partition has its in-sync backups and nothing migrates.
+    pub safe: bool,
+    /// Partitions without an in-sync backup.
+    pub without_backup: u32,
+    /// Partitions whose owners differ from the balanced target.
+    pub migrations: u32,
+    /// Partitions this node is primary of.
+    pub primaries: u32,
+    /// Partitions this node is a backup of.
+    pub backups: u32,
+    /// Entries held, per collection.
+    pub entries: Vec<(std::sync::Arc<str>, u64)>,
+    /// The WAL refuses writes.
+    pub wal_failed: bool,
+}
+
 /// Binds `addr` for the metrics endpoint (`--metrics-listen`).
 pub async fn bind(addr: SocketAddr) -> Result<TcpListener> {
     TcpListener::bind(addr)
         .await
         .map_err(|e| Error::InvalidArgument(format!("cannot listen for metrics on {addr}: {e}")))
-}
-
-/// Serves `GET /metrics` on `listener` until the node shuts down; a task of
-/// the node's tracker.
-pub fn serve(node: &Arc<Node>, listener: TcpListener) {
-    let token = node.shutdown_token().clone();
-    let weak = Arc::downgrade(node);
-    let app = axum::Router::new().route(
-        "/metrics",
-        axum::routing::get(move || {
-            let weak = weak.clone();
-            async move {
-                let body = weak
-                    .upgrade()
-                    .map(|node| node.metrics.render(&node))
-                    .unwrap_or_default();
-                (
-                    [(
-                        axum::http::header::CONTENT_TYPE,
-                        "text/plain; version=0.0.4; charset=utf-8",
-                    )],
-                    body,
-                )
-            }
-        }),
-    );
-    node.tasks().spawn(async move {
-        let res = axum::serve(listener, app)
-            .with_graceful_shutdown(async move { token.cancelled().await })
-            .await;
-        if let Err(e) = res {
-            tracing::warn!(error = %e, "metrics endpoint stopped");
-        }
-    });
 }

@@ -11,6 +11,7 @@
 //! - `heartbeat`, `coordinator`, `install`: liveness, the partition-table
 //!   agreement, and installing a table;
 //! - `peer_handler`: one match over peer requests that delegates;
+//! - `observe`: the safety summary and the metrics gauges;
 //! - `persistence`: WAL replay, checkpoints, and logging writes.
 
 mod collections;
@@ -19,6 +20,7 @@ mod coordinator;
 mod heartbeat;
 mod install;
 mod locks;
+mod observe;
 mod peer_handler;
 mod persistence;
 mod replication;

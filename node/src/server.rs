@@ -22,7 +22,7 @@ pub async fn serve(
 ) -> Result<()> {
     let max = usize::try_from(node.config().max_message_bytes).unwrap_or(usize::MAX);
     if let Some(addr) = node.config().metrics_listen {
-        crate::metrics::serve(&node, crate::metrics::bind(addr).await?);
+        serve_metrics(&node, crate::metrics::bind(addr).await?);
         tracing::info!(address = %addr, "metrics served at /metrics");
     }
     let api = Api::new(node.clone());
@@ -154,4 +154,38 @@ impl Running {
             Err(e) => Err(Error::Internal(format!("server task: {e}"))),
         }
     }
+}
+
+/// Serves `GET /metrics` on `listener` until the node shuts down; a task of
+/// the node's tracker.
+pub fn serve_metrics(node: &Arc<Node>, listener: TcpListener) {
+    let token = node.shutdown_token().clone();
+    let weak = Arc::downgrade(node);
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let weak = weak.clone();
+            async move {
+                let body = weak
+                    .upgrade()
+                    .map(|node| node.metrics_text())
+                    .unwrap_or_default();
+                (
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        "text/plain; version=0.0.4; charset=utf-8",
+                    )],
+                    body,
+                )
+            }
+        }),
+    );
+    node.tasks().spawn(async move {
+        let res = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { token.cancelled().await })
+            .await;
+        if let Err(e) = res {
+            tracing::warn!(error = %e, "metrics endpoint stopped");
+        }
+    });
 }

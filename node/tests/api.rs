@@ -571,7 +571,7 @@ async fn metrics_endpoint_counts_commands_and_reports_state() {
         .await
         .expect("metrics bind");
     let addr = listener.local_addr().expect("metrics addr");
-    distcache_node::metrics::serve(&node.node, listener);
+    distcache_node::server::serve_metrics(&node.node, listener);
 
     let users = c.collection("users").await.expect("collection");
     for i in 0..5 {

@@ -1,6 +1,5 @@
 //! Installing a committed partition table: each partition's role change
-//! here (promotion, demotion, drop), and the safety summary Health and the
-//! operator read.
+//! here (promotion, demotion, drop).
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -77,60 +76,5 @@ impl Node {
         c.set_table(Arc::new(new));
         c.set_current(true);
         drop(installing);
-    }
-
-    /// Whether every partition has its in-sync backups and no migration is
-    /// pending; with the counts (partitions without an in-sync backup,
-    /// partitions whose owners differ from the balanced target).
-    pub fn safety(&self) -> (bool, u32, u32) {
-        let (safe, without, migrating, _) = self.safety_detail();
-        (safe, without, migrating)
-    }
-
-    /// [`Node::safety`] with a few examples of partitions lacking a backup.
-    pub fn safety_detail(&self) -> (bool, u32, u32, Vec<String>) {
-        let c = &self.cluster;
-        let t = c.table();
-        if t.is_empty() {
-            return (false, t.partition_count, 0, vec!["no table".into()]);
-        }
-        let mut examples = Vec::new();
-        let (alive, _) = c.liveness();
-        let eligible = alive.iter().filter(|m| !c.is_leaving(&m.name)).count();
-        let want = (c.config().backup_count as usize).min(eligible.saturating_sub(1));
-        let mut without = 0;
-        for p in 0..t.partition_count {
-            let synced = t.backups(p).iter().filter(|b| c.in_sync(&t, p, b)).count();
-            let primary_ok = t.primary(p).is_some_and(|m| c.alive(m));
-            if synced < want || !primary_ok {
-                without += 1;
-                if examples.len() < 3 {
-                    let why: Vec<String> = t
-                        .backups(p)
-                        .iter()
-                        .map(|b| format!("{b}: {}", c.sync_problem(&t, p, b).unwrap_or("ok")))
-                        .collect();
-                    examples.push(format!(
-                        "p{p} primary {:?} [{}]",
-                        t.primary(p),
-                        why.join(", ")
-                    ));
-                }
-            }
-        }
-        // Every node runs the coordinator's planning on its own view.
-        let migrating = self.plan().map_or(0, |next| {
-            next.owners
-                .iter()
-                .zip(&t.owners)
-                .filter(|(a, b)| a != b)
-                .count() as u32
-        });
-        (
-            without == 0 && migrating == 0 && c.quorum(),
-            without,
-            migrating,
-            examples,
-        )
     }
 }

@@ -20,7 +20,10 @@ use parking_lot::{Mutex, RwLock};
 
 use crate::clock::Clock;
 use crate::error::{Error, Result};
-use crate::replica::{PartitionSnapshot, ReplOp, Written};
+use crate::replica::{ReplOp, Written};
+
+mod partition;
+mod planned;
 
 /// Longest collection name, bytes.
 pub const MAX_COLLECTION_NAME_BYTES: usize = 255;
@@ -243,6 +246,7 @@ impl Store {
     /// Stores `value` under `key`; `ttl_ms` None or 0 = the collection
     /// default. Returns what was written (with its absolute expiry) and the
     /// entries LRU eviction removed, for replication.
+    #[cfg(test)]
     pub fn put(
         &self,
         collection: &str,
@@ -337,6 +341,7 @@ impl Store {
     }
 
     /// Removes `key`; true if a live entry was there.
+    #[cfg(test)]
     pub fn delete(&self, collection: &str, key: &Bytes) -> Result<(bool, Written)> {
         let (live, w) = self.delete_many(collection, std::slice::from_ref(key))?;
         Ok((live > 0, w))
@@ -382,6 +387,7 @@ impl Store {
     }
 
     /// Stores every entry. All entries are validated before any is stored.
+    #[cfg(test)]
     pub fn put_many(
         &self,
         collection: &str,
@@ -393,6 +399,7 @@ impl Store {
     }
 
     /// Removes `keys`; returns how many live entries were removed.
+    #[cfg(test)]
     pub fn delete_many(&self, collection: &str, keys: &[Bytes]) -> Result<(u64, Written)> {
         let planned = self.plan_deletes(collection, keys)?;
         self.apply_planned(planned)
@@ -450,6 +457,7 @@ impl Store {
     }
 
     /// Removes every entry of the collection everywhere on this node.
+    #[cfg(test)]
     pub fn clear(&self, collection: &str) -> Result<u64> {
         let meta = self.collection(collection)?;
         Ok(self.clear_meta(&meta))
@@ -476,277 +484,6 @@ impl Store {
             if e.live(now) {
                 removed += 1;
             }
-        }
-        removed
-    }
-
-    // ------------------------------------------------------------ planned writes
-
-    /// Validates a put and returns the op it will apply (with its absolute
-    /// expiry) and its partition, without applying it.
-    pub fn plan_put(
-        &self,
-        collection: &str,
-        key: Bytes,
-        value: Bytes,
-        ttl_ms: Option<u64>,
-    ) -> Result<(u32, ReplOp)> {
-        Ok(self
-            .plan_puts(collection, vec![(key, value)], ttl_ms)?
-            .remove(0))
-    }
-
-    /// Validates puts (all or nothing) and returns their ops.
-    pub fn plan_puts(
-        &self,
-        collection: &str,
-        entries: Vec<(Bytes, Bytes)>,
-        ttl_ms: Option<u64>,
-    ) -> Result<Vec<(u32, ReplOp)>> {
-        let meta = self.collection(collection)?;
-        self.check_batch(entries.len())?;
-        for (k, v) in &entries {
-            self.check_key(k)?;
-            self.check_value(v)?;
-        }
-        let expires_at = self.expiry(&meta, ttl_ms);
-        Ok(entries
-            .into_iter()
-            .map(|(key, value)| {
-                (
-                    self.partition(&meta, &key),
-                    ReplOp::Put {
-                        collection: meta.name.to_string(),
-                        key,
-                        value,
-                        expires_at,
-                    },
-                )
-            })
-            .collect())
-    }
-
-    /// Validates deletes and returns their ops.
-    pub fn plan_deletes(&self, collection: &str, keys: &[Bytes]) -> Result<Vec<(u32, ReplOp)>> {
-        let meta = self.collection(collection)?;
-        self.check_batch(keys.len())?;
-        keys.iter().try_for_each(|k| self.check_key(k))?;
-        Ok(keys
-            .iter()
-            .map(|k| {
-                (
-                    self.partition(&meta, k),
-                    ReplOp::Delete {
-                        collection: meta.name.to_string(),
-                        key: k.clone(),
-                    },
-                )
-            })
-            .collect())
-    }
-
-    /// Applies planned ops as their primary (LRU included); returns how many
-    /// deletes removed a live entry, and what changed.
-    pub fn apply_planned(&self, ops: Vec<(u32, ReplOp)>) -> Result<(u64, Written)> {
-        let mut w = Written::default();
-        let mut live = 0;
-        for (p, op) in ops {
-            match op {
-                ReplOp::Put {
-                    collection,
-                    key,
-                    value,
-                    expires_at,
-                } => {
-                    let meta = self.collection(&collection)?;
-                    self.put_in(&meta, key, value, expires_at, &mut w)?;
-                }
-                ReplOp::Delete { collection, key } => {
-                    let meta = self.collection(&collection)?;
-                    if self.delete_in(&meta, &key, &mut w) {
-                        live += 1;
-                    }
-                }
-                ReplOp::Clear { collection } => {
-                    let meta = self.collection(&collection)?;
-                    live += self.clear_in(&meta, p);
-                    w.ops.push((p, ReplOp::Clear { collection }));
-                }
-                ReplOp::Lock { .. } => {}
-            }
-        }
-        Ok((live, w))
-    }
-
-    // ------------------------------------------------------------ replication
-
-    /// Applies a primary's writes to this node's backup copy of `p`
-    /// (no LRU bookkeeping: the primary decides evictions).
-    pub fn apply(&self, p: u32, ops: &[ReplOp]) {
-        let mut part = self.partitions[p as usize].write();
-        for op in ops {
-            match op {
-                ReplOp::Put {
-                    collection,
-                    key,
-                    value,
-                    expires_at,
-                } => {
-                    let name = self.intern(collection);
-                    part.entry(name).or_default().insert(
-                        key.clone(),
-                        Entry {
-                            value: value.clone(),
-                            expires_at: *expires_at,
-                        },
-                    );
-                }
-                ReplOp::Delete { collection, key } => {
-                    if let Some(map) = part.get_mut(collection.as_str()) {
-                        map.remove(key);
-                    }
-                }
-                ReplOp::Clear { collection } => {
-                    part.remove(collection.as_str());
-                }
-                ReplOp::Lock { .. } => {}
-            }
-        }
-    }
-
-    fn intern(&self, name: &str) -> Arc<str> {
-        self.collections
-            .read()
-            .get(name)
-            .map(|m| m.name.clone())
-            .unwrap_or_else(|| Arc::from(name))
-    }
-
-    /// The whole state of partition `p` (entries only; locks are added by the node).
-    pub fn snapshot(&self, p: u32) -> PartitionSnapshot {
-        let part = self.partitions[p as usize].read();
-        PartitionSnapshot {
-            collections: part
-                .iter()
-                .map(|(name, map)| {
-                    (
-                        name.to_string(),
-                        map.iter()
-                            .map(|(k, e)| (k.clone(), e.value.clone(), e.expires_at))
-                            .collect(),
-                    )
-                })
-                .collect(),
-            locks: Vec::new(),
-        }
-    }
-
-    /// Replaces partition `p` with `snap` (a backup receiving a full copy).
-    pub fn install(&self, p: u32, snap: &PartitionSnapshot) {
-        let mut data = PartitionData::new();
-        for (name, entries) in &snap.collections {
-            let map = entries
-                .iter()
-                .map(|(k, v, exp)| {
-                    (
-                        k.clone(),
-                        Entry {
-                            value: v.clone(),
-                            expires_at: *exp,
-                        },
-                    )
-                })
-                .collect();
-            data.insert(self.intern(name), map);
-        }
-        self.unindex_partition(p);
-        *self.partitions[p as usize].write() = data;
-    }
-
-    /// An order-independent digest of partition `p`'s live entries.
-    pub fn digest(&self, p: u32) -> u64 {
-        let now = self.clock.wall_ms();
-        let part = self.partitions[p as usize].read();
-        let mut d = 0u64;
-        for (name, map) in part.iter() {
-            for (k, e) in map.iter().filter(|(_, e)| e.live(now)) {
-                let mut h = xxhash_rust::xxh3::Xxh3::new();
-                h.update(name.as_bytes());
-                h.update(&[0xFF]);
-                h.update(&(k.len() as u64).to_le_bytes());
-                h.update(k);
-                h.update(&e.value);
-                h.update(&e.expires_at.to_le_bytes());
-                d = d.wrapping_add(h.digest());
-            }
-        }
-        d
-    }
-
-    /// Drops partition `p`'s data (no longer a replica of it).
-    pub fn drop_partition(&self, p: u32) {
-        self.unindex_partition(p);
-        self.partitions[p as usize].write().clear();
-    }
-
-    /// Enters partition `p`'s entries of capped collections into their LRU
-    /// order (this node became its primary).
-    pub fn index_partition(&self, p: u32) {
-        let part = self.partitions[p as usize].read();
-        for meta in self.collections.read().values() {
-            let (Some(lru), Some(map)) = (&meta.lru, part.get(&*meta.name)) else {
-                continue;
-            };
-            let mut index = lru.lock();
-            for k in map.keys() {
-                if !index.contains(&(p, k.clone())) {
-                    index.put((p, k.clone()), ());
-                }
-            }
-        }
-    }
-
-    /// Takes partition `p` out of the LRU orders (no longer its primary).
-    pub fn unindex_partition(&self, p: u32) {
-        let part = self.partitions[p as usize].read();
-        for meta in self.collections.read().values() {
-            let (Some(lru), Some(map)) = (&meta.lru, part.get(&*meta.name)) else {
-                continue;
-            };
-            let mut index = lru.lock();
-            for k in map.keys() {
-                index.pop(&(p, k.clone()));
-            }
-        }
-    }
-
-    // ------------------------------------------------------------ expiry
-
-    /// Removes expired entries from the next `partitions` partitions (a
-    /// bounded slice of work per call, round robin); returns how many.
-    pub fn sweep(&self, partitions: usize) -> u64 {
-        let now = self.clock.wall_ms();
-        let n = self.partitions.len();
-        let start = self.sweep_cursor.fetch_add(partitions, Ordering::Relaxed);
-        let metas = self.collections.read().clone();
-        let mut removed = 0u64;
-        for i in 0..partitions.min(n) {
-            let p = (start + i) % n;
-            let mut part = self.partitions[p].write();
-            part.retain(|name, map| {
-                let index = metas.get(name).and_then(|m| m.lru.as_ref());
-                map.retain(|k, e| {
-                    if e.live(now) {
-                        return true;
-                    }
-                    if let Some(l) = index {
-                        l.lock().pop(&(p as u32, k.clone()));
-                    }
-                    removed += 1;
-                    false
-                });
-                !map.is_empty()
-            });
         }
         removed
     }

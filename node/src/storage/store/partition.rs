@@ -1,0 +1,183 @@
+//! Whole-partition operations: applying replicated ops, snapshots, digests,
+//! dropping and (un)indexing a partition, and the expiry sweep.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use super::{Entry, PartitionData, Store};
+use crate::replica::{PartitionSnapshot, ReplOp};
+
+impl Store {
+    // ------------------------------------------------------------ replication
+
+    /// Applies a primary's writes to this node's backup copy of `p`
+    /// (no LRU bookkeeping: the primary decides evictions).
+    pub fn apply(&self, p: u32, ops: &[ReplOp]) {
+        let mut part = self.partitions[p as usize].write();
+        for op in ops {
+            match op {
+                ReplOp::Put {
+                    collection,
+                    key,
+                    value,
+                    expires_at,
+                } => {
+                    let name = self.intern(collection);
+                    part.entry(name).or_default().insert(
+                        key.clone(),
+                        Entry {
+                            value: value.clone(),
+                            expires_at: *expires_at,
+                        },
+                    );
+                }
+                ReplOp::Delete { collection, key } => {
+                    if let Some(map) = part.get_mut(collection.as_str()) {
+                        map.remove(key);
+                    }
+                }
+                ReplOp::Clear { collection } => {
+                    part.remove(collection.as_str());
+                }
+                ReplOp::Lock { .. } => {}
+            }
+        }
+    }
+
+    fn intern(&self, name: &str) -> Arc<str> {
+        self.collections
+            .read()
+            .get(name)
+            .map(|m| m.name.clone())
+            .unwrap_or_else(|| Arc::from(name))
+    }
+
+    /// The whole state of partition `p` (entries only; locks are added by the node).
+    pub fn snapshot(&self, p: u32) -> PartitionSnapshot {
+        let part = self.partitions[p as usize].read();
+        PartitionSnapshot {
+            collections: part
+                .iter()
+                .map(|(name, map)| {
+                    (
+                        name.to_string(),
+                        map.iter()
+                            .map(|(k, e)| (k.clone(), e.value.clone(), e.expires_at))
+                            .collect(),
+                    )
+                })
+                .collect(),
+            locks: Vec::new(),
+        }
+    }
+
+    /// Replaces partition `p` with `snap` (a backup receiving a full copy).
+    pub fn install(&self, p: u32, snap: &PartitionSnapshot) {
+        let mut data = PartitionData::new();
+        for (name, entries) in &snap.collections {
+            let map = entries
+                .iter()
+                .map(|(k, v, exp)| {
+                    (
+                        k.clone(),
+                        Entry {
+                            value: v.clone(),
+                            expires_at: *exp,
+                        },
+                    )
+                })
+                .collect();
+            data.insert(self.intern(name), map);
+        }
+        self.unindex_partition(p);
+        *self.partitions[p as usize].write() = data;
+    }
+
+    /// An order-independent digest of partition `p`'s live entries.
+    pub fn digest(&self, p: u32) -> u64 {
+        let now = self.clock.wall_ms();
+        let part = self.partitions[p as usize].read();
+        let mut d = 0u64;
+        for (name, map) in part.iter() {
+            for (k, e) in map.iter().filter(|(_, e)| e.live(now)) {
+                let mut h = xxhash_rust::xxh3::Xxh3::new();
+                h.update(name.as_bytes());
+                h.update(&[0xFF]);
+                h.update(&(k.len() as u64).to_le_bytes());
+                h.update(k);
+                h.update(&e.value);
+                h.update(&e.expires_at.to_le_bytes());
+                d = d.wrapping_add(h.digest());
+            }
+        }
+        d
+    }
+
+    /// Drops partition `p`'s data (no longer a replica of it).
+    pub fn drop_partition(&self, p: u32) {
+        self.unindex_partition(p);
+        self.partitions[p as usize].write().clear();
+    }
+
+    /// Enters partition `p`'s entries of capped collections into their LRU
+    /// order (this node became its primary).
+    pub fn index_partition(&self, p: u32) {
+        let part = self.partitions[p as usize].read();
+        for meta in self.collections.read().values() {
+            let (Some(lru), Some(map)) = (&meta.lru, part.get(&*meta.name)) else {
+                continue;
+            };
+            let mut index = lru.lock();
+            for k in map.keys() {
+                if !index.contains(&(p, k.clone())) {
+                    index.put((p, k.clone()), ());
+                }
+            }
+        }
+    }
+
+    /// Takes partition `p` out of the LRU orders (no longer its primary).
+    pub fn unindex_partition(&self, p: u32) {
+        let part = self.partitions[p as usize].read();
+        for meta in self.collections.read().values() {
+            let (Some(lru), Some(map)) = (&meta.lru, part.get(&*meta.name)) else {
+                continue;
+            };
+            let mut index = lru.lock();
+            for k in map.keys() {
+                index.pop(&(p, k.clone()));
+            }
+        }
+    }
+
+    // ------------------------------------------------------------ expiry
+
+    /// Removes expired entries from the next `partitions` partitions (a
+    /// bounded slice of work per call, round robin); returns how many.
+    pub fn sweep(&self, partitions: usize) -> u64 {
+        let now = self.clock.wall_ms();
+        let n = self.partitions.len();
+        let start = self.sweep_cursor.fetch_add(partitions, Ordering::Relaxed);
+        let metas = self.collections.read().clone();
+        let mut removed = 0u64;
+        for i in 0..partitions.min(n) {
+            let p = (start + i) % n;
+            let mut part = self.partitions[p].write();
+            part.retain(|name, map| {
+                let index = metas.get(name).and_then(|m| m.lru.as_ref());
+                map.retain(|k, e| {
+                    if e.live(now) {
+                        return true;
+                    }
+                    if let Some(l) = index {
+                        l.lock().pop(&(p as u32, k.clone()));
+                    }
+                    removed += 1;
+                    false
+                });
+                !map.is_empty()
+            });
+        }
+        removed
+    }
+}

@@ -1,0 +1,108 @@
+//! Planned writes: a write is validated and planned (with absolute expiry)
+//! before it is logged, then applied exactly as planned.
+
+use bytes::Bytes;
+
+use super::Store;
+use crate::error::Result;
+use crate::replica::{ReplOp, Written};
+
+impl Store {
+    // ------------------------------------------------------------ planned writes
+
+    /// Validates a put and returns the op it will apply (with its absolute
+    /// expiry) and its partition, without applying it.
+    pub fn plan_put(
+        &self,
+        collection: &str,
+        key: Bytes,
+        value: Bytes,
+        ttl_ms: Option<u64>,
+    ) -> Result<(u32, ReplOp)> {
+        Ok(self
+            .plan_puts(collection, vec![(key, value)], ttl_ms)?
+            .remove(0))
+    }
+
+    /// Validates puts (all or nothing) and returns their ops.
+    pub fn plan_puts(
+        &self,
+        collection: &str,
+        entries: Vec<(Bytes, Bytes)>,
+        ttl_ms: Option<u64>,
+    ) -> Result<Vec<(u32, ReplOp)>> {
+        let meta = self.collection(collection)?;
+        self.check_batch(entries.len())?;
+        for (k, v) in &entries {
+            self.check_key(k)?;
+            self.check_value(v)?;
+        }
+        let expires_at = self.expiry(&meta, ttl_ms);
+        Ok(entries
+            .into_iter()
+            .map(|(key, value)| {
+                (
+                    self.partition(&meta, &key),
+                    ReplOp::Put {
+                        collection: meta.name.to_string(),
+                        key,
+                        value,
+                        expires_at,
+                    },
+                )
+            })
+            .collect())
+    }
+
+    /// Validates deletes and returns their ops.
+    pub fn plan_deletes(&self, collection: &str, keys: &[Bytes]) -> Result<Vec<(u32, ReplOp)>> {
+        let meta = self.collection(collection)?;
+        self.check_batch(keys.len())?;
+        keys.iter().try_for_each(|k| self.check_key(k))?;
+        Ok(keys
+            .iter()
+            .map(|k| {
+                (
+                    self.partition(&meta, k),
+                    ReplOp::Delete {
+                        collection: meta.name.to_string(),
+                        key: k.clone(),
+                    },
+                )
+            })
+            .collect())
+    }
+
+    /// Applies planned ops as their primary (LRU included); returns how many
+    /// deletes removed a live entry, and what changed.
+    pub fn apply_planned(&self, ops: Vec<(u32, ReplOp)>) -> Result<(u64, Written)> {
+        let mut w = Written::default();
+        let mut live = 0;
+        for (p, op) in ops {
+            match op {
+                ReplOp::Put {
+                    collection,
+                    key,
+                    value,
+                    expires_at,
+                } => {
+                    let meta = self.collection(&collection)?;
+                    self.put_in(&meta, key, value, expires_at, &mut w)?;
+                }
+                ReplOp::Delete { collection, key } => {
+                    let meta = self.collection(&collection)?;
+                    if self.delete_in(&meta, &key, &mut w) {
+                        live += 1;
+                    }
+                }
+                ReplOp::Clear { collection } => {
+                    let meta = self.collection(&collection)?;
+                    live += self.clear_in(&meta, p);
+                    w.ops.push((p, ReplOp::Clear { collection }));
+                }
+                ReplOp::Lock { .. } => {}
+            }
+        }
+        Ok((live, w))
+    }
+}

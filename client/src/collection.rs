@@ -177,28 +177,16 @@ impl Collection {
         &self,
         keys: impl IntoIterator<Item = K>,
     ) -> Result<HashMap<Bytes, Bytes>> {
-        let keys: Vec<Bytes> = keys
-            .into_iter()
-            .map(|k| Bytes::copy_from_slice(k.as_ref()))
-            .collect();
-        let name = self.name.to_string();
         let parts = self
-            .router
-            .fan_out(
-                &self.name,
-                keys,
-                |k| k,
-                |keys| {
-                    command::Op::GetMany(proto::GetManyRequest {
-                        collection: name.clone(),
-                        keys,
-                    })
-                },
-                |r| match r {
-                    command_result::Result::GetMany(r) => Ok(r.entries),
-                    _ => Err(unexpected()),
-                },
-            )
+            .fan_out_keys(keys, |collection, keys| {
+                (
+                    command::Op::GetMany(proto::GetManyRequest { collection, keys }),
+                    |r| match r {
+                        command_result::Result::GetMany(r) => Some(r.entries),
+                        _ => None,
+                    },
+                )
+            })
             .await?;
         Ok(parts
             .into_iter()
@@ -248,30 +236,42 @@ impl Collection {
         &self,
         keys: impl IntoIterator<Item = K>,
     ) -> Result<u64> {
+        let counts = self
+            .fan_out_keys(keys, |collection, keys| {
+                (
+                    command::Op::DeleteMany(proto::DeleteManyRequest { collection, keys }),
+                    |r| match r {
+                        command_result::Result::DeleteMany(r) => Some(r.deleted),
+                        _ => None,
+                    },
+                )
+            })
+            .await?;
+        Ok(counts.into_iter().sum())
+    }
+
+    /// A keys-only batch (`make` builds the command for one owner's keys and
+    /// names the answer it expects), fanned out by owner.
+    async fn fan_out_keys<K: AsRef<[u8]>, R>(
+        &self,
+        keys: impl IntoIterator<Item = K>,
+        make: impl Fn(String, Vec<Bytes>) -> (command::Op, fn(command_result::Result) -> Option<R>),
+    ) -> Result<Vec<R>> {
         let keys: Vec<Bytes> = keys
             .into_iter()
             .map(|k| Bytes::copy_from_slice(k.as_ref()))
             .collect();
         let name = self.name.to_string();
-        let counts = self
-            .router
+        let pick = make(String::new(), Vec::new()).1;
+        self.router
             .fan_out(
                 &self.name,
                 keys,
                 |k| k,
-                |keys| {
-                    command::Op::DeleteMany(proto::DeleteManyRequest {
-                        collection: name.clone(),
-                        keys,
-                    })
-                },
-                |r| match r {
-                    command_result::Result::DeleteMany(r) => Ok(r.deleted),
-                    _ => Err(unexpected()),
-                },
+                |keys| make(name.clone(), keys).0,
+                |r| pick(r).ok_or_else(unexpected),
             )
-            .await?;
-        Ok(counts.into_iter().sum())
+            .await
     }
 
     /// Every live key (gathered from every member).

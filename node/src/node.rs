@@ -410,3 +410,42 @@ impl Node {
         self.cluster.table().epoch
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::SystemClock;
+
+    #[tokio::test]
+    async fn a_background_loop_that_panics_marks_the_node_failed() {
+        let bound: SocketAddr = "127.0.0.1:1".parse().expect("address");
+        let node = Node::new(
+            NodeConfig::default(),
+            bound,
+            Arc::new(SystemClock::default()),
+        )
+        .expect("node");
+        assert_eq!(node.failure(), None);
+        let rounds = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let seen = rounds.clone();
+        node.every("doomed", Duration::from_millis(5), move || {
+            let n = seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            async move {
+                assert!(n < 2, "third round panics");
+            }
+        });
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while node.failure().is_none() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let why = node.failure().expect("the node is failed");
+        assert!(why.contains("doomed"), "{why}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(
+            rounds.load(std::sync::atomic::Ordering::SeqCst),
+            3,
+            "the loop stopped after the panic"
+        );
+        node.shutdown().await;
+    }
+}

@@ -15,15 +15,17 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 
 use bytes::Bytes;
 use distcache_client::partition::{DEFAULT_COLLECTION, partition_for, resolve_collection};
-use lru::LruCache;
 use parking_lot::{Mutex, RwLock};
 
 use crate::clock::Clock;
 use crate::error::{Error, Result};
 use crate::replica::{ReplOp, Written};
 
+mod lru_index;
 mod partition;
 mod planned;
+
+use lru_index::LruIndex;
 
 /// Longest collection name, bytes.
 pub const MAX_COLLECTION_NAME_BYTES: usize = 255;
@@ -49,7 +51,7 @@ pub struct CollectionMeta {
     /// Configured entry limit (0 = none).
     pub max_entries: u64,
     deleted: AtomicBool,
-    lru: Option<Mutex<LruCache<(u32, Bytes), ()>>>,
+    lru: Option<Mutex<LruIndex>>,
 }
 
 impl CollectionMeta {
@@ -59,7 +61,7 @@ impl CollectionMeta {
             default_ttl_ms,
             max_entries,
             deleted: AtomicBool::new(false),
-            lru: (max_entries > 0).then(|| Mutex::new(LruCache::unbounded())),
+            lru: (max_entries > 0).then(|| Mutex::new(LruIndex::new())),
         }
     }
 
@@ -238,7 +240,7 @@ impl Store {
         }
         if let Some(lru) = &meta.lru {
             // A read is a use: move the key to the most recently used end.
-            lru.lock().get(&(p, key.clone()));
+            lru.lock().touch(&(p, key.clone()));
         }
         Some(entry.value.clone())
     }
@@ -291,11 +293,13 @@ impl Store {
             ));
             if let Some(lru) = &meta.lru {
                 let mut index = lru.lock();
-                index.put((p, key), ());
+                index.put((p, key), expires_at);
                 let limit =
                     meta.node_limit(self.primaries.load(Ordering::Relaxed), self.partition_count);
+                let now = self.clock.wall_ms();
                 while index.len() as u64 > limit {
-                    let Some(((vp, vk), ())) = index.pop_lru() else {
+                    // Expired entries go first, then the least recently used.
+                    let Some((vp, vk)) = index.pop_victim(now) else {
                         break;
                     };
                     if vp == p {
@@ -358,7 +362,7 @@ impl Store {
             return false;
         };
         if let Some(l) = &meta.lru {
-            l.lock().pop(&(p, key.clone()));
+            l.lock().remove(&(p, key.clone()));
         }
         w.ops.push((
             p,
@@ -479,7 +483,7 @@ impl Store {
         let mut removed = 0;
         for (k, e) in map {
             if let Some(i) = index.as_mut() {
-                i.pop(&(p, k));
+                i.remove(&(p, k));
             }
             if e.live(now) {
                 removed += 1;
@@ -561,6 +565,24 @@ mod tests {
         clock.advance(100);
         assert_eq!(s.get("c", &b("a")).expect("get"), None);
         assert_eq!(s.get("c", &b("b")).expect("get"), Some(b("2")));
+    }
+
+    #[test]
+    fn an_expired_entry_is_evicted_before_a_live_least_recently_used_one() {
+        let clock = ManualClock::new(1_000);
+        let s = store(clock.clone());
+        s.get_or_create_collection("hot", 0, 2).expect("create");
+        s.put("hot", b("live"), b("1"), None).expect("put");
+        s.put("hot", b("short"), b("2"), Some(10)).expect("put");
+        // "live" is the least recently used; "short" then expires unswept.
+        clock.advance(50);
+        s.put("hot", b("new"), b("3"), None).expect("put");
+        assert!(
+            s.get("hot", &b("live")).expect("get").is_some(),
+            "the live entry must not be evicted while an expired one holds a slot"
+        );
+        assert!(s.get("hot", &b("new")).expect("get").is_some());
+        assert_eq!(s.size("hot", |_| true).expect("size"), 2);
     }
 
     #[test]

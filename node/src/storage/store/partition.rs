@@ -128,9 +128,9 @@ impl Store {
                 continue;
             };
             let mut index = lru.lock();
-            for k in map.keys() {
+            for (k, e) in map.iter() {
                 if !index.contains(&(p, k.clone())) {
-                    index.put((p, k.clone()), ());
+                    index.put((p, k.clone()), e.expires_at);
                 }
             }
         }
@@ -145,7 +145,7 @@ impl Store {
             };
             let mut index = lru.lock();
             for k in map.keys() {
-                index.pop(&(p, k.clone()));
+                index.remove(&(p, k.clone()));
             }
         }
     }
@@ -170,7 +170,7 @@ impl Store {
                         return true;
                     }
                     if let Some(l) = index {
-                        l.lock().pop(&(p as u32, k.clone()));
+                        l.lock().remove(&(p as u32, k.clone()));
                     }
                     removed += 1;
                     false

@@ -274,52 +274,60 @@ impl Collection {
             .await
     }
 
-    /// Every live key (gathered from every member).
+    /// Every live key, in the cluster's stable order (partition, then key
+    /// bytes), fetched page by page from any member (each page answers for
+    /// the whole cluster).
     pub async fn keys(&self) -> Result<Vec<Bytes>> {
-        let req = proto::KeysRequest {
-            collection: self.name.to_string(),
-        };
         let max = self.router.max_msg();
-        let parts = self
-            .router
-            .on_every_member(|ch| {
-                let req = req.clone();
-                async move {
-                    let mut c = CacheClient::new(ch).max_decoding_message_size(max);
-                    Ok(c.keys(req).await?.into_inner().keys)
-                }
-            })
-            .await?;
-        Ok(parts.into_iter().flatten().collect())
+        let mut out = Vec::new();
+        let mut page_token = Bytes::new();
+        loop {
+            let req = proto::KeysRequest {
+                collection: self.name.to_string(),
+                page_size: 0,
+                page_token: page_token.clone(),
+            };
+            let page = self
+                .router
+                .any(|ch| {
+                    let req = req.clone();
+                    async move {
+                        let mut c = CacheClient::new(ch).max_decoding_message_size(max);
+                        Ok(c.keys(req).await?.into_inner())
+                    }
+                })
+                .await?;
+            out.extend(page.keys);
+            if page.next_page_token.is_empty() {
+                return Ok(out);
+            }
+            page_token = page.next_page_token;
+        }
     }
 
-    /// Number of live entries.
+    /// Number of live entries in the whole cluster.
     pub async fn size(&self) -> Result<u64> {
         let req = proto::SizeRequest {
             collection: self.name.to_string(),
         };
-        let parts = self
-            .router
-            .on_every_member(|ch| {
+        self.router
+            .any(|ch| {
                 let req = req.clone();
                 async move { Ok(CacheClient::new(ch).size(req).await?.into_inner().size) }
             })
-            .await?;
-        Ok(parts.into_iter().sum())
+            .await
     }
 
-    /// Removes every entry; returns how many were removed.
+    /// Removes every entry in the whole cluster; returns how many were removed.
     pub async fn clear(&self) -> Result<u64> {
         let req = proto::ClearRequest {
             collection: self.name.to_string(),
         };
-        let parts = self
-            .router
-            .on_every_member(|ch| {
+        self.router
+            .any(|ch| {
                 let req = req.clone();
                 async move { Ok(CacheClient::new(ch).clear(req).await?.into_inner().removed) }
             })
-            .await?;
-        Ok(parts.into_iter().sum())
+            .await
     }
 }

@@ -260,25 +260,6 @@ impl Router {
         Ok(state.into_inner().1)
     }
 
-    /// Runs a unary call on every member (for keys/size/clear), re-running
-    /// on all members after a retryable failure.
-    pub(crate) async fn on_every_member<R, F, Fut>(&self, call: F) -> Result<Vec<R>>
-    where
-        F: Fn(tonic::transport::Channel) -> Fut,
-        Fut: std::future::Future<Output = Result<R, tonic::Status>>,
-    {
-        let call = &call;
-        self.retrying(|_, _| async move {
-            let routing = self.routing();
-            let results = join_all(routing.members.iter().map(|m| call(m.channel()))).await;
-            results
-                .into_iter()
-                .map(|r| r.map_err(Error::from))
-                .collect()
-        })
-        .await
-    }
-
     /// Runs a unary call on the owner of `partition` (or, with None, on the
     /// members in turn), retrying routing/availability failures.
     pub(crate) async fn unary<R, F, Fut>(

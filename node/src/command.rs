@@ -97,6 +97,32 @@ pub enum Command {
         /// Lock key.
         key: Bytes,
     },
+    /// Count the live entries of a collection, cluster-wide.
+    Size {
+        /// Collection name.
+        collection: String,
+        /// Only these partitions (None: all; a node asking a peer names them).
+        partitions: Option<Vec<u32>>,
+    },
+    /// One page of the live keys of a collection, cluster-wide, in
+    /// (partition, key) order.
+    Keys {
+        /// Collection name.
+        collection: String,
+        /// Only these partitions (None: all).
+        partitions: Option<Vec<u32>>,
+        /// Start after this (partition, key) (the previous page's end).
+        after: Option<(u32, Bytes)>,
+        /// Most keys in the page.
+        limit: u32,
+    },
+    /// Remove every entry of a collection, cluster-wide.
+    Clear {
+        /// Collection name.
+        collection: String,
+        /// Only these partitions (None: all).
+        partitions: Option<Vec<u32>>,
+    },
 }
 
 /// What a command produced.
@@ -122,6 +148,19 @@ pub enum Outcome {
     Released,
     /// ForceRelease: whether the lock was held.
     ForceReleased(bool),
+    /// Size: live entries.
+    Count(u64),
+    /// Clear: entries removed.
+    Cleared(u64),
+    /// Keys: one page.
+    KeysPage {
+        /// Keys in (partition, key) order.
+        keys: Vec<Bytes>,
+        /// (partition, key) of the last key of the page.
+        last: Option<(u32, Bytes)>,
+        /// The page is full: more keys may follow `last`.
+        more: bool,
+    },
 }
 
 /// Where a command came from. A command from a peer was already forwarded
@@ -159,6 +198,9 @@ impl Command {
             Command::Release { .. } => "lock_release",
             Command::Extend { .. } => "lock_extend",
             Command::ForceRelease { .. } => "lock_force_release",
+            Command::Size { .. } => "size",
+            Command::Keys { .. } => "keys",
+            Command::Clear { .. } => "clear",
         }
     }
 
@@ -170,7 +212,10 @@ impl Command {
             | Command::Delete { collection, .. }
             | Command::GetMany { collection, .. }
             | Command::PutMany { collection, .. }
-            | Command::DeleteMany { collection, .. } => Keyspace::Collection(collection),
+            | Command::DeleteMany { collection, .. }
+            | Command::Size { collection, .. }
+            | Command::Keys { collection, .. }
+            | Command::Clear { collection, .. } => Keyspace::Collection(collection),
             _ => Keyspace::Locks,
         }
     }
@@ -186,8 +231,32 @@ impl Command {
             | Command::Release { key, .. }
             | Command::Extend { key, .. }
             | Command::ForceRelease { key } => Some(key),
-            Command::GetMany { .. } | Command::PutMany { .. } | Command::DeleteMany { .. } => None,
+            Command::GetMany { .. }
+            | Command::PutMany { .. }
+            | Command::DeleteMany { .. }
+            | Command::Size { .. }
+            | Command::Keys { .. }
+            | Command::Clear { .. } => None,
         }
+    }
+
+    /// Whether the command changes state (refused at once without quorum).
+    pub fn is_write(&self) -> bool {
+        !matches!(
+            self,
+            Command::Get { .. }
+                | Command::GetMany { .. }
+                | Command::Size { .. }
+                | Command::Keys { .. }
+        )
+    }
+
+    /// Whether the command spans a whole collection (every partition).
+    pub fn is_collection_wide(&self) -> bool {
+        matches!(
+            self,
+            Command::Size { .. } | Command::Keys { .. } | Command::Clear { .. }
+        )
     }
 
     /// Longest a client may have to wait for this command beyond the usual

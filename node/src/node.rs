@@ -8,6 +8,7 @@
 //!   (applying a primary's ops and snapshots), `sync` (snapshot transfers,
 //!   anti-entropy);
 //! - `collections`, `locks`: collection registry and lock commands;
+//! - `scan`: collection-wide commands (size, keys, clear) across the cluster;
 //! - `heartbeat`, `coordinator`, `install`: liveness, the partition-table
 //!   agreement, and installing a table;
 //! - `peer_handler`: one match over peer requests that delegates;
@@ -25,6 +26,7 @@ mod peer_handler;
 mod persistence;
 mod replication;
 mod routing;
+mod scan;
 
 use std::collections::HashSet;
 use std::net::SocketAddr;

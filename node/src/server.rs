@@ -144,6 +144,14 @@ impl Running {
         })
     }
 
+    /// Stops abruptly, like a killed process: no hand-off, the server
+    /// dropped, the node's tasks ended (tests of failures).
+    pub async fn crash(self) {
+        self.join.abort();
+        let _ = self.join.await;
+        self.node.shutdown().await;
+    }
+
     /// Stops serving and waits until the server and the node's tasks ended.
     pub async fn stop(mut self) -> Result<()> {
         if let Some(tx) = self.stop.take() {

@@ -411,6 +411,37 @@ async fn hostile_sizes_get_clear_errors_and_the_node_keeps_serving() {
         "{e}"
     );
 
+    // Lock keys obey the same key limit (acquire, try, release, extend, force).
+    let long = vec![b'L'; 129];
+    let e = c
+        .acquire_lock(&long, LockOptions::default())
+        .await
+        .expect_err("lock key too big");
+    assert!(
+        matches!(&e, Error::LimitExceeded(m) if m.contains("max-key-bytes")),
+        "{e}"
+    );
+    let e = c
+        .try_acquire_lock(&long, Duration::from_secs(5))
+        .await
+        .expect_err("lock key too big");
+    assert!(matches!(&e, Error::LimitExceeded(_)), "{e}");
+    let e = c
+        .force_release_lock(&long)
+        .await
+        .expect_err("lock key too big");
+    assert!(matches!(&e, Error::LimitExceeded(_)), "{e}");
+    let e = c
+        .release_lock_token(&long, 1)
+        .await
+        .expect_err("lock key too big");
+    assert!(matches!(&e, Error::LimitExceeded(_)), "{e}");
+    let at_limit = c
+        .acquire_lock(vec![b'L'; 128], LockOptions::default())
+        .await
+        .expect("a key at the limit is fine");
+    at_limit.release().await.expect("release");
+
     // A message over the node's max-message-bytes, by a raw gRPC client.
     let mut raw = CacheClient::connect(format!("http://{}", node.addr))
         .await

@@ -100,13 +100,12 @@ async fn a_plain_grpc_client_on_any_node_reaches_every_key() {
             .into_inner();
         assert!(r.found && r.value == format!("v{i}"), "k{i}");
     }
-    // Each node counts only its primaries; together they count everything once.
-    let mut total = 0;
+    // Size answers for the whole cluster through every node.
     for r in &nodes {
         let mut c = CacheClient::connect(format!("http://{}", r.addr))
             .await
             .expect("connect");
-        total += c
+        let size = c
             .size(proto::SizeRequest {
                 collection: String::new(),
             })
@@ -114,8 +113,8 @@ async fn a_plain_grpc_client_on_any_node_reaches_every_key() {
             .expect("size")
             .into_inner()
             .size;
+        assert_eq!(size, 100, "size through {}", r.addr);
     }
-    assert_eq!(total, 100);
     // The smart client agrees.
     let client = Client::with_config(ClientConfig::new([nodes[2].addr.to_string()]))
         .await
@@ -267,4 +266,181 @@ async fn hostile_peer_input_is_cut_off_and_the_node_keeps_serving() {
     for r in nodes {
         r.stop().await.expect("stop");
     }
+}
+
+async fn plain(r: &Running) -> CacheClient<tonic::transport::Channel> {
+    CacheClient::connect(format!("http://{}", r.addr))
+        .await
+        .expect("connect")
+}
+
+/// Every key of `collection` through one node, `page_size` keys a page.
+async fn all_keys(
+    c: &mut CacheClient<tonic::transport::Channel>,
+    collection: &str,
+    page_size: u32,
+) -> Vec<Bytes> {
+    let (mut keys, mut token, mut pages) = (Vec::new(), Bytes::new(), 0);
+    loop {
+        let page = c
+            .keys(proto::KeysRequest {
+                collection: collection.into(),
+                page_size,
+                page_token: token,
+            })
+            .await
+            .expect("keys")
+            .into_inner();
+        assert!(page.keys.len() <= page_size as usize, "page over its size");
+        keys.extend(page.keys);
+        pages += 1;
+        assert!(pages < 1_000, "paging does not end");
+        if page.next_page_token.is_empty() {
+            return keys;
+        }
+        token = page.next_page_token;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn collection_wide_ops_and_get_many_give_one_answer_through_any_node() {
+    let nodes = cluster(3).await;
+    let client = Client::with_config(ClientConfig::new([nodes[0].addr.to_string()]))
+        .await
+        .expect("client");
+    let col = client.collection("wide").await.expect("collection");
+    let entries: Vec<(String, String)> = (0..300)
+        .map(|i| (format!("o-{i}"), format!("v{i}")))
+        .collect();
+    col.put_many(entries.clone(), None).await.expect("put_many");
+    let expected: std::collections::BTreeSet<Bytes> = entries
+        .iter()
+        .map(|(k, _)| Bytes::from(k.clone()))
+        .collect();
+    let mut orders = Vec::new();
+    for r in &nodes {
+        let mut c = plain(r).await;
+        let size = c
+            .size(proto::SizeRequest {
+                collection: "wide".into(),
+            })
+            .await
+            .expect("size")
+            .into_inner()
+            .size;
+        assert_eq!(size, 300, "size through {}", r.addr);
+        let keys = all_keys(&mut c, "wide", 7).await;
+        assert_eq!(
+            keys.len(),
+            300,
+            "keys through {}: duplicates or gaps",
+            r.addr
+        );
+        let set: std::collections::BTreeSet<Bytes> = keys.iter().cloned().collect();
+        assert_eq!(set, expected, "keys through {}", r.addr);
+        orders.push(keys);
+        // GetMany answers in request order (a missing key is left out).
+        let asked: Vec<Bytes> = [0, 5, 6, 299, 17, 1000, 3, 250, 42, 8]
+            .iter()
+            .map(|i| Bytes::from(format!("o-{i}")))
+            .collect();
+        let got = c
+            .get_many(proto::GetManyRequest {
+                collection: "wide".into(),
+                keys: asked.clone(),
+            })
+            .await
+            .expect("get_many")
+            .into_inner()
+            .entries;
+        let want: Vec<Bytes> = asked.into_iter().filter(|k| k != "o-1000").collect();
+        let got_keys: Vec<Bytes> = got.iter().map(|kv| kv.key.clone()).collect();
+        assert_eq!(got_keys, want, "get_many order through {}", r.addr);
+        for kv in &got {
+            let i: usize = String::from_utf8_lossy(&kv.key[2..])
+                .parse()
+                .expect("index");
+            assert_eq!(kv.value, format!("v{i}"));
+        }
+    }
+    assert!(
+        orders.windows(2).all(|w| w[0] == w[1]),
+        "every node pages keys in the same order"
+    );
+    // The smart client and the plain RPCs agree.
+    assert_eq!(col.size().await.expect("size"), 300);
+    assert_eq!(col.keys().await.expect("keys").len(), 300);
+    // Clear through one node clears the whole collection.
+    let removed = plain(&nodes[1])
+        .await
+        .clear(proto::ClearRequest {
+            collection: "wide".into(),
+        })
+        .await
+        .expect("clear")
+        .into_inner()
+        .removed;
+    assert_eq!(removed, 300);
+    for r in &nodes {
+        let mut c = plain(r).await;
+        assert!(all_keys(&mut c, "wide", 50).await.is_empty());
+        for (k, _) in entries.iter().step_by(37) {
+            let got = c
+                .get(proto::GetRequest {
+                    collection: "wide".into(),
+                    key: Bytes::from(k.clone()),
+                })
+                .await
+                .expect("get")
+                .into_inner();
+            assert!(!got.found, "{k} still readable after clear");
+        }
+    }
+    for r in nodes {
+        r.stop().await.expect("stop");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_without_quorum_answers_every_write_with_quorum_lost() {
+    let mut nodes = cluster(3).await;
+    let survivor = nodes.remove(0);
+    for r in nodes {
+        r.crash().await;
+    }
+    // Wait until the survivor knows it is alone.
+    let end = Instant::now() + Duration::from_secs(20);
+    while survivor.node.cluster.quorum() {
+        assert!(Instant::now() < end, "quorum never lost");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut c = plain(&survivor).await;
+    let table = survivor.node.cluster.table();
+    let mut seen_remote = 0;
+    for i in 0..60 {
+        let key = Bytes::from(format!("q{i}"));
+        let p = partition_for("__default__", &key, table.partition_count);
+        if table.role_of(survivor.node.cluster.me(), p) != Role::Primary {
+            seen_remote += 1;
+        }
+        let err = c
+            .put(proto::PutRequest {
+                collection: String::new(),
+                key,
+                value: Bytes::from_static(b"v"),
+                ttl_ms: None,
+            })
+            .await
+            .expect_err("no write without quorum");
+        let reason = err
+            .metadata()
+            .get("distcache-reason")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string();
+        assert_eq!(reason, "QUORUM_LOST", "key q{i}: {err:?}");
+        assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+    }
+    assert!(seen_remote > 0, "some keys' primaries were the dead nodes");
+    survivor.stop().await.expect("stop");
 }

@@ -114,3 +114,43 @@ pub fn result(outcome: Outcome) -> Result<command_result::Result> {
 pub fn mismatch(outcome: &Outcome) -> Error {
     Error::Internal(format!("unexpected outcome {outcome:?}"))
 }
+
+/// Keys page token: the (partition, key) the next page starts after.
+pub fn page_token(last: Option<(u32, Bytes)>) -> Bytes {
+    match last {
+        Some((p, key)) => {
+            let mut t = Vec::with_capacity(4 + key.len());
+            t.extend_from_slice(&p.to_be_bytes());
+            t.extend_from_slice(&key);
+            t.into()
+        }
+        None => Bytes::new(),
+    }
+}
+
+/// A Keys request as an engine command.
+pub fn keys(r: proto::KeysRequest) -> Result<Command> {
+    let after = match r.page_token.len() {
+        0 => None,
+        n if n >= 4 => {
+            let p = u32::from_be_bytes([
+                r.page_token[0],
+                r.page_token[1],
+                r.page_token[2],
+                r.page_token[3],
+            ]);
+            Some((p, r.page_token.slice(4..)))
+        }
+        _ => {
+            return Err(Error::InvalidArgument(
+                "page_token is not one this service issued".into(),
+            ));
+        }
+    };
+    Ok(Command::Keys {
+        collection: r.collection,
+        partitions: None,
+        after,
+        limit: r.page_size,
+    })
+}

@@ -1,5 +1,6 @@
 //! The gRPC services of package `distcache.v1`, over a [`Node`].
 
+use bytes::Bytes;
 use distcache_client::proto::{self, command, command_result};
 use std::sync::Arc;
 use tokio::sync::mpsc;
@@ -149,33 +150,49 @@ impl proto::cache_server::Cache for Api {
         &self,
         req: Request<proto::KeysRequest>,
     ) -> Result<Response<proto::KeysResponse>, Status> {
-        let r = req.into_inner();
-        self.reply(
-            self.node
-                .keys(&r.collection)
-                .map(|keys| proto::KeysResponse { keys }),
-        )
+        let cmd = convert::keys(req.into_inner()).map_err(|e| self.status(e))?;
+        self.unary(cmd, |o| match o {
+            Outcome::KeysPage { keys, last, more } => Some(proto::KeysResponse {
+                keys,
+                next_page_token: if more {
+                    convert::page_token(last)
+                } else {
+                    Bytes::new()
+                },
+            }),
+            _ => None,
+        })
+        .await
     }
 
     async fn size(
         &self,
         req: Request<proto::SizeRequest>,
     ) -> Result<Response<proto::SizeResponse>, Status> {
-        let r = req.into_inner();
-        self.reply(
-            self.node
-                .size(&r.collection)
-                .map(|size| proto::SizeResponse { size }),
-        )
+        let cmd = Command::Size {
+            collection: req.into_inner().collection,
+            partitions: None,
+        };
+        self.unary(cmd, |o| match o {
+            Outcome::Count(size) => Some(proto::SizeResponse { size }),
+            _ => None,
+        })
+        .await
     }
 
     async fn clear(
         &self,
         req: Request<proto::ClearRequest>,
     ) -> Result<Response<proto::ClearResponse>, Status> {
-        let r = req.into_inner();
-        let res = self.node.clear(&r.collection).await;
-        self.reply(res.map(|removed| proto::ClearResponse { removed }))
+        let cmd = Command::Clear {
+            collection: req.into_inner().collection,
+            partitions: None,
+        };
+        self.unary(cmd, |o| match o {
+            Outcome::Cleared(removed) => Some(proto::ClearResponse { removed }),
+            _ => None,
+        })
+        .await
     }
 
     type BatchStream = ReceiverStream<Result<proto::BatchResponse, Status>>;

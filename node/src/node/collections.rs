@@ -3,57 +3,14 @@
 
 use std::sync::Arc;
 
-use bytes::Bytes;
 use distcache_client::partition::{DEFAULT_COLLECTION, resolve_collection};
 
-use crate::cluster::table::{Role, Table};
 use crate::error::Result;
 use crate::net::message::{CollectionOp, Request, Response};
 use crate::node::Node;
-use crate::replica::ReplOp;
 use crate::storage::CollectionMeta;
 
 impl Node {
-    fn primary_here(&self, table: &Table) -> impl Fn(u32) -> bool + use<> {
-        let owned: Vec<bool> = (0..table.partition_count)
-            .map(|p| table.role_of(self.cluster.me(), p) == Role::Primary)
-            .collect();
-        move |p| owned.get(p as usize).copied().unwrap_or(false)
-    }
-
-    /// Live keys of the partitions this node is primary of.
-    pub fn keys(&self, collection: &str) -> Result<Vec<Bytes>> {
-        let t = self.cluster.table();
-        self.store.keys(collection, self.primary_here(&t))
-    }
-
-    /// Live entries of the partitions this node is primary of.
-    pub fn size(&self, collection: &str) -> Result<u64> {
-        let t = self.cluster.table();
-        self.store.size(collection, self.primary_here(&t))
-    }
-
-    /// Clears the collection in the partitions this node is primary of.
-    pub async fn clear(&self, collection: &str) -> Result<u64> {
-        let meta = self.store.collection(collection)?;
-        let t = self.cluster.table();
-        let mut removed = 0;
-        for p in
-            (0..t.partition_count).filter(|p| t.role_of(self.cluster.me(), *p) == Role::Primary)
-        {
-            let planned = vec![(
-                p,
-                ReplOp::Clear {
-                    collection: meta.name.to_string(),
-                },
-            )];
-            removed += self
-                .write(&t, vec![p], planned, |ops| self.store.apply_planned(ops))
-                .await?;
-        }
-        Ok(removed)
-    }
-
     /// Gets or creates a collection here and on every live member.
     pub async fn create_collection(
         &self,

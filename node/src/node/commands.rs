@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use crate::cluster::table::{Role, Table};
+use bytes::Bytes;
 use distcache_client::partition::partition_for;
 
 use crate::command::{Command, Keyspace, Origin, Outcome};
@@ -25,6 +26,17 @@ impl Node {
     }
 
     async fn execute(&self, cmd: Command, origin: Origin) -> Result<Outcome> {
+        // A node that knows it lacks quorum answers every write with
+        // QUORUM_LOST before trying anything (never an indeterminate error).
+        if cmd.is_write() {
+            self.require_write_quorum()?;
+        }
+        if let (Keyspace::Locks, Some(key)) = (cmd.keyspace(), cmd.key()) {
+            self.store.check_key(key)?;
+        }
+        if cmd.is_collection_wide() {
+            return self.execute_scan(cmd, origin).await;
+        }
         let table = self.cluster.table();
         if cmd.key().is_none() {
             return self.execute_batch(&table, cmd, origin).await;
@@ -70,6 +82,11 @@ impl Node {
             Keyspace::Collection(name) => self.store.collection(name)?,
             Keyspace::Locks => return Err(Error::Internal("lock batches do not exist".into())),
         };
+        // GetMany answers in request order, whoever owns each key.
+        let order = match &cmd {
+            Command::GetMany { keys, .. } => Some(keys.clone()),
+            _ => None,
+        };
         let parts = cmd.split_by(|key| {
             let p = partition_for(&meta.name, key, table.partition_count);
             self.route_from(table, p, origin)
@@ -80,6 +97,18 @@ impl Node {
                 Route::Remote(addr) => self.forward(&addr, part).await?,
             };
             merged.merge(outcome);
+        }
+        if let (Some(order), Outcome::Entries(found)) = (order, &mut merged) {
+            let mut by_key: std::collections::HashMap<Bytes, Bytes> =
+                std::mem::take(found).into_iter().collect();
+            *found = order
+                .into_iter()
+                .filter_map(|k| {
+                    let v = by_key.get(&k).cloned();
+                    v.map(|v| (k, v))
+                })
+                .collect();
+            by_key.clear();
         }
         Ok(merged)
     }
@@ -155,7 +184,7 @@ impl Node {
                 hold_ms,
                 wait_ms,
             } => {
-                self.require_quorum()?;
+                self.require_write_quorum()?;
                 let g = self
                     .locks
                     .acquire(&key, hold_ms, Duration::from_millis(wait_ms))
@@ -164,7 +193,7 @@ impl Node {
                 Ok(Outcome::Granted(g))
             }
             Command::TryAcquire { key, hold_ms } => {
-                self.require_quorum()?;
+                self.require_write_quorum()?;
                 let Some(g) = self.locks.try_acquire(&key, hold_ms) else {
                     return Ok(Outcome::MaybeGranted(None));
                 };

@@ -11,12 +11,16 @@ use crate::node::Node;
 use crate::replica::{ReplOp, Written};
 
 impl Node {
-    /// A lock is granted only by a primary that sees a majority.
-    pub(super) fn require_quorum(&self) -> Result<()> {
+    /// A write (or a lock grant) is refused at once by a node that does not
+    /// see a majority of the expected members.
+    pub(in crate::node) fn require_write_quorum(&self) -> Result<()> {
         if self.cluster.quorum() {
             Ok(())
         } else {
-            Err(Error::QuorumLost("no majority".into()))
+            Err(Error::QuorumLost(format!(
+                "{} sees less than a majority of the expected members",
+                self.name()
+            )))
         }
     }
 

@@ -198,7 +198,8 @@ impl Store {
 
     // ------------------------------------------------------------ validation
 
-    fn check_key(&self, key: &[u8]) -> Result<()> {
+    /// Refuses a key over `--max-key-bytes`.
+    pub fn check_key(&self, key: &[u8]) -> Result<()> {
         check_limit("max-key-bytes", key.len(), self.limits.max_key_bytes)
     }
 
@@ -429,6 +430,27 @@ impl Store {
             }
         }
         Ok(out)
+    }
+
+    /// The live keys of the collection in partition `p`, sorted.
+    pub fn sorted_keys(&self, collection: &str, p: u32) -> Result<Vec<Bytes>> {
+        let meta = self.collection(collection)?;
+        let now = self.clock.wall_ms();
+        let Some(part) = self.partitions.get(p as usize) else {
+            return Ok(Vec::new());
+        };
+        let mut keys: Vec<Bytes> = part
+            .read()
+            .get(&*meta.name)
+            .map(|map| {
+                map.iter()
+                    .filter(|(_, e)| e.live(now))
+                    .map(|(k, _)| k.clone())
+                    .collect()
+            })
+            .unwrap_or_default();
+        keys.sort_unstable();
+        Ok(keys)
     }
 
     /// Entries held per collection over every partition, expired ones the

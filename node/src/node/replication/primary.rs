@@ -29,12 +29,7 @@ impl Node {
         apply: impl FnOnce(Vec<(u32, ReplOp)>) -> Result<(R, Written)>,
     ) -> Result<R> {
         let c = &self.cluster;
-        if !c.quorum() {
-            return Err(Error::QuorumLost(format!(
-                "{} sees less than a majority of the expected members",
-                self.name()
-            )));
-        }
+        self.require_write_quorum()?;
         parts.sort_unstable();
         parts.dedup();
         let mut guards = Vec::with_capacity(parts.len());

@@ -32,6 +32,7 @@
 #![deny(clippy::unwrap_used)]
 
 mod client;
+pub mod codec;
 mod collection;
 pub mod config;
 pub mod error;

@@ -157,6 +157,34 @@ fn cli_reports_unreachable_endpoints_in_one_line() {
 }
 
 #[test]
+fn usage_errors_exit_3_with_one_line_and_help_exits_0() {
+    for args in [
+        &["put", "--ttl", "-5", "k", "v"][..],
+        &["put", "--ttl", "abc", "k", "v"],
+        &["frobnicate"],
+        &["get"],
+        &["get", "--wat", "0", "k"],
+    ] {
+        let o = Command::new(bin("distcache"))
+            .args(args)
+            .output()
+            .expect("run");
+        assert_eq!(o.status.code(), Some(3), "{args:?}: {}", stderr(&o));
+        let err = stderr(&o);
+        assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+        assert!(err.starts_with("error: "), "{args:?}: {err}");
+    }
+    for args in [&["--help"][..], &["put", "--help"], &["--version"]] {
+        let o = Command::new(bin("distcache"))
+            .args(args)
+            .output()
+            .expect("run");
+        assert_eq!(o.status.code(), Some(0), "{args:?}");
+        assert!(!stdout(&o).is_empty(), "{args:?}");
+    }
+}
+
+#[test]
 fn node_help_documents_every_flag_with_its_env_var() {
     let o = Command::new(bin("distcache-node"))
         .arg("--help")
@@ -246,4 +274,38 @@ async fn gateway_mode_serves_every_key_through_one_member() {
         })
         .collect();
     assert_eq!(owners.len(), 3, "keys owned by all three members");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_json_lists_a_failed_member_as_dead_after_failover() {
+    let mut cluster = distcache_e2e::cluster::ProcCluster::start(3, &[]);
+    cluster
+        .wait_safe(3, std::time::Duration::from_secs(30))
+        .await;
+    let dead = cluster.members[2].name.clone();
+    cluster.kill(2);
+    // Failover: the table stops naming the dead member.
+    cluster
+        .wait_safe(2, std::time::Duration::from_secs(60))
+        .await;
+    let seed = cluster.endpoints().join(",");
+    let o = Command::new(bin("distcache"))
+        .args(["--endpoints", &seed, "cluster", "--json"])
+        .output()
+        .expect("run distcache");
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("one JSON object");
+    let members = v["members"].as_array().expect("members");
+    assert_eq!(members.len(), 3, "{v}");
+    let m = members
+        .iter()
+        .find(|m| m["name"] == dead.as_str())
+        .unwrap_or_else(|| panic!("{dead} not listed: {v}"));
+    assert_eq!(m["alive"], false, "{v}");
+    assert_eq!(m["primaries"], 0, "{v}");
+    assert_eq!(
+        members.iter().filter(|m| m["alive"] == true).count(),
+        2,
+        "{v}"
+    );
 }

@@ -1,7 +1,7 @@
 //! `distcache`: the command-line client.
 //!
-//! Exit codes: 0 ok; 1 key not found; 2 lock not acquired; 3 any other error
-//! (one line on stderr).
+//! Exit codes: 0 ok; 1 key not found; 2 lock not acquired; 3 any other error,
+//! usage errors included (one line on stderr).
 
 use std::io::{Read, Write};
 use std::process::ExitCode;
@@ -372,8 +372,15 @@ async fn run(cli: Cli) -> anyhow::Result<Outcome> {
                     *backups.entry(b.as_str()).or_default() += 1;
                 }
             }
-            let members: Vec<_> = table
-                .members
+            // Every configured member (a failed one with alive: false, until
+            // it is forgotten), then any the table still names besides.
+            let mut listed = client.members().await?;
+            for m in &table.members {
+                if !listed.iter().any(|l| l.name == m.name) {
+                    listed.push(m.clone());
+                }
+            }
+            let members: Vec<_> = listed
                 .iter()
                 .map(|m| {
                     serde_json::json!({
@@ -405,9 +412,14 @@ async fn run(cli: Cli) -> anyhow::Result<Outcome> {
                 for m in &members {
                     writeln!(
                         out,
-                        "{:<24} {:<24} primaries {:>4}  backups {:>4}",
+                        "{:<24} {:<24} {:<5} primaries {:>4}  backups {:>4}",
                         m["name"].as_str().unwrap_or_default(),
                         m["address"].as_str().unwrap_or_default(),
+                        if m["alive"].as_bool().unwrap_or(false) {
+                            "alive"
+                        } else {
+                            "dead"
+                        },
                         m["primaries"],
                         m["backups"]
                     )?;
@@ -419,9 +431,40 @@ async fn run(cli: Cli) -> anyhow::Result<Outcome> {
     Ok(Outcome::Ok)
 }
 
+/// A clap error's first paragraph on one line, without its "error: " prefix.
+fn usage_line(e: &clap::Error) -> String {
+    let text = e.render().to_string();
+    let first: Vec<&str> = text
+        .lines()
+        .skip_while(|l| l.trim().is_empty())
+        .take_while(|l| !l.trim().is_empty())
+        .map(str::trim)
+        .collect();
+    let line = first.join(" ");
+    let line = line.trim_start_matches("error: ").trim();
+    if line.is_empty() {
+        "invalid usage (see --help)".to_string()
+    } else {
+        format!("{line} (see --help)")
+    }
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // --help and --version print as usual and succeed.
+        Err(e) if !e.use_stderr() => {
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        // A usage error is an error like any other: one line, exit 3 (exit 2
+        // means "lock not acquired").
+        Err(e) => {
+            eprintln!("error: {}", usage_line(&e));
+            return ExitCode::from(3);
+        }
+    };
     match run(cli).await {
         Ok(Outcome::Ok) => ExitCode::SUCCESS,
         Ok(Outcome::NotFound) => {

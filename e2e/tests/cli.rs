@@ -309,3 +309,51 @@ async fn cluster_json_lists_a_failed_member_as_dead_after_failover() {
         "{v}"
     );
 }
+
+#[test]
+fn local_members_die_with_a_killed_launcher() {
+    // A base port whose neighbours (base+1, base+1000, base+1001) are free too.
+    let base = (0..50)
+        .map(|_| distcache_e2e::free_port())
+        .find(|p| {
+            *p < 60_000
+                && [1u16, 1000, 1001]
+                    .iter()
+                    .all(|d| std::net::TcpListener::bind(("127.0.0.1", p + d)).is_ok())
+        })
+        .expect("a free port range");
+    let dir = std::env::temp_dir().join(format!("dc-local-orphans-{}", std::process::id()));
+    let mut launcher = Command::new(bin("distcache-node"))
+        .args(["local", "--nodes", "2", "--base-port", &base.to_string()])
+        .arg("--dir")
+        .arg(&dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start local");
+    let addrs: Vec<std::net::SocketAddr> = [base, base + 1]
+        .iter()
+        .map(|p| format!("127.0.0.1:{p}").parse().expect("addr"))
+        .collect();
+    for a in &addrs {
+        assert!(
+            distcache_e2e::wait_listening(*a, std::time::Duration::from_secs(20)),
+            "member {a} did not start"
+        );
+    }
+    launcher.kill().expect("kill -9 the launcher");
+    let _ = launcher.wait();
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut alive: Vec<_> = addrs.clone();
+    while !alive.is_empty() && std::time::Instant::now() < end {
+        alive.retain(|a| {
+            std::net::TcpStream::connect_timeout(a, std::time::Duration::from_millis(200)).is_ok()
+        });
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        alive.is_empty(),
+        "orphaned members still listening: {alive:?}"
+    );
+}

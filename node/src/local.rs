@@ -11,6 +11,28 @@ use nix::unistd::Pid;
 use tokio::process::{Child, Command};
 
 /// Arguments of `local`.
+/// Set by the launcher on each member: the launcher's pid.
+pub const PARENT_PID_ENV: &str = "DISTCACHE_LOCAL_PARENT_PID";
+
+/// In a member started by `distcache-node local`: asks the kernel to kill
+/// this process when its launcher dies (PR_SET_PDEATHSIG), and exits at once
+/// if the launcher is already gone.
+pub fn exit_with_launcher() {
+    let Some(parent) = std::env::var(PARENT_PID_ENV)
+        .ok()
+        .and_then(|p| p.parse::<i32>().ok())
+    else {
+        return;
+    };
+    if let Err(e) = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL) {
+        eprintln!("cannot tie this member to its launcher: {e}");
+    }
+    if nix::unistd::getppid().as_raw() != parent {
+        eprintln!("the local launcher is gone; exiting");
+        std::process::exit(1);
+    }
+}
+
 #[derive(Debug, clap::Args)]
 pub struct LocalArgs {
     /// Number of nodes.
@@ -60,6 +82,8 @@ fn spawn(
             Vec::new()
         })
         .args(&args.extra)
+        // The member dies with this launcher, even if it is killed -9.
+        .env(PARENT_PID_ENV, std::process::id().to_string())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(log)

@@ -54,6 +54,7 @@ async fn shutdown_signal() {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    local::exit_with_launcher();
     let cli = Cli::parse();
     if let Some(Cmd::Local(args)) = cli.cmd {
         return local::run(args).await;

@@ -251,6 +251,18 @@ impl Command {
         )
     }
 
+    /// Whether running the command twice leaves the same state as once (a
+    /// blind write of the keys' new state).
+    pub fn is_idempotent_write(&self) -> bool {
+        matches!(
+            self,
+            Command::Put { .. }
+                | Command::Delete { .. }
+                | Command::PutMany { .. }
+                | Command::DeleteMany { .. }
+        )
+    }
+
     /// Whether the command spans a whole collection (every partition).
     pub fn is_collection_wide(&self) -> bool {
         matches!(

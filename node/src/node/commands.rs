@@ -7,6 +7,7 @@ use std::time::Duration;
 use crate::cluster::table::{Role, Table};
 use bytes::Bytes;
 use distcache_client::partition::partition_for;
+use distcache_client::proto::ErrorReason;
 
 use crate::command::{Command, Keyspace, Origin, Outcome};
 use crate::error::{Error, Result};
@@ -19,10 +20,40 @@ impl Node {
     /// route answers NOT_OWNER).
     pub async fn run(&self, cmd: Command, origin: Origin) -> Result<Outcome> {
         let (name, started) = (cmd.name(), std::time::Instant::now());
-        let result = self.execute(cmd, origin).await;
+        let retry = (origin == Origin::Client).then(|| cmd.clone());
+        let epoch = self.epoch();
+        let mut result = self.execute(cmd, origin).await;
+        // A command that failed only because the partition table moved under
+        // it (a migration step, a hand-off) is tried once more after this
+        // node's table settles, so clients do not see the hand-off: one a
+        // stale route sent to a former primary (NOT_OWNER: nothing was
+        // applied), and a blind write whose replication the move interrupted
+        // (a blind write applied twice is the same write).
+        if let (Some(cmd), Err(e)) = (retry, &result)
+            && (e.reason() == ErrorReason::NotOwner
+                || (e.reason() == ErrorReason::Unavailable && cmd.is_idempotent_write()))
+        {
+            self.settle(epoch).await;
+            result = self.execute(cmd, origin).await;
+        }
         self.metrics
             .command(name, result.as_ref().err(), started.elapsed());
         result
+    }
+
+    /// Waits (briefly) for this node to install a table newer than `epoch`.
+    async fn settle(&self, epoch: u64) {
+        let patience = self
+            .cluster
+            .config()
+            .heartbeat_interval
+            .saturating_mul(2)
+            .min(Duration::from_millis(250));
+        let deadline = tokio::time::Instant::now() + patience;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        while self.epoch() == epoch && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     async fn execute(&self, cmd: Command, origin: Origin) -> Result<Outcome> {

@@ -2,6 +2,7 @@
 //! digest anti-entropy compares.
 
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use crate::cluster::table::Role;
 use crate::error::{Error, Result};
@@ -43,6 +44,7 @@ impl Node {
         snapshot: PartitionSnapshot,
         seq: u64,
     ) -> Response {
+        self.catch_up_to(epoch).await;
         let t = self.cluster.table();
         if epoch != t.epoch || t.role_of(self.cluster.me(), p) != Role::Backup {
             return refused(&self.not_owner(p));
@@ -65,6 +67,22 @@ impl Node {
             Response::Digest(self.store.digest(p))
         } else {
             refused(&self.not_owner(p))
+        }
+    }
+
+    /// A primary that sends a newer epoch than this node's installed one is
+    /// ahead by an install in flight (the commit reaches members one by one):
+    /// wait briefly for this node to install it rather than refuse the write
+    /// (a refusal costs the write and a full resync of this backup).
+    async fn catch_up_to(&self, epoch: u64) {
+        if epoch <= self.epoch() {
+            return;
+        }
+        let patience =
+            (self.cluster.config().replication_timeout / 2).min(Duration::from_millis(250));
+        let deadline = tokio::time::Instant::now() + patience;
+        while self.epoch() < epoch && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
 

@@ -83,7 +83,8 @@ def batch():
         pb.Command(id=1, put=pb.PutRequest(collection=name, key=b"b1", value=b"x")),
         pb.Command(id=2, get=pb.GetRequest(collection=name, key=b"k10")),
         pb.Command(id=3, delete=pb.DeleteRequest(collection=name, key=b"k11")),
-        pb.Command(id=4, get_many=pb.GetManyRequest(collection=name, keys=[b"k20", b"none", b"b1", b"k12"])),
+        # Commands of one Batch message run concurrently: none depends on another.
+        pb.Command(id=4, get_many=pb.GetManyRequest(collection=name, keys=[b"k20", b"none", b"k13", b"k12"])),
         pb.Command(id=5, get=pb.GetRequest(collection="no-such-collection", key=b"k")),
     ])
 got = {}
@@ -99,6 +100,8 @@ R["batch"] = [
     [e.key.decode() for e in got[4].get_many.entries],
     pb.ErrorReason.Name(got[5].error.reason),
 ]
+
+R["batch_put_visible"] = cache.Get(pb.GetRequest(collection=name, key=b"b1"), timeout=T).found
 
 R["clear"] = cache.Clear(pb.ClearRequest(collection=name), timeout=T).removed
 R["size_after_clear"] = cache.Size(pb.SizeRequest(collection=name), timeout=T).size

@@ -36,6 +36,67 @@ pub struct ClientConfig {
     /// members' addresses, like one behind `kubectl port-forward`. One extra
     /// hop per request (default false).
     pub gateway: bool,
+    /// TLS toward the nodes (None: plaintext).
+    pub tls: Option<ClientTls>,
+    /// Bearer token sent with every call (`authorization: Bearer <token>`).
+    pub token: Option<String>,
+}
+
+/// TLS settings of a client.
+#[derive(Clone, Default)]
+#[non_exhaustive]
+pub struct ClientTls {
+    /// CA (PEM) that signs the nodes' certificates (None: the system roots).
+    pub ca_pem: Option<Vec<u8>>,
+    /// Client certificate and key (PEM), for nodes that require one.
+    pub identity_pem: Option<(Vec<u8>, Vec<u8>)>,
+    /// Name to verify the nodes' certificates against (default: the host
+    /// of each address).
+    pub server_name: Option<String>,
+}
+
+impl std::fmt::Debug for ClientTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientTls")
+            .field("ca", &self.ca_pem.is_some())
+            .field("identity", &self.identity_pem.is_some())
+            .field("server_name", &self.server_name)
+            .finish()
+    }
+}
+
+impl ClientTls {
+    /// Reads the CA and the client certificate and key from PEM files.
+    pub fn from_files(
+        ca: Option<&std::path::Path>,
+        cert: Option<&std::path::Path>,
+        key: Option<&std::path::Path>,
+    ) -> crate::Result<ClientTls> {
+        let read = |p: &std::path::Path| {
+            std::fs::read(p)
+                .map_err(|e| crate::Error::InvalidArgument(format!("reading {}: {e}", p.display())))
+        };
+        let identity_pem = match (cert, key) {
+            (Some(c), Some(k)) => Some((read(c)?, read(k)?)),
+            (None, None) => None,
+            _ => {
+                return Err(crate::Error::InvalidArgument(
+                    "a client certificate needs both --tls-cert and --tls-key".into(),
+                ));
+            }
+        };
+        Ok(ClientTls {
+            ca_pem: ca.map(read).transpose()?,
+            identity_pem,
+            server_name: None,
+        })
+    }
+
+    /// Verifies the nodes' certificates against `name`.
+    pub fn server_name(mut self, name: impl Into<String>) -> Self {
+        self.server_name = Some(name.into());
+        self
+    }
 }
 
 impl Default for ClientConfig {
@@ -48,6 +109,8 @@ impl Default for ClientConfig {
             max_retries: DEFAULT_MAX_RETRIES,
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             gateway: false,
+            tls: None,
+            token: None,
         }
     }
 }
@@ -80,6 +143,18 @@ impl ClientConfig {
     /// Sets the retry budget.
     pub fn max_retries(mut self, n: u32) -> Self {
         self.max_retries = n;
+        self
+    }
+
+    /// Connects with TLS.
+    pub fn tls(mut self, tls: ClientTls) -> Self {
+        self.tls = Some(tls);
+        self
+    }
+
+    /// Sends `token` as the bearer credential with every call.
+    pub fn token(mut self, token: impl Into<String>) -> Self {
+        self.token = Some(token.into());
         self
     }
 

@@ -52,6 +52,12 @@ pub enum Error {
     /// The node failed internally.
     #[error("{0}")]
     Internal(String),
+    /// No valid credential (token or client certificate) was presented.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// The credential lacks the grant the call needs; the message names it.
+    #[error("{0}")]
+    NotAuthorized(String),
     /// The request did not complete within the request timeout; a write may or
     /// may not have been applied.
     #[error("timeout: {0}")]
@@ -90,6 +96,8 @@ impl Error {
             ErrorReason::InvalidArgument => Error::InvalidArgument(message),
             ErrorReason::Unavailable => Error::Unavailable(message),
             ErrorReason::Internal | ErrorReason::Unspecified => Error::Internal(message),
+            ErrorReason::Unauthenticated => Error::Unauthenticated(message),
+            ErrorReason::NotAuthorized => Error::NotAuthorized(message),
         }
     }
 
@@ -116,6 +124,7 @@ impl Error {
                 // mid-request): indeterminate, worth retrying elsewhere.
                 tonic::Code::Unknown => Error::Unavailable(message),
                 tonic::Code::InvalidArgument => Error::InvalidArgument(message),
+                tonic::Code::Unauthenticated => Error::Unauthenticated(message),
                 // tonic's own "message too large" errors.
                 tonic::Code::OutOfRange | tonic::Code::ResourceExhausted => {
                     Error::LimitExceeded(message)
@@ -145,6 +154,8 @@ impl Error {
             Error::InvalidArgument(_) => ErrorReason::InvalidArgument,
             Error::Unavailable(_) => ErrorReason::Unavailable,
             Error::Internal(_) => ErrorReason::Internal,
+            Error::Unauthenticated(_) => ErrorReason::Unauthenticated,
+            Error::NotAuthorized(_) => ErrorReason::NotAuthorized,
             Error::Timeout(_) | Error::Connect(_) | Error::Codec(_) | Error::Status { .. } => {
                 return None;
             }
@@ -217,7 +228,7 @@ mod tests {
 
     #[test]
     fn every_reason_round_trips() {
-        for r in 1..=11 {
+        for r in 1..=13 {
             let reason = ErrorReason::try_from(r).expect("known reason");
             let e = Error::from_proto(proto::Error {
                 reason: r,

@@ -35,6 +35,7 @@ mod client;
 pub mod codec;
 mod collection;
 pub mod config;
+mod conn;
 pub mod error;
 mod lock;
 pub mod members;
@@ -55,6 +56,6 @@ pub mod proto {
 
 pub use client::Client;
 pub use collection::{Collection, CollectionOptions};
-pub use config::ClientConfig;
+pub use config::{ClientConfig, ClientTls};
 pub use error::{Error, Result};
 pub use lock::{DEFAULT_ACQUIRE_TIMEOUT, DEFAULT_HOLD_TIMEOUT, LockGuard, LockOptions};

@@ -11,8 +11,8 @@ use std::collections::HashMap;
 
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::UnboundedReceiverStream;
-use tonic::transport::Channel;
 
+use crate::conn::Conn;
 use crate::error::{Error, Result};
 use crate::proto::cache_client::CacheClient;
 use crate::proto::{BatchRequest, BatchResponse, Command, command, command_result};
@@ -37,7 +37,7 @@ pub(crate) struct Mux {
 
 impl Mux {
     /// Opens a Batch stream on `channel` and starts its task.
-    pub(crate) async fn open(channel: Channel, max_message_bytes: usize) -> Result<Mux> {
+    pub(crate) async fn open(channel: Conn, max_message_bytes: usize) -> Result<Mux> {
         let (out_tx, out_rx) = mpsc::unbounded_channel::<BatchRequest>();
         let mut client = CacheClient::new(channel)
             .max_decoding_message_size(max_message_bytes)

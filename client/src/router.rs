@@ -11,6 +11,7 @@ use futures::future::join_all;
 use parking_lot::{Mutex, RwLock};
 
 use crate::config::ClientConfig;
+use crate::conn::Conn;
 use crate::error::{Error, Result};
 use crate::partition::partition_for;
 use crate::proto::{self, cluster_client::ClusterClient, command, command_result};
@@ -64,6 +65,9 @@ impl Router {
                         refresh_lock: tokio::sync::Mutex::new(()),
                     });
                 }
+                // A refused credential is the answer, not a reason to try
+                // the next seed.
+                Err(e @ (Error::Unauthenticated(_) | Error::NotAuthorized(_))) => return Err(e),
                 Err(e) => last = format!("{ep}: {e}"),
             }
         }
@@ -269,7 +273,7 @@ impl Router {
         call: F,
     ) -> Result<R>
     where
-        F: Fn(tonic::transport::Channel) -> Fut,
+        F: Fn(Conn) -> Fut,
         Fut: std::future::Future<Output = Result<R, tonic::Status>>,
     {
         let call = &call;
@@ -293,7 +297,7 @@ impl Router {
     /// Runs a unary call on any member with the request timeout.
     pub(crate) async fn any<R, F, Fut>(&self, call: F) -> Result<R>
     where
-        F: Fn(tonic::transport::Channel) -> Fut,
+        F: Fn(Conn) -> Fut,
         Fut: std::future::Future<Output = Result<R, tonic::Status>>,
     {
         self.unary(None, self.config.request_timeout, call).await

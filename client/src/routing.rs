@@ -6,9 +6,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use parking_lot::RwLock;
-use tonic::transport::{Channel, Endpoint};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use crate::config::ClientConfig;
+use crate::conn::{Conn, Token};
 use crate::error::{Error, Result};
 use crate::mux::Mux;
 use crate::proto::PartitionTableResponse;
@@ -16,6 +18,7 @@ use crate::proto::PartitionTableResponse;
 /// One member's connections: a Batch stream slot per connection.
 pub(crate) struct NodeConn {
     pub(crate) address: String,
+    token: Token,
     slots: Vec<Slot>,
     next: AtomicUsize,
     open_lock: tokio::sync::Mutex<()>,
@@ -29,11 +32,33 @@ struct Slot {
 
 impl NodeConn {
     pub(crate) fn new(address: &str, config: &ClientConfig) -> Result<NodeConn> {
-        let endpoint = Endpoint::from_shared(format!("http://{address}"))
+        let scheme = if config.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        let mut endpoint = Endpoint::from_shared(format!("{scheme}://{address}"))
             .map_err(|e| Error::InvalidArgument(format!("bad endpoint {address}: {e}")))?
             .connect_timeout(config.connect_timeout)
             .tcp_nodelay(true)
             .http2_adaptive_window(true);
+        if let Some(tls) = &config.tls {
+            let mut t = ClientTlsConfig::new();
+            t = match &tls.ca_pem {
+                Some(ca) => t.ca_certificate(Certificate::from_pem(ca)),
+                None => t.with_native_roots(),
+            };
+            if let Some((cert, key)) = &tls.identity_pem {
+                t = t.identity(Identity::from_pem(cert, key));
+            }
+            if let Some(name) = &tls.server_name {
+                t = t.domain_name(name.clone());
+            }
+            endpoint = endpoint
+                .tls_config(t)
+                .map_err(|e| Error::InvalidArgument(format!("TLS settings: {e}")))?;
+        }
+        let token = Token::new(config.token.as_deref())?;
         let slots = (0..config.streams_per_node.max(1))
             .map(|_| Slot {
                 channel: endpoint.connect_lazy(),
@@ -42,6 +67,7 @@ impl NodeConn {
             .collect();
         Ok(NodeConn {
             address: address.to_string(),
+            token,
             slots,
             next: AtomicUsize::new(0),
             open_lock: tokio::sync::Mutex::new(()),
@@ -49,9 +75,9 @@ impl NodeConn {
         })
     }
 
-    /// A channel for unary calls.
-    pub(crate) fn channel(&self) -> Channel {
-        self.slots[0].channel.clone()
+    /// A channel for unary calls (with the bearer token, if any).
+    pub(crate) fn channel(&self) -> Conn {
+        InterceptedService::new(self.slots[0].channel.clone(), self.token.clone())
     }
 
     /// A live Batch stream, opened on first use and reopened after a failure.
@@ -64,7 +90,8 @@ impl NodeConn {
         if let Some(m) = slot.mux.read().as_ref().filter(|m| !m.is_closed()) {
             return Ok(m.clone());
         }
-        let m = Mux::open(slot.channel.clone(), self.max_message_bytes).await?;
+        let conn = InterceptedService::new(slot.channel.clone(), self.token.clone());
+        let m = Mux::open(conn, self.max_message_bytes).await?;
         *slot.mux.write() = Some(m.clone());
         Ok(m)
     }

@@ -41,6 +41,12 @@ pub const DEFAULT_WAL_MAX_SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
 pub const DEFAULT_WAL_CHECKPOINT_SECS: u64 = 300;
 /// Default peer frame completion timeout (ms).
 pub const DEFAULT_PEER_FRAME_TIMEOUT_MS: u64 = 10_000;
+/// Default most client connections at once.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 4_096;
+/// Default most concurrent calls per client connection.
+pub const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 1_024;
+/// Default idle client connection timeout (s).
+pub const DEFAULT_IDLE_TIMEOUT_SECS: u64 = 600;
 /// Default lock lease when a request gives none (ms).
 pub const DEFAULT_HOLD_MS: u64 = 60_000;
 /// Default lock wait when a request gives none (ms).
@@ -141,6 +147,33 @@ pub struct NodeConfig {
     /// Address of the Prometheus metrics endpoint (`GET /metrics`); none by default.
     #[arg(long, env = "DISTCACHE_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
+    /// Certificate chain (PEM) of the client port: TLS on (with --tls-key);
+    /// re-read when the file changes.
+    #[arg(long, env = "DISTCACHE_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --tls-cert; re-read when the file changes.
+    #[arg(long, env = "DISTCACHE_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// CA (PEM) that signs client certificates: clients must present one.
+    #[arg(long, env = "DISTCACHE_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// Users and their grants (JSON, see README "Security"); re-read when it
+    /// changes. Without it the client port is open to anyone who reaches it.
+    #[arg(long, env = "DISTCACHE_USERS_FILE")]
+    pub users_file: Option<PathBuf>,
+    /// Most client connections at once; more wait in the listen backlog.
+    #[arg(long, env = "DISTCACHE_MAX_CONNECTIONS", default_value_t = DEFAULT_MAX_CONNECTIONS)]
+    pub max_connections: usize,
+    /// Most concurrent HTTP/2 streams (calls) per client connection.
+    #[arg(long, env = "DISTCACHE_MAX_CONCURRENT_STREAMS", default_value_t = DEFAULT_MAX_CONCURRENT_STREAMS)]
+    pub max_concurrent_streams: u32,
+    /// A client connection that sends nothing for this long is closed (s; 0 = never).
+    #[arg(long, env = "DISTCACHE_IDLE_TIMEOUT_SECS", default_value_t = DEFAULT_IDLE_TIMEOUT_SECS)]
+    pub idle_timeout_secs: u64,
+    /// HTTP/2 keepalive ping period toward clients (s; 0 = off); a client that
+    /// does not answer within 20 s is disconnected.
+    #[arg(long, env = "DISTCACHE_KEEPALIVE_SECS", default_value_t = 0)]
+    pub keepalive_secs: u64,
     /// Log filter (tracing EnvFilter syntax, e.g. `info,distcache_node=debug`).
     #[arg(long, env = "DISTCACHE_LOG", default_value = "info")]
     pub log: String,
@@ -179,6 +212,14 @@ impl Default for NodeConfig {
             wal_checkpoint_interval_secs: DEFAULT_WAL_CHECKPOINT_SECS,
             wal_skip_corrupt: false,
             metrics_listen: None,
+            tls_cert: None,
+            tls_key: None,
+            tls_client_ca: None,
+            users_file: None,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_concurrent_streams: DEFAULT_MAX_CONCURRENT_STREAMS,
+            idle_timeout_secs: DEFAULT_IDLE_TIMEOUT_SECS,
+            keepalive_secs: 0,
             log: "info".into(),
         }
     }

@@ -51,6 +51,12 @@ pub enum Error {
     /// Anything else.
     #[error("internal error: {0}")]
     Internal(String),
+    /// No valid credential.
+    #[error("unauthenticated: {0}")]
+    Unauthenticated(String),
+    /// The caller lacks a grant.
+    #[error("not authorized: {0}")]
+    NotAuthorized(String),
     /// An error answered by another node (reason as `ErrorReason` value).
     #[error("{message}")]
     Remote {
@@ -79,6 +85,8 @@ impl Error {
             Error::ClusterNotReady(_) => ErrorReason::ClusterNotReady,
             Error::Unavailable(_) => ErrorReason::Unavailable,
             Error::Internal(_) => ErrorReason::Internal,
+            Error::Unauthenticated(_) => ErrorReason::Unauthenticated,
+            Error::NotAuthorized(_) => ErrorReason::NotAuthorized,
             Error::Remote { reason, .. } => {
                 ErrorReason::try_from(*reason).unwrap_or(ErrorReason::Internal)
             }
@@ -99,6 +107,8 @@ impl Error {
             | ErrorReason::NotOwner => Code::FailedPrecondition,
             ErrorReason::ClusterNotReady | ErrorReason::Unavailable => Code::Unavailable,
             ErrorReason::Internal | ErrorReason::Unspecified => Code::Internal,
+            ErrorReason::Unauthenticated => Code::Unauthenticated,
+            ErrorReason::NotAuthorized => Code::PermissionDenied,
         }
     }
 

@@ -34,11 +34,13 @@ pub mod command;
 pub mod config;
 pub mod error;
 pub mod grpc;
+pub mod listener;
 pub mod locking;
 pub mod metrics;
 pub mod net;
 mod node;
 pub mod replica;
+pub mod security;
 pub mod server;
 pub mod storage;
 

@@ -2,15 +2,18 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use distcache_client::proto;
-use futures::StreamExt;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::error::{Error, Result};
 use crate::grpc::Api;
+use crate::grpc::auth::Access;
+use crate::listener::{self, ConnLimits};
 use crate::node::Node;
+use crate::security::tls::{ReloadingCert, TlsFiles, server_config};
+use crate::security::users::Users;
 
 /// Serves every distcache service, the standard gRPC health service and
 /// server reflection on `listener` until `shutdown` resolves; then stops the
@@ -25,7 +28,25 @@ pub async fn serve(
         serve_metrics(&node, crate::metrics::bind(addr).await?);
         tracing::info!(address = %addr, "metrics served at /metrics");
     }
-    let api = Api::new(node.clone());
+    let access = Access::new(match &node.config().users_file {
+        Some(path) => Some(Users::load(path.clone())?),
+        None => {
+            tracing::warn!(
+                "no --users-file: the client port is open to anyone who can reach it (read, write and delete every collection)"
+            );
+            None
+        }
+    });
+    let tls = tls_files(node.config());
+    let cert = match &tls {
+        Some(files) => Some(ReloadingCert::load(files.clone())?),
+        None => {
+            tracing::warn!("no --tls-cert: the client port is plaintext");
+            None
+        }
+    };
+    spawn_reloads(&node, cert.clone(), access.users());
+    let api = Api::with_access(node.clone(), access);
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health
@@ -46,11 +67,14 @@ pub async fn serve(
         .build_v1()
         .map_err(|e| Error::Internal(format!("reflection: {e}")))?;
 
-    let incoming = TcpListenerStream::new(listener).map(|s| {
-        s.inspect(|s| {
-            let _ = s.set_nodelay(true);
-        })
-    });
+    let limits = ConnLimits {
+        max_connections: node.config().max_connections,
+        idle_timeout: (node.config().idle_timeout_secs > 0)
+            .then(|| Duration::from_secs(node.config().idle_timeout_secs)),
+        handshake_timeout: Duration::from_secs(10),
+    };
+    let keepalive = (node.config().keepalive_secs > 0)
+        .then(|| Duration::from_secs(node.config().keepalive_secs));
     let token = node.shutdown_token().clone();
     let leaver = node.clone();
     let signal = async move {
@@ -61,8 +85,11 @@ pub async fn serve(
         leaver.leave().await;
         token.cancel();
     };
-    tonic::transport::Server::builder()
+    let router = tonic::transport::Server::builder()
         .http2_adaptive_window(Some(true))
+        .max_concurrent_streams(Some(node.config().max_concurrent_streams.max(1)))
+        .http2_keepalive_interval(keepalive)
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(
@@ -84,12 +111,59 @@ pub async fn serve(
             proto::cluster_server::ClusterServer::new(api)
                 .max_decoding_message_size(max)
                 .max_encoding_message_size(max),
-        )
-        .serve_with_incoming_shutdown(incoming, signal)
-        .await
-        .map_err(|e| Error::Internal(format!("grpc server: {e}")))?;
+        );
+    let served = match (&tls, cert) {
+        (Some(files), Some(cert)) => {
+            let config = server_config(files, cert)?;
+            router
+                .serve_with_incoming_shutdown(listener::tls(listener, limits, config), signal)
+                .await
+        }
+        _ => {
+            router
+                .serve_with_incoming_shutdown(listener::plain(listener, limits), signal)
+                .await
+        }
+    };
+    served.map_err(|e| Error::Internal(format!("grpc server: {e}")))?;
     node.shutdown().await;
     Ok(())
+}
+
+fn tls_files(config: &crate::config::NodeConfig) -> Option<TlsFiles> {
+    match (&config.tls_cert, &config.tls_key) {
+        (Some(cert), Some(key)) => Some(TlsFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+            client_ca: config.tls_client_ca.clone(),
+        }),
+        _ => None,
+    }
+}
+
+/// Re-reads the certificate and the users file when they change (every 2 s
+/// until the node shuts down): rotation and revocation need no restart.
+fn spawn_reloads(node: &Arc<Node>, cert: Option<Arc<ReloadingCert>>, users: Option<Arc<Users>>) {
+    if cert.is_none() && users.is_none() {
+        return;
+    }
+    let token = node.shutdown_token().clone();
+    node.tasks().spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(2));
+        loop {
+            tokio::select! {
+                _ = token.cancelled() => break,
+                _ = tick.tick() => {
+                    if let Some(c) = &cert {
+                        c.reload_if_changed();
+                    }
+                    if let Some(u) = &users {
+                        u.reload_if_changed();
+                    }
+                }
+            }
+        }
+    });
 }
 
 /// Binds the peer listener of a node that has peers (`--peer-listen`, else

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use distcache_client::{Client, ClientConfig, CollectionOptions, Error, LockOptions};
+use distcache_client::{Client, ClientConfig, ClientTls, CollectionOptions, Error, LockOptions};
 
 /// Command-line client for a distcache cluster.
 #[derive(Debug, Parser)]
@@ -31,6 +31,24 @@ struct Cli {
     /// addresses are unreachable).
     #[arg(long, env = "DISTCACHE_GATEWAY")]
     gateway: bool,
+    /// Bearer token (the node's users file names its SHA-256).
+    #[arg(long, env = "DISTCACHE_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Connect with TLS, trusting this CA (PEM); implies TLS.
+    #[arg(long, env = "DISTCACHE_TLS_CA")]
+    tls_ca: Option<std::path::PathBuf>,
+    /// Client certificate (PEM) for nodes that require one; implies TLS.
+    #[arg(long, env = "DISTCACHE_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// Key (PEM) of --tls-cert.
+    #[arg(long, env = "DISTCACHE_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
+    /// Connect with TLS (with the system's roots unless --tls-ca).
+    #[arg(long, env = "DISTCACHE_TLS")]
+    tls: bool,
+    /// Name to verify the nodes' certificates against (default: each address's host).
+    #[arg(long, env = "DISTCACHE_TLS_SERVER_NAME")]
+    tls_server_name: Option<String>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -219,6 +237,20 @@ async fn run(cli: Cli) -> anyhow::Result<Outcome> {
         .request_timeout(secs(cli.timeout, "--timeout")?)
         .gateway(cli.gateway);
     config.max_retries = 2;
+    if cli.tls || cli.tls_ca.is_some() || cli.tls_cert.is_some() {
+        let mut tls = ClientTls::from_files(
+            cli.tls_ca.as_deref(),
+            cli.tls_cert.as_deref(),
+            cli.tls_key.as_deref(),
+        )?;
+        if let Some(name) = &cli.tls_server_name {
+            tls = tls.server_name(name.clone());
+        }
+        config = config.tls(tls);
+    }
+    if let Some(t) = &cli.token {
+        config = config.token(t.clone());
+    }
     let client = Client::with_config(config).await?;
     let coll = |c: &Coll| -> distcache_client::Collection {
         if c.collection.is_empty() {

@@ -1,5 +1,6 @@
 //! The client-facing gRPC layer.
 
+pub mod auth;
 mod convert;
 mod service;
 mod status;

@@ -9,23 +9,36 @@ use tonic::{Request, Response, Status, Streaming};
 
 use futures::{FutureExt, StreamExt, stream::FuturesUnordered};
 
+use super::auth::{Access, Caller};
 use super::convert;
 use super::status::{to_proto, to_status};
 use crate::command::{Command, Origin, Outcome};
 use crate::error::{Error, Result};
 use crate::node::Node;
+use crate::security::users::Role;
 use crate::storage::CollectionMeta;
 
 /// Implements every distcache gRPC service.
 #[derive(Debug, Clone)]
 pub struct Api {
     node: Arc<Node>,
+    access: Access,
 }
 
 impl Api {
-    /// Services over `node`.
+    /// Services over `node`, open to every caller.
     pub fn new(node: Arc<Node>) -> Self {
-        Api { node }
+        Api::with_access(node, Access::default())
+    }
+
+    /// Services over `node`, each call checked by `access`.
+    pub fn with_access(node: Arc<Node>, access: Access) -> Self {
+        Api { node, access }
+    }
+
+    /// The caller of `req`, or UNAUTHENTICATED.
+    fn caller<T>(&self, req: &Request<T>) -> Result<Caller, Status> {
+        self.access.caller(req).map_err(|e| self.status(e))
     }
 
     fn status(&self, e: crate::error::Error) -> Status {
@@ -55,9 +68,11 @@ impl Api {
     /// one unary handler body).
     async fn unary<T>(
         &self,
+        caller: Caller,
         cmd: Command,
         answer: impl FnOnce(Outcome) -> Option<T>,
     ) -> Result<Response<T>, Status> {
+        caller.authorize(&cmd).map_err(|e| self.status(e))?;
         let outcome = self.node.run(cmd, Origin::Client).await;
         self.reply(outcome.and_then(|o| {
             let mismatch = convert::mismatch(&o);
@@ -68,10 +83,11 @@ impl Api {
     /// A unary data RPC: the same command and answer as on the Batch stream.
     async fn data<T>(
         &self,
+        caller: Caller,
         op: command::Op,
         pick: impl FnOnce(command_result::Result) -> Option<T>,
     ) -> Result<Response<T>, Status> {
-        self.unary(convert::command(op), |o| {
+        self.unary(caller, convert::command(op), |o| {
             convert::result(o).ok().and_then(pick)
         })
         .await
@@ -84,10 +100,14 @@ impl proto::cache_server::Cache for Api {
         &self,
         req: Request<proto::GetRequest>,
     ) -> Result<Response<proto::GetResponse>, Status> {
-        self.data(command::Op::Get(req.into_inner()), |r| match r {
-            command_result::Result::Get(r) => Some(r),
-            _ => None,
-        })
+        self.data(
+            self.caller(&req)?,
+            command::Op::Get(req.into_inner()),
+            |r| match r {
+                command_result::Result::Get(r) => Some(r),
+                _ => None,
+            },
+        )
         .await
     }
 
@@ -95,10 +115,14 @@ impl proto::cache_server::Cache for Api {
         &self,
         req: Request<proto::PutRequest>,
     ) -> Result<Response<proto::PutResponse>, Status> {
-        self.data(command::Op::Put(req.into_inner()), |r| match r {
-            command_result::Result::Put(r) => Some(r),
-            _ => None,
-        })
+        self.data(
+            self.caller(&req)?,
+            command::Op::Put(req.into_inner()),
+            |r| match r {
+                command_result::Result::Put(r) => Some(r),
+                _ => None,
+            },
+        )
         .await
     }
 
@@ -106,10 +130,14 @@ impl proto::cache_server::Cache for Api {
         &self,
         req: Request<proto::DeleteRequest>,
     ) -> Result<Response<proto::DeleteResponse>, Status> {
-        self.data(command::Op::Delete(req.into_inner()), |r| match r {
-            command_result::Result::Delete(r) => Some(r),
-            _ => None,
-        })
+        self.data(
+            self.caller(&req)?,
+            command::Op::Delete(req.into_inner()),
+            |r| match r {
+                command_result::Result::Delete(r) => Some(r),
+                _ => None,
+            },
+        )
         .await
     }
 
@@ -117,10 +145,14 @@ impl proto::cache_server::Cache for Api {
         &self,
         req: Request<proto::GetManyRequest>,
     ) -> Result<Response<proto::GetManyResponse>, Status> {
-        self.data(command::Op::GetMany(req.into_inner()), |r| match r {
-            command_result::Result::GetMany(r) => Some(r),
-            _ => None,
-        })
+        self.data(
+            self.caller(&req)?,
+            command::Op::GetMany(req.into_inner()),
+            |r| match r {
+                command_result::Result::GetMany(r) => Some(r),
+                _ => None,
+            },
+        )
         .await
     }
 
@@ -128,10 +160,14 @@ impl proto::cache_server::Cache for Api {
         &self,
         req: Request<proto::PutManyRequest>,
     ) -> Result<Response<proto::PutManyResponse>, Status> {
-        self.data(command::Op::PutMany(req.into_inner()), |r| match r {
-            command_result::Result::PutMany(r) => Some(r),
-            _ => None,
-        })
+        self.data(
+            self.caller(&req)?,
+            command::Op::PutMany(req.into_inner()),
+            |r| match r {
+                command_result::Result::PutMany(r) => Some(r),
+                _ => None,
+            },
+        )
         .await
     }
 
@@ -139,10 +175,14 @@ impl proto::cache_server::Cache for Api {
         &self,
         req: Request<proto::DeleteManyRequest>,
     ) -> Result<Response<proto::DeleteManyResponse>, Status> {
-        self.data(command::Op::DeleteMany(req.into_inner()), |r| match r {
-            command_result::Result::DeleteMany(r) => Some(r),
-            _ => None,
-        })
+        self.data(
+            self.caller(&req)?,
+            command::Op::DeleteMany(req.into_inner()),
+            |r| match r {
+                command_result::Result::DeleteMany(r) => Some(r),
+                _ => None,
+            },
+        )
         .await
     }
 
@@ -150,8 +190,9 @@ impl proto::cache_server::Cache for Api {
         &self,
         req: Request<proto::KeysRequest>,
     ) -> Result<Response<proto::KeysResponse>, Status> {
+        let caller = self.caller(&req)?;
         let cmd = convert::keys(req.into_inner()).map_err(|e| self.status(e))?;
-        self.unary(cmd, |o| match o {
+        self.unary(caller, cmd, |o| match o {
             Outcome::KeysPage { keys, last, more } => Some(proto::KeysResponse {
                 keys,
                 next_page_token: if more {
@@ -169,11 +210,12 @@ impl proto::cache_server::Cache for Api {
         &self,
         req: Request<proto::SizeRequest>,
     ) -> Result<Response<proto::SizeResponse>, Status> {
+        let caller = self.caller(&req)?;
         let cmd = Command::Size {
             collection: req.into_inner().collection,
             partitions: None,
         };
-        self.unary(cmd, |o| match o {
+        self.unary(caller, cmd, |o| match o {
             Outcome::Count(size) => Some(proto::SizeResponse { size }),
             _ => None,
         })
@@ -184,11 +226,12 @@ impl proto::cache_server::Cache for Api {
         &self,
         req: Request<proto::ClearRequest>,
     ) -> Result<Response<proto::ClearResponse>, Status> {
+        let caller = self.caller(&req)?;
         let cmd = Command::Clear {
             collection: req.into_inner().collection,
             partitions: None,
         };
-        self.unary(cmd, |o| match o {
+        self.unary(caller, cmd, |o| match o {
             Outcome::Cleared(removed) => Some(proto::ClearResponse { removed }),
             _ => None,
         })
@@ -201,6 +244,8 @@ impl proto::cache_server::Cache for Api {
         &self,
         req: Request<Streaming<proto::BatchRequest>>,
     ) -> Result<Response<Self::BatchStream>, Status> {
+        self.caller(&req)?;
+        let (access, creds) = (self.access.clone(), self.access.credentials(&req));
         let mut inbound = req.into_inner();
         let (tx, rx) = mpsc::channel(BATCH_OUT_DEPTH);
         let node = self.node.clone();
@@ -214,9 +259,13 @@ impl proto::cache_server::Cache for Api {
                         Ok(Some(batch)) => {
                             for c in batch.commands {
                                 let node = node.clone();
+                                let caller = access.authenticate(&creds);
                                 in_flight.push(async move {
-                                    let result = match c.op {
-                                        Some(op) => node.run(convert::command(op), Origin::Client).await.and_then(convert::result),
+                                    let result = match c.op.map(convert::command) {
+                                        Some(cmd) => match caller.and_then(|c| c.authorize(&cmd)) {
+                                            Ok(()) => node.run(cmd, Origin::Client).await.and_then(convert::result),
+                                            Err(e) => Err(e),
+                                        },
                                         None => Err(Error::InvalidArgument("command without op".into())),
                                     };
                                     let result = result.unwrap_or_else(|e| command_result::Result::Error(to_proto(&e, node.epoch())));
@@ -258,7 +307,15 @@ impl proto::collections_server::Collections for Api {
         &self,
         req: Request<proto::GetOrCreateCollectionRequest>,
     ) -> Result<Response<proto::GetOrCreateCollectionResponse>, Status> {
+        let caller = self.caller(&req)?;
         let r = req.into_inner();
+        // Getting an existing collection is a read; creating one is admin.
+        let role = if self.node.store.collection(&r.name).is_ok() {
+            Role::Read
+        } else {
+            Role::Admin
+        };
+        caller.require(&r.name, role).map_err(|e| self.status(e))?;
         let res = self
             .node
             .create_collection(&r.name, r.default_ttl_ms, r.max_entries)
@@ -273,13 +330,16 @@ impl proto::collections_server::Collections for Api {
 
     async fn list(
         &self,
-        _req: Request<proto::ListCollectionsRequest>,
+        req: Request<proto::ListCollectionsRequest>,
     ) -> Result<Response<proto::ListCollectionsResponse>, Status> {
+        let caller = self.caller(&req)?;
+        // Only the collections the caller holds a grant on.
         let collections = self
             .node
             .store
             .list_collections()
             .iter()
+            .filter(|m| caller.sees(&m.name))
             .map(|m| settings(m))
             .collect();
         Ok(Response::new(proto::ListCollectionsResponse {
@@ -291,7 +351,12 @@ impl proto::collections_server::Collections for Api {
         &self,
         req: Request<proto::CollectionExistsRequest>,
     ) -> Result<Response<proto::CollectionExistsResponse>, Status> {
-        let exists = self.node.store.collection(&req.into_inner().name).is_ok();
+        let caller = self.caller(&req)?;
+        let name = req.into_inner().name;
+        caller
+            .require(&name, Role::Read)
+            .map_err(|e| self.status(e))?;
+        let exists = self.node.store.collection(&name).is_ok();
         Ok(Response::new(proto::CollectionExistsResponse { exists }))
     }
 
@@ -299,7 +364,11 @@ impl proto::collections_server::Collections for Api {
         &self,
         req: Request<proto::DeleteCollectionRequest>,
     ) -> Result<Response<proto::DeleteCollectionResponse>, Status> {
+        let caller = self.caller(&req)?;
         let r = req.into_inner();
+        caller
+            .require(&r.name, Role::Admin)
+            .map_err(|e| self.status(e))?;
         let res = self.node.delete_collection(&r.name).await;
         self.reply(res.map(|deleted| proto::DeleteCollectionResponse { deleted }))
     }
@@ -311,9 +380,10 @@ impl proto::locks_server::Locks for Api {
         &self,
         req: Request<proto::AcquireLockRequest>,
     ) -> Result<Response<proto::LockGrant>, Status> {
+        let caller = self.caller(&req)?;
         let cmd = convert::acquire(req.into_inner());
         let key = cmd.key().cloned().unwrap_or_default();
-        self.unary(cmd, |o| match o {
+        self.unary(caller, cmd, |o| match o {
             Outcome::Granted(g) => Some(convert::grant(key, g)),
             _ => None,
         })
@@ -324,9 +394,10 @@ impl proto::locks_server::Locks for Api {
         &self,
         req: Request<proto::TryAcquireLockRequest>,
     ) -> Result<Response<proto::TryAcquireLockResponse>, Status> {
+        let caller = self.caller(&req)?;
         let cmd = convert::try_acquire(req.into_inner());
         let key = cmd.key().cloned().unwrap_or_default();
-        self.unary(cmd, |o| match o {
+        self.unary(caller, cmd, |o| match o {
             Outcome::MaybeGranted(g) => Some(proto::TryAcquireLockResponse {
                 acquired: g.is_some(),
                 grant: g.map(|g| convert::grant(key, g)),
@@ -340,12 +411,13 @@ impl proto::locks_server::Locks for Api {
         &self,
         req: Request<proto::ReleaseLockRequest>,
     ) -> Result<Response<proto::ReleaseLockResponse>, Status> {
+        let caller = self.caller(&req)?;
         let r = req.into_inner();
         let cmd = Command::Release {
             key: r.key,
             token: r.fencing_token,
         };
-        self.unary(cmd, |o| {
+        self.unary(caller, cmd, |o| {
             matches!(o, Outcome::Released).then_some(proto::ReleaseLockResponse {})
         })
         .await
@@ -355,9 +427,10 @@ impl proto::locks_server::Locks for Api {
         &self,
         req: Request<proto::ExtendLockRequest>,
     ) -> Result<Response<proto::LockGrant>, Status> {
+        let caller = self.caller(&req)?;
         let cmd = convert::extend(req.into_inner());
         let key = cmd.key().cloned().unwrap_or_default();
-        self.unary(cmd, |o| match o {
+        self.unary(caller, cmd, |o| match o {
             Outcome::Granted(g) => Some(convert::grant(key, g)),
             _ => None,
         })
@@ -368,10 +441,11 @@ impl proto::locks_server::Locks for Api {
         &self,
         req: Request<proto::ForceReleaseLockRequest>,
     ) -> Result<Response<proto::ForceReleaseLockResponse>, Status> {
+        let caller = self.caller(&req)?;
         let cmd = Command::ForceRelease {
             key: req.into_inner().key,
         };
-        self.unary(cmd, |o| match o {
+        self.unary(caller, cmd, |o| match o {
             Outcome::ForceReleased(released) => Some(proto::ForceReleaseLockResponse { released }),
             _ => None,
         })
@@ -405,8 +479,9 @@ impl Api {
 impl proto::cluster_server::Cluster for Api {
     async fn members(
         &self,
-        _req: Request<proto::MembersRequest>,
+        req: Request<proto::MembersRequest>,
     ) -> Result<Response<proto::MembersResponse>, Status> {
+        self.caller(&req)?;
         Ok(Response::new(proto::MembersResponse {
             members: self.members(),
         }))
@@ -414,8 +489,9 @@ impl proto::cluster_server::Cluster for Api {
 
     async fn partition_table(
         &self,
-        _req: Request<proto::PartitionTableRequest>,
+        req: Request<proto::PartitionTableRequest>,
     ) -> Result<Response<proto::PartitionTableResponse>, Status> {
+        self.caller(&req)?;
         let t = self.node.cluster.table();
         let partitions = t
             .owners
@@ -453,8 +529,9 @@ impl proto::cluster_server::Cluster for Api {
 
     async fn health(
         &self,
-        _req: Request<proto::HealthRequest>,
+        req: Request<proto::HealthRequest>,
     ) -> Result<Response<proto::HealthResponse>, Status> {
+        self.caller(&req)?;
         let c = &self.node.cluster;
         let t = c.table();
         let (safe, without, migrating, examples) = self.node.safety_detail();

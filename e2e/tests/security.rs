@@ -1,0 +1,488 @@
+//! The client port's security with real processes: TLS (Rust client, CLI,
+//! Python grpcio), bearer tokens and client certificates, per-collection
+//! grants for every RPC, revocation without a restart, and clear errors for
+//! a plaintext client or a missing credential.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use distcache_client::{Client, ClientConfig, ClientTls, Error, LockOptions};
+use distcache_e2e::{NodeProcess, bin};
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+use sha2::{Digest, Sha256};
+
+struct Pki {
+    dir: PathBuf,
+}
+
+impl Pki {
+    /// A CA, a server certificate for localhost/127.0.0.1 and a client
+    /// certificate for `ops.clients`, as PEM files in a fresh directory.
+    fn new(tag: &str) -> Pki {
+        let dir = std::env::temp_dir().join(format!("dc-sec-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        let ca_key = KeyPair::generate().expect("key");
+        let mut ca = CertificateParams::new(Vec::<String>::new()).expect("params");
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca.distinguished_name
+            .push(DnType::CommonName, "distcache test CA");
+        let ca_cert = ca.self_signed(&ca_key).expect("CA");
+        let leaf = |names: Vec<String>, file: &str| {
+            let key = KeyPair::generate().expect("key");
+            let cert = CertificateParams::new(names)
+                .expect("params")
+                .signed_by(&key, &ca_cert, &ca_key)
+                .expect("sign");
+            std::fs::write(dir.join(format!("{file}.pem")), cert.pem()).expect("write");
+            std::fs::write(dir.join(format!("{file}.key")), key.serialize_pem()).expect("write");
+        };
+        std::fs::write(dir.join("ca.pem"), ca_cert.pem()).expect("write");
+        leaf(vec!["localhost".into(), "127.0.0.1".into()], "server");
+        leaf(vec!["ops.clients".into()], "client");
+        leaf(vec!["stranger.clients".into()], "stranger");
+        Pki { dir }
+    }
+
+    fn path(&self, file: &str) -> PathBuf {
+        self.dir.join(file)
+    }
+
+    fn s(&self, file: &str) -> String {
+        self.path(file).display().to_string()
+    }
+}
+
+fn sha(token: &str) -> String {
+    Sha256::digest(token.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn users_json(with_web: bool) -> String {
+    let web = if with_web {
+        format!(
+            r#"{{"name": "web", "token_sha256": "{}", "grants": [{{"collections": "sessions*", "roles": ["read", "write"]}}, {{"collections": "__locks__", "roles": ["write"]}}]}},"#,
+            sha("web-token")
+        )
+    } else {
+        String::new()
+    };
+    format!(
+        r#"{{"users": [
+            {web}
+            {{"name": "reader", "token_sha256": "{}", "grants": [{{"collections": "sessions*", "roles": ["read"]}}]}},
+            {{"name": "admin", "token_sha256": "{}", "grants": [{{"collections": "*", "roles": ["read", "write", "admin"]}}]}},
+            {{"name": "ops", "cert_name": "ops.clients", "grants": [{{"collections": "*", "roles": ["read", "admin"]}}]}}
+        ]}}"#,
+        sha("reader-token"),
+        sha("admin-token")
+    )
+}
+
+fn write_users(path: &Path, with_web: bool) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, users_json(with_web)).expect("write users");
+    std::fs::rename(&tmp, path).expect("rename users");
+}
+
+async fn client(
+    node: &NodeProcess,
+    pki: &Pki,
+    token: Option<&str>,
+) -> distcache_client::Result<Client> {
+    let tls =
+        ClientTls::from_files(Some(&pki.path("ca.pem")), None, None)?.server_name("localhost");
+    let mut config = ClientConfig::new([node.addr.to_string()])
+        .tls(tls)
+        .max_retries(0)
+        .request_timeout(Duration::from_secs(5));
+    if let Some(t) = token {
+        config = config.token(t);
+    }
+    Client::with_config(config).await
+}
+
+fn tls_node(pki: &Pki, users: &Path, extra: &[&str]) -> NodeProcess {
+    let (cert, key, users) = (
+        pki.s("server.pem"),
+        pki.s("server.key"),
+        users.display().to_string(),
+    );
+    let mut args = vec![
+        "--tls-cert",
+        &cert,
+        "--tls-key",
+        &key,
+        "--users-file",
+        &users,
+    ];
+    args.extend_from_slice(extra);
+    NodeProcess::start(&args)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_and_grants_decide_every_call_and_revocation_needs_no_restart() {
+    let pki = Pki::new("grants");
+    let users = pki.path("users.json");
+    write_users(&users, true);
+    let node = tls_node(&pki, &users, &[]);
+
+    let admin = client(&node, &pki, Some("admin-token"))
+        .await
+        .expect("admin connects");
+    admin
+        .collection("sessions")
+        .await
+        .expect("admin creates sessions");
+    admin
+        .collection("billing")
+        .await
+        .expect("admin creates billing");
+    let web = client(&node, &pki, Some("web-token"))
+        .await
+        .expect("web connects");
+    let reader = client(&node, &pki, Some("reader-token"))
+        .await
+        .expect("reader connects");
+
+    // What each role may do on sessions (write + read), and nothing else.
+    let s = web.collection_handle("sessions");
+    s.put("k", "v").await.expect("web writes sessions");
+    assert_eq!(
+        s.get("k").await.expect("web reads").as_deref(),
+        Some(&b"v"[..])
+    );
+    s.put_many([("a", "1"), ("b", "2")], None)
+        .await
+        .expect("batch write");
+    assert_eq!(s.get_many(["a", "b"]).await.expect("batch read").len(), 2);
+    assert_eq!(s.size().await.expect("size"), 3);
+    assert_eq!(s.keys().await.expect("keys").len(), 3);
+    assert_eq!(s.delete_many(["a"]).await.expect("delete_many"), 1);
+    assert!(s.delete("b").await.expect("delete"));
+    let lock = web
+        .acquire_lock("job", LockOptions::default())
+        .await
+        .expect("web takes a lock");
+    lock.release().await.expect("release");
+    let denied = |r: distcache_client::Result<_>, what: &str| match r {
+        Err(Error::NotAuthorized(m)) => assert!(!m.is_empty(), "{what}"),
+        Err(e) => panic!("{what}: expected NOT_AUTHORIZED, got {e:?}"),
+        Ok(_) => panic!("{what}: expected NOT_AUTHORIZED, got success"),
+    };
+    denied(s.clear().await.map(|_| ()), "web clear (admin)");
+    denied(
+        web.delete_collection("sessions").await.map(|_| ()),
+        "web delete collection",
+    );
+    denied(
+        web.collection("new-one").await.map(|_| ()),
+        "web creates a collection",
+    );
+    denied(
+        web.force_release_lock("job").await.map(|_| ()),
+        "web force-unlock",
+    );
+    let b = web.collection_handle("billing");
+    denied(b.get("k").await.map(|_| ()), "web reads billing");
+    denied(b.put("k", "v").await, "web writes billing");
+    let names: Vec<String> = web
+        .list_collections()
+        .await
+        .expect("list")
+        .into_iter()
+        .map(|c| c.name)
+        .collect();
+    assert_eq!(
+        names,
+        vec!["sessions".to_string()],
+        "web lists only what it may see"
+    );
+
+    let r = reader.collection_handle("sessions");
+    assert_eq!(
+        r.get("k").await.expect("reader reads").as_deref(),
+        Some(&b"v"[..])
+    );
+    denied(r.put("k", "x").await, "reader writes");
+    denied(
+        reader
+            .acquire_lock("job", LockOptions::default())
+            .await
+            .map(|_| ()),
+        "reader locks",
+    );
+
+    // The missing grant is named.
+    match s.clear().await {
+        Err(Error::NotAuthorized(m)) => {
+            assert!(m.contains("admin") && m.contains("sessions"), "{m}")
+        }
+        other => panic!("{other:?}"),
+    }
+
+    // No credential, or a wrong one: UNAUTHENTICATED.
+    match client(&node, &pki, None).await {
+        Err(Error::Unauthenticated(_)) => {}
+        other => panic!("no token: {other:?}"),
+    }
+    match client(&node, &pki, Some("guess")).await {
+        Err(Error::Unauthenticated(_)) => {}
+        other => panic!("bad token: {other:?}"),
+    }
+
+    // Revoke web in the file: refused within seconds, no restart.
+    write_users(&users, false);
+    let end = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        match s.get("k").await {
+            Err(Error::Unauthenticated(_)) => break,
+            Ok(_) if std::time::Instant::now() < end => {
+                tokio::time::sleep(Duration::from_millis(200)).await
+            }
+            other => panic!("web still served after revocation: {other:?}"),
+        }
+    }
+    // Others keep working.
+    assert_eq!(
+        r.get("k").await.expect("reader still reads").as_deref(),
+        Some(&b"v"[..])
+    );
+
+    // The CLI with --tls-ca and --token.
+    let cli = |token: &str, args: &[&str]| {
+        Command::new(bin("distcache"))
+            .args([
+                "--endpoints",
+                &node.addr.to_string(),
+                "--tls-ca",
+                &pki.s("ca.pem"),
+            ])
+            .args(["--tls-server-name", "localhost", "--token", token])
+            .args(args)
+            .output()
+            .expect("run distcache")
+    };
+    let o = cli("admin-token", &["put", "-c", "billing", "x", "1"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = cli("reader-token", &["get", "-c", "billing", "x"]);
+    assert_eq!(o.status.code(), Some(3));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("reader") && err.lines().count() == 1, "{err}");
+
+    // A plaintext client on the TLS port fails with a clear error.
+    let plain = Client::with_config(
+        ClientConfig::new([node.addr.to_string()])
+            .max_retries(0)
+            .request_timeout(Duration::from_secs(3)),
+    )
+    .await;
+    assert!(plain.is_err(), "plaintext client connected to a TLS port");
+    let _ = std::fs::remove_dir_all(&pki.dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_certificates_are_required_and_name_their_user() {
+    let pki = Pki::new("mtls");
+    let users = pki.path("users.json");
+    write_users(&users, true);
+    let ca = pki.s("ca.pem");
+    let node = tls_node(&pki, &users, &["--tls-client-ca", &ca]);
+    let with_cert = |file: &str| {
+        ClientTls::from_files(
+            Some(&pki.path("ca.pem")),
+            Some(&pki.path(&format!("{file}.pem"))),
+            Some(&pki.path(&format!("{file}.key"))),
+        )
+        .expect("tls files")
+        .server_name("localhost")
+    };
+    let config = |tls: ClientTls| {
+        ClientConfig::new([node.addr.to_string()])
+            .tls(tls)
+            .max_retries(0)
+            .request_timeout(Duration::from_secs(3))
+    };
+    // ops (certificate): read and admin everywhere, no write.
+    let ops = Client::with_config(config(with_cert("client")))
+        .await
+        .expect("ops connects");
+    let c = ops.collection("audit").await.expect("ops creates (admin)");
+    assert_eq!(c.get("k").await.expect("ops reads"), None);
+    assert!(matches!(
+        c.put("k", "v").await,
+        Err(Error::NotAuthorized(_))
+    ));
+    // A certificate the CA signed but no user names: UNAUTHENTICATED.
+    assert!(matches!(
+        Client::with_config(config(with_cert("stranger"))).await,
+        Err(Error::Unauthenticated(_))
+    ));
+    // No certificate at all: the handshake is refused.
+    let none = ClientTls::from_files(Some(&pki.path("ca.pem")), None, None)
+        .expect("tls")
+        .server_name("localhost");
+    let refused = Client::with_config(config(none).token("admin-token")).await;
+    assert!(
+        refused.is_err(),
+        "a client without a certificate was served"
+    );
+    let _ = std::fs::remove_dir_all(&pki.dir);
+}
+
+#[test]
+fn python_grpcio_speaks_tls_with_a_token() {
+    let pki = Pki::new("py");
+    let users = pki.path("users.json");
+    write_users(&users, true);
+    let node = tls_node(&pki, &users, &[]);
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let script = r#"
+import importlib, sys, tempfile
+import grpc
+from grpc_tools import protoc
+addr, proto_dir, ca = sys.argv[1], sys.argv[2], sys.argv[3]
+out = tempfile.mkdtemp()
+assert protoc.main(["protoc", f"-I{proto_dir}", f"--python_out={out}", f"--grpc_python_out={out}", "distcache/v1/distcache.proto"]) == 0
+sys.path.insert(0, out)
+pb = importlib.import_module("distcache.v1.distcache_pb2")
+rpc = importlib.import_module("distcache.v1.distcache_pb2_grpc")
+creds = grpc.ssl_channel_credentials(root_certificates=open(ca, "rb").read())
+ch = grpc.secure_channel(addr, creds, options=[("grpc.ssl_target_name_override", "localhost")])
+cols = rpc.CollectionsStub(ch)
+cache = rpc.CacheStub(ch)
+admin = [("authorization", "Bearer admin-token")]
+cols.GetOrCreate(pb.GetOrCreateCollectionRequest(name="sessions"), metadata=admin, timeout=10)
+cache.Put(pb.PutRequest(collection="sessions", key=b"py", value=b"tls"), metadata=[("authorization", "Bearer web-token")], timeout=10)
+got = cache.Get(pb.GetRequest(collection="sessions", key=b"py"), metadata=[("authorization", "Bearer reader-token")], timeout=10)
+assert got.found and got.value == b"tls", got
+try:
+    cache.Get(pb.GetRequest(collection="sessions", key=b"py"), timeout=10)
+    raise SystemExit("no token accepted")
+except grpc.RpcError as e:
+    assert e.code() == grpc.StatusCode.UNAUTHENTICATED, e.code()
+try:
+    cache.Put(pb.PutRequest(collection="sessions", key=b"py", value=b"x"), metadata=[("authorization", "Bearer reader-token")], timeout=10)
+    raise SystemExit("reader wrote")
+except grpc.RpcError as e:
+    assert e.code() == grpc.StatusCode.PERMISSION_DENIED, e.code()
+    assert ("distcache-reason", "NOT_AUTHORIZED") in list(e.trailing_metadata()), e.trailing_metadata()
+print("OK")
+"#;
+    let out = Command::new("python3")
+        .args(["-c", script])
+        .arg(node.addr.to_string())
+        .arg(root.join("../client/proto"))
+        .arg(pki.path("ca.pem"))
+        .output()
+        .expect("python3 with grpcio (.ci/run installs it)");
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("OK"));
+    let _ = std::fs::remove_dir_all(&pki.dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_certificate_is_served_without_a_restart() {
+    let old = Pki::new("rot-old");
+    let new = Pki::new("rot-new");
+    let users = old.path("users.json");
+    write_users(&users, true);
+    // The node reads its certificate from these two paths.
+    let (cert, key) = (old.dir.join("live.pem"), old.dir.join("live.key"));
+    std::fs::copy(old.path("server.pem"), &cert).expect("copy");
+    std::fs::copy(old.path("server.key"), &key).expect("copy");
+    let (c, k, u) = (
+        cert.display().to_string(),
+        key.display().to_string(),
+        users.display().to_string(),
+    );
+    let node = NodeProcess::start(&["--tls-cert", &c, "--tls-key", &k, "--users-file", &u]);
+    assert!(
+        client(&node, &old, Some("admin-token")).await.is_ok(),
+        "old CA trusted"
+    );
+    assert!(
+        client(&node, &new, Some("admin-token")).await.is_err(),
+        "new CA not yet"
+    );
+    // Rotate: the new CA's certificate replaces the old one on disk.
+    for (from, to) in [
+        (new.path("server.key"), &key),
+        (new.path("server.pem"), &cert),
+    ] {
+        let tmp = to.with_extension("tmp");
+        std::fs::copy(from, &tmp).expect("copy");
+        std::fs::rename(&tmp, to).expect("rename");
+    }
+    let end = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        match client(&node, &new, Some("admin-token")).await {
+            Ok(c) => {
+                c.collection("after-rotation")
+                    .await
+                    .expect("served with the new certificate");
+                break;
+            }
+            Err(e) if std::time::Instant::now() < end => {
+                let _ = e;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("the rotated certificate was not served: {e}"),
+        }
+    }
+    assert!(
+        client(&node, &old, Some("admin-token")).await.is_err(),
+        "old certificate retired"
+    );
+    let _ = std::fs::remove_dir_all(&old.dir);
+    let _ = std::fs::remove_dir_all(&new.dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_are_closed_and_a_flood_cannot_lock_clients_out() {
+    let node = NodeProcess::start(&["--max-connections", "16", "--idle-timeout-secs", "1"]);
+    // 200 connections that never send a byte: 16 are accepted, the rest wait
+    // in the backlog; each accepted one is closed after a second of silence.
+    let mut idle = Vec::new();
+    for _ in 0..200 {
+        idle.push(
+            tokio::net::TcpStream::connect(node.addr)
+                .await
+                .expect("connect"),
+        );
+    }
+    let started = std::time::Instant::now();
+    let c = Client::with_config(
+        ClientConfig::new([node.addr.to_string()]).request_timeout(Duration::from_secs(20)),
+    )
+    .await
+    .expect("a real client is served despite the flood");
+    c.put("k", "v").await.expect("put");
+    println!(
+        "served after {:?} behind 200 idle connections",
+        started.elapsed()
+    );
+    // The first accepted idle connection was closed by the node (after its
+    // HTTP/2 settings, it reads end of stream).
+    use tokio::io::AsyncReadExt;
+    let first = &mut idle[0];
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut buf = [0u8; 1024];
+        loop {
+            match first.read(&mut buf).await {
+                Ok(0) | Err(_) => return true,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert_eq!(closed, Ok(true), "an idle connection was not closed");
+}

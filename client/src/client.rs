@@ -116,17 +116,33 @@ impl Client {
         Ok(c)
     }
 
-    /// Names and settings of every collection.
+    /// Names and settings of every collection (that this client may see), in
+    /// name order, page by page.
     pub async fn list_collections(&self) -> Result<Vec<proto::CollectionSettings>> {
         let max = self.router.max_msg();
-        let resp = self
-            .router
-            .any(|ch| async move {
-                let mut c = CollectionsClient::new(ch).max_decoding_message_size(max);
-                Ok(c.list(proto::ListCollectionsRequest {}).await?.into_inner())
-            })
-            .await?;
-        Ok(resp.collections)
+        let mut out = Vec::new();
+        let mut page_token = String::new();
+        loop {
+            let req = proto::ListCollectionsRequest {
+                page_size: 0,
+                page_token: page_token.clone(),
+            };
+            let resp = self
+                .router
+                .any(|ch| {
+                    let req = req.clone();
+                    async move {
+                        let mut c = CollectionsClient::new(ch).max_decoding_message_size(max);
+                        Ok(c.list(req).await?.into_inner())
+                    }
+                })
+                .await?;
+            out.extend(resp.collections);
+            if resp.next_page_token.is_empty() {
+                return Ok(out);
+            }
+            page_token = resp.next_page_token;
+        }
     }
 
     /// Whether collection `name` exists.

@@ -47,6 +47,10 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 4_096;
 pub const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 1_024;
 /// Default idle client connection timeout (s).
 pub const DEFAULT_IDLE_TIMEOUT_SECS: u64 = 600;
+/// Default longest lock lease (s): one day.
+pub const DEFAULT_MAX_LOCK_HOLD_SECS: u64 = 86_400;
+/// Default most collections.
+pub const DEFAULT_MAX_COLLECTIONS: u64 = 10_000;
 /// Default lock lease when a request gives none (ms).
 pub const DEFAULT_HOLD_MS: u64 = 60_000;
 /// Default lock wait when a request gives none (ms).
@@ -174,6 +178,12 @@ pub struct NodeConfig {
     /// does not answer within 20 s is disconnected.
     #[arg(long, env = "DISTCACHE_KEEPALIVE_SECS", default_value_t = 0)]
     pub keepalive_secs: u64,
+    /// Longest lock lease a client may ask for (s).
+    #[arg(long, env = "DISTCACHE_MAX_LOCK_HOLD_SECS", default_value_t = DEFAULT_MAX_LOCK_HOLD_SECS)]
+    pub max_lock_hold_secs: u64,
+    /// Most collections (creating one more is refused with LIMIT_EXCEEDED).
+    #[arg(long, env = "DISTCACHE_MAX_COLLECTIONS", default_value_t = DEFAULT_MAX_COLLECTIONS)]
+    pub max_collections: u64,
     /// Log filter (tracing EnvFilter syntax, e.g. `info,distcache_node=debug`).
     #[arg(long, env = "DISTCACHE_LOG", default_value = "info")]
     pub log: String,
@@ -220,6 +230,8 @@ impl Default for NodeConfig {
             max_concurrent_streams: DEFAULT_MAX_CONCURRENT_STREAMS,
             idle_timeout_secs: DEFAULT_IDLE_TIMEOUT_SECS,
             keepalive_secs: 0,
+            max_lock_hold_secs: DEFAULT_MAX_LOCK_HOLD_SECS,
+            max_collections: DEFAULT_MAX_COLLECTIONS,
             log: "info".into(),
         }
     }

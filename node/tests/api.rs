@@ -682,3 +682,79 @@ async fn metrics_endpoint_counts_commands_and_reports_state() {
         "the metrics endpoint stops with the node"
     );
 }
+
+#[tokio::test]
+async fn engine_state_is_bounded_collections_lock_leases_and_unknown_lock_keys() {
+    let config = NodeConfig {
+        max_collections: 4,
+        max_lock_hold_secs: 10,
+        ..config()
+    };
+    let (node, c) = start_with(config, Arc::new(SystemClock::default())).await;
+    // The default collection counts: three more fit, the fourth is refused.
+    for name in ["a", "b", "c"] {
+        c.collection(name).await.expect("within the limit");
+    }
+    let e = c.collection("d").await.expect_err("over max-collections");
+    assert!(
+        matches!(&e, Error::LimitExceeded(m) if m.contains("max-collections")),
+        "{e}"
+    );
+    c.collection("a")
+        .await
+        .expect("an existing one is still got");
+    // Collections.List pages in name order.
+    let mut raw = distcache_client::proto::collections_client::CollectionsClient::connect(format!(
+        "http://{}",
+        node.addr
+    ))
+    .await
+    .expect("connect");
+    let (mut names, mut token, mut pages) = (Vec::new(), String::new(), 0);
+    loop {
+        let page = raw
+            .list(proto::ListCollectionsRequest {
+                page_size: 3,
+                page_token: token.clone(),
+            })
+            .await
+            .expect("list")
+            .into_inner();
+        assert!(page.collections.len() <= 3);
+        names.extend(page.collections.into_iter().map(|c| c.name));
+        pages += 1;
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    assert_eq!(names, ["__default__", "a", "b", "c"]);
+    assert_eq!(pages, 2);
+    assert_eq!(c.list_collections().await.expect("list").len(), 4);
+
+    // Leases above --max-lock-hold-secs are refused.
+    let e = c
+        .acquire_lock("l", LockOptions::default().hold(Duration::from_secs(11)))
+        .await
+        .expect_err("lease too long");
+    assert!(
+        matches!(&e, Error::LimitExceeded(m) if m.contains("max-lock-hold-secs")),
+        "{e}"
+    );
+    let g = c
+        .acquire_lock("l", LockOptions::default().hold(Duration::from_secs(10)))
+        .await
+        .expect("a lease at the limit");
+    g.release().await.expect("release");
+
+    // A failed release or extend of a key never locked creates no state.
+    let e = c
+        .release_lock_token("never-locked", 7)
+        .await
+        .expect_err("not held");
+    assert!(matches!(e, Error::LockNotHeld(_)), "{e}");
+    assert!(!c.force_release_lock("never-locked").await.expect("force"));
+    assert!(!node.node.locks.knows(&Bytes::from("never-locked")));
+    assert!(node.node.locks.knows(&Bytes::from("l")));
+    node.stop().await.expect("stop");
+}

@@ -58,6 +58,9 @@ fn settings(m: &CollectionMeta) -> proto::CollectionSettings {
     }
 }
 
+/// Most collections in one List page.
+const MAX_COLLECTIONS_PAGE: usize = 1_000;
+
 /// Most commands of one Batch stream in flight at once.
 const BATCH_IN_FLIGHT: usize = 4096;
 /// Depth of the response queue of one Batch stream.
@@ -333,17 +336,27 @@ impl proto::collections_server::Collections for Api {
         req: Request<proto::ListCollectionsRequest>,
     ) -> Result<Response<proto::ListCollectionsResponse>, Status> {
         let caller = self.caller(&req)?;
-        // Only the collections the caller holds a grant on.
-        let collections = self
+        let r = req.into_inner();
+        let size = match r.page_size {
+            0 => MAX_COLLECTIONS_PAGE,
+            n => (n as usize).min(MAX_COLLECTIONS_PAGE),
+        };
+        // In name order, after the page token, only what the caller may see.
+        let mut visible = self
             .node
             .store
             .list_collections()
-            .iter()
-            .filter(|m| caller.sees(&m.name))
-            .map(|m| settings(m))
-            .collect();
+            .into_iter()
+            .filter(|m| *m.name > *r.page_token.as_str() && caller.sees(&m.name));
+        let collections: Vec<proto::CollectionSettings> =
+            visible.by_ref().take(size).map(|m| settings(&m)).collect();
+        let next_page_token = match (visible.next(), collections.last()) {
+            (Some(_), Some(last)) => last.name.clone(),
+            _ => String::new(),
+        };
         Ok(Response::new(proto::ListCollectionsResponse {
             collections,
+            next_page_token,
         }))
     }
 

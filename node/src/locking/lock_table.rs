@@ -138,6 +138,12 @@ impl LockTable {
         self.epoch.load(Ordering::SeqCst) << 32
     }
 
+    /// Whether this table holds any state for `key` (a key never locked has
+    /// none, and a failed release or extend of it must not create one).
+    pub fn knows(&self, key: &Bytes) -> bool {
+        self.shard(key).lock().contains_key(key)
+    }
+
     /// The replicated form of `key`'s state.
     pub fn replica(&self, key: &Bytes) -> LockReplica {
         let now = self.clock.mono_ms();
@@ -359,7 +365,8 @@ fn to_replica(st: &LockState, now: u64) -> LockReplica {
     }
 }
 
-fn show(key: &[u8]) -> String {
+/// A lock key as shown in errors.
+pub fn show(key: &[u8]) -> String {
     String::from_utf8_lossy(key).into_owned()
 }
 

@@ -2,4 +2,4 @@
 
 mod lock_table;
 
-pub use lock_table::{Grant, LockTable};
+pub use lock_table::{Grant, LockTable, show as show_key};

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use distcache_client::partition::{DEFAULT_COLLECTION, resolve_collection};
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::net::message::{CollectionOp, Request, Response};
 use crate::node::Node;
 use crate::storage::CollectionMeta;
@@ -18,6 +18,14 @@ impl Node {
         ttl: u64,
         max: u64,
     ) -> Result<(Arc<CollectionMeta>, bool)> {
+        let most = self.config().max_collections;
+        if self.store.collection(name).is_err() && self.store.collection_count() as u64 >= most {
+            return Err(Error::LimitExceeded {
+                limit: "max-collections",
+                actual: self.store.collection_count() as u64 + 1,
+                max: most,
+            });
+        }
         if self.wal.is_some() && self.store.collection(name).is_err() {
             self.log_collection(&CollectionOp::Create {
                 name: resolve_collection(name).to_string(),

@@ -41,6 +41,25 @@ impl Node {
         result
     }
 
+    /// Refuses a lease longer than `--max-lock-hold-secs`.
+    fn check_lock_hold(&self, cmd: &Command) -> Result<()> {
+        let hold_ms = match cmd {
+            Command::Acquire { hold_ms, .. }
+            | Command::TryAcquire { hold_ms, .. }
+            | Command::Extend { hold_ms, .. } => *hold_ms,
+            _ => return Ok(()),
+        };
+        let max = self.config().max_lock_hold_secs.saturating_mul(1000);
+        if hold_ms > max {
+            return Err(Error::LimitExceeded {
+                limit: "max-lock-hold-secs",
+                actual: hold_ms / 1000,
+                max: self.config().max_lock_hold_secs,
+            });
+        }
+        Ok(())
+    }
+
     /// Waits (briefly) for this node to install a table newer than `epoch`.
     async fn settle(&self, epoch: u64) {
         let patience = self
@@ -65,6 +84,7 @@ impl Node {
         if let (Keyspace::Locks, Some(key)) = (cmd.keyspace(), cmd.key()) {
             self.store.check_key(key)?;
         }
+        self.check_lock_hold(&cmd)?;
         if cmd.is_collection_wide() {
             return self.execute_scan(cmd, origin).await;
         }
@@ -230,6 +250,16 @@ impl Node {
                 };
                 self.replicate_grant(table, p, &key, g).await?;
                 Ok(Outcome::MaybeGranted(Some(g)))
+            }
+            // A key never locked: refused (or nothing to release) without
+            // creating state here or on the backups.
+            Command::Release { key, .. } | Command::Extend { key, .. }
+                if !self.locks.knows(&key) =>
+            {
+                Err(Error::LockNotHeld(crate::locking::show_key(&key)))
+            }
+            Command::ForceRelease { key } if !self.locks.knows(&key) => {
+                Ok(Outcome::ForceReleased(false))
             }
             Command::Release { key, token } => {
                 let res = self.locks.release(&key, token);

@@ -170,6 +170,11 @@ impl Store {
         Ok((meta, true))
     }
 
+    /// How many collections exist.
+    pub fn collection_count(&self) -> usize {
+        self.collections.read().len()
+    }
+
     /// Every collection, sorted by name.
     pub fn list_collections(&self) -> Vec<Arc<CollectionMeta>> {
         let mut v: Vec<_> = self.collections.read().values().cloned().collect();

@@ -75,11 +75,17 @@ impl NodeProcess {
     /// Starts `distcache-node --listen 127.0.0.1:<free port>` plus `args` and
     /// waits until it listens.
     pub fn start(args: &[&str]) -> NodeProcess {
+        NodeProcess::start_with_env(args, &[])
+    }
+
+    /// [`NodeProcess::start`] with extra environment variables.
+    pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> NodeProcess {
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
         let child = Command::new(bin("distcache-node"))
             .arg("--listen")
             .arg(addr.to_string())
             .args(args)
+            .envs(env.iter().copied())
             .env("DISTCACHE_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
@@ -91,6 +97,24 @@ impl NodeProcess {
             "distcache-node did not listen on {addr}"
         );
         node
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Resident memory of the process, bytes (from /proc).
+    pub fn rss_bytes(&self) -> u64 {
+        std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("VmRSS:"))
+                    .and_then(|l| l.split_whitespace().nth(1))
+                    .and_then(|kb| kb.parse::<u64>().ok())
+            })
+            .map_or(0, |kb| kb * 1024)
     }
 
     /// Sends SIGTERM and waits for the exit status.

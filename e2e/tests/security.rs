@@ -486,3 +486,71 @@ async fn idle_connections_are_closed_and_a_flood_cannot_lock_clients_out() {
     .await;
     assert_eq!(closed, Ok(true), "an idle connection was not closed");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_streams_whose_responses_are_never_read_cannot_grow_the_node() {
+    use distcache_client::proto::{self, cache_client::CacheClient};
+    let budget = std::env::var("DC_TEST_BUDGET").unwrap_or_else(|_| "16777216".into());
+    // glibc's dynamic mmap threshold keeps freed 16 MiB buffers in the heap
+    // (RSS then measures the allocator's history, not live memory): fix it.
+    let node = NodeProcess::start_with_env(
+        &[
+            "--batch-buffer-bytes",
+            &budget,
+            "--max-value-bytes",
+            "4194304",
+        ],
+        &[("MALLOC_MMAP_THRESHOLD_", "131072")],
+    );
+    let c = Client::connect([node.addr.to_string()])
+        .await
+        .expect("client");
+    let keys: Vec<String> = (0..4).map(|i| format!("big{i}")).collect();
+    for k in &keys {
+        c.put(k, vec![7u8; 4 << 20]).await.expect("put 4 MiB");
+    }
+    let base = node.rss_bytes();
+    // 40 connections, each a Batch stream asking 8 times for 16 MiB and
+    // never reading: the client's receive window stays at 1 KiB.
+    let mut held = Vec::new();
+    for _ in 0..40 {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", node.addr))
+            .expect("endpoint")
+            .initial_stream_window_size(Some(1024))
+            .initial_connection_window_size(Some(1024))
+            .connect()
+            .await
+            .expect("connect");
+        let mut raw = CacheClient::new(channel).max_decoding_message_size(64 << 20);
+        let asks: Vec<proto::BatchRequest> = (0..8)
+            .map(|i| proto::BatchRequest {
+                commands: vec![proto::Command {
+                    id: i,
+                    op: Some(proto::command::Op::GetMany(proto::GetManyRequest {
+                        collection: String::new(),
+                        keys: keys.iter().map(|k| bytes::Bytes::from(k.clone())).collect(),
+                    })),
+                }],
+            })
+            .collect();
+        let resp = raw
+            .batch(futures::stream::iter(asks))
+            .await
+            .expect("stream opens");
+        held.push((raw, resp));
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let grown = node.rss_bytes().saturating_sub(base);
+    println!("RSS grew by {} MiB with 40 unread streams", grown >> 20);
+    // Without the budget this scenario grows the node by ~1.3 GiB (measured:
+    // 1,282 MiB with --batch-buffer-bytes 4000000000); with a 16 MiB budget
+    // it grew 97 MiB in 3 of 3 runs.
+    assert!(grown < 300 << 20, "RSS grew by {} MiB", grown >> 20);
+    // A well-behaved client is still served.
+    c.put("small", "ok").await.expect("put while others stall");
+    assert_eq!(
+        c.get("small").await.expect("get").as_deref(),
+        Some(&b"ok"[..])
+    );
+    drop(held);
+}

@@ -49,6 +49,8 @@ pub const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 1_024;
 pub const DEFAULT_IDLE_TIMEOUT_SECS: u64 = 600;
 /// Default longest lock lease (s): one day.
 pub const DEFAULT_MAX_LOCK_HOLD_SECS: u64 = 86_400;
+/// Default byte budget of queued Batch responses (256 MiB).
+pub const DEFAULT_BATCH_BUFFER_BYTES: u64 = 256 * 1024 * 1024;
 /// Default most collections.
 pub const DEFAULT_MAX_COLLECTIONS: u64 = 10_000;
 /// Default lock lease when a request gives none (ms).
@@ -178,6 +180,10 @@ pub struct NodeConfig {
     /// does not answer within 20 s is disconnected.
     #[arg(long, env = "DISTCACHE_KEEPALIVE_SECS", default_value_t = 0)]
     pub keepalive_secs: u64,
+    /// Bytes of Batch-stream responses the node queues for all clients at
+    /// once; a stream whose client does not read waits for room.
+    #[arg(long, env = "DISTCACHE_BATCH_BUFFER_BYTES", default_value_t = DEFAULT_BATCH_BUFFER_BYTES)]
+    pub batch_buffer_bytes: u64,
     /// Longest lock lease a client may ask for (s).
     #[arg(long, env = "DISTCACHE_MAX_LOCK_HOLD_SECS", default_value_t = DEFAULT_MAX_LOCK_HOLD_SECS)]
     pub max_lock_hold_secs: u64,
@@ -231,6 +237,7 @@ impl Default for NodeConfig {
             idle_timeout_secs: DEFAULT_IDLE_TIMEOUT_SECS,
             keepalive_secs: 0,
             max_lock_hold_secs: DEFAULT_MAX_LOCK_HOLD_SECS,
+            batch_buffer_bytes: DEFAULT_BATCH_BUFFER_BYTES,
             max_collections: DEFAULT_MAX_COLLECTIONS,
             log: "info".into(),
         }

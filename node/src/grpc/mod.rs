@@ -1,6 +1,7 @@
 //! The client-facing gRPC layer.
 
 pub mod auth;
+pub mod budget;
 mod convert;
 mod service;
 mod status;

@@ -4,12 +4,12 @@ use bytes::Bytes;
 use distcache_client::proto::{self, command, command_result};
 use std::sync::Arc;
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use futures::{FutureExt, StreamExt, stream::FuturesUnordered};
 
 use super::auth::{Access, Caller};
+use super::budget::{Budgeted, ResponseBudget};
 use super::convert;
 use super::status::{to_proto, to_status};
 use crate::command::{Command, Origin, Outcome};
@@ -23,6 +23,7 @@ use crate::storage::CollectionMeta;
 pub struct Api {
     node: Arc<Node>,
     access: Access,
+    budget: ResponseBudget,
 }
 
 impl Api {
@@ -33,7 +34,12 @@ impl Api {
 
     /// Services over `node`, each call checked by `access`.
     pub fn with_access(node: Arc<Node>, access: Access) -> Self {
-        Api { node, access }
+        let budget = ResponseBudget::new(node.config().batch_buffer_bytes);
+        Api {
+            node,
+            access,
+            budget,
+        }
     }
 
     /// The caller of `req`, or UNAUTHENTICATED.
@@ -60,6 +66,30 @@ fn settings(m: &CollectionMeta) -> proto::CollectionSettings {
 
 /// Most collections in one List page.
 const MAX_COLLECTIONS_PAGE: usize = 1_000;
+
+/// A Batch response message holds ready results up to about this size.
+const BATCH_MESSAGE_BYTES: usize = 1 << 20;
+
+/// Groups results into responses of about [`BATCH_MESSAGE_BYTES`] each.
+fn coalesce(results: Vec<proto::CommandResult>) -> Vec<proto::BatchResponse> {
+    let mut out = Vec::new();
+    let (mut current, mut bytes) = (Vec::new(), 0usize);
+    for r in results {
+        let len = prost::Message::encoded_len(&r);
+        if !current.is_empty() && bytes + len > BATCH_MESSAGE_BYTES {
+            out.push(proto::BatchResponse {
+                results: std::mem::take(&mut current),
+            });
+            bytes = 0;
+        }
+        bytes += len;
+        current.push(r);
+    }
+    if !current.is_empty() {
+        out.push(proto::BatchResponse { results: current });
+    }
+    out
+}
 
 /// Most commands of one Batch stream in flight at once.
 const BATCH_IN_FLIGHT: usize = 4096;
@@ -241,7 +271,7 @@ impl proto::cache_server::Cache for Api {
         .await
     }
 
-    type BatchStream = ReceiverStream<Result<proto::BatchResponse, Status>>;
+    type BatchStream = Budgeted<Result<proto::BatchResponse, Status>>;
 
     async fn batch(
         &self,
@@ -283,16 +313,27 @@ impl proto::cache_server::Cache for Api {
                             } else {
                                 tracing::debug!(error = %status.message(), "batch stream ended");
                             }
-                            let _ = tx.send(Err(status)).await;
+                            let _ = tx.send((Err(status), 0)).await;
                             break;
                         }
                     },
                     Some(first) = in_flight.next(), if !in_flight.is_empty() => {
-                        let mut results = vec![first];
+                        let mut ready = vec![first];
                         while let Some(Some(r)) = in_flight.next().now_or_never() {
-                            results.push(r);
+                            ready.push(r);
                         }
-                        if tx.send(Ok(proto::BatchResponse { results })).await.is_err() {
+                        // Ready results coalesced into messages of about
+                        // BATCH_MESSAGE_BYTES (one result may be larger), each
+                        // with its size for the node's response budget.
+                        let mut sent = true;
+                        for resp in coalesce(ready) {
+                            let len = prost::Message::encoded_len(&resp);
+                            if tx.send((Ok(resp), len)).await.is_err() {
+                                sent = false;
+                                break;
+                            }
+                        }
+                        if !sent {
                             break;
                         }
                     }
@@ -300,7 +341,7 @@ impl proto::cache_server::Cache for Api {
                 }
             }
         });
-        Ok(Response::new(ReceiverStream::new(rx)))
+        Ok(Response::new(Budgeted::new(rx, &self.budget)))
     }
 }
 

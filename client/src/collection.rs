@@ -136,6 +136,73 @@ impl Collection {
         self.put_inner(key.as_ref(), value.into(), Some(ttl)).await
     }
 
+    /// Stores `value` only if `key` holds no live entry; true if it did not
+    /// (Redis `SET NX`). `ttl` None: the collection's default.
+    pub async fn put_if_absent(
+        &self,
+        key: impl AsRef<[u8]>,
+        value: impl Into<Bytes>,
+        ttl: Option<Duration>,
+    ) -> Result<bool> {
+        let key = Bytes::copy_from_slice(key.as_ref());
+        let p = self.partition(&key);
+        let op = command::Op::PutIfAbsent(proto::PutIfAbsentRequest {
+            collection: self.name.to_string(),
+            key,
+            value: value.into(),
+            ttl_ms: ttl_ms(ttl),
+        });
+        match self.router.execute_once(p, op).await? {
+            command_result::Result::PutIfAbsent(r) => Ok(r.stored),
+            _ => Err(unexpected()),
+        }
+    }
+
+    /// Replaces the value of `key` with `new` only if it is `expected`; true
+    /// if it was replaced (an absent key never matches).
+    pub async fn compare_and_set(
+        &self,
+        key: impl AsRef<[u8]>,
+        expected: impl Into<Bytes>,
+        new: impl Into<Bytes>,
+        ttl: Option<Duration>,
+    ) -> Result<bool> {
+        let key = Bytes::copy_from_slice(key.as_ref());
+        let p = self.partition(&key);
+        let op = command::Op::CompareAndSet(proto::CompareAndSetRequest {
+            collection: self.name.to_string(),
+            key,
+            expected: expected.into(),
+            value: new.into(),
+            ttl_ms: ttl_ms(ttl),
+        });
+        match self.router.execute_once(p, op).await? {
+            command_result::Result::CompareAndSet(r) => Ok(r.swapped),
+            _ => Err(unexpected()),
+        }
+    }
+
+    /// Adds `delta` to the decimal integer at `key` (absent = 0) and returns
+    /// the new value (Redis `INCRBY`); the entry keeps its expiry.
+    ///
+    /// Not retried after an indeterminate failure (it is not idempotent):
+    /// an `Unavailable` or `Timeout` error means the increment may or may
+    /// not have been applied.
+    pub async fn increment(&self, key: impl AsRef<[u8]>, delta: i64) -> Result<i64> {
+        let key = Bytes::copy_from_slice(key.as_ref());
+        let p = self.partition(&key);
+        let op = command::Op::Increment(proto::IncrementRequest {
+            collection: self.name.to_string(),
+            key,
+            delta,
+            ttl_ms: None,
+        });
+        match self.router.execute_once(p, op).await? {
+            command_result::Result::Increment(r) => Ok(r.value),
+            _ => Err(unexpected()),
+        }
+    }
+
     /// Stores a serde value (MessagePack-encoded) under `key`.
     pub async fn put_value<T: Serialize + ?Sized>(
         &self,

@@ -150,7 +150,16 @@ impl Router {
     /// succeeds, fails for good, or the retries are spent; between attempts
     /// refreshes the table after a routing or availability error and backs
     /// off with jitter.
-    async fn retrying<R, F, Fut>(&self, mut call: F) -> Result<R>
+    async fn retrying<R, F, Fut>(&self, call: F) -> Result<R>
+    where
+        F: FnMut(u32, Option<&Error>) -> Fut,
+        Fut: std::future::Future<Output = Result<R>>,
+    {
+        self.retrying_when(Error::is_retryable, call).await
+    }
+
+    /// [`Router::retrying`], retrying only the errors `retry` accepts.
+    async fn retrying_when<R, F, Fut>(&self, retry: fn(&Error) -> bool, mut call: F) -> Result<R>
     where
         F: FnMut(u32, Option<&Error>) -> Fut,
         Fut: std::future::Future<Output = Result<R>>,
@@ -159,7 +168,7 @@ impl Router {
         let mut last: Option<Error> = None;
         loop {
             match call(attempt, last.as_ref()).await {
-                Err(e) if e.is_retryable() && attempt < self.config.max_retries => {
+                Err(e) if retry(&e) && attempt < self.config.max_retries => {
                     if matches!(
                         e,
                         Error::NotOwner { .. } | Error::Unavailable(_) | Error::Connect(_)
@@ -194,6 +203,32 @@ impl Router {
                 Some(_) => 0,
             };
             let node = self.routing().pick(partition, replica);
+            let op = op.clone();
+            async move { self.execute_on(&node, op).await }
+        })
+        .await
+    }
+
+    /// Runs a command that must not run twice (a conditional write, an
+    /// increment) on the owner of `partition`: retried only after errors
+    /// that guarantee it was not applied (routing, no quorum, no
+    /// connection), never after an indeterminate one.
+    pub(crate) async fn execute_once(
+        &self,
+        partition: u32,
+        op: command::Op,
+    ) -> Result<command_result::Result> {
+        fn not_applied(e: &Error) -> bool {
+            matches!(
+                e,
+                Error::NotOwner { .. }
+                    | Error::QuorumLost(_)
+                    | Error::ClusterNotReady(_)
+                    | Error::Connect(_)
+            )
+        }
+        self.retrying_when(not_applied, |_, _| {
+            let node = self.routing().owner(partition);
             let op = op.clone();
             async move { self.execute_on(&node, op).await }
         })

@@ -357,3 +357,28 @@ fn local_members_die_with_a_killed_launcher() {
         "orphaned members still listening: {alive:?}"
     );
 }
+
+#[test]
+fn atomic_commands_put_if_absent_cas_and_incr() {
+    let node = NodeProcess::start(&[]);
+    let o = cli(&node, &["put-if-absent", "job", "me"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let o = cli(&node, &["put-if-absent", "job", "you"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(stderr(&o).trim(), "exists");
+    let o = cli(&node, &["cas", "job", "you", "x"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(stderr(&o).trim(), "not swapped");
+    assert_eq!(
+        cli(&node, &["cas", "job", "me", "you"]).status.code(),
+        Some(0)
+    );
+    assert_eq!(stdout(&cli(&node, &["get", "job"])), "you");
+    assert_eq!(stdout(&cli(&node, &["incr", "n"])).trim(), "1");
+    assert_eq!(
+        stdout(&cli(&node, &["incr", "--by", "-5", "n"])).trim(),
+        "-4"
+    );
+    let o = cli(&node, &["incr", "job"]);
+    assert_eq!(o.status.code(), Some(3), "not an integer");
+}

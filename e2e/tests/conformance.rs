@@ -33,6 +33,18 @@ async fn every_rpc_gives_the_same_answer_through_any_member_as_on_one_node() {
     // The reference itself says what the contract is.
     assert_eq!(reference["get_many"][0][0], "m5", "{reference}");
     assert_eq!(reference["size"], 66);
+    assert_eq!(
+        reference["atomic"],
+        serde_json::json!([
+            true,
+            false,
+            false,
+            true,
+            7,
+            -3,
+            ["INVALID_ARGUMENT", "INVALID_ARGUMENT"]
+        ])
+    );
     assert_eq!(reference["keys"].as_array().map(Vec::len), Some(66));
     assert_eq!(reference["keys_pages_over_one"], true);
     assert_eq!(reference["clear"], 66);

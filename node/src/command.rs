@@ -37,6 +37,41 @@ pub enum Command {
         /// Key.
         key: Bytes,
     },
+    /// Store a value only if the key holds no live entry.
+    PutIfAbsent {
+        /// Collection name.
+        collection: String,
+        /// Key.
+        key: Bytes,
+        /// Value.
+        value: Bytes,
+        /// TTL, ms (None: the collection's default).
+        ttl_ms: Option<u64>,
+    },
+    /// Replace the value only if it equals `expected`.
+    CompareAndSet {
+        /// Collection name.
+        collection: String,
+        /// Key.
+        key: Bytes,
+        /// The value the key must hold.
+        expected: Bytes,
+        /// The new value.
+        value: Bytes,
+        /// TTL, ms (None: the collection's default).
+        ttl_ms: Option<u64>,
+    },
+    /// Add `delta` to the decimal integer stored at the key (absent = 0).
+    Increment {
+        /// Collection name.
+        collection: String,
+        /// Key.
+        key: Bytes,
+        /// Amount added.
+        delta: i64,
+        /// TTL, ms (None: keep the entry's expiry).
+        ttl_ms: Option<u64>,
+    },
     /// Read several entries.
     GetMany {
         /// Collection name.
@@ -136,6 +171,12 @@ pub enum Outcome {
     StoredMany,
     /// Delete: whether a live entry was removed.
     Deleted(bool),
+    /// PutIfAbsent: whether the key was absent and now holds the value.
+    Inserted(bool),
+    /// CompareAndSet: whether the value was replaced.
+    Swapped(bool),
+    /// Increment: the new value.
+    Counter(i64),
     /// GetMany: the entries found.
     Entries(Vec<(Bytes, Bytes)>),
     /// DeleteMany: how many live entries were removed.
@@ -190,6 +231,9 @@ impl Command {
             Command::Get { .. } => "get",
             Command::Put { .. } => "put",
             Command::Delete { .. } => "delete",
+            Command::PutIfAbsent { .. } => "put_if_absent",
+            Command::CompareAndSet { .. } => "compare_and_set",
+            Command::Increment { .. } => "increment",
             Command::GetMany { .. } => "get_many",
             Command::PutMany { .. } => "put_many",
             Command::DeleteMany { .. } => "delete_many",
@@ -210,6 +254,9 @@ impl Command {
             Command::Get { collection, .. }
             | Command::Put { collection, .. }
             | Command::Delete { collection, .. }
+            | Command::PutIfAbsent { collection, .. }
+            | Command::CompareAndSet { collection, .. }
+            | Command::Increment { collection, .. }
             | Command::GetMany { collection, .. }
             | Command::PutMany { collection, .. }
             | Command::DeleteMany { collection, .. }
@@ -226,6 +273,9 @@ impl Command {
             Command::Get { key, .. }
             | Command::Put { key, .. }
             | Command::Delete { key, .. }
+            | Command::PutIfAbsent { key, .. }
+            | Command::CompareAndSet { key, .. }
+            | Command::Increment { key, .. }
             | Command::Acquire { key, .. }
             | Command::TryAcquire { key, .. }
             | Command::Release { key, .. }

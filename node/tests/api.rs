@@ -758,3 +758,88 @@ async fn engine_state_is_bounded_collections_lock_leases_and_unknown_lock_keys()
     assert!(node.node.locks.knows(&Bytes::from("l")));
     node.stop().await.expect("stop");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn atomic_operations_put_if_absent_compare_and_set_increment() {
+    let clock = ManualClock::new(1_000_000);
+    let (node, c) = start_with(config(), clock.clone()).await;
+    let s = c.collection("atomic").await.expect("collection");
+    assert!(s.put_if_absent("once", "a", None).await.expect("pia"));
+    assert!(!s.put_if_absent("once", "b", None).await.expect("pia"));
+    assert_eq!(
+        s.get("once").await.expect("get").as_deref(),
+        Some(&b"a"[..])
+    );
+    // An expired entry is absent.
+    assert!(
+        s.put_if_absent("short", "1", Some(Duration::from_millis(10)))
+            .await
+            .expect("pia")
+    );
+    clock.advance(20);
+    assert!(
+        s.put_if_absent("short", "2", None)
+            .await
+            .expect("pia after expiry")
+    );
+
+    assert!(
+        !s.compare_and_set("once", "zzz", "c", None)
+            .await
+            .expect("cas")
+    );
+    assert!(
+        s.compare_and_set("once", "a", "c", None)
+            .await
+            .expect("cas")
+    );
+    assert_eq!(
+        s.get("once").await.expect("get").as_deref(),
+        Some(&b"c"[..])
+    );
+    assert!(
+        !s.compare_and_set("absent", "", "x", None)
+            .await
+            .expect("cas"),
+        "absent never matches"
+    );
+
+    assert_eq!(s.increment("n", 5).await.expect("incr"), 5);
+    assert_eq!(s.increment("n", -7).await.expect("incr"), -2);
+    assert_eq!(s.get("n").await.expect("get").as_deref(), Some(&b"-2"[..]));
+    let e = s.increment("once", 1).await.expect_err("not an integer");
+    assert!(matches!(e, Error::InvalidArgument(_)), "{e}");
+    s.put("big", i64::MAX.to_string()).await.expect("put");
+    let e = s.increment("big", 1).await.expect_err("overflow");
+    assert!(matches!(e, Error::InvalidArgument(_)), "{e}");
+    assert_eq!(
+        s.get("big").await.expect("get"),
+        Some(Bytes::from(i64::MAX.to_string()))
+    );
+    // An increment keeps the entry's expiry.
+    s.put_with_ttl("ttl-n", "1", Duration::from_millis(100))
+        .await
+        .expect("put");
+    assert_eq!(s.increment("ttl-n", 1).await.expect("incr"), 2);
+    clock.advance(150);
+    assert_eq!(s.get("ttl-n").await.expect("get"), None, "expiry kept");
+
+    // 32 concurrent incrementers: every increment counted once.
+    let mut tasks = Vec::new();
+    for _ in 0..32 {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..50 {
+                s.increment("hits", 1).await.expect("incr");
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("task");
+    }
+    assert_eq!(
+        s.get("hits").await.expect("get").as_deref(),
+        Some(&b"1600"[..])
+    );
+    node.stop().await.expect("stop");
+}

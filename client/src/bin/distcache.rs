@@ -72,6 +72,33 @@ enum Cmd {
         key: String,
         value: String,
     },
+    /// Store VALUE under KEY only if KEY holds nothing (exit 1 if it does).
+    PutIfAbsent {
+        #[command(flatten)]
+        c: Coll,
+        /// Time to live, seconds (default: the collection's).
+        #[arg(long)]
+        ttl: Option<f64>,
+        key: String,
+        value: String,
+    },
+    /// Replace KEY's value EXPECTED with NEW (exit 1 if it was not EXPECTED).
+    Cas {
+        #[command(flatten)]
+        c: Coll,
+        key: String,
+        expected: String,
+        new: String,
+    },
+    /// Add --by (default 1) to the integer at KEY; prints the new value.
+    Incr {
+        #[command(flatten)]
+        c: Coll,
+        /// Amount added (negative to decrement).
+        #[arg(long, default_value_t = 1, allow_negative_numbers = true)]
+        by: i64,
+        key: String,
+    },
     /// Print the value of KEY alone on stdout (exit 1 if not found).
     Get {
         #[command(flatten)]
@@ -165,6 +192,8 @@ fn secs(s: f64, what: &str) -> anyhow::Result<Duration> {
 enum Outcome {
     Ok,
     NotFound,
+    /// A conditional write did not apply (exit 1, the reason on stderr).
+    Refused(&'static str),
     LockNotAcquired,
     WritesLost(u64),
 }
@@ -278,6 +307,26 @@ async fn run(cli: Cli) -> anyhow::Result<Outcome> {
                 None => col.put(key, value).await?,
             }
         }
+        Cmd::PutIfAbsent { c, ttl, key, value } => {
+            let ttl = ttl.map(|t| secs(t, "--ttl")).transpose()?;
+            if !coll(&c).put_if_absent(key, value.into_bytes(), ttl).await? {
+                return Ok(Outcome::Refused("exists"));
+            }
+        }
+        Cmd::Cas {
+            c,
+            key,
+            expected,
+            new,
+        } => {
+            if !coll(&c)
+                .compare_and_set(key, expected.into_bytes(), new.into_bytes(), None)
+                .await?
+            {
+                return Ok(Outcome::Refused("not swapped"));
+            }
+        }
+        Cmd::Incr { c, by, key } => writeln!(out, "{}", coll(&c).increment(key, by).await?)?,
         Cmd::Get { c, key } => match coll(&c).get(key).await? {
             Some(v) => out.write_all(&v)?,
             None => return Ok(Outcome::NotFound),
@@ -501,6 +550,10 @@ async fn main() -> ExitCode {
         Ok(Outcome::Ok) => ExitCode::SUCCESS,
         Ok(Outcome::NotFound) => {
             eprintln!("not found");
+            ExitCode::from(1)
+        }
+        Ok(Outcome::Refused(why)) => {
+            eprintln!("{why}");
             ExitCode::from(1)
         }
         Ok(Outcome::LockNotAcquired) => {

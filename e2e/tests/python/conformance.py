@@ -77,6 +77,19 @@ while True:
 R["keys"] = keys
 R["keys_pages_over_one"] = pages > 1
 
+# Atomic operations.
+R["atomic"] = [
+    cache.PutIfAbsent(pb.PutIfAbsentRequest(collection=name, key=b"once", value=b"a"), timeout=T).stored,
+    cache.PutIfAbsent(pb.PutIfAbsentRequest(collection=name, key=b"once", value=b"b"), timeout=T).stored,
+    cache.CompareAndSet(pb.CompareAndSetRequest(collection=name, key=b"once", expected=b"b", value=b"c"), timeout=T).swapped,
+    cache.CompareAndSet(pb.CompareAndSetRequest(collection=name, key=b"once", expected=b"a", value=b"c"), timeout=T).swapped,
+    cache.Increment(pb.IncrementRequest(collection=name, key=b"n", delta=7), timeout=T).value,
+    cache.Increment(pb.IncrementRequest(collection=name, key=b"n", delta=-10), timeout=T).value,
+    err(lambda: cache.Increment(pb.IncrementRequest(collection=name, key=b"once", delta=1), timeout=T)),
+]
+cache.Delete(pb.DeleteRequest(collection=name, key=b"once"), timeout=T)
+cache.Delete(pb.DeleteRequest(collection=name, key=b"n"), timeout=T)
+
 # The Batch stream: results by id, in any order.
 def batch():
     yield pb.BatchRequest(commands=[

@@ -47,6 +47,9 @@ impl Caller {
             | Command::Keys { .. } => Role::Read,
             Command::Put { .. }
             | Command::Delete { .. }
+            | Command::PutIfAbsent { .. }
+            | Command::CompareAndSet { .. }
+            | Command::Increment { .. }
             | Command::PutMany { .. }
             | Command::DeleteMany { .. }
             | Command::Acquire { .. }

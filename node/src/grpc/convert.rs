@@ -31,6 +31,25 @@ pub fn command(op: command::Op) -> Command {
             collection: r.collection,
             key: r.key,
         },
+        command::Op::PutIfAbsent(r) => Command::PutIfAbsent {
+            collection: r.collection,
+            key: r.key,
+            value: r.value,
+            ttl_ms: r.ttl_ms,
+        },
+        command::Op::CompareAndSet(r) => Command::CompareAndSet {
+            collection: r.collection,
+            key: r.key,
+            expected: r.expected,
+            value: r.value,
+            ttl_ms: r.ttl_ms,
+        },
+        command::Op::Increment(r) => Command::Increment {
+            collection: r.collection,
+            key: r.key,
+            delta: r.delta,
+            ttl_ms: r.ttl_ms,
+        },
         command::Op::GetMany(r) => Command::GetMany {
             collection: r.collection,
             keys: r.keys,
@@ -100,6 +119,9 @@ pub fn result(outcome: Outcome) -> Result<command_result::Result> {
         Outcome::Stored => R::Put(proto::PutResponse {}),
         Outcome::StoredMany => R::PutMany(proto::PutManyResponse {}),
         Outcome::Deleted(deleted) => R::Delete(proto::DeleteResponse { deleted }),
+        Outcome::Counter(value) => R::Increment(proto::IncrementResponse { value }),
+        Outcome::Inserted(stored) => R::PutIfAbsent(proto::PutIfAbsentResponse { stored }),
+        Outcome::Swapped(swapped) => R::CompareAndSet(proto::CompareAndSetResponse { swapped }),
         Outcome::Entries(e) => R::GetMany(proto::GetManyResponse { entries: kvs(e) }),
         Outcome::DeletedCount(deleted) => R::DeleteMany(proto::DeleteManyResponse { deleted }),
         other => {

@@ -174,6 +174,51 @@ impl proto::cache_server::Cache for Api {
         .await
     }
 
+    async fn put_if_absent(
+        &self,
+        req: Request<proto::PutIfAbsentRequest>,
+    ) -> Result<Response<proto::PutIfAbsentResponse>, Status> {
+        self.data(
+            self.caller(&req)?,
+            command::Op::PutIfAbsent(req.into_inner()),
+            |r| match r {
+                command_result::Result::PutIfAbsent(r) => Some(r),
+                _ => None,
+            },
+        )
+        .await
+    }
+
+    async fn compare_and_set(
+        &self,
+        req: Request<proto::CompareAndSetRequest>,
+    ) -> Result<Response<proto::CompareAndSetResponse>, Status> {
+        self.data(
+            self.caller(&req)?,
+            command::Op::CompareAndSet(req.into_inner()),
+            |r| match r {
+                command_result::Result::CompareAndSet(r) => Some(r),
+                _ => None,
+            },
+        )
+        .await
+    }
+
+    async fn increment(
+        &self,
+        req: Request<proto::IncrementRequest>,
+    ) -> Result<Response<proto::IncrementResponse>, Status> {
+        self.data(
+            self.caller(&req)?,
+            command::Op::Increment(req.into_inner()),
+            |r| match r {
+                command_result::Result::Increment(r) => Some(r),
+                _ => None,
+            },
+        )
+        .await
+    }
+
     async fn get_many(
         &self,
         req: Request<proto::GetManyRequest>,

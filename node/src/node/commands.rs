@@ -195,6 +195,7 @@ impl Node {
     }
 
     /// A single-key command on partition `p`, primary here.
+    #[allow(clippy::too_many_lines)]
     async fn execute_here(&self, table: &Table, p: u32, cmd: Command) -> Result<Outcome> {
         let apply = |ops| self.store.apply_planned(ops);
         match cmd {
@@ -229,6 +230,77 @@ impl Node {
                     .plan_deletes(&collection, std::slice::from_ref(&key))?;
                 let live = self.write(table, vec![p], planned, apply).await?;
                 Ok(Outcome::Deleted(live > 0))
+            }
+            Command::PutIfAbsent {
+                collection,
+                key,
+                value,
+                ttl_ms,
+            } => {
+                let plan = || {
+                    if self.store.peek(&collection, &key)?.is_some() {
+                        return Ok((false, Vec::new()));
+                    }
+                    Ok((
+                        true,
+                        vec![self.store.plan_put(&collection, key, value, ttl_ms)?],
+                    ))
+                };
+                let inserted = self
+                    .write_with(table, vec![p], plan, applied_with(&self.store))
+                    .await?;
+                Ok(Outcome::Inserted(inserted))
+            }
+            Command::CompareAndSet {
+                collection,
+                key,
+                expected,
+                value,
+                ttl_ms,
+            } => {
+                let plan = || match self.store.peek(&collection, &key)? {
+                    Some((current, _)) if current == expected => Ok((
+                        true,
+                        vec![self.store.plan_put(&collection, key, value, ttl_ms)?],
+                    )),
+                    _ => Ok((false, Vec::new())),
+                };
+                let swapped = self
+                    .write_with(table, vec![p], plan, applied_with(&self.store))
+                    .await?;
+                Ok(Outcome::Swapped(swapped))
+            }
+            Command::Increment {
+                collection,
+                key,
+                delta,
+                ttl_ms,
+            } => {
+                let plan = || {
+                    let current = self.store.peek(&collection, &key)?;
+                    let (now, expires_at) = match &current {
+                        Some((v, exp)) => (parse_counter(&key, v)?, Some(*exp)),
+                        None => (0, None),
+                    };
+                    let next = now.checked_add(delta).ok_or_else(|| {
+                        Error::InvalidArgument(format!(
+                            "incrementing {:?} by {delta} overflows",
+                            String::from_utf8_lossy(&key)
+                        ))
+                    })?;
+                    let value = Bytes::from(next.to_string());
+                    let op = match (ttl_ms, expires_at) {
+                        (None, Some(exp)) => {
+                            self.store.plan_put_expiring(&collection, key, value, exp)?
+                        }
+                        _ => self.store.plan_put(&collection, key, value, ttl_ms)?,
+                    };
+                    Ok((next, vec![op]))
+                };
+                let value = self
+                    .write_with(table, vec![p], plan, applied_with(&self.store))
+                    .await?;
+                Ok(Outcome::Counter(value))
             }
             Command::Acquire {
                 key,
@@ -283,4 +355,25 @@ impl Node {
             batch => self.execute_batch_here(table, batch).await,
         }
     }
+}
+
+/// The decimal integer stored at `key`.
+fn parse_counter(key: &Bytes, v: &Bytes) -> Result<i64> {
+    std::str::from_utf8(v)
+        .ok()
+        .and_then(|s| s.parse::<i64>().ok())
+        .ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "the value of {:?} is not a decimal integer",
+                String::from_utf8_lossy(key)
+            ))
+        })
+}
+
+/// Applies a conditional write's planned ops; the outcome is its decision.
+fn applied_with<D>(
+    store: &crate::storage::Store,
+) -> impl FnOnce(D, Vec<(u32, crate::replica::ReplOp)>) -> Result<(D, crate::replica::Written)> + '_
+{
+    move |decided, ops| store.apply_planned(ops).map(|(_, w)| (decided, w))
 }

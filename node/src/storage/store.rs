@@ -230,6 +230,22 @@ impl Store {
     // ------------------------------------------------------------ single-key ops
 
     /// The live value of `key`.
+    /// The live value of `key` and its expiry (0 = never), without counting
+    /// as a use (conditional writes read with it under the partition lock).
+    pub fn peek(&self, collection: &str, key: &Bytes) -> Result<Option<(Bytes, u64)>> {
+        let meta = self.collection(collection)?;
+        self.check_key(key)?;
+        let p = self.partition(&meta, key);
+        let now = self.clock.wall_ms();
+        let part = self.partitions[p as usize].read();
+        Ok(part
+            .get(&*meta.name)
+            .and_then(|m| m.get(key))
+            .filter(|e| e.live(now))
+            .map(|e| (e.value.clone(), e.expires_at)))
+    }
+
+    /// The value of `key`, if present and not expired (a use, for LRU).
     pub fn get(&self, collection: &str, key: &Bytes) -> Result<Option<Bytes>> {
         let meta = self.collection(collection)?;
         self.check_key(key)?;

@@ -24,9 +24,24 @@ impl Node {
     pub(in crate::node) async fn write<R>(
         &self,
         table: &Table,
-        mut parts: Vec<u32>,
+        parts: Vec<u32>,
         planned: Vec<(u32, ReplOp)>,
         apply: impl FnOnce(Vec<(u32, ReplOp)>) -> Result<(R, Written)>,
+    ) -> Result<R> {
+        self.write_with(table, parts, || Ok(((), planned)), |(), ops| apply(ops))
+            .await
+    }
+
+    /// [`Node::write`] whose writes are planned under the partition locks:
+    /// `plan` reads the partition's current state and decides (a
+    /// conditional write), returning what it decided and the writes to log,
+    /// apply and replicate (none: nothing is written).
+    pub(in crate::node) async fn write_with<D, R>(
+        &self,
+        table: &Table,
+        mut parts: Vec<u32>,
+        plan: impl FnOnce() -> Result<(D, Vec<(u32, ReplOp)>)>,
+        apply: impl FnOnce(D, Vec<(u32, ReplOp)>) -> Result<(R, Written)>,
     ) -> Result<R> {
         let c = &self.cluster;
         self.require_write_quorum()?;
@@ -50,9 +65,11 @@ impl Node {
                 return Err(self.not_owner(p));
             }
         }
-        // Write-ahead: the planned writes are logged before they are applied.
+        // Planned under the locks (a conditional write sees the state no
+        // other write can change before it is applied), then written ahead.
+        let (decided, planned) = plan()?;
         self.log_ops(&planned).await?;
-        let (r, written) = apply(planned)?;
+        let (r, written) = apply(decided, planned)?;
         // Consequences known only after applying (LRU evictions, lock states).
         let after: Vec<(u32, ReplOp)> = written
             .evicted

@@ -24,6 +24,28 @@ impl Store {
             .remove(0))
     }
 
+    /// Validates a put that keeps an existing absolute expiry (0 = never).
+    pub fn plan_put_expiring(
+        &self,
+        collection: &str,
+        key: Bytes,
+        value: Bytes,
+        expires_at: u64,
+    ) -> Result<(u32, ReplOp)> {
+        let meta = self.collection(collection)?;
+        self.check_key(&key)?;
+        self.check_value(&value)?;
+        Ok((
+            self.partition(&meta, &key),
+            ReplOp::Put {
+                collection: meta.name.to_string(),
+                key,
+                value,
+                expires_at,
+            },
+        ))
+    }
+
     /// Validates puts (all or nothing) and returns their ops.
     pub fn plan_puts(
         &self,

@@ -1,5 +1,6 @@
 //! The client-facing gRPC layer.
 
+mod admin;
 pub mod auth;
 pub mod budget;
 mod convert;

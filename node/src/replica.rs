@@ -60,6 +60,10 @@ pub struct PartitionSnapshot {
     pub collections: Vec<(String, Vec<SnapshotEntry>)>,
     /// Locks of the partition.
     pub locks: Vec<(Bytes, LockReplica)>,
+    /// The highest fencing token ever granted in the partition (released
+    /// lock states are dropped; this keeps tokens increasing).
+    #[serde(default)]
+    pub lock_high_water: u64,
 }
 
 /// What a write changed, per partition, for replication.

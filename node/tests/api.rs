@@ -755,7 +755,14 @@ async fn engine_state_is_bounded_collections_lock_leases_and_unknown_lock_keys()
     assert!(matches!(e, Error::LockNotHeld(_)), "{e}");
     assert!(!c.force_release_lock("never-locked").await.expect("force"));
     assert!(!node.node.locks.knows(&Bytes::from("never-locked")));
+    // A released lock keeps no state either (its tokens stay increasing).
+    assert!(!node.node.locks.knows(&Bytes::from("l")));
+    let again = c
+        .acquire_lock("l", LockOptions::default().hold(Duration::from_secs(10)))
+        .await
+        .expect("reacquire");
     assert!(node.node.locks.knows(&Bytes::from("l")));
+    again.release().await.expect("release");
     node.stop().await.expect("stop");
 }
 

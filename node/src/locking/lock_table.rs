@@ -98,7 +98,29 @@ impl LockState {
     }
 }
 
-type Shard = Mutex<HashMap<Bytes, LockState>>;
+/// The locks of one partition, and the highest token ever granted in it:
+/// released lock states are dropped (a key never used again costs nothing),
+/// and a key used again gets a token above every earlier one of its
+/// partition, so tokens per key still only increase.
+#[derive(Debug, Default)]
+struct PartLocks {
+    keys: HashMap<Bytes, LockState>,
+    high_water: u64,
+}
+
+impl PartLocks {
+    /// Records `key`'s fence in the high-water mark and drops its state if
+    /// it is idle (free, nobody queued, no expired lease to report).
+    fn settle(&mut self, key: &[u8]) {
+        let Some(st) = self.keys.get(key) else { return };
+        self.high_water = self.high_water.max(st.fence);
+        if st.holder.is_none() && st.waiters.is_empty() && st.last_expired.is_none() {
+            self.keys.remove(key);
+        }
+    }
+}
+
+type Shard = Mutex<PartLocks>;
 
 /// All locks of a node, sharded by lock partition.
 #[derive(Debug)]
@@ -134,21 +156,36 @@ impl LockTable {
         self.epoch.store(epoch, Ordering::SeqCst);
     }
 
-    fn floor(&self) -> u64 {
-        self.epoch.load(Ordering::SeqCst) << 32
+    /// The smallest token a grant in a partition with high-water mark `hw`
+    /// may give: above every token of the partition and of earlier epochs.
+    fn floor(&self, hw: u64) -> u64 {
+        (self.epoch.load(Ordering::SeqCst) << 32).max(hw.saturating_add(1))
+    }
+
+    /// How many keys have lock state (held, queued for, or with an expired
+    /// lease not reported yet); released keys hold none.
+    pub fn states(&self) -> usize {
+        self.shards.iter().map(|s| s.lock().keys.len()).sum()
+    }
+
+    /// The highest token granted in partition `p` (replicated in snapshots).
+    pub fn high_water(&self, p: u32) -> u64 {
+        self.shards[p as usize % self.shards.len()]
+            .lock()
+            .high_water
     }
 
     /// Whether this table holds any state for `key` (a key never locked has
     /// none, and a failed release or extend of it must not create one).
     pub fn knows(&self, key: &Bytes) -> bool {
-        self.shard(key).lock().contains_key(key)
+        self.shard(key).lock().keys.contains_key(key)
     }
 
     /// The replicated form of `key`'s state.
     pub fn replica(&self, key: &Bytes) -> LockReplica {
         let now = self.clock.mono_ms();
         let shard = self.shard(key).lock();
-        shard.get(key).map_or(
+        shard.keys.get(key).map_or(
             LockReplica {
                 fence: 0,
                 holder: None,
@@ -161,12 +198,13 @@ impl LockTable {
     pub fn apply_replica(&self, key: &Bytes, r: LockReplica) {
         let now = self.clock.mono_ms();
         let mut shard = self.shard(key).lock();
-        let st = shard.entry(key.clone()).or_default();
+        let st = shard.keys.entry(key.clone()).or_default();
         st.fence = st.fence.max(r.fence);
         st.holder = r.holder.map(|(token, left)| Holder {
             token,
             lease_until: now.saturating_add(left),
         });
+        shard.settle(key);
     }
 
     /// Every lock of partition `p`.
@@ -174,23 +212,27 @@ impl LockTable {
         let now = self.clock.mono_ms();
         let shard = self.shards[p as usize % self.shards.len()].lock();
         shard
+            .keys
             .iter()
             .map(|(k, st)| (k.clone(), to_replica(st, now)))
             .collect()
     }
 
-    /// Replaces partition `p`'s locks (a backup receiving a snapshot).
-    pub fn install(&self, p: u32, locks: &[(Bytes, LockReplica)]) {
+    /// Replaces partition `p`'s locks (a backup receiving a snapshot);
+    /// `high_water` is the highest token granted in it (never lowered here).
+    pub fn install(&self, p: u32, locks: &[(Bytes, LockReplica)], high_water: u64) {
         let now = self.clock.mono_ms();
         let mut shard = self.shards[p as usize % self.shards.len()].lock();
-        shard.retain(|_, st| !st.waiters.is_empty());
+        shard.keys.retain(|_, st| !st.waiters.is_empty());
+        shard.high_water = shard.high_water.max(high_water);
         for (k, r) in locks {
-            let st = shard.entry(k.clone()).or_default();
+            let st = shard.keys.entry(k.clone()).or_default();
             st.fence = st.fence.max(r.fence);
             st.holder = r.holder.map(|(token, left)| Holder {
                 token,
                 lease_until: now.saturating_add(left),
             });
+            shard.settle(k);
         }
     }
 
@@ -202,13 +244,16 @@ impl LockTable {
     pub fn try_acquire(&self, key: &Bytes, hold_ms: u64) -> Option<Grant> {
         let now = self.clock.mono_ms();
         let mut shard = self.shard(key).lock();
-        let st = shard.entry(key.clone()).or_default();
-        st.progress(now, self.floor());
+        let floor = self.floor(shard.high_water);
+        let st = shard.keys.entry(key.clone()).or_default();
+        st.progress(now, floor);
         while st.waiters.front().is_some_and(|w| w.tx.is_closed()) {
             st.waiters.pop_front();
         }
-        (st.holder.is_none() && st.waiters.is_empty())
-            .then(|| st.grant_now(now, hold_ms, self.floor()))
+        let grant = (st.holder.is_none() && st.waiters.is_empty())
+            .then(|| st.grant_now(now, hold_ms, floor));
+        shard.settle(key);
+        grant
     }
 
     /// Waits in the key's FIFO queue for up to `acquire_timeout`.
@@ -224,9 +269,11 @@ impl LockTable {
         {
             let now = self.clock.mono_ms();
             let mut shard = self.shard(key).lock();
-            let st = shard.entry(key.clone()).or_default();
+            let floor = self.floor(shard.high_water);
+            let st = shard.keys.entry(key.clone()).or_default();
             st.waiters.push_back(Waiter { id, hold_ms, tx });
-            st.progress(now, self.floor());
+            st.progress(now, floor);
+            shard.settle(key);
         }
         let mut wait = WaitGuard {
             table: self,
@@ -247,11 +294,15 @@ impl LockTable {
             let lease_left = {
                 let now = self.clock.mono_ms();
                 let mut shard = self.shard(key).lock();
-                let st = shard.entry(key.clone()).or_default();
-                st.progress(now, self.floor());
-                st.holder
+                let floor = self.floor(shard.high_water);
+                let st = shard.keys.entry(key.clone()).or_default();
+                st.progress(now, floor);
+                let left = st
+                    .holder
                     .as_ref()
-                    .map(|h| Duration::from_millis(h.lease_until.saturating_sub(now)))
+                    .map(|h| Duration::from_millis(h.lease_until.saturating_sub(now)));
+                shard.settle(key);
+                left
             };
             tokio::select! {
                 grant = &mut wait.rx => {
@@ -286,7 +337,8 @@ impl LockTable {
     pub fn release(&self, key: &Bytes, token: u64) -> Result<()> {
         let now = self.clock.mono_ms();
         let mut shard = self.shard(key).lock();
-        let Some(st) = shard.get_mut(key) else {
+        let floor = self.floor(shard.high_water);
+        let Some(st) = shard.keys.get_mut(key) else {
             return Err(Error::LockNotHeld(show(key)));
         };
         let outcome = match &st.holder {
@@ -295,7 +347,7 @@ impl LockTable {
                 Ok(())
             }
             _ => {
-                st.progress(now, self.floor());
+                st.progress(now, floor);
                 if st.last_expired == Some(token) {
                     Err(Error::LockHoldTimeout(show(key)))
                 } else {
@@ -303,7 +355,8 @@ impl LockTable {
                 }
             }
         };
-        st.progress(now, self.floor());
+        st.progress(now, floor);
+        shard.settle(key);
         outcome
     }
 
@@ -311,30 +364,37 @@ impl LockTable {
     pub fn extend(&self, key: &Bytes, token: u64, hold_ms: u64) -> Result<Grant> {
         let now = self.clock.mono_ms();
         let mut shard = self.shard(key).lock();
-        let Some(st) = shard.get_mut(key) else {
+        let floor = self.floor(shard.high_water);
+        let Some(st) = shard.keys.get_mut(key) else {
             return Err(Error::LockNotHeld(show(key)));
         };
-        st.progress(now, self.floor());
-        match &mut st.holder {
+        st.progress(now, floor);
+        let outcome = match &mut st.holder {
             Some(h) if h.token == token => {
                 h.lease_until = now.saturating_add(hold_ms);
                 Ok(Grant { token, hold_ms })
             }
             _ if st.last_expired == Some(token) => Err(Error::LockHoldTimeout(show(key))),
             _ => Err(Error::LockNotHeld(show(key))),
-        }
+        };
+        shard.settle(key);
+        outcome
     }
 
     /// Releases the lock whoever holds it; true if it was held.
     pub fn force_release(&self, key: &Bytes) -> bool {
         let now = self.clock.mono_ms();
         let mut shard = self.shard(key).lock();
-        let Some(st) = shard.get_mut(key) else {
+        let floor = self.floor(shard.high_water);
+        let Some(st) = shard.keys.get_mut(key) else {
             return false;
         };
-        st.progress(now, self.floor());
+        st.progress(now, floor);
         let was_held = st.holder.take().is_some();
-        st.progress(now, self.floor());
+        // A forced release also forgets an expired lease: the lock is free.
+        st.last_expired = None;
+        st.progress(now, floor);
+        shard.settle(key);
         was_held
     }
 
@@ -348,9 +408,12 @@ impl LockTable {
     pub fn holder(&self, key: &Bytes) -> Option<u64> {
         let now = self.clock.mono_ms();
         let mut shard = self.shard(key).lock();
-        let st = shard.get_mut(key)?;
-        st.progress(now, self.floor());
-        st.holder.as_ref().map(|h| h.token)
+        let floor = self.floor(shard.high_water);
+        let st = shard.keys.get_mut(key)?;
+        st.progress(now, floor);
+        let token = st.holder.as_ref().map(|h| h.token);
+        shard.settle(key);
+        token
     }
 }
 
@@ -383,11 +446,12 @@ struct WaitGuard<'a> {
 impl WaitGuard<'_> {
     fn give_up(&mut self) -> Result<Grant> {
         let mut shard = self.table.shard(self.key).lock();
-        if let Some(st) = shard.get_mut(self.key) {
+        if let Some(st) = shard.keys.get_mut(self.key) {
             let before = st.waiters.len();
             st.waiters.retain(|w| w.id != self.id);
             if st.waiters.len() < before {
                 self.done = true;
+                shard.settle(self.key);
                 return Err(Error::LockAcquireTimeout(show(self.key)));
             }
         }
@@ -412,7 +476,8 @@ impl Drop for WaitGuard<'_> {
         }
         let now = self.table.clock.mono_ms();
         let mut shard = self.table.shard(self.key).lock();
-        let Some(st) = shard.get_mut(self.key) else {
+        let floor = self.table.floor(shard.high_water);
+        let Some(st) = shard.keys.get_mut(self.key) else {
             return;
         };
         st.waiters.retain(|w| w.id != self.id);
@@ -420,8 +485,9 @@ impl Drop for WaitGuard<'_> {
             && st.holder.as_ref().is_some_and(|h| h.token == g.token)
         {
             st.holder = None;
-            st.progress(now, self.table.floor());
+            st.progress(now, floor);
         }
+        shard.settle(self.key);
     }
 }
 
@@ -436,6 +502,71 @@ mod tests {
 
     fn k(s: &str) -> Bytes {
         Bytes::copy_from_slice(s.as_bytes())
+    }
+
+    #[test]
+    fn released_keys_leave_no_state_and_tokens_still_increase_per_key() {
+        let clock = ManualClock::new(0);
+        let t = table(clock.clone());
+        // Tokens increase per partition (so per key).
+        let mut last: HashMap<u32, u64> = HashMap::new();
+        for i in 0..1_000_000u32 {
+            let key = Bytes::from(format!("job-{i}"));
+            let g = t.try_acquire(&key, 1_000).expect("free");
+            let before = last.insert(lock_partition_for(&key, 271), g.token);
+            assert!(before.is_none_or(|b| g.token > b), "tokens never go back");
+            t.release(&key, g.token).expect("release");
+        }
+        assert_eq!(t.states(), 0, "a million released keys keep no state");
+        // A reused key gets a larger token than its earlier ones.
+        let a1 = t.try_acquire(&k("a"), 1_000).expect("free");
+        t.release(&k("a"), a1.token).expect("release");
+        assert_eq!(t.states(), 0);
+        let a2 = t.try_acquire(&k("a"), 1_000).expect("free");
+        assert!(a2.token > a1.token);
+        // A backup that installs a snapshot keeps the partition's high water.
+        let p = lock_partition_for(b"a", 271);
+        let backup = table(clock);
+        backup.install(p, &[], t.high_water(p));
+        let b = backup.try_acquire(&k("a"), 1_000).expect("free");
+        assert!(
+            b.token > a2.token,
+            "promoted backup continues above {}",
+            a2.token
+        );
+        // Replicated releases are reclaimed on the backup too.
+        backup.apply_replica(
+            &k("z"),
+            LockReplica {
+                fence: 5,
+                holder: None,
+            },
+        );
+        assert!(!backup.knows(&k("z")));
+    }
+
+    #[test]
+    fn a_snapshot_logged_before_high_water_existed_still_reads() {
+        #[derive(serde::Serialize)]
+        struct OldSnapshot {
+            collections: Vec<(String, Vec<crate::replica::SnapshotEntry>)>,
+            locks: Vec<(Bytes, LockReplica)>,
+        }
+        let old = OldSnapshot {
+            collections: Vec::new(),
+            locks: vec![(
+                k("l"),
+                LockReplica {
+                    fence: 9,
+                    holder: None,
+                },
+            )],
+        };
+        let bytes = rmp_serde::to_vec(&old).expect("encode");
+        let snap: crate::replica::PartitionSnapshot =
+            rmp_serde::from_slice(&bytes).expect("decode");
+        assert_eq!(snap.locks.len(), 1);
+        assert_eq!(snap.lock_high_water, 0);
     }
 
     #[test]

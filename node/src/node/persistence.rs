@@ -91,13 +91,15 @@ impl Node {
     /// Replaces this node's copy of `p` (entries and locks) with `snapshot`.
     pub(in crate::node) fn install_copy(&self, p: u32, snapshot: &PartitionSnapshot) {
         self.store.install(p, snapshot);
-        self.locks.install(p, &snapshot.locks);
+        self.locks
+            .install(p, &snapshot.locks, snapshot.lock_high_water);
     }
 
     /// The whole partition `p` (entries and locks) as a snapshot.
     pub(in crate::node) fn snapshot_of(&self, p: u32) -> PartitionSnapshot {
         let mut snapshot = self.store.snapshot(p);
         snapshot.locks = self.locks.snapshot(p);
+        snapshot.lock_high_water = self.locks.high_water(p);
         snapshot
     }
 
@@ -142,7 +144,7 @@ impl Node {
                 } => self.install_copy(partition, &snapshot),
                 WalRecord::Drop { partition } => {
                     self.store.drop_partition(partition);
-                    self.locks.install(partition, &[]);
+                    self.locks.install(partition, &[], 0);
                 }
                 WalRecord::CreateCollection {
                     name,

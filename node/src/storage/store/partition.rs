@@ -68,6 +68,7 @@ impl Store {
                 })
                 .collect(),
             locks: Vec::new(),
+            lock_high_water: 0,
         }
     }
 

@@ -92,6 +92,58 @@ pub struct DistributedCacheClusterSpec {
     /// PodDisruptionBudget.
     #[serde(default)]
     pub pod_disruption_budget: PdbSpec,
+    /// TLS (README "Security").
+    #[serde(default)]
+    pub tls: TlsSpec,
+    /// Users and grants on the client port (README "Security"); without it
+    /// the client port is open to anyone who reaches it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<AuthSpec>,
+}
+
+/// TLS settings.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TlsSpec {
+    /// TLS on the client (gRPC) port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client: Option<ClientTlsSpec>,
+}
+
+/// TLS on the client port, from a Secret.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ClientTlsSpec {
+    /// A `kubernetes.io/tls` Secret with `tls.crt`, `tls.key` and `ca.crt`
+    /// (cert-manager's Certificate output fits). Renewals reach the nodes
+    /// without a restart (the kubelet updates the mounted files; the nodes
+    /// re-read them).
+    pub secret_name: String,
+    /// Require client certificates signed by the Secret's `ca.crt`.
+    #[serde(default)]
+    pub require_client_certificates: bool,
+    /// The name the certificate carries for the operator's health probe to
+    /// verify (default: `<cluster>.<namespace>.svc`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_name: Option<String>,
+}
+
+/// Users and grants, from a Secret.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AuthSpec {
+    /// A Secret with `users.json` (the users file); edits reach the nodes
+    /// without a restart.
+    pub secret_name: String,
+    /// The key of that Secret holding the operator's own bearer token (its
+    /// SHA-256 must name a user in `users.json`; any grant will do: the
+    /// operator only reads cluster health).
+    #[serde(default = "default_operator_token_key")]
+    pub operator_token_key: String,
+}
+
+fn default_operator_token_key() -> String {
+    "operator-token".into()
 }
 
 /// WAL storage.

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
@@ -47,6 +48,8 @@ pub const OPERATOR_RULES: &[(&str, &str, &[&str])] = &[
     ("", "configmaps", &["get", "list", "watch", "patch"]),
     ("", "serviceaccounts", &["get", "list", "watch", "patch"]),
     ("", "pods", &["get", "list", "watch"]),
+    // The cluster's TLS and users Secrets: the health probe's credentials.
+    ("", "secrets", &["get"]),
     ("events.k8s.io", "events", &["create", "patch"]),
     ("coordination.k8s.io", "leases", &["get", "create", "patch"]),
     (
@@ -77,6 +80,31 @@ pub enum Error {
     Invalid(String),
 }
 
+/// What the operator presents to the nodes' client port when it is secured
+/// (from the cluster's TLS and users Secrets).
+#[derive(Clone, Default)]
+pub struct ProbeCredentials {
+    /// CA (PEM) of the nodes' certificate, when the port speaks TLS.
+    pub ca_pem: Option<Vec<u8>>,
+    /// Client certificate and key (PEM), when the nodes require one.
+    pub identity_pem: Option<(Vec<u8>, Vec<u8>)>,
+    /// The name to verify the nodes' certificate against.
+    pub server_name: Option<String>,
+    /// Bearer token, when the nodes have users.
+    pub token: Option<String>,
+}
+
+impl std::fmt::Debug for ProbeCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProbeCredentials")
+            .field("tls", &self.ca_pem.is_some())
+            .field("client_certificate", &self.identity_pem.is_some())
+            .field("server_name", &self.server_name)
+            .field("token", &self.token.is_some())
+            .finish()
+    }
+}
+
 /// Asks the cache nodes how the cluster is (a seam for tests).
 pub trait ClusterProbe: Send + Sync {
     /// Health seen through the first of `endpoints` (`host:port`) that
@@ -85,6 +113,15 @@ pub trait ClusterProbe: Send + Sync {
         &self,
         endpoints: Vec<String>,
     ) -> futures::future::BoxFuture<'static, Option<ClusterHealth>>;
+
+    /// [`ClusterProbe::health`] with the credentials a secured port needs.
+    fn health_with(
+        &self,
+        endpoints: Vec<String>,
+        _credentials: ProbeCredentials,
+    ) -> futures::future::BoxFuture<'static, Option<ClusterHealth>> {
+        self.health(endpoints)
+    }
 }
 
 /// The real probe: the distcache client against the client Service.
@@ -95,10 +132,28 @@ impl ClusterProbe for GrpcProbe {
         &self,
         endpoints: Vec<String>,
     ) -> futures::future::BoxFuture<'static, Option<ClusterHealth>> {
+        self.health_with(endpoints, ProbeCredentials::default())
+    }
+
+    fn health_with(
+        &self,
+        endpoints: Vec<String>,
+        credentials: ProbeCredentials,
+    ) -> futures::future::BoxFuture<'static, Option<ClusterHealth>> {
         Box::pin(async move {
-            let config = distcache_client::ClientConfig::new(endpoints)
+            let mut config = distcache_client::ClientConfig::new(endpoints)
                 .request_timeout(Duration::from_secs(3))
                 .max_retries(0);
+            if let Some(ca) = credentials.ca_pem {
+                let mut tls = distcache_client::ClientTls::default();
+                tls.ca_pem = Some(ca);
+                tls.identity_pem = credentials.identity_pem;
+                tls.server_name = credentials.server_name;
+                config = config.tls(tls);
+            }
+            if let Some(t) = credentials.token {
+                config = config.token(t);
+            }
             let client = distcache_client::Client::with_config(config).await.ok()?;
             let h = client.health().await.ok()?;
             let t = client.partition_table().await.ok()?;
@@ -246,7 +301,12 @@ async fn reconcile_inner(
                 .await?
                 .items;
             let health = match &existing {
-                Some(_) => ctx.probe.health(probe_endpoints(&dcc, &pods)).await,
+                Some(_) => {
+                    let credentials = probe_credentials(client, &ns, &dcc).await?;
+                    ctx.probe
+                        .health_with(probe_endpoints(&dcc, &pods), credentials)
+                        .await
+                }
                 None => None,
             };
             (existing, pods, health)
@@ -277,6 +337,43 @@ async fn reconcile_inner(
     patch_status(client, &step.stepped, &ns, status).await?;
     publish(ctx, &step.stepped, &notes).await;
     Ok(Action::requeue(requeue))
+}
+
+/// What the probe presents to a secured client port, read from the
+/// cluster's TLS and users Secrets.
+async fn probe_credentials(
+    client: &kube::Client,
+    ns: &str,
+    dcc: &DistributedCacheCluster,
+) -> Result<ProbeCredentials, Error> {
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
+    let field = |s: &Secret, key: &str| -> Option<Vec<u8>> {
+        s.data
+            .as_ref()
+            .and_then(|d| d.get(key))
+            .map(|b| b.0.clone())
+    };
+    let mut c = ProbeCredentials::default();
+    if let Some(tls) = &dcc.spec.tls.client {
+        let secret = secrets.get(&tls.secret_name).await?;
+        c.ca_pem = field(&secret, "ca.crt");
+        if tls.require_client_certificates {
+            c.identity_pem = field(&secret, "tls.crt").zip(field(&secret, "tls.key"));
+        }
+        let names = resources::Names::of(dcc);
+        c.server_name = Some(
+            tls.server_name
+                .clone()
+                .unwrap_or_else(|| format!("{}.{}.svc", names.cluster, names.namespace)),
+        );
+    }
+    if let Some(auth) = &dcc.spec.auth {
+        let secret = secrets.get(&auth.secret_name).await?;
+        c.token = field(&secret, &auth.operator_token_key)
+            .and_then(|t| String::from_utf8(t).ok())
+            .map(|t| t.trim().to_string());
+    }
+    Ok(c)
 }
 
 /// Applies every object of `step` (the StatefulSet last); returns the

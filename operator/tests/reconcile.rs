@@ -5,7 +5,8 @@
 use std::sync::{Arc, Mutex};
 
 use distcache_operator::reconcile::{
-    ClusterHealth, ClusterProbe, Context, MANAGER, next_partition, next_replicas, reconcile,
+    ClusterHealth, ClusterProbe, Context, MANAGER, ProbeCredentials, next_partition, next_replicas,
+    reconcile,
 };
 use distcache_operator::{DistributedCacheCluster, DistributedCacheClusterSpec};
 use http::{Request, Response};
@@ -78,6 +79,16 @@ fn mock_with(
                 (
                     500,
                     serde_json::json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "message": "boom", "reason": "InternalError", "code": 500}),
+                )
+            } else if method == "GET" && path.contains("/secrets/") {
+                // base64 of "CA", "op-token\n", "CRT", "KEY".
+                (
+                    200,
+                    serde_json::json!({
+                        "apiVersion": "v1", "kind": "Secret",
+                        "metadata": {"name": path.rsplit('/').next(), "namespace": "prod"},
+                        "data": {"ca.crt": "Q0E=", "operator-token": "b3AtdG9rZW4K", "tls.crt": "Q1JU", "tls.key": "S0VZ"},
+                    }),
                 )
             } else if method == "GET" && path.ends_with("/pods") {
                 (
@@ -450,4 +461,73 @@ fn transitions_become_events_once() {
     );
     assert!(reasons(&invalid, &invalid).is_empty());
     assert!(transitions(&ready, &invalid).iter().all(|n| n.warning));
+}
+
+/// A probe that records the credentials it was given.
+struct RecordingProbe(Mutex<Vec<ProbeCredentials>>);
+
+impl ClusterProbe for RecordingProbe {
+    fn health(
+        &self,
+        _endpoints: Vec<String>,
+    ) -> futures::future::BoxFuture<'static, Option<ClusterHealth>> {
+        Box::pin(async { None })
+    }
+
+    fn health_with(
+        &self,
+        _endpoints: Vec<String>,
+        credentials: ProbeCredentials,
+    ) -> futures::future::BoxFuture<'static, Option<ClusterHealth>> {
+        self.0.lock().expect("log").push(credentials);
+        Box::pin(async {
+            Some(ClusterHealth {
+                epoch: 3,
+                safe: true,
+                ..ClusterHealth::default()
+            })
+        })
+    }
+}
+
+#[tokio::test]
+async fn a_secured_cluster_is_probed_with_its_ca_and_the_operator_token() {
+    let (client, calls) = mock_with(3, None, Some(3));
+    let probe = Arc::new(RecordingProbe(Mutex::default()));
+    let ctx = Arc::new(Context {
+        client,
+        probe: probe.clone(),
+        recorder: None,
+        metrics: Arc::default(),
+    });
+    let spec = r#"{"replicas": 3,
+        "tls": {"client": {"secretName": "cache-tls", "requireClientCertificates": true}},
+        "auth": {"secretName": "cache-users"}}"#;
+    reconcile(cluster(spec), ctx).await.expect("reconcile");
+    let seen = probe.0.lock().expect("log").clone();
+    assert_eq!(seen.len(), 1);
+    let c = &seen[0];
+    assert_eq!(c.ca_pem.as_deref(), Some(&b"CA"[..]));
+    assert_eq!(c.identity_pem, Some((b"CRT".to_vec(), b"KEY".to_vec())));
+    assert_eq!(c.server_name.as_deref(), Some("cache.prod.svc"));
+    assert_eq!(c.token.as_deref(), Some("op-token"));
+    let calls = calls.lock().expect("calls").clone();
+    for name in ["cache-tls", "cache-users"] {
+        assert!(
+            calls
+                .iter()
+                .any(|c| c.method == "GET" && c.path.ends_with(&format!("/secrets/{name}"))),
+            "{name} read"
+        );
+    }
+    // The StatefulSet mounts both Secrets.
+    let sts = calls
+        .iter()
+        .find(|c| c.method == "PATCH" && c.path.contains("/statefulsets/"))
+        .expect("statefulset applied");
+    let volumes = sts.body["spec"]["template"]["spec"]["volumes"].to_string();
+    assert!(
+        volumes.contains("cache-tls") && volumes.contains("cache-users"),
+        "{volumes}"
+    );
 }

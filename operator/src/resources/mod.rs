@@ -26,6 +26,10 @@ pub use statefulset::{statefulset, statefulset_with_partition};
 
 /// Seconds a node gets to hand its partitions off before it is killed.
 pub const TERMINATION_GRACE_SECONDS: i64 = 60;
+/// Where the client TLS Secret is mounted.
+pub const TLS_MOUNT: &str = "/etc/distcache/tls";
+/// Where the users Secret is mounted.
+pub const AUTH_MOUNT: &str = "/etc/distcache/auth";
 /// Where the WAL volume is mounted.
 pub const WAL_MOUNT: &str = "/data";
 
@@ -224,6 +228,69 @@ mod tests {
                 .as_ref()
                 .map(|o| o[0].kind.as_str()),
             Some("DistributedCacheCluster")
+        );
+    }
+
+    #[test]
+    fn client_tls_and_users_mount_their_secrets_and_switch_the_probes_to_tcp() {
+        let plain = statefulset(&dcc(r#"{}"#));
+        let pod = |s: &StatefulSet| {
+            s.spec
+                .as_ref()
+                .and_then(|s| s.template.spec.clone())
+                .expect("pod")
+        };
+        assert!(pod(&plain).volumes.is_none());
+        assert!(
+            pod(&plain).containers[0]
+                .readiness_probe
+                .as_ref()
+                .and_then(|p| p.grpc.as_ref())
+                .is_some()
+        );
+        assert!(!envs(&plain).contains_key("DISTCACHE_TLS_CERT"));
+
+        let d = dcc(
+            r#"{"tls": {"client": {"secretName": "cache-tls", "requireClientCertificates": true}},
+                "auth": {"secretName": "cache-users"}}"#,
+        );
+        let s = statefulset(&d);
+        let p = pod(&s);
+        let volumes: Vec<(String, Option<String>)> = p
+            .volumes
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|v| (v.name, v.secret.and_then(|s| s.secret_name)))
+            .collect();
+        assert_eq!(
+            volumes,
+            vec![
+                ("client-tls".to_string(), Some("cache-tls".to_string())),
+                ("users".to_string(), Some("cache-users".to_string()))
+            ]
+        );
+        let c = &p.containers[0];
+        let mounts: Vec<(String, String, Option<bool>)> = c
+            .volume_mounts
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|m| (m.name, m.mount_path, m.read_only))
+            .collect();
+        assert!(mounts.contains(&("client-tls".into(), TLS_MOUNT.into(), Some(true))));
+        assert!(mounts.contains(&("users".into(), AUTH_MOUNT.into(), Some(true))));
+        let e = envs(&s);
+        assert_eq!(e["DISTCACHE_TLS_CERT"], "/etc/distcache/tls/tls.crt");
+        assert_eq!(e["DISTCACHE_TLS_KEY"], "/etc/distcache/tls/tls.key");
+        assert_eq!(e["DISTCACHE_TLS_CLIENT_CA"], "/etc/distcache/tls/ca.crt");
+        assert_eq!(e["DISTCACHE_USERS_FILE"], "/etc/distcache/auth/users.json");
+        // The kubelet's gRPC probe has no TLS: a TCP probe instead.
+        let probe = c.readiness_probe.as_ref().expect("probe");
+        assert!(probe.grpc.is_none() && probe.tcp_socket.is_some());
+        assert_eq!(
+            d.spec.auth.as_ref().map(|a| a.operator_token_key.as_str()),
+            Some("operator-token")
         );
     }
 

@@ -9,13 +9,16 @@ use k8s_openapi::api::apps::v1::{
 use k8s_openapi::api::core::v1::{
     Affinity, Container, ContainerPort, EnvVar, EnvVarSource, GRPCAction, ObjectFieldSelector,
     PersistentVolumeClaim, PersistentVolumeClaimSpec, PodAffinityTerm, PodAntiAffinity,
-    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SecurityContext, VolumeMount,
-    VolumeResourceRequirements, WeightedPodAffinityTerm,
+    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SecretVolumeSource, SecurityContext,
+    TCPSocketAction, Volume, VolumeMount, VolumeResourceRequirements, WeightedPodAffinityTerm,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use super::{Names, TERMINATION_GRACE_SECONDS, WAL_MOUNT, labels, meta, selector};
+use super::{
+    AUTH_MOUNT, Names, TERMINATION_GRACE_SECONDS, TLS_MOUNT, WAL_MOUNT, labels, meta, selector,
+};
 use crate::crd::DistributedCacheCluster;
 
 fn env(name: &str, value: impl Into<String>) -> EnvVar {
@@ -77,6 +80,22 @@ fn node_env(dcc: &DistributedCacheCluster) -> Vec<EnvVar> {
         ),
         env("DISTCACHE_LOG", "info"),
     ];
+    if let Some(tls) = &s.tls.client {
+        v.push(env("DISTCACHE_TLS_CERT", format!("{TLS_MOUNT}/tls.crt")));
+        v.push(env("DISTCACHE_TLS_KEY", format!("{TLS_MOUNT}/tls.key")));
+        if tls.require_client_certificates {
+            v.push(env(
+                "DISTCACHE_TLS_CLIENT_CA",
+                format!("{TLS_MOUNT}/ca.crt"),
+            ));
+        }
+    }
+    if s.auth.is_some() {
+        v.push(env(
+            "DISTCACHE_USERS_FILE",
+            format!("{AUTH_MOUNT}/users.json"),
+        ));
+    }
     if s.storage.enabled {
         v.push(env("DISTCACHE_WAL_DIR", format!("{WAL_MOUNT}/wal")));
         v.push(env("DISTCACHE_WAL_FSYNC", s.storage.fsync.to_string()));
@@ -88,16 +107,80 @@ fn node_env(dcc: &DistributedCacheCluster) -> Vec<EnvVar> {
     v
 }
 
-fn grpc_probe(port: i32, period: i32, failures: i32) -> Probe {
+/// The kubelet's probe: gRPC health, or a TCP connect when the port speaks
+/// TLS (the kubelet's gRPC probe has no TLS).
+fn probe(dcc: &DistributedCacheCluster, period: i32, failures: i32) -> Probe {
+    let port = dcc.spec.ports.grpc;
+    let (grpc, tcp_socket) = if dcc.spec.tls.client.is_some() {
+        (
+            None,
+            Some(TCPSocketAction {
+                port: IntOrString::Int(port),
+                host: None,
+            }),
+        )
+    } else {
+        (
+            Some(GRPCAction {
+                port,
+                service: None,
+            }),
+            None,
+        )
+    };
     Probe {
-        grpc: Some(GRPCAction {
-            port,
-            service: None,
-        }),
+        grpc,
+        tcp_socket,
         period_seconds: Some(period),
         failure_threshold: Some(failures),
         ..Probe::default()
     }
+}
+
+/// Where the WAL claim and the TLS and users Secrets are mounted.
+fn mounts(dcc: &DistributedCacheCluster) -> Vec<VolumeMount> {
+    let s = &dcc.spec;
+    let mount = |name: &str, path: &str, read_only: bool| VolumeMount {
+        name: name.into(),
+        mount_path: path.into(),
+        read_only: Some(read_only),
+        ..VolumeMount::default()
+    };
+    let mut v = Vec::new();
+    if s.storage.enabled {
+        v.push(VolumeMount {
+            name: "wal".into(),
+            mount_path: WAL_MOUNT.into(),
+            ..VolumeMount::default()
+        });
+    }
+    if s.tls.client.is_some() {
+        v.push(mount("client-tls", TLS_MOUNT, true));
+    }
+    if s.auth.is_some() {
+        v.push(mount("users", AUTH_MOUNT, true));
+    }
+    v
+}
+
+/// The TLS and users Secrets as volumes.
+fn secret_volumes(dcc: &DistributedCacheCluster) -> Vec<Volume> {
+    let secret = |volume: &str, name: &str| Volume {
+        name: volume.into(),
+        secret: Some(SecretVolumeSource {
+            secret_name: Some(name.into()),
+            ..SecretVolumeSource::default()
+        }),
+        ..Volume::default()
+    };
+    let mut v = Vec::new();
+    if let Some(tls) = &dcc.spec.tls.client {
+        v.push(secret("client-tls", &tls.secret_name));
+    }
+    if let Some(auth) = &dcc.spec.auth {
+        v.push(secret("users", &auth.secret_name));
+    }
+    v
 }
 
 fn default_affinity(dcc: &DistributedCacheCluster) -> Affinity {
@@ -164,8 +247,8 @@ pub fn statefulset(dcc: &DistributedCacheCluster) -> StatefulSet {
                 ..ContainerPort::default()
             },
         ]),
-        readiness_probe: Some(grpc_probe(s.ports.grpc, 5, 3)),
-        liveness_probe: Some(grpc_probe(s.ports.grpc, 10, 6)),
+        readiness_probe: Some(probe(dcc, 5, 3)),
+        liveness_probe: Some(probe(dcc, 10, 6)),
         resources: s.resources.clone(),
         security_context: Some(SecurityContext {
             allow_privilege_escalation: Some(false),
@@ -173,13 +256,7 @@ pub fn statefulset(dcc: &DistributedCacheCluster) -> StatefulSet {
             run_as_non_root: Some(true),
             ..SecurityContext::default()
         }),
-        volume_mounts: s.storage.enabled.then(|| {
-            vec![VolumeMount {
-                name: "wal".into(),
-                mount_path: WAL_MOUNT.into(),
-                ..VolumeMount::default()
-            }]
-        }),
+        volume_mounts: Some(mounts(dcc)).filter(|m| !m.is_empty()),
         ..Container::default()
     };
     let claims = s.storage.enabled.then(|| {
@@ -234,6 +311,7 @@ pub fn statefulset(dcc: &DistributedCacheCluster) -> StatefulSet {
                     service_account_name: Some(n.account.clone()),
                     termination_grace_period_seconds: Some(TERMINATION_GRACE_SECONDS),
                     containers: vec![container],
+                    volumes: Some(secret_volumes(dcc)).filter(|v| !v.is_empty()),
                     affinity: Some(
                         s.scheduling
                             .affinity

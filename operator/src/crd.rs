@@ -95,10 +95,40 @@ pub struct DistributedCacheClusterSpec {
     /// TLS (README "Security").
     #[serde(default)]
     pub tls: TlsSpec,
+    /// The NetworkPolicy of the cluster's pods.
+    #[serde(default)]
+    pub network_policy: NetworkPolicySpec,
     /// Users and grants on the client port (README "Security"); without it
     /// the client port is open to anyone who reaches it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auth: Option<AuthSpec>,
+}
+
+/// Who may reach the cluster's pods.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NetworkPolicySpec {
+    /// Create the NetworkPolicy: the peer port only from the cluster's own
+    /// pods, the client port from the cluster's namespace (and the
+    /// operator), the metrics port from the cluster's namespace.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// More namespaces whose pods may use the client port.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub client_namespaces: Vec<String>,
+    /// More namespaces whose pods may scrape the metrics port (e.g. `monitoring`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub metrics_namespaces: Vec<String>,
+}
+
+impl Default for NetworkPolicySpec {
+    fn default() -> Self {
+        NetworkPolicySpec {
+            enabled: true,
+            client_namespaces: Vec::new(),
+            metrics_namespaces: Vec::new(),
+        }
+    }
 }
 
 /// TLS settings.

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service, ServiceAccount};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
@@ -208,6 +209,8 @@ pub struct Objects {
     pub client_service: Service,
     /// The PodDisruptionBudget (None: delete it).
     pub pdb: Option<PodDisruptionBudget>,
+    /// The NetworkPolicy (None: delete it).
+    pub network_policy: Option<NetworkPolicy>,
     /// The StatefulSet, with its rollout partition.
     pub statefulset: StatefulSet,
 }
@@ -344,6 +347,7 @@ pub fn plan(dcc: &DistributedCacheCluster, seen: Observed<'_>) -> Plan {
         peer_service: resources::peer_service(&stepped),
         client_service: resources::client_service(&stepped),
         pdb: resources::pdb(&stepped),
+        network_policy: resources::network_policy(&stepped),
         statefulset: resources::statefulset_with_partition(&stepped, partition),
     };
     Plan::Apply(Box::new(Step {

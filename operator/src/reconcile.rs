@@ -8,6 +8,7 @@ use std::time::Duration;
 use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
@@ -55,6 +56,11 @@ pub const OPERATOR_RULES: &[(&str, &str, &[&str])] = &[
     (
         "policy",
         "poddisruptionbudgets",
+        &["get", "list", "watch", "patch", "delete"],
+    ),
+    (
+        "networking.k8s.io",
+        "networkpolicies",
         &["get", "list", "watch", "patch", "delete"],
     ),
     (
@@ -339,6 +345,22 @@ async fn reconcile_inner(
     Ok(Action::requeue(requeue))
 }
 
+/// Deletes an object the spec no longer wants (absent already is fine).
+async fn delete_if_present<K>(client: &kube::Client, ns: &str, name: &str) -> Result<(), Error>
+where
+    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + DeserializeOwned
+        + std::fmt::Debug,
+{
+    let api: Api<K> = Api::namespaced(client.clone(), ns);
+    match api.delete(name, &DeleteParams::default()).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// What the probe presents to a secured client port, read from the
 /// cluster's TLS and users Secrets.
 async fn probe_credentials(
@@ -391,16 +413,14 @@ async fn apply_objects(client: &kube::Client, ns: &str, step: &Step) -> Result<S
             apply(client, ns, pdb).await?;
         }
         None => {
-            let api: Api<PodDisruptionBudget> = Api::namespaced(client.clone(), ns);
-            match api
-                .delete(&step.stepped.name_any(), &DeleteParams::default())
-                .await
-            {
-                Ok(_) => {}
-                Err(kube::Error::Api(e)) if e.code == 404 => {}
-                Err(e) => return Err(e.into()),
-            }
+            delete_if_present::<PodDisruptionBudget>(client, ns, &step.stepped.name_any()).await?
         }
+    }
+    match &o.network_policy {
+        Some(np) => {
+            apply(client, ns, np).await?;
+        }
+        None => delete_if_present::<NetworkPolicy>(client, ns, &step.stepped.name_any()).await?,
     }
     apply(client, ns, &o.statefulset).await
 }

@@ -531,3 +531,27 @@ async fn a_secured_cluster_is_probed_with_its_ca_and_the_operator_token() {
         "{volumes}"
     );
 }
+
+#[tokio::test]
+async fn the_network_policy_is_applied_by_default_and_deleted_when_disabled() {
+    let (client, calls) = mock(3, None);
+    reconcile(cluster(r#"{}"#), ctx(client, true))
+        .await
+        .expect("reconcile");
+    let calls = calls.lock().expect("calls").clone();
+    assert!(applied(&calls).iter().any(|k| k == "networkpolicies"));
+    let (client, calls) = mock(3, None);
+    reconcile(
+        cluster(r#"{"networkPolicy": {"enabled": false}}"#),
+        ctx(client, true),
+    )
+    .await
+    .expect("reconcile (a missing NetworkPolicy is fine)");
+    let calls = calls.lock().expect("calls").clone();
+    assert!(
+        calls
+            .iter()
+            .any(|c| c.method == "DELETE" && c.path.contains("/networkpolicies/cache"))
+    );
+    assert!(!applied(&calls).iter().any(|k| k == "networkpolicies"));
+}

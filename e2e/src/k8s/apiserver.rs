@@ -126,6 +126,8 @@ fn kind_of(plural: &str) -> String {
         "serviceaccounts" => "ServiceAccount",
         "statefulsets" => "StatefulSet",
         "poddisruptionbudgets" => "PodDisruptionBudget",
+        "networkpolicies" => "NetworkPolicy",
+        "secrets" => "Secret",
         "roles" => "Role",
         "rolebindings" => "RoleBinding",
         "leases" => "Lease",

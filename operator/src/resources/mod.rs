@@ -19,7 +19,7 @@ use kube::{Resource, ResourceExt};
 use crate::crd::DistributedCacheCluster;
 
 pub use members::{members_config, published_members};
-pub use policy::pdb;
+pub use policy::{OPERATOR_POD_LABEL, network_policy, pdb};
 pub use rbac::{NODE_RULES, rbac};
 pub use services::{client_service, peer_service};
 pub use statefulset::{statefulset, statefulset_with_partition};
@@ -292,6 +292,38 @@ mod tests {
             d.spec.auth.as_ref().map(|a| a.operator_token_key.as_str()),
             Some("operator-token")
         );
+    }
+
+    #[test]
+    fn the_network_policy_admits_each_port_only_from_its_peers() {
+        let d = dcc(
+            r#"{"networkPolicy": {"metricsNamespaces": ["monitoring"], "clientNamespaces": ["web"]}}"#,
+        );
+        let np = network_policy(&d).expect("enabled by default");
+        let spec = np.spec.expect("spec");
+        assert_eq!(spec.policy_types, Some(vec!["Ingress".to_string()]));
+        let rules = spec.ingress.expect("rules");
+        let port_of = |i: usize| {
+            rules[i].ports.as_ref().expect("ports")[0]
+                .port
+                .clone()
+                .expect("port")
+        };
+        assert_eq!(port_of(0), IntOrString::Int(7200));
+        assert_eq!(port_of(1), IntOrString::Int(7100));
+        assert_eq!(port_of(2), IntOrString::Int(9100));
+        let from = |i: usize| serde_json::to_string(&rules[i].from).expect("json");
+        // Peer port: only the cluster's own pods, no namespace selector.
+        assert!(from(0).contains("podSelector") && !from(0).contains("namespaceSelector"));
+        assert!(from(0).contains("app.kubernetes.io/instance"));
+        // Client port: own namespace, the operator's pods, and "web".
+        assert!(from(1).contains(r#""kubernetes.io/metadata.name":"prod""#));
+        assert!(from(1).contains(r#""kubernetes.io/metadata.name":"web""#));
+        assert!(from(1).contains("distcache-operator"));
+        // Metrics: own namespace and "monitoring", not "web".
+        assert!(from(2).contains("monitoring") && !from(2).contains("web"));
+        let off = dcc(r#"{"networkPolicy": {"enabled": false}}"#);
+        assert!(network_policy(&off).is_none());
     }
 
     #[test]

@@ -80,8 +80,28 @@ impl NodeProcess {
 
     /// [`NodeProcess::start`] with extra environment variables.
     pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> NodeProcess {
+        NodeProcess::start_under(None, args, env)
+    }
+
+    /// [`NodeProcess::start_with_env`] under `prlimit --as=BYTES` (its
+    /// address space capped: an allocation beyond it aborts the node).
+    pub fn start_under(
+        address_space: Option<u64>,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> NodeProcess {
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
-        let child = Command::new(bin("distcache-node"))
+        let mut cmd = match address_space {
+            Some(bytes) => {
+                let mut c = Command::new("prlimit");
+                c.arg(format!("--as={bytes}"))
+                    .arg("--")
+                    .arg(bin("distcache-node"));
+                c
+            }
+            None => Command::new(bin("distcache-node")),
+        };
+        let child = cmd
             .arg("--listen")
             .arg(addr.to_string())
             .args(args)
@@ -102,6 +122,11 @@ impl NodeProcess {
     /// The process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Whether the process still runs.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
     }
 
     /// Resident memory of the process, bytes (from /proc).

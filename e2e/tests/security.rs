@@ -448,7 +448,11 @@ async fn a_rotated_certificate_is_served_without_a_restart() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_connections_are_closed_and_a_flood_cannot_lock_clients_out() {
-    let node = NodeProcess::start(&["--max-connections", "16", "--idle-timeout-secs", "1"]);
+    let mut node = NodeProcess::start_under(
+        Some(1 << 30),
+        &["--max-connections", "16", "--idle-timeout-secs", "1"],
+        &[],
+    );
     // 200 connections that never send a byte: 16 are accepted, the rest wait
     // in the backlog; each accepted one is closed after a second of silence.
     let mut idle = Vec::new();
@@ -485,6 +489,7 @@ async fn idle_connections_are_closed_and_a_flood_cannot_lock_clients_out() {
     })
     .await;
     assert_eq!(closed, Ok(true), "an idle connection was not closed");
+    assert!(node.alive(), "the node died under the flood");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -493,7 +498,10 @@ async fn batch_streams_whose_responses_are_never_read_cannot_grow_the_node() {
     let budget = std::env::var("DC_TEST_BUDGET").unwrap_or_else(|_| "16777216".into());
     // glibc's dynamic mmap threshold keeps freed 16 MiB buffers in the heap
     // (RSS then measures the allocator's history, not live memory): fix it.
-    let node = NodeProcess::start_with_env(
+    // Under a 1.5 GiB address-space cap: unbounded, this flood aborts the
+    // node ("memory allocation failed"); bounded, it must not.
+    let mut node = NodeProcess::start_under(
+        Some(1536 << 20),
         &[
             "--batch-buffer-bytes",
             &budget,
@@ -546,6 +554,7 @@ async fn batch_streams_whose_responses_are_never_read_cannot_grow_the_node() {
     // 1,282 MiB with --batch-buffer-bytes 4000000000); with a 16 MiB budget
     // it grew 97 MiB in 3 of 3 runs.
     assert!(grown < 300 << 20, "RSS grew by {} MiB", grown >> 20);
+    assert!(node.alive(), "the node aborted under the address-space cap");
     // A well-behaved client is still served.
     c.put("small", "ok").await.expect("put while others stall");
     assert_eq!(

@@ -233,9 +233,11 @@ impl Node {
     /// protocol (needed when the node has peers).
     pub fn start(self: &Arc<Self>, peer_listener: Option<TcpListener>) {
         if self.cluster.members().len() == 1 {
-            // A lone node is its own quorum and coordinator: serve at once.
+            // A lone node is its own quorum and coordinator: serve at once
+            // (above the epoch its WAL restored, so a restart on a new
+            // address installs a table that names it).
             if let Some(mut t) = self.plan() {
-                t.epoch = 1;
+                t.epoch = self.epoch().saturating_add(1);
                 self.install(t);
             }
         }

@@ -850,3 +850,55 @@ async fn atomic_operations_put_if_absent_compare_and_set_increment() {
     );
     node.stop().await.expect("stop");
 }
+
+#[tokio::test]
+async fn lock_tokens_keep_increasing_across_a_wal_restart_after_their_state_was_dropped() {
+    let dir = std::env::temp_dir().join(format!("dc-lock-wal-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let wal_config = || NodeConfig {
+        wal_dir: Some(dir.clone()),
+        name: Some("solo".into()),
+        ..config()
+    };
+    let (node, c) = start_with(wal_config(), Arc::new(SystemClock::default())).await;
+    let mut last = 0;
+    for _ in 0..3 {
+        let g = c
+            .acquire_lock("nightly", LockOptions::default())
+            .await
+            .expect("acquire");
+        assert!(g.fencing_token() > last);
+        last = g.fencing_token();
+        g.release().await.expect("release");
+    }
+    assert!(
+        !node.node.locks.knows(&Bytes::from("nightly")),
+        "state dropped"
+    );
+    node.stop().await.expect("stop");
+    // Restart from the log only (no checkpoint was written).
+    let (node, c) = start_with(wal_config(), Arc::new(SystemClock::default())).await;
+    let g = c
+        .acquire_lock("nightly", LockOptions::default())
+        .await
+        .expect("acquire after restart");
+    assert!(
+        g.fencing_token() > last,
+        "token {} after restart is not above {last}",
+        g.fencing_token()
+    );
+    let last = g.fencing_token();
+    g.release().await.expect("release");
+    // And from a checkpoint.
+    node.node.checkpoint().await.expect("checkpoint");
+    node.stop().await.expect("stop");
+    let (node, c) = start_with(wal_config(), Arc::new(SystemClock::default())).await;
+    let g = c
+        .acquire_lock("nightly", LockOptions::default())
+        .await
+        .expect("acquire after checkpoint restart");
+    assert!(g.fencing_token() > last);
+    g.release().await.expect("release");
+    node.stop().await.expect("stop");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -44,7 +44,9 @@ def validate_docs(docs, label):
         for i, doc in enumerate(docs):
             if doc.get("apiVersion", "").startswith("monitoring.coreos.com/"):
                 spec = doc.get("spec", {})
-                if not spec.get("endpoints") or not spec.get("selector"):
+                if doc["kind"] == "PrometheusRule":
+                    check_rules(spec, label)
+                elif not spec.get("endpoints") or not spec.get("selector"):
                     fail(f"{label}: ServiceMonitor without endpoints/selector")
                 print(f"  {label}: {doc['kind']} {doc['metadata']['name']}: "
                       "Prometheus Operator kind, checked structurally (no schema in kubernetes-validate)")
@@ -62,6 +64,47 @@ def validate_docs(docs, label):
         if r.returncode != 0 or "ERROR" in out or "WARN" in out:
             fail(f"{label}: kubernetes-validate --strict:\n{out}")
         print(f"  {label}: {len(files)} manifests pass kubernetes-validate --strict (k8s {K8S_VERSION})")
+
+
+def metric_names(expr):
+    """The metric names an expression reads (distcache's and the kubelet's)."""
+    import re
+    return set(re.findall(r"\b((?:distcache_[a-z_]+)|container_[a-z_]+|kube_[a-z_]+)\b", expr))
+
+
+def check_rules(spec, label):
+    """A PrometheusRule: every alert has an expr, a severity and a runbook
+    section that exists in the README."""
+    readme = open(os.path.join(ROOT, "README.md")).read().lower()
+    rules = [r for g in spec.get("groups", []) for r in g.get("rules", [])]
+    if not rules:
+        fail(f"{label}: PrometheusRule without rules")
+    for r in rules:
+        if not r.get("alert") or not r.get("expr") or not r.get("labels", {}).get("severity"):
+            fail(f"{label}: alert without name, expr or severity: {r}")
+        anchor = r.get("annotations", {}).get("runbook", "").split("#")[-1]
+        if not anchor or f"alert-{r['alert'].lower()}" != anchor or f"alert: {r['alert'].lower()}" not in readme:
+            fail(f"{label}: alert {r['alert']} has no runbook section in README")
+    print(f"  {label}: PrometheusRule with {len(rules)} alerts, each with a README runbook")
+
+
+def check_dashboard(docs, label):
+    """The dashboard ConfigMap holds valid Grafana JSON whose queries read
+    only metrics distcache exports (tests/metric_names.rs checks them
+    against a live node) or standard kubelet/kube-state-metrics ones."""
+    cms = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-dashboard")]
+    if len(cms) != 1:
+        fail(f"{label}: expected one dashboard ConfigMap")
+    if cms[0]["metadata"]["labels"].get("grafana_dashboard") != "1":
+        fail(f"{label}: the dashboard ConfigMap lacks the grafana_dashboard label")
+    board = json.loads(cms[0]["data"]["distcache.json"])
+    exprs = [t["expr"] for p in board["panels"] for t in p.get("targets", [])]
+    if len(board["panels"]) < 6 or not exprs:
+        fail(f"{label}: the dashboard has too few panels")
+    names = set().union(*(metric_names(e) for e in exprs))
+    if not any(n.startswith("distcache_node_") for n in names):
+        fail(f"{label}: the dashboard reads no distcache metric")
+    print(f"  {label}: dashboard with {len(board['panels'])} panels reading {len(names)} metrics")
 
 
 def render(chart, values, label):
@@ -136,6 +179,7 @@ def main():
 
     docs = render(chart, custom, "ci/custom-values.yaml")
     validate_docs(docs, "ci/custom-values.yaml")
+    check_dashboard(docs, "ci/custom-values.yaml")
     check_rbac(docs, "ci/custom-values.yaml", namespaced=True)
     dep = next(d for d in docs if d["kind"] == "Deployment")
     if dep["spec"]["replicas"] != 2:

@@ -1,0 +1,165 @@
+"""The Python client against real nodes: the seed's operations, values,
+locks, atomic operations, routing, failover and each exception class."""
+
+import asyncio
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+
+import distcache
+from distcache import aio, values
+
+
+def test_partition_function_matches_the_pinned_vectors():
+    # client/src/partition.rs PINNED: the contract between clients and nodes.
+    assert distcache.partition_for("__default__", b"user:123", 271) == 173
+    assert distcache.partition_for("__default__", b"", 271) == 173
+    assert distcache.partition_for("sessions", b"sess:abc", 271) == 269
+    assert distcache.partition_for("sessions", b"\x00\xff\x10", 271) == 266
+    assert distcache.lock_partition_for(b"resource-x", 271) == 60
+
+
+def test_values_keep_their_type():
+    for v in [b"raw", b"\x00starts-with-marker", "text", {"a": [1, 2]}, 7, None, [1, "x"]]:
+        assert values.decode(values.encode(v)) == v
+
+
+def test_generated_stubs_are_current():
+    from grpc_tools import protoc
+    from distcache.v1 import distcache_pb2
+    proto = os.path.join(os.path.dirname(__file__), "..", "..", "client", "proto")
+    out = tempfile.mkdtemp()
+    assert protoc.main(["protoc", f"-I{proto}", f"--python_out={out}", "distcache/v1/distcache.proto"]) == 0
+    sys.path.insert(0, out)
+    try:
+        import importlib.util
+        spec = importlib.util.spec_from_file_location("fresh_pb2", os.path.join(out, "distcache", "v1", "distcache_pb2.py"))
+        text = open(spec.origin).read()
+    finally:
+        sys.path.remove(out)
+    # The committed module embeds the same file descriptor the proto compiles to.
+    assert distcache_pb2.DESCRIPTOR.serialized_pb in text.encode("latin-1").decode("unicode_escape").encode("latin-1"), \
+        "python/distcache/v1 is stale: regenerate it (see python/README)"
+
+
+def test_seed_operations_on_one_node(node):
+    cache = distcache.DistributedCache(node.endpoints)
+    sessions = cache.get_collection("sessions", default_ttl=3600, max_entries=10000)
+    sessions.put("user:1", {"name": "Ada", "roles": ["admin"]})
+    sessions.put("raw", b"\x00\x01bytes")
+    sessions.put("text", "héllo")
+    assert sessions.get("user:1") == {"name": "Ada", "roles": ["admin"]}
+    assert sessions.get("raw") == b"\x00\x01bytes"
+    assert sessions.get("text") == "héllo"
+    assert sessions.get("missing", default="d") == "d"
+    assert sessions.delete("text") and not sessions.delete("text")
+    sessions.put_many({"a": 1, "b": 2, "c": 3})
+    assert sessions.get_many(["a", "b", "zz"]) == {"a": 1, "b": 2}
+    assert sessions.delete_many(["a", "zz"]) == 1
+    assert sessions.size() == 4
+    assert sorted(sessions.keys()) == [b"b", b"c", b"raw", b"user:1"]
+    sessions.put("short", "x", ttl=0.2)
+    time.sleep(0.4)
+    assert sessions.get("short") is None
+    assert sessions.clear() == 4 and sessions.size() == 0
+    # The default collection through the cache itself.
+    cache.put("k", "v")
+    assert cache.get("k") == "v"
+    assert "sessions" in cache.list_collections()
+    assert cache.delete_collection("sessions")
+    with pytest.raises(distcache.CollectionNotFoundError):
+        cache.collection("sessions").get("k")
+    cache.close()
+
+
+def test_atomic_operations(node):
+    cache = distcache.DistributedCache(node.endpoints)
+    c = cache.get_collection("atomic")
+    assert c.put_if_absent("once", "a") and not c.put_if_absent("once", "b")
+    assert not c.compare_and_set("once", "b", "c") and c.compare_and_set("once", "a", "c")
+    assert c.get("once") == "c"
+    assert c.increment("n") == 1 and c.increment("n", 10) == 11 and c.increment("n", -12) == -1
+    with pytest.raises(distcache.InvalidArgumentError):
+        c.increment("once")
+    cache.close()
+
+
+def test_locks_as_context_managers(node):
+    cache = distcache.DistributedCache(node.endpoints)
+    with cache.lock("resource-x", hold_timeout=30) as lock:
+        first = lock.fencing_token
+        assert first > 0
+        with pytest.raises(distcache.LockAcquireTimeoutError):
+            cache.lock("resource-x", acquire_timeout=0.2).acquire()
+    # Released on exit, also when the block raised.
+    with pytest.raises(RuntimeError):
+        with cache.lock("resource-x") as lock:
+            assert lock.fencing_token > first
+            raise RuntimeError("boom")
+    with cache.lock("resource-x", acquire_timeout=1) as lock:
+        assert lock.fencing_token > first
+    # A lease that ran out is reported on release.
+    lock = cache.lock("short-lease", hold_timeout=0.2).acquire()
+    time.sleep(0.4)
+    with pytest.raises(distcache.LockHoldTimeoutError):
+        lock.release()
+    stale = cache.lock("other").acquire()
+    assert cache.force_release("other")
+    stale.fencing_token, token = stale.fencing_token, stale.fencing_token
+    with pytest.raises(distcache.LockNotHeldError):
+        stale.release()
+    cache.close()
+
+
+def test_asyncio_variant(node):
+    async def main():
+        cache = await aio.DistributedCache.connect(node.endpoints)
+        col = await cache.get_collection("aio")
+        await col.put("k", {"v": 1})
+        assert await col.get("k") == {"v": 1}
+        assert await col.increment("n", 5) == 5
+        async with cache.lock("aio-lock") as lock:
+            assert lock.fencing_token > 0
+        await cache.close()
+    asyncio.run(main())
+
+
+def test_routing_failover_and_quorum_lost_in_a_cluster(cluster3):
+    cache = distcache.DistributedCache(cluster3.endpoints, timeout=3, max_retries=8)
+    c = cache.get_collection("routed")
+    # Routed straight to owners: every partition's owner is the table's primary.
+    for i in range(50):
+        c.put(f"k{i}", i)
+    assert c.size() == 50
+    assert c.get_many([f"k{i}" for i in range(50)]) == {f"k{i}": i for i in range(50)}
+    # kill -9 one member: reads and writes go on after the failover.
+    cluster3.kill(2)
+    deadline = time.time() + 30
+    while True:
+        try:
+            c.put("after", "failover")
+            break
+        except distcache.UnavailableError:
+            assert time.time() < deadline
+            time.sleep(0.2)
+    assert c.get("after") == "failover"
+    assert sum(1 for i in range(50) if c.get(f"k{i}") == i) == 50
+    # A second member gone: the survivor refuses writes with QuorumLostError.
+    cluster3.kill(1)
+    deadline = time.time() + 20
+    survivor = distcache.DistributedCache([cluster3.endpoints[0]], timeout=3, max_retries=0)
+    while True:
+        try:
+            survivor.collection("routed").put("x", 1)
+        except distcache.QuorumLostError:
+            break
+        except distcache.DistributedCacheError:
+            pass
+        assert time.time() < deadline, "no QuorumLostError"
+        time.sleep(0.2)
+    cache.close()
+    survivor.close()

@@ -31,14 +31,15 @@ def free_port():
 
 
 class Cluster:
-    def __init__(self, n, extra=()):
+    def __init__(self, n, extra=(), per_node=None):
         self.dir = tempfile.mkdtemp(prefix="dc-py-")
         self.members = [(f"n{i}", f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}") for i in range(n)]
         spec = ",".join(f"{m}={g}/{p}" for m, g, p in self.members)
         self.procs = []
-        for name, grpc_addr, _ in self.members:
+        for i, (name, grpc_addr, _) in enumerate(self.members):
             args = [node_bin(), "--listen", grpc_addr, "--name", name, "--log", "warn",
-                    "--failure-timeout-ms", "1500", "--heartbeat-interval-ms", "100", *extra]
+                    "--failure-timeout-ms", "1500", "--heartbeat-interval-ms", "100", *extra,
+                    *(per_node[i] if per_node else [])]
             if n > 1:
                 args += ["--members", spec]
             log = open(os.path.join(self.dir, f"{name}.log"), "w")

@@ -163,3 +163,50 @@ def test_routing_failover_and_quorum_lost_in_a_cluster(cluster3):
         time.sleep(0.2)
     cache.close()
     survivor.close()
+
+
+def _commands_total(metrics_addr):
+    import urllib.request
+    text = urllib.request.urlopen(f"http://{metrics_addr}/metrics", timeout=5).read().decode()
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith("distcache_node_commands_total{"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_keys_go_straight_to_their_owners_no_forwarding():
+    from conftest import Cluster, free_port
+    metrics = [f"127.0.0.1:{free_port()}" for _ in range(3)]
+    cluster = Cluster(3, per_node=[["--metrics-listen", m] for m in metrics])
+    try:
+        cache = distcache.DistributedCache(cluster.endpoints)
+        c = cache.get_collection("owners")
+        before = sum(_commands_total(m) for m in metrics)
+        for i in range(60):
+            c.put(f"k{i}", i)
+        for i in range(60):
+            assert c.get(f"k{i}") == i
+        after = sum(_commands_total(m) for m in metrics)
+        # A forwarded command is counted on the node that forwards it and on
+        # its owner; routed straight to owners, each is counted once.
+        assert after - before == 120, f"{after - before} commands counted for 120 calls"
+        cache.close()
+    finally:
+        cluster.stop()
+
+
+def test_cluster_not_ready_and_not_owner_map_to_their_classes():
+    from distcache import errors
+    assert isinstance(errors.from_reason("CLUSTER_NOT_READY", "m"), distcache.ClusterNotReadyError)
+    assert isinstance(errors.from_reason("NOT_OWNER", "m"), distcache.PartitionNotOwnedError)
+    assert isinstance(errors.from_reason("UNAUTHENTICATED", "m"), distcache.UnauthenticatedError)
+    assert isinstance(errors.from_reason("NOT_AUTHORIZED", "m"), distcache.NotAuthorizedError)
+    assert isinstance(errors.from_reason("LIMIT_EXCEEDED", "m"), distcache.LimitExceededError)
+
+
+def test_limit_exceeded_from_a_node(node):
+    cache = distcache.DistributedCache(node.endpoints)
+    with pytest.raises(distcache.LimitExceededError):
+        cache.put(b"K" * 100_000, "v")
+    cache.close()

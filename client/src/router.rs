@@ -227,12 +227,19 @@ impl Router {
                     | Error::Connect(_)
             )
         }
-        self.retrying_when(not_applied, |_, _| {
-            let node = self.routing().owner(partition);
-            let op = op.clone();
-            async move { self.execute_on(&node, op).await }
-        })
-        .await
+        let result = self
+            .retrying_when(not_applied, |_, _| {
+                let node = self.routing().owner(partition);
+                let op = op.clone();
+                async move { self.execute_on(&node, op).await }
+            })
+            .await;
+        // Not retried, but the next call must not go to a dead owner again:
+        // after an indeterminate failure the table is reloaded.
+        if matches!(result, Err(Error::Unavailable(_) | Error::Timeout(_))) {
+            let _ = self.refresh().await;
+        }
+        result
     }
 
     async fn execute_on(&self, node: &NodeConn, op: command::Op) -> Result<command_result::Result> {

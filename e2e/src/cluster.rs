@@ -208,6 +208,33 @@ impl ProcCluster {
         i
     }
 
+    /// (name, index) of the member that is primary of `key` in `collection`
+    /// under `table`.
+    pub fn primary_of(
+        &self,
+        table: &distcache_client::proto::PartitionTableResponse,
+        collection: &str,
+        key: &str,
+    ) -> (String, usize) {
+        let p = distcache_client::partition::partition_for(
+            collection,
+            key.as_bytes(),
+            table.partition_count,
+        );
+        let name = table
+            .partitions
+            .iter()
+            .find(|o| o.partition == p)
+            .map(|o| o.primary.clone())
+            .expect("the partition has an owner");
+        let index = self
+            .members
+            .iter()
+            .position(|m| m.name == name)
+            .expect("the primary is a member");
+        (name, index)
+    }
+
     /// SIGKILL.
     pub fn kill(&mut self, i: usize) {
         if let Some(mut c) = self.members[i].child.take() {

@@ -7,7 +7,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use distcache_client::Error;
-use distcache_client::partition::partition_for;
 use distcache_e2e::cluster::ProcCluster;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -18,18 +17,7 @@ async fn thirty_two_incrementers_across_a_primary_kill_lose_no_acknowledged_incr
     let counter = client.collection("counters").await.expect("collection");
     let key = "requests";
     let table = client.partition_table().await.expect("table");
-    let p = partition_for("counters", key.as_bytes(), table.partition_count);
-    let primary = table
-        .partitions
-        .iter()
-        .find(|o| o.partition == p)
-        .map(|o| o.primary.clone())
-        .expect("owner");
-    let victim = c
-        .members
-        .iter()
-        .position(|m| m.name == primary)
-        .expect("primary is a member");
+    let (primary, victim) = c.primary_of(&table, "counters", key);
 
     let stop = Arc::new(AtomicBool::new(false));
     let killed = Arc::new(AtomicBool::new(false));

@@ -7,22 +7,15 @@ depends on the topology (names, addresses and tokens are compared as
 relations), so a single node and every member of a cluster must print the
 same object.
 """
-import importlib
 import json
 import sys
-import tempfile
 
 import grpc
-from grpc_tools import protoc
+
+import stubs
 
 proto_dir, tag, addr = sys.argv[1], sys.argv[2], sys.argv[3]
-out = tempfile.mkdtemp()
-rc = protoc.main(["protoc", f"-I{proto_dir}", f"--python_out={out}", f"--grpc_python_out={out}",
-                  "distcache/v1/distcache.proto"])
-assert rc == 0, "protoc failed"
-sys.path.insert(0, out)
-pb = importlib.import_module("distcache.v1.distcache_pb2")
-rpc = importlib.import_module("distcache.v1.distcache_pb2_grpc")
+pb, rpc = stubs.load(proto_dir)
 
 channel = grpc.insecure_channel(addr)
 cache = rpc.CacheStub(channel)

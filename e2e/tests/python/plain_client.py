@@ -2,21 +2,14 @@
 
 usage: plain_client.py HOST:PORT PROTO_DIR
 """
-import importlib
 import sys
-import tempfile
 
 import grpc
-from grpc_tools import protoc
+
+import stubs
 
 addr, proto_dir = sys.argv[1], sys.argv[2]
-out = tempfile.mkdtemp()
-rc = protoc.main(["protoc", f"-I{proto_dir}", f"--python_out={out}", f"--grpc_python_out={out}",
-                  "distcache/v1/distcache.proto"])
-assert rc == 0, "protoc failed"
-sys.path.insert(0, out)
-pb = importlib.import_module("distcache.v1.distcache_pb2")
-rpc = importlib.import_module("distcache.v1.distcache_pb2_grpc")
+pb, rpc = stubs.load(proto_dir)
 
 channel = grpc.insecure_channel(addr)
 cache = rpc.CacheStub(channel)

@@ -52,15 +52,13 @@ fn restricted(
             collection: collection.clone(),
             partitions: Some(partitions),
         },
-        other => Command::Keys {
-            collection: match other {
-                Command::Keys { collection, .. } => collection.clone(),
-                _ => String::new(),
-            },
+        Command::Keys { collection, .. } => Command::Keys {
+            collection: collection.clone(),
             partitions: Some(partitions),
             after,
             limit,
         },
+        other => other.clone(),
     }
 }
 

@@ -80,3 +80,11 @@ impl Clock for ManualClock {
         Some(&self.jumps)
     }
 }
+
+/// The system's wall clock in milliseconds since the Unix epoch (0 if it
+/// reads before 1970): what heartbeats carry for clock-offset checks.
+pub fn system_wall_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}

@@ -33,6 +33,8 @@ pub const DEFAULT_REPLICATION_TIMEOUT_MS: u64 = 2_000;
 pub const DEFAULT_ANTI_ENTROPY_SECS: u64 = 60;
 /// Default longest graceful hand-off (s).
 pub const DEFAULT_LEAVE_TIMEOUT_SECS: u64 = 30;
+/// Default largest wall-clock offset from the majority (CockroachDB's 500 ms).
+pub const DEFAULT_MAX_CLOCK_OFFSET_MS: u64 = 500;
 /// Default largest peer frame (256 MiB).
 pub const DEFAULT_PEER_MAX_FRAME_BYTES: u64 = 256 * 1024 * 1024;
 /// Default WAL segment size (64 MiB).
@@ -129,6 +131,15 @@ pub struct NodeConfig {
     /// Longest a graceful shutdown waits to hand its partitions off, seconds.
     #[arg(long, env = "DISTCACHE_LEAVE_TIMEOUT_SECS", default_value_t = DEFAULT_LEAVE_TIMEOUT_SECS)]
     pub leave_timeout_secs: u64,
+    /// When every in-sync replica of a partition is unreachable, promote a
+    /// surviving replica that is not in sync instead of waiting (trades
+    /// acknowledged writes for availability; reported as data loss).
+    #[arg(long, env = "DISTCACHE_UNCLEAN_PROMOTION")]
+    pub unclean_promotion: bool,
+    /// Largest offset of this node's wall clock from the majority's before
+    /// it is reported and no longer made a primary, ms.
+    #[arg(long, env = "DISTCACHE_MAX_CLOCK_OFFSET_MS", default_value_t = DEFAULT_MAX_CLOCK_OFFSET_MS)]
+    pub max_clock_offset_ms: u64,
     /// Largest peer frame accepted, bytes (checked before allocating).
     #[arg(long, env = "DISTCACHE_PEER_MAX_FRAME_BYTES", default_value_t = DEFAULT_PEER_MAX_FRAME_BYTES)]
     pub peer_max_frame_bytes: u64,
@@ -220,6 +231,8 @@ impl Default for NodeConfig {
             replication_timeout_ms: DEFAULT_REPLICATION_TIMEOUT_MS,
             anti_entropy_interval_secs: DEFAULT_ANTI_ENTROPY_SECS,
             leave_timeout_secs: DEFAULT_LEAVE_TIMEOUT_SECS,
+            unclean_promotion: false,
+            max_clock_offset_ms: DEFAULT_MAX_CLOCK_OFFSET_MS,
             peer_max_frame_bytes: DEFAULT_PEER_MAX_FRAME_BYTES,
             peer_frame_timeout_ms: DEFAULT_PEER_FRAME_TIMEOUT_MS,
             wal_dir: None,

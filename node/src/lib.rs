@@ -20,7 +20,7 @@
 //! use distcache_node::{clock::SystemClock, config::NodeConfig, server, Node};
 //! let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
 //! let node = Node::new(NodeConfig::default(), listener.local_addr()?, Arc::new(SystemClock::default()))?;
-//! node.start(None);
+//! node.start(None).await;
 //! server::serve(listener, node, async { let _ = tokio::signal::ctrl_c().await; }).await?;
 //! # Ok(()) }
 //! ```
@@ -36,6 +36,7 @@ pub mod error;
 pub mod grpc;
 pub mod listener;
 pub mod locking;
+pub mod meta;
 pub mod metrics;
 pub mod net;
 mod node;

@@ -83,7 +83,7 @@ async fn main() -> anyhow::Result<()> {
         None => Node::new(config, bound, clock)?,
     };
     let peer = server::bind_peer(&node).await?;
-    node.start(peer);
+    node.start(peer).await;
     tracing::info!(name = node.name(), address = %bound, "distcache node serving");
     server::serve(listener, node, shutdown_signal()).await?;
     tracing::info!("stopped");

@@ -9,14 +9,18 @@
 //!   anti-entropy);
 //! - `collections`, `locks`: collection registry and lock commands;
 //! - `scan`: collection-wide commands (size, keys, clear) across the cluster;
-//! - `heartbeat`, `coordinator`, `install`: liveness, the partition-table
-//!   agreement, and installing a table;
+//! - `heartbeat`, `clock_offset`: liveness, lease answers and clock offsets;
+//! - `control`: the metadata Raft group (proposals, the leader's loop,
+//!   following committed state, primary leases); `coordinator`: planning
+//!   the next table; `install`: installing a committed table;
 //! - `peer_handler`: one match over peer requests that delegates;
 //! - `observe`: the safety summary and the metrics gauges;
 //! - `persistence`: WAL replay, checkpoints, and logging writes.
 
+mod clock_offset;
 mod collections;
 mod commands;
+mod control;
 mod coordinator;
 mod heartbeat;
 mod install;
@@ -60,7 +64,15 @@ pub struct Node {
     /// Cluster state.
     pub cluster: Cluster,
     /// Outbound peer connections.
-    pub peers: Peers,
+    pub peers: Arc<Peers>,
+    /// The metadata Raft group (set by [`Node::start`]).
+    meta: crate::meta::RaftCell,
+    /// Its storage and state machine.
+    meta_store: crate::meta::store::MetaStore,
+    /// Peer -> its wall clock minus this node's, ms (last heartbeat answer).
+    offsets: parking_lot::Mutex<std::collections::HashMap<String, i64>>,
+    /// When this node last accepted the metadata leader's log.
+    leader_contact: parking_lot::Mutex<Option<std::time::Instant>>,
     /// The write-ahead log, when `--wal-dir` is set.
     pub wal: Option<Arc<Wal>>,
     /// Prometheus metrics (`--metrics-listen`).
@@ -206,11 +218,22 @@ impl Node {
             }
             None => (None, Vec::new()),
         };
+        let meta_store = crate::meta::store::MetaStore::open(
+            config.wal_dir.as_deref(),
+            crate::meta::state::Shape {
+                partition_count: config.partition_count,
+                backup_count: config.backup_count,
+            },
+        )?;
         let node = Arc::new(Node {
             store: Store::new(config.partition_count, clock.clone(), limits),
             locks: LockTable::new(config.partition_count, clock, shutdown.clone()),
             cluster: Cluster::new(me, provider, cluster_config, config.partition_count),
-            peers: Peers::new(peer_limits, bind_ip, shutdown.clone()),
+            peers: Arc::new(Peers::new(peer_limits, bind_ip, shutdown.clone())),
+            meta: crate::meta::RaftCell::default(),
+            meta_store,
+            leader_contact: parking_lot::Mutex::new(None),
+            offsets: parking_lot::Mutex::new(std::collections::HashMap::new()),
             config,
             shutdown,
             tasks: TaskTracker::new(),
@@ -231,15 +254,29 @@ impl Node {
 
     /// Starts the background tasks; `peer_listener` serves the node <-> node
     /// protocol (needed when the node has peers).
-    pub fn start(self: &Arc<Self>, peer_listener: Option<TcpListener>) {
+    pub async fn start(self: &Arc<Self>, peer_listener: Option<TcpListener>) {
+        if let Some(listener) = peer_listener {
+            let node = self.clone();
+            let handler: Handler = Arc::new(move |req| {
+                let node = node.clone();
+                Box::pin(async move { node.handle_peer(req).await })
+            });
+            self.tasks.spawn(peer::serve(
+                listener,
+                handler,
+                peer_limits(&self.config),
+                self.shutdown.clone(),
+                self.tasks.clone(),
+            ));
+        }
+        if let Err(e) = self.start_meta(self.meta_store.clone()).await {
+            tracing::error!(error = %e, "metadata group failed to start");
+            *self.failure.lock() = Some(format!("metadata group: {e}"));
+        }
+        self.tasks.spawn(self.clone().follow_meta());
         if self.cluster.members().len() == 1 {
-            // A lone node is its own quorum and coordinator: serve at once
-            // (above the epoch its WAL restored, so a restart on a new
-            // address installs a table that names it).
-            if let Some(mut t) = self.plan() {
-                t.epoch = self.epoch().saturating_add(1);
-                self.install(t);
-            }
+            // A lone node leads its own metadata group: serve at once.
+            self.lead_alone().await;
         }
         let node = self.clone();
         let period = Duration::from_millis(self.config.sweep_interval_ms);
@@ -257,9 +294,9 @@ impl Node {
             async move { node.heartbeat_round().await }
         });
         let node = self.clone();
-        self.every("coordinator", hb, move || {
+        self.every("meta-leader", hb, move || {
             let node = node.clone();
-            async move { node.coordinate().await }
+            async move { node.lead().await }
         });
         let node = self.clone();
         self.every("backup-sync", Duration::from_millis(100), move || {
@@ -287,20 +324,6 @@ impl Node {
                     }
                 }
             });
-        }
-        if let Some(listener) = peer_listener {
-            let node = self.clone();
-            let handler: Handler = Arc::new(move |req| {
-                let node = node.clone();
-                Box::pin(async move { node.handle_peer(req).await })
-            });
-            self.tasks.spawn(peer::serve(
-                listener,
-                handler,
-                peer_limits(&self.config),
-                self.shutdown.clone(),
-                self.tasks.clone(),
-            ));
         }
     }
 
@@ -377,6 +400,9 @@ impl Node {
     /// Stops every background task and stream this node owns, and waits for them.
     pub async fn shutdown(&self) {
         self.shutdown.cancel();
+        if let Some(raft) = self.raft() {
+            let _ = raft.shutdown().await;
+        }
         self.tasks.close();
         self.tasks.wait().await;
         if let Some(wal) = &self.wal {

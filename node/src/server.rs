@@ -205,7 +205,7 @@ impl Running {
             .map_err(|e| Error::Internal(e.to_string()))?;
         let node = Node::new(config, addr, clock)?;
         let peer = bind_peer(&node).await?;
-        node.start(peer);
+        node.start(peer).await;
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let join = tokio::spawn(serve(listener, node.clone(), async {
             let _ = rx.await;

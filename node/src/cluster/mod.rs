@@ -1,6 +1,7 @@
-//! The cluster layer: membership, the epoch-fenced partition table, the
-//! coordinator's step function and the rebalancer. The node (`crate::Node`)
-//! drives them: heartbeats, votes, installs, replication and migration.
+//! The cluster layer: membership and liveness, the epoch-fenced partition
+//! table, the placement step and the rebalancer, and the committed metadata
+//! as last applied here. The node (`crate::Node`) drives them: heartbeats,
+//! the metadata Raft group, installs, replication and migration.
 
 pub mod kubernetes;
 pub mod membership;
@@ -9,13 +10,14 @@ pub mod rebalancer;
 pub mod seqlock;
 pub mod table;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use parking_lot::{Mutex, RwLock};
 
+use crate::meta::state::MetaState;
 use crate::net::message::Heartbeat;
 use membership::{MemberSpec, MembersProvider};
 use seqlock::InstallSeq;
@@ -40,9 +42,6 @@ pub struct ClusterConfig {
     pub leave_timeout: Duration,
 }
 
-/// Who reported a backup out of sync: (primary, its incarnation, its seq).
-type UnsyncedReport = (String, u64, u64);
-
 /// What this node knows of another member.
 #[derive(Debug, Clone)]
 pub struct View {
@@ -61,10 +60,6 @@ pub struct PartState {
     /// This node holds every acknowledged write of the partition (as its
     /// primary or an in-sync backup).
     pub loaded: AtomicBool,
-    /// As primary: backups known to be in sync.
-    pub synced: Mutex<HashSet<String>>,
-    /// As backup: the primary's sequence number at the last snapshot.
-    pub snap_seq: AtomicU64,
 }
 
 /// The cluster state of one node.
@@ -74,8 +69,9 @@ pub struct Cluster {
     config: ClusterConfig,
     provider: Box<dyn MembersProvider>,
     table: RwLock<Arc<Table>>,
-    /// Highest epoch this node voted for.
-    promised: Mutex<u64>,
+    /// This node's wall clock is off from the majority's by more than
+    /// the allowed offset (see `Node::check_clock`).
+    skewed: AtomicBool,
     views: Mutex<HashMap<String, View>>,
     /// Member -> (incarnation, heartbeat seq, when) of a process known to be
     /// gone: for a failure timeout, heartbeats of older incarnations or of
@@ -83,9 +79,10 @@ pub struct Cluster {
     /// its WAL keeps the incarnation but counts its seq from 1 again, so it
     /// is heard at once.
     tombstones: Mutex<HashMap<String, (u64, u64, Instant)>>,
-    /// (partition, backup) -> (primary, its incarnation, its heartbeat seq)
-    /// reported out of sync.
-    unsynced: Mutex<HashMap<(u32, String), UnsyncedReport>>,
+    /// The committed metadata (table and in-sync sets) last applied here.
+    meta: RwLock<Arc<MetaState>>,
+    /// Member -> when the last heartbeat it answered was sent.
+    answered: Mutex<HashMap<String, Instant>>,
     /// Per-partition replication state.
     parts: Box<[PartState]>,
     /// Heartbeat sequence number.
@@ -119,10 +116,11 @@ impl Cluster {
             config,
             provider,
             table: RwLock::new(Arc::new(Table::empty(partition_count, config.backup_count))),
-            promised: Mutex::new(0),
+            skewed: AtomicBool::new(false),
             views: Mutex::new(HashMap::new()),
             tombstones: Mutex::new(HashMap::new()),
-            unsynced: Mutex::new(HashMap::new()),
+            meta: RwLock::new(Arc::new(MetaState::default())),
+            answered: Mutex::new(HashMap::new()),
             parts: (0..partition_count).map(|_| PartState::default()).collect(),
             seq: AtomicU64::new(1),
             leaving: AtomicBool::new(false),
@@ -151,6 +149,24 @@ impl Cluster {
     /// The next heartbeat / report sequence number of this node.
     pub fn next_seq(&self) -> u64 {
         self.seq.fetch_add(1, Ordering::SeqCst)
+    }
+
+    /// Whether this node's clock is reported off from the majority's.
+    pub fn is_skewed(&self) -> bool {
+        self.skewed.load(Ordering::SeqCst)
+    }
+
+    /// Sets whether this node's clock is off from the majority's.
+    pub fn set_skewed(&self, skewed: bool) {
+        self.skewed.store(skewed, Ordering::SeqCst);
+    }
+
+    /// Whether member `name` reports its clock off (this node: its own view).
+    pub fn member_skewed(&self, name: &str) -> bool {
+        if name == self.me.name {
+            return self.is_skewed();
+        }
+        self.view(name).is_some_and(|h| h.skewed)
     }
 
     /// Marks this node as leaving gracefully.
@@ -186,34 +202,6 @@ impl Cluster {
     /// Whether the table came from the WAL (cleared by this call).
     pub fn take_restored(&self) -> bool {
         self.restored.swap(false, Ordering::SeqCst)
-    }
-
-    /// Votes for a proposed epoch: granted if it is above every epoch
-    /// promised or installed here; otherwise the highest of those.
-    pub fn vote(&self, epoch: u64) -> Result<u64, u64> {
-        let mut promised = self.promised.lock();
-        let current = self.table().epoch;
-        if epoch > *promised && epoch > current {
-            *promised = epoch;
-            Ok(epoch)
-        } else {
-            Err((*promised).max(current))
-        }
-    }
-
-    /// Reserves the epoch of this coordinator's next proposal: above every
-    /// epoch promised, installed or `seen`.
-    pub fn reserve_epoch(&self, seen: u64) -> u64 {
-        let mut promised = self.promised.lock();
-        let next = (*promised).max(self.table().epoch).max(seen) + 1;
-        *promised = next;
-        next
-    }
-
-    /// Raises the promised epoch to at least `epoch`.
-    pub fn raise_promise(&self, epoch: u64) {
-        let mut promised = self.promised.lock();
-        *promised = (*promised).max(epoch);
     }
 
     /// The installed table.
@@ -291,14 +279,6 @@ impl Cluster {
                 tombs.remove(&hb.name);
             }
         }
-        {
-            let mut unsynced = self.unsynced.lock();
-            unsynced.retain(|(p, b), (primary, inc, seq)| {
-                *primary != hb.name
-                    || (*inc == hb.incarnation
-                        && (*seq >= hb.seq || hb.unsynced.contains(&(*p, b.clone()))))
-            });
-        }
         self.views.lock().insert(
             hb.name.clone(),
             View {
@@ -326,129 +306,76 @@ impl Cluster {
         gone.len()
     }
 
-    /// Records that `primary` marked these backups out of sync at `seq`.
-    pub fn record_unsynced(
-        &self,
-        primary: &str,
-        incarnation: u64,
-        seq: u64,
-        pairs: &[(u32, String)],
-    ) {
-        let mut u = self.unsynced.lock();
-        for (p, b) in pairs {
-            u.insert((*p, b.clone()), (primary.to_string(), incarnation, seq));
-            let st = &self.parts[*p as usize];
-            if *b == self.me.name && seq >= st.snap_seq.load(Ordering::SeqCst) {
-                st.loaded.store(false, Ordering::SeqCst);
-            }
+    /// The committed metadata last applied here.
+    pub fn meta(&self) -> Arc<MetaState> {
+        self.meta.read().clone()
+    }
+
+    pub(crate) fn set_meta(&self, m: Arc<MetaState>) {
+        *self.meta.write() = m;
+    }
+
+    /// A primary's lease: how long a majority's answers and the metadata
+    /// leader's contact keep it serving writes (half the failure timeout,
+    /// so it lapses before the rest of the cluster fails the primary over).
+    pub fn lease(&self) -> Duration {
+        self.config.failure_timeout / 2
+    }
+
+    /// Records that `name` answered the heartbeat sent at `sent`.
+    pub fn record_answer(&self, name: &str, sent: Instant) {
+        let mut a = self.answered.lock();
+        let e = a.entry(name.to_string()).or_insert(sent);
+        if *e < sent {
+            *e = sent;
         }
     }
 
-    /// Whether `m` holds every acknowledged write of `p` under `table`, as far
-    /// as this node can tell.
+    /// Whether a majority of the members (this node included) answered a
+    /// heartbeat sent within `window`.
+    pub fn majority_answered_within(&self, window: Duration) -> bool {
+        let members = self.members();
+        let answered = self.answered.lock();
+        let n = members
+            .iter()
+            .filter(|m| {
+                m.name == self.me.name
+                    || answered.get(&m.name).is_some_and(|t| t.elapsed() < window)
+            })
+            .count();
+        n > members.len() / 2
+    }
+
+    /// Whether `m` is in the committed in-sync set of `p` under `table`.
     pub fn in_sync(&self, table: &Table, p: u32, m: &str) -> bool {
         self.sync_problem(table, p, m).is_none()
     }
 
-    /// Why `m` is not known to be in sync for `p` (None: it is).
+    /// Why `m` is not in sync for `p` (None: it is).
     pub fn sync_problem(&self, table: &Table, p: u32, m: &str) -> Option<&'static str> {
+        let meta = self.meta();
+        if meta.epoch() != table.epoch {
+            return Some("table not yet committed here");
+        }
+        if !meta.in_sync(p, m) {
+            return Some("not in the committed in-sync set");
+        }
         if !self.alive(m) {
             return Some("not alive");
         }
-        // A member the table does not list for `p` holds no copy the
-        // primary replicates to, whatever its reports say.
-        if table.role(m, p) == table::Role::None {
-            return Some("not a replica");
-        }
-        let primary = table.primary(p);
-        // A report counts while its reporter is still the partition's
-        // primary; after that the current primary's own reports decide.
-        if let Some((reporter, inc, _)) = self.unsynced.lock().get(&(p, m.to_string()))
-            && Some(reporter.as_str()) == primary
-            && table
-                .member(reporter)
-                .is_some_and(|r| r.incarnation == *inc)
-        {
-            return Some("reported out of sync");
-        }
-        if m == self.me.name {
-            // Holding the data is not enough: a primary elsewhere may have
-            // acknowledged writes without this copy (its report decides).
-            if !self.parts[p as usize].loaded.load(Ordering::SeqCst) {
-                return Some("not loaded here");
-            }
-        } else {
-            let Some(hb) = self.view(m) else {
-                return Some("no heartbeat");
-            };
-            if hb.epoch != table.epoch {
-                return Some("other epoch");
-            }
-            if hb.unloaded.contains(&p) {
-                return Some("reports itself not loaded");
-            }
-        }
-        if primary == Some(m) {
-            return None;
-        }
-        // The primary's own report has the last word. It vouches for `m` only
-        // if made while `m` already held its place without a break under
-        // this primary (the table's `since`): later tables kept both in
-        // place, the primary keeps such a backup in its synced set, and it
-        // reports a backup out of sync before acknowledging any write
-        // without it. A primary that has not reported since has not
-        // vouched (a dead primary's last report still counts).
-        match primary {
-            Some(pr) if pr == self.me.name => (!self.parts[p as usize].synced.lock().contains(m))
-                .then_some("not in my synced set"),
-            Some(pr) => match self.view(pr) {
-                Some(phb)
-                    if phb.epoch < table.since_of(p, m)
-                        || phb.epoch > table.epoch
-                        || table.member(pr).map(|i| i.incarnation) != Some(phb.incarnation) =>
-                {
-                    Some("primary has not reported since this replica's place began")
-                }
-                Some(phb) if phb.unsynced.contains(&(p, m.to_string())) => {
-                    Some("primary reports it unsynced")
-                }
-                _ => None,
-            },
-            None => None,
-        }
-    }
-
-    /// Whether `m` holds a loaded copy of `p` (by its own report, made while
-    /// it held its place in `table`), vouched for or not.
-    pub fn holds_copy(&self, table: &Table, p: u32, m: &str) -> bool {
-        if m == self.me.name {
-            return self.parts[p as usize].loaded.load(Ordering::SeqCst);
-        }
-        self.view(m).is_some_and(|h| {
-            h.epoch >= table.since_of(p, m) && h.epoch <= table.epoch && !h.unloaded.contains(&p)
-        })
+        None
     }
 
     /// This node's heartbeat.
     pub fn heartbeat(&self, quorum: bool) -> Heartbeat {
         let table = self.table();
-        let mut unsynced = Vec::new();
         let mut unloaded = Vec::new();
         for p in 0..table.partition_count {
             match table.role_of(&self.me, p) {
                 table::Role::None => {}
-                role => {
-                    let st = &self.parts[p as usize];
-                    if !st.loaded.load(Ordering::SeqCst) {
+                _ => {
+                    if !self.parts[p as usize].loaded.load(Ordering::SeqCst) {
                         unloaded.push(p);
-                    }
-                    if role == table::Role::Primary {
-                        let synced = st.synced.lock();
-                        for b in table.backups(p) {
-                            if !synced.contains(b) {
-                                unsynced.push((p, b.clone()));
-                            }
-                        }
                     }
                 }
             }
@@ -460,8 +387,9 @@ impl Cluster {
             leaving: self.leaving.load(Ordering::SeqCst),
             quorum,
             seq: self.seq.fetch_add(1, Ordering::SeqCst),
-            unsynced,
             unloaded,
+            wall_ms: crate::clock::system_wall_ms(),
+            skewed: self.skewed.load(Ordering::SeqCst),
         }
     }
 
@@ -536,8 +464,9 @@ mod tests {
             leaving: false,
             quorum: true,
             seq,
-            unsynced: Vec::new(),
             unloaded: Vec::new(),
+            wall_ms: 0,
+            skewed: false,
         }
     }
 
@@ -566,53 +495,5 @@ mod tests {
             "the tombstone is gone once the restart was heard"
         );
         assert_eq!(c.apply_gone(), 0);
-    }
-
-    #[test]
-    fn a_backup_copy_here_needs_the_primarys_word() {
-        let c = cluster(&[]);
-        let mut t = Table::empty(4, 1);
-        t.epoch = 7;
-        for (name, inc) in [("a", 1), ("b", 5)] {
-            t.members.push(MemberInfo {
-                name: name.into(),
-                grpc: format!("{name}:1"),
-                peer: format!("{name}:2"),
-                incarnation: inc,
-            });
-        }
-        t.owners[0] = vec!["b".into(), "a".into()];
-        c.parts[0].loaded.store(true, Ordering::SeqCst);
-        c.record(hb("b", 5, 1, 6));
-        assert_eq!(
-            c.sync_problem(&t, 0, "a"),
-            Some("primary has not reported since this replica's place began"),
-            "no `since`: only a report at this epoch counts"
-        );
-        // Both held their places since epoch 5: the primary's report at 6
-        // (it may have died since) still vouches.
-        t.since = vec![vec![5, 5], vec![], vec![], vec![]];
-        assert_eq!(c.sync_problem(&t, 0, "a"), None);
-        // A place that began at 7 needs a report made at 7.
-        t.since[0] = vec![5, 7];
-        assert_eq!(
-            c.sync_problem(&t, 0, "a"),
-            Some("primary has not reported since this replica's place began")
-        );
-        // A member the table does not list for a partition is never in sync.
-        t.owners[1] = vec!["a".into()];
-        assert_eq!(c.sync_problem(&t, 1, "b"), Some("not a replica"));
-        let mut report = hb("b", 5, 2, 7);
-        report.unsynced = vec![(0, "a".into())];
-        c.record(report);
-        assert_eq!(
-            c.sync_problem(&t, 0, "a"),
-            Some("primary reports it unsynced"),
-            "loaded here is not enough"
-        );
-        c.record(hb("b", 5, 3, 7));
-        assert_eq!(c.sync_problem(&t, 0, "a"), None);
-        c.parts[0].loaded.store(false, Ordering::SeqCst);
-        assert_eq!(c.sync_problem(&t, 0, "a"), Some("not loaded here"));
     }
 }

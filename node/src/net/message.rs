@@ -3,12 +3,13 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::cluster::table::Table;
 use crate::command::{Command, Outcome};
+use crate::meta::state::{MetaCmd, MetaReply};
+use crate::meta::{RaftAnswer, RaftRpc};
 use crate::replica::{PartitionSnapshot, ReplOp};
 
 /// Version of this protocol; a frame of another version is refused.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 
 /// One frame's content.
 #[derive(Debug, Serialize, Deserialize)]
@@ -45,10 +46,12 @@ pub struct Heartbeat {
     pub quorum: bool,
     /// Increases with every heartbeat and out-of-sync report of the sender.
     pub seq: u64,
-    /// For partitions the sender is primary of (at `epoch`): backups not in sync.
-    pub unsynced: Vec<(u32, String)>,
-    /// Partitions the sender is primary of (at `epoch`) but holds no data for yet.
+    /// Partitions the sender holds a role for (at `epoch`) but no loaded copy of.
     pub unloaded: Vec<u32>,
+    /// The sender's wall clock (ms since the Unix epoch) when it sent this.
+    pub wall_ms: u64,
+    /// The sender's clock is off from the majority's by more than allowed.
+    pub skewed: bool,
 }
 
 /// A collection-registry change broadcast to every member.
@@ -84,12 +87,10 @@ pub struct WireError {
 pub enum Request {
     /// Liveness + state; answered with the receiver's heartbeat.
     Heartbeat(Heartbeat),
-    /// The receiver's installed table.
-    GetTable,
-    /// Vote for this table (first phase of installing an epoch).
-    Propose(Table),
-    /// Install this table (it won a majority).
-    Commit(Table),
+    /// A Raft RPC of the metadata group.
+    Raft(Box<RaftRpc>),
+    /// Commit this metadata command (sent to the metadata leader).
+    Meta(MetaCmd),
     /// Run a client's command on the receiver (its owner).
     Forward(Command),
     /// Apply these writes to a backup copy of `partition`.
@@ -124,17 +125,6 @@ pub enum Request {
     Collection(CollectionOp),
     /// The receiver's collections.
     ListCollections,
-    /// The sender, a primary, marked these backups out of sync.
-    Unsynced {
-        /// Sender.
-        name: String,
-        /// Sender's incarnation.
-        incarnation: u64,
-        /// Sender's heartbeat sequence number at the report.
-        seq: u64,
-        /// (partition, backup) pairs.
-        pairs: Vec<(u32, String)>,
-    },
 }
 
 /// Responses between nodes.
@@ -144,14 +134,15 @@ pub enum Response {
     Ok,
     /// The receiver's heartbeat.
     Heartbeat(Heartbeat),
-    /// A table, if the receiver has one.
-    Table(Option<Table>),
-    /// Vote on a proposal; `promised` is the highest epoch the receiver promised.
-    Vote {
-        /// Granted?
-        granted: bool,
-        /// Highest promised epoch.
-        promised: u64,
+    /// The answer to a Raft RPC.
+    Raft(Box<RaftAnswer>),
+    /// A committed metadata command: the state machine's reply and the
+    /// entry's log index.
+    Meta {
+        /// Reply.
+        reply: MetaReply,
+        /// Log index.
+        index: u64,
     },
     /// Outcome of a forwarded command.
     Forwarded(Outcome),

@@ -1,44 +1,65 @@
-//! The coordinator: the oldest live member plans the next partition table
-//! and installs it once a majority voted for its epoch (replaced by Raft
-//! consensus in the control-plane work; kept here as it is).
+//! Planning the next partition table (run by the metadata leader, and by
+//! every node to report pending migrations): from the committed table and
+//! in-sync sets and this node's view of who is alive.
+//!
+//! The rules the plan keeps (the state machine refuses a table that breaks
+//! the first):
+//! - a partition's primary moves only to a member of its committed in-sync
+//!   set that is alive as the same process (incarnation) the table names;
+//! - when no in-sync member is alive, the partition keeps an in-sync member
+//!   as its (unreachable) primary: it is unavailable until one returns. It
+//!   is restarted empty (reported as data loss) only when every in-sync
+//!   member is known gone: restarted as another incarnation, or no longer a
+//!   configured member; `--unclean-promotion` instead promotes a surviving
+//!   replica that is not in sync.
+//! - members whose clock is off are not made primaries of moved partitions.
 
 use std::collections::HashSet;
 
-use crate::cluster::membership::MemberSpec;
 use crate::cluster::table::{MemberInfo, Table};
 use crate::cluster::{placement, rebalancer};
-use crate::net::message::{Request, Response};
 use crate::node::Node;
 
 impl Node {
-    /// The coordinator of this node's view: the oldest live member.
+    /// The metadata leader (the cluster's coordinator), as this node knows it.
     pub fn coordinator(&self) -> Option<String> {
-        let (alive, _) = self.cluster.liveness();
-        alive
-            .iter()
-            .filter_map(|m| {
-                self.cluster
-                    .incarnation(&m.name)
-                    .map(|i| (i, m.name.clone()))
-            })
-            .min()
-            .map(|(_, n)| n)
+        self.meta_leader()
     }
 
-    /// The owners this coordinator wants next, or None if nothing changes.
-    pub(super) fn plan(&self) -> Option<Table> {
+    /// The table the leader would propose next with the partitions it would
+    /// restart empty, or None if nothing changes.
+    pub(super) fn plan(&self) -> Option<(Table, Vec<u32>)> {
         let c = &self.cluster;
+        let meta = c.meta();
         let table = c.table();
-        let (alive, _) = c.liveness();
+        if meta.epoch() != table.epoch {
+            // Not installed here yet: plan from what is committed only.
+            return None;
+        }
+        let configured: HashSet<String> = c.members().into_iter().map(|m| m.name).collect();
+        // Alive as the process the table names.
         let valid = |m: &str| {
             c.alive(m)
                 && table
                     .member(m)
                     .is_some_and(|info| c.incarnation(m) == Some(info.incarnation))
         };
+        // The process the table names is known to hold nothing any more.
+        let gone = |m: &str| {
+            !configured.contains(m)
+                || (c.alive(m)
+                    && table
+                        .member(m)
+                        .is_some_and(|info| c.incarnation(m) != Some(info.incarnation)))
+        };
+        let (alive, _) = c.liveness();
         let mut eligible: Vec<String> = alive
             .iter()
-            .filter(|m| !c.is_leaving(&m.name) && c.incarnation(&m.name).is_some())
+            .filter(|m| {
+                !c.is_leaving(&m.name)
+                    && !c.member_skewed(&m.name)
+                    && c.incarnation(&m.name).is_some()
+            })
             .map(|m| m.name.clone())
             .collect();
         eligible.sort();
@@ -54,45 +75,89 @@ impl Node {
             &current,
         );
         let mut owners = Vec::with_capacity(table.owners.len());
+        let mut reset = Vec::new();
         for (p, o) in table.owners.iter().enumerate() {
-            let primary = o.first().map(String::as_str).filter(|m| valid(m));
-            let mut backups: Vec<&str> = o
+            let isr = meta.isr_of(p as u32);
+            let in_sync = |m: &str| isr.iter().any(|x| x == m) && valid(m);
+            if o.is_empty() {
+                owners.push(target[p].clone());
+                continue;
+            }
+            let primary = o.first().map(String::as_str).filter(|m| in_sync(m));
+            let backups: Vec<&str> = o
                 .iter()
                 .skip(1)
                 .map(String::as_str)
                 .filter(|m| valid(m))
                 .collect();
-            // A replica holding a loaded copy (not vouched for yet, maybe
-            // complete): kept through migrations, and on a failover with no
-            // backup known in sync it beats one whose snapshot never came.
-            let loaded = |m: &str| c.holds_copy(&table, p as u32, m);
-            if primary.is_none() {
-                backups.sort_by_key(|m| !loaded(m));
+            if primary.is_none() && !backups.iter().any(|b| in_sync(b)) {
+                // Nobody in sync is reachable.
+                if isr.iter().all(|m| gone(m)) {
+                    if !target[p].is_empty() {
+                        reset.push(p as u32);
+                        owners.push(target[p].clone());
+                    } else {
+                        owners.push(o.clone());
+                    }
+                } else if self.config.unclean_promotion && !backups.is_empty() {
+                    reset.push(p as u32);
+                    let mut row: Vec<String> = backups.iter().map(|b| b.to_string()).collect();
+                    for m in &target[p] {
+                        if !row.contains(m) {
+                            row.push(m.clone());
+                        }
+                    }
+                    owners.push(row);
+                } else {
+                    // Unavailable until an in-sync member returns: it stays
+                    // (or becomes) the primary the table names.
+                    let keep = isr
+                        .iter()
+                        .find(|m| Some(m.as_str()) == o.first().map(String::as_str))
+                        .or_else(|| isr.iter().find(|m| !gone(m)));
+                    let mut row: Vec<String> = keep.into_iter().cloned().collect();
+                    for m in o {
+                        if !row.contains(m) && !gone(m) {
+                            row.push(m.clone());
+                        }
+                    }
+                    owners.push(row);
+                }
+                continue;
             }
-            let fresh = o.is_empty();
-            let in_sync = |m: &str| fresh || c.in_sync(&table, p as u32, m);
             let next =
-                placement::next_owners_keeping(primary, &backups, &target[p], &in_sync, &loaded);
+                placement::next_owners_keeping(primary, &backups, &target[p], &in_sync, &in_sync);
             owners.push(next);
         }
         let names: HashSet<&String> = owners.iter().flatten().collect();
-        let members: Vec<MemberInfo> = c
-            .members()
-            .into_iter()
-            .filter(|m| names.contains(&m.name))
-            .filter_map(|m| {
-                Some(MemberInfo {
-                    incarnation: c.incarnation(&m.name)?,
-                    name: m.name,
-                    grpc: m.grpc,
-                    peer: m.peer,
-                })
-            })
-            .collect();
-        if owners == table.owners && members == table.members {
+        let mut members: Vec<MemberInfo> = Vec::new();
+        for m in c.members() {
+            if !names.contains(&m.name) {
+                continue;
+            }
+            let incarnation = match c.incarnation(&m.name) {
+                Some(i) => i,
+                None => match table.member(&m.name) {
+                    Some(info) => info.incarnation,
+                    None => continue,
+                },
+            };
+            members.push(MemberInfo {
+                incarnation,
+                name: m.name,
+                grpc: m.grpc,
+                peer: m.peer,
+            });
+        }
+        // Rows may only name listed members.
+        let listed: HashSet<String> = members.iter().map(|m| m.name.clone()).collect();
+        for row in &mut owners {
+            row.retain(|m| listed.contains(m));
+        }
+        if owners == table.owners && members == table.members && reset.is_empty() {
             return None;
         }
-        Some(Table {
+        let mut next = Table {
             epoch: 0,
             coordinator: c.me().name.clone(),
             partition_count: table.partition_count,
@@ -100,74 +165,8 @@ impl Node {
             members,
             owners,
             since: Vec::new(),
-        })
-        .map(|mut t| {
-            t.carry_since(&table);
-            t
-        })
-    }
-
-    pub(super) async fn coordinate(&self) {
-        let c = &self.cluster;
-        if !c.quorum() || self.coordinator().as_deref() != Some(c.me().name.as_str()) {
-            return;
-        }
-        let Some(mut next) = self.plan() else { return };
-        let (alive, expected) = c.liveness();
-        let highest_seen = alive
-            .iter()
-            .filter_map(|m| c.view(&m.name).map(|h| h.epoch))
-            .max()
-            .unwrap_or(0);
-        next.epoch = c.reserve_epoch(highest_seen);
-        next.seal_since();
-        let timeout = c.config().heartbeat_interval * 4;
-        let others: Vec<MemberSpec> = alive
-            .into_iter()
-            .filter(|m| m.name != c.me().name)
-            .collect();
-        let votes = futures::future::join_all(others.iter().map(|m| {
-            let t = next.clone();
-            async move { self.peers.call(&m.peer, Request::Propose(t), timeout).await }
-        }))
-        .await;
-        let mut granted = 1;
-        for v in votes {
-            match v {
-                Ok(Response::Vote { granted: true, .. }) => granted += 1,
-                Ok(Response::Vote { promised, .. }) => c.raise_promise(promised),
-                _ => {}
-            }
-        }
-        if granted <= expected / 2 {
-            tracing::debug!(epoch = next.epoch, granted, expected, "proposal lost");
-            return;
-        }
-        tracing::info!(
-            epoch = next.epoch,
-            members = next.members.len(),
-            "installing partition table"
-        );
-        self.install(next.clone());
-        let _ = futures::future::join_all(others.iter().map(|m| {
-            let t = next.clone();
-            async move { self.peers.call(&m.peer, Request::Commit(t), timeout).await }
-        }))
-        .await;
-    }
-
-    /// A vote request: granted if its epoch is above every epoch promised or
-    /// installed here.
-    pub(super) fn on_propose(&self, t: &Table) -> Response {
-        match self.cluster.vote(t.epoch) {
-            Ok(promised) => Response::Vote {
-                granted: true,
-                promised,
-            },
-            Err(promised) => Response::Vote {
-                granted: false,
-                promised,
-            },
-        }
+        };
+        next.carry_since(&table);
+        Some((next, reset))
     }
 }

@@ -1,7 +1,9 @@
-//! Heartbeats: every round, this node's heartbeat to every member; their
-//! answers record liveness, and a newer table is adopted.
+//! Heartbeats: every round, this node's heartbeat to every member. Their
+//! answers record liveness, renew this node's lease (a majority answered)
+//! and carry their wall clocks for the offset check. Tables are never taken
+//! from heartbeats: only committed metadata changes them.
 
-use std::sync::atomic::Ordering;
+use std::time::Instant;
 
 use crate::net::message::{Heartbeat, Request, Response};
 use crate::node::Node;
@@ -12,6 +14,8 @@ impl Node {
         let quorum = self.cluster.quorum();
         let hb = self.cluster.heartbeat(quorum);
         let timeout = self.cluster.config().heartbeat_interval * 2;
+        let sent = Instant::now();
+        let sent_wall = hb.wall_ms;
         let calls = self
             .cluster
             .members()
@@ -27,60 +31,36 @@ impl Node {
                     (m, r)
                 }
             });
-        let my_epoch = self.epoch();
         if self
             .rounds
-            .fetch_add(1, Ordering::Relaxed)
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
             .is_multiple_of(10)
         {
             self.pull_collections().await;
         }
-        let expected = self.cluster.members().len();
-        let mut not_newer = 1;
         for (m, r) in futures::future::join_all(calls).await {
-            if let Ok(Response::Heartbeat(theirs)) = r {
-                let newer = theirs.epoch > my_epoch;
+            if let Ok(Response::Heartbeat(theirs)) = r
+                && theirs.name == m.name
+            {
+                self.note_clock(&m.name, sent, sent_wall, theirs.wall_ms);
                 self.cluster.record(theirs);
-                if newer {
-                    self.adopt_table_from(&m.peer).await;
-                } else {
-                    not_newer += 1;
-                }
+                self.cluster.record_answer(&m.name, sent);
             }
         }
-        if !self.cluster.is_current() && not_newer > expected / 2 {
-            tracing::info!(epoch = my_epoch, "a majority has no newer table: serving");
+        self.check_clock();
+        if !self.cluster.is_current() && self.lease_valid() && self.meta_caught_up() {
+            tracing::info!(
+                epoch = self.epoch(),
+                "in contact with the metadata leader: serving"
+            );
             self.cluster.set_current(true);
         }
     }
 
-    /// Installs `peer`'s table (it reported a newer epoch).
-    async fn adopt_table_from(&self, peer: &str) {
-        let timeout = self.cluster.config().request_timeout;
-        if let Ok(Response::Table(Some(t))) =
-            self.peers.call(peer, Request::GetTable, timeout).await
-        {
-            self.install(t);
-        }
-    }
-
-    /// A peer's heartbeat: recorded, answered with this node's, and a newer
-    /// table it reports is adopted.
+    /// A peer's heartbeat: recorded and answered with this node's.
     pub(super) async fn on_heartbeat(&self, hb: Heartbeat) -> Response {
         let c = &self.cluster;
-        let newer = hb.epoch > self.epoch();
-        let from = hb.name.clone();
         c.record(hb);
-        let reply = Response::Heartbeat(c.heartbeat(c.quorum()));
-        if newer && let Some(m) = c.members().into_iter().find(|m| m.name == from) {
-            self.adopt_table_from(&m.peer).await;
-        }
-        reply
-    }
-
-    /// This node's table as a peer answer (None before the first install).
-    pub(super) fn table_answer(&self) -> Response {
-        let t = self.cluster.table();
-        Response::Table((t.epoch > 0).then(|| (*t).clone()))
+        Response::Heartbeat(c.heartbeat(c.quorum()))
     }
 }

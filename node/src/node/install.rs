@@ -1,7 +1,6 @@
 //! Installing a committed partition table: each partition's role change
 //! here (promotion, demotion, drop).
 
-use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -9,7 +8,8 @@ use crate::cluster::table::{Role, Table};
 use crate::node::Node;
 
 impl Node {
-    /// Installs a committed table newer than the current one.
+    /// Installs a committed table newer than the current one (called only
+    /// with tables from the committed metadata).
     pub fn install(&self, new: Table) {
         let c = &self.cluster;
         let _one_at_a_time = c.install_lock();
@@ -40,15 +40,9 @@ impl Node {
                     st.loaded.store(true, Ordering::SeqCst);
                     if was != Role::Primary {
                         self.store.index_partition(p);
-                        st.synced.lock().clear();
-                    } else {
-                        // Keep in-sync backups that stay backups.
-                        let keep: HashSet<&String> = new.backups(p).iter().collect();
-                        st.synced.lock().retain(|b| keep.contains(b));
                     }
                 }
                 Role::Backup => {
-                    st.synced.lock().clear();
                     if was == Role::Primary {
                         self.store.unindex_partition(p);
                     }
@@ -59,7 +53,6 @@ impl Node {
                     }
                 }
                 Role::None => {
-                    st.synced.lock().clear();
                     if was != Role::None {
                         st.loaded.store(false, Ordering::SeqCst);
                         self.store.drop_partition(p);
@@ -70,7 +63,6 @@ impl Node {
         }
         self.store.set_primaries(primaries);
         self.locks.set_epoch(new.epoch);
-        c.raise_promise(new.epoch);
         tracing::debug!(epoch = new.epoch, primaries, "table installed");
         self.log_install(&dropped, &new);
         c.set_table(Arc::new(new));

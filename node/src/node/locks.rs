@@ -14,14 +14,19 @@ impl Node {
     /// A write (or a lock grant) is refused at once by a node that does not
     /// see a majority of the expected members.
     pub(in crate::node) fn require_write_quorum(&self) -> Result<()> {
-        if self.cluster.quorum() {
-            Ok(())
-        } else {
-            Err(Error::QuorumLost(format!(
+        if !self.cluster.quorum() {
+            return Err(Error::QuorumLost(format!(
                 "{} sees less than a majority of the expected members",
                 self.name()
-            )))
+            )));
         }
+        if !self.lease_valid() {
+            return Err(Error::QuorumLost(format!(
+                "{} holds no primary lease (no recent majority or metadata leader contact)",
+                self.name()
+            )));
+        }
+        Ok(())
     }
 
     /// Replicates a new grant; if that fails the grant is withdrawn here.

@@ -46,7 +46,7 @@ impl Node {
             }
         }
         // Every node runs the coordinator's planning on its own view.
-        let migrating = self.plan().map_or(0, |next| {
+        let migrating = self.plan().map_or(0, |(next, _)| {
             next.owners
                 .iter()
                 .zip(&t.owners)

@@ -10,12 +10,8 @@ impl Node {
     pub(super) async fn handle_peer(&self, req: Request) -> Response {
         match req {
             Request::Heartbeat(hb) => self.on_heartbeat(hb).await,
-            Request::GetTable => self.table_answer(),
-            Request::Propose(t) => self.on_propose(&t),
-            Request::Commit(t) => {
-                self.install(t);
-                Response::Ok
-            }
+            Request::Raft(rpc) => self.on_raft(*rpc).await,
+            Request::Meta(cmd) => self.on_meta(cmd).await,
             Request::Forward(cmd) => match self.run(cmd, Origin::Peer).await {
                 Ok(outcome) => Response::Forwarded(outcome),
                 Err(e) => Response::Error(e.to_wire()),
@@ -29,27 +25,14 @@ impl Node {
                 epoch,
                 partition,
                 snapshot,
-                seq,
-            } => self.on_snapshot(epoch, partition, snapshot, seq).await,
+                ..
+            } => self.on_snapshot(epoch, partition, snapshot).await,
             Request::Digest { partition, .. } => self.on_digest(partition),
             Request::Collection(op) => match self.apply_collection(&op).await {
                 Ok(()) => Response::Ok,
                 Err(e) => Response::Error(e.to_wire()),
             },
             Request::ListCollections => self.collections_answer(),
-            Request::Unsynced {
-                name,
-                incarnation,
-                seq,
-                pairs,
-            } => {
-                let count = self.store.partition_count();
-                let pairs: Vec<(u32, String)> =
-                    pairs.into_iter().filter(|(p, _)| *p < count).collect();
-                self.cluster
-                    .record_unsynced(&name, incarnation, seq, &pairs);
-                Response::Ok
-            }
         }
     }
 }

@@ -181,7 +181,6 @@ impl Node {
             }
             self.store.set_primaries(primaries);
             self.locks.set_epoch(t.epoch);
-            self.cluster.raise_promise(t.epoch);
             self.cluster.mark_restored();
             if self.cluster.members().len() > 1 {
                 self.cluster.set_current(false);

@@ -42,7 +42,6 @@ impl Node {
         epoch: u64,
         p: u32,
         snapshot: PartitionSnapshot,
-        seq: u64,
     ) -> Response {
         self.catch_up_to(epoch).await;
         let t = self.cluster.table();
@@ -56,7 +55,6 @@ impl Node {
         }
         tracing::trace!(partition = p, epoch, "snapshot installed");
         self.install_copy(p, &snapshot);
-        st.snap_seq.store(seq, Ordering::SeqCst);
         st.loaded.store(true, Ordering::SeqCst);
         Response::Ok
     }

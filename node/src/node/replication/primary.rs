@@ -2,18 +2,20 @@
 //! and acknowledge only if no table install overlapped the write.
 //!
 //! What an acknowledged write guarantees: it was applied on the primary and
-//! on every backup the primary holds in sync, at the same table epoch. A
-//! backup that fails to answer in time makes that write fail (its outcome is
-//! indeterminate: it may be on the primary), is reported out of sync to a
-//! majority of members before any later write is acknowledged without it, and
-//! is repaired by a snapshot; while it is out of sync the partition is not
-//! "safe" and the coordinator never promotes it.
+//! on every member of the partition's committed in-sync set (ISR), at the
+//! same table epoch, while the primary held its lease. A backup that fails
+//! to answer in time is removed from the ISR through the metadata group
+//! (committed) before the write is acknowledged without it; if that commit
+//! fails (no leader, minority side) the write fails as indeterminate. A
+//! removed backup is repaired by a snapshot and rejoins the ISR only by the
+//! primary's committed word; promotion picks only from the ISR.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use crate::cluster::table::{Role, Table};
 use crate::error::{Error, Result};
+use crate::meta::state::{MetaCmd, MetaReply};
 use crate::net::message::{Request, Response};
 use crate::node::Node;
 use crate::replica::{ReplOp, Written};
@@ -89,6 +91,12 @@ impl Node {
             tracing::warn!(elapsed = ?t1.elapsed(), ok = rep.is_ok(), "slow replication");
         }
         rep?;
+        if !self.lease_valid() {
+            return Err(Error::QuorumLost(
+                "this primary's lease lapsed during the write; it may or may not have been applied"
+                    .into(),
+            ));
+        }
         // A table install that began while this write ran may have changed
         // the partition's backups under it (install does not wait for the
         // partition lock, and publishes the table only at its end): then the
@@ -108,7 +116,9 @@ impl Node {
         Ok(r)
     }
 
-    /// locks held by the caller); a failure marks the backup out of sync.
+    /// Replicates `ops` to every committed in-sync backup of their
+    /// partitions (partition locks held by the caller); a backup that fails
+    /// is removed from the ISR (committed) before this returns Ok.
     pub(in crate::node) async fn replicate(
         &self,
         table: &Table,
@@ -121,10 +131,16 @@ impl Node {
         for (p, op) in ops {
             per_part.entry(p).or_default().push(op);
         }
+        let meta = self.cluster.meta();
+        if meta.epoch() != table.epoch {
+            return Err(Error::Unavailable(
+                "the partition table is changing; the write may or may not have been applied"
+                    .into(),
+            ));
+        }
         let mut calls = Vec::new();
         for (p, ops) in per_part {
-            let synced = self.cluster.part(p).synced.lock().clone();
-            for b in table.backups(p).iter().filter(|b| synced.contains(*b)) {
+            for b in table.backups(p).iter().filter(|b| meta.in_sync(p, b)) {
                 let Some(m) = table.member(b) else { continue };
                 let req = Request::Replicate {
                     epoch: table.epoch,
@@ -155,10 +171,9 @@ impl Node {
                 Ok(_) | Err(_) => failed.push((p, b)),
             }
         }
-        if failed.is_empty() {
+        if failed.is_empty() || self.shrink_isr(table, &failed).await {
             return Ok(());
         }
-        self.report_unsynced(failed.clone()).await;
         Err(Error::Unavailable(format!(
             "replication to {} failed; the write may or may not have been applied",
             failed
@@ -189,30 +204,37 @@ impl Node {
         }
     }
 
-    /// Marks backups out of sync and tells a majority before returning.
-    pub(in crate::node) async fn report_unsynced(&self, pairs: Vec<(u32, String)>) {
-        let c = &self.cluster;
-        // Numbered before the backups leave the synced sets, so any snapshot
-        // taken after carries a larger number and outranks this report.
-        let seq = c.next_seq();
-        for (p, b) in &pairs {
-            c.part(*p).synced.lock().remove(b);
-        }
-        // (Not recorded here: as primary, this node's synced sets are the truth.)
-        let (alive, _) = c.liveness();
-        let calls = alive.iter().filter(|m| m.name != self.name()).map(|m| {
-            let req = Request::Unsynced {
-                name: self.name().to_string(),
-                incarnation: c.me().incarnation,
-                seq,
-                pairs: pairs.clone(),
+    /// Removes backups from their partitions' committed in-sync sets;
+    /// true when every removal was committed (or already true).
+    pub(in crate::node) async fn shrink_isr(&self, table: &Table, pairs: &[(u32, String)]) -> bool {
+        let calls = pairs.iter().map(|(p, b)| {
+            let cmd = MetaCmd::Shrink {
+                epoch: table.epoch,
+                partition: *p,
+                primary: self.name().to_string(),
+                member: b.clone(),
             };
             async move {
-                self.peers
-                    .call(&m.peer, req, c.config().replication_timeout)
-                    .await
+                let r = self.propose(cmd).await;
+                match &r {
+                    Ok((MetaReply::Done, _)) => {
+                        tracing::info!(partition = p, backup = %b, "backup left the in-sync set");
+                        true
+                    }
+                    Ok((MetaReply::Refused(why), _)) => {
+                        tracing::debug!(partition = p, backup = %b, reason = %why, "in-sync removal refused");
+                        false
+                    }
+                    Err(e) => {
+                        tracing::debug!(partition = p, backup = %b, error = %e, "in-sync removal not committed");
+                        false
+                    }
+                }
             }
         });
-        futures::future::join_all(calls).await;
+        futures::future::join_all(calls)
+            .await
+            .into_iter()
+            .all(|ok| ok)
     }
 }

@@ -1,30 +1,44 @@
-//! Bringing backups into sync: snapshot transfers to backups the primary
-//! does not hold in sync, and anti-entropy (digest comparison) for the ones
-//! it does.
+//! Bringing backups into sync: snapshot transfers to backups outside the
+//! committed in-sync set (each ends with the primary committing the backup
+//! into the set while it still holds the partition lock), removing dead
+//! backups from the set ahead of the next write, and anti-entropy (digest
+//! comparison) for the in-sync ones.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::cluster::table::Role;
 use crate::error::{Error, Result};
+use crate::meta::state::{MetaCmd, MetaReply};
 use crate::net::message::{Request, Response};
 use crate::node::Node;
 
 impl Node {
-    /// Starts snapshot transfers to backups that are not in sync.
+    /// Starts snapshot transfers to backups that are not in sync, and
+    /// removes backups that stopped answering from the in-sync sets.
     pub(in crate::node) async fn sync_backups(self: &Arc<Self>) {
         let t = self.cluster.table();
+        let meta = self.cluster.meta();
+        if meta.epoch() != t.epoch {
+            return;
+        }
         let mut todo = Vec::new();
+        let mut dead = Vec::new();
         for p in 0..t.partition_count {
             if t.role_of(self.cluster.me(), p) != Role::Primary {
                 continue;
             }
-            let synced = self.cluster.part(p).synced.lock().clone();
             for b in t.backups(p) {
-                if !synced.contains(b) && self.cluster.alive(b) {
-                    todo.push((p, b.clone()));
+                let alive = self.cluster.alive(b);
+                match (meta.in_sync(p, b), alive) {
+                    (false, true) => todo.push((p, b.clone())),
+                    (true, false) => dead.push((p, b.clone())),
+                    _ => {}
                 }
             }
+        }
+        if !dead.is_empty() && self.lease_valid() {
+            self.shrink_isr(&t, &dead).await;
         }
         for (p, b) in todo {
             {
@@ -64,9 +78,26 @@ impl Node {
         };
         match self.peers.call(&addr, req, Duration::from_secs(30)).await? {
             Response::Ok => {
-                st.synced.lock().insert(b.to_string());
-                tracing::debug!(partition = p, backup = %b, "backup in sync");
-                Ok(())
+                // Still under the partition lock: no write can slip between
+                // the snapshot and the backup joining the in-sync set, and
+                // the lock is held until this node applied the change (its
+                // next writes wait for the backup).
+                let cmd = MetaCmd::Expand {
+                    epoch: t.epoch,
+                    partition: p,
+                    primary: self.name().to_string(),
+                    member: b.to_string(),
+                };
+                match self.propose(cmd).await? {
+                    (MetaReply::Done, index) => {
+                        if !self.applied_up_to(index).await {
+                            tracing::warn!(partition = p, backup = %b, "in-sync change committed but not applied here in time");
+                        }
+                        tracing::debug!(partition = p, backup = %b, "backup in sync");
+                        Ok(())
+                    }
+                    (MetaReply::Refused(why), _) => Err(Error::Unavailable(why)),
+                }
             }
             Response::Error(e) => Err(Error::Remote {
                 reason: e.reason,
@@ -88,7 +119,14 @@ impl Node {
             let st = self.cluster.part(p);
             let _g = st.repl.lock().await;
             let mine = self.store.digest(p);
-            let synced = st.synced.lock().clone();
+            let synced: Vec<String> = self
+                .cluster
+                .meta()
+                .isr_of(p)
+                .iter()
+                .filter(|m| *m != self.name())
+                .cloned()
+                .collect();
             for b in synced {
                 let Some(m) = t.member(&b) else { continue };
                 let req = Request::Digest {
@@ -107,7 +145,7 @@ impl Node {
             }
         }
         if !diverged.is_empty() {
-            self.report_unsynced(diverged).await;
+            self.shrink_isr(&t, &diverged).await;
         }
     }
 }

@@ -95,6 +95,9 @@ impl Error {
             ErrorReason::LimitExceeded => Error::LimitExceeded(message),
             ErrorReason::InvalidArgument => Error::InvalidArgument(message),
             ErrorReason::Unavailable => Error::Unavailable(message),
+            ErrorReason::PartitionUnavailable => {
+                Error::Unavailable(format!("partition unavailable: {message}"))
+            }
             ErrorReason::Internal | ErrorReason::Unspecified => Error::Internal(message),
             ErrorReason::Unauthenticated => Error::Unauthenticated(message),
             ErrorReason::NotAuthorized => Error::NotAuthorized(message),

@@ -166,7 +166,8 @@ impl ProcCluster {
             // DISTCACHE_E2E_NODE_LOG overrides the nodes' log filter (debugging).
             .env(
                 "DISTCACHE_LOG",
-                std::env::var("DISTCACHE_E2E_NODE_LOG").unwrap_or_else(|_| "info".into()),
+                std::env::var("DISTCACHE_E2E_NODE_LOG")
+                    .unwrap_or_else(|_| "info,openraft=warn".into()),
             )
             .stdin(Stdio::null())
             .stdout(Stdio::null())

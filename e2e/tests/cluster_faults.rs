@@ -167,7 +167,8 @@ async fn a_paused_coordinator_cannot_install_its_stale_table() {
     let after = c.wait_safe(3, SAFE).await;
     assert!(
         after >= moved_on.epoch,
-        "node-0 adopted the majority's table"
+        "node-0 adopted the majority's table (converged at epoch {after}, the majority had {})",
+        moved_on.epoch
     );
     let (history, acked, failed) = load.stop().await;
     report("paused coordinator", acked, failed);

@@ -202,7 +202,7 @@ pub struct NodeConfig {
     #[arg(long, env = "DISTCACHE_MAX_COLLECTIONS", default_value_t = DEFAULT_MAX_COLLECTIONS)]
     pub max_collections: u64,
     /// Log filter (tracing EnvFilter syntax, e.g. `info,distcache_node=debug`).
-    #[arg(long, env = "DISTCACHE_LOG", default_value = "info")]
+    #[arg(long, env = "DISTCACHE_LOG", default_value = "info,openraft=warn")]
     pub log: String,
 }
 
@@ -252,7 +252,7 @@ impl Default for NodeConfig {
             max_lock_hold_secs: DEFAULT_MAX_LOCK_HOLD_SECS,
             batch_buffer_bytes: DEFAULT_BATCH_BUFFER_BYTES,
             max_collections: DEFAULT_MAX_COLLECTIONS,
-            log: "info".into(),
+            log: "info,openraft=warn".into(),
         }
     }
 }

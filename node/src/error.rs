@@ -48,6 +48,9 @@ pub enum Error {
     /// The node is shutting down or cannot serve right now.
     #[error("unavailable: {0}")]
     Unavailable(String),
+    /// Every in-sync replica of a partition is unreachable (retriable).
+    #[error("partition unavailable: {0}")]
+    PartitionUnavailable(String),
     /// Anything else.
     #[error("internal error: {0}")]
     Internal(String),
@@ -84,6 +87,7 @@ impl Error {
             Error::NotOwner { .. } => ErrorReason::NotOwner,
             Error::ClusterNotReady(_) => ErrorReason::ClusterNotReady,
             Error::Unavailable(_) => ErrorReason::Unavailable,
+            Error::PartitionUnavailable(_) => ErrorReason::PartitionUnavailable,
             Error::Internal(_) => ErrorReason::Internal,
             Error::Unauthenticated(_) => ErrorReason::Unauthenticated,
             Error::NotAuthorized(_) => ErrorReason::NotAuthorized,
@@ -105,7 +109,9 @@ impl Error {
             | ErrorReason::LockNotHeld
             | ErrorReason::QuorumLost
             | ErrorReason::NotOwner => Code::FailedPrecondition,
-            ErrorReason::ClusterNotReady | ErrorReason::Unavailable => Code::Unavailable,
+            ErrorReason::ClusterNotReady
+            | ErrorReason::Unavailable
+            | ErrorReason::PartitionUnavailable => Code::Unavailable,
             ErrorReason::Internal | ErrorReason::Unspecified => Code::Internal,
             ErrorReason::Unauthenticated => Code::Unauthenticated,
             ErrorReason::NotAuthorized => Code::PermissionDenied,

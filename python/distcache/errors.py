@@ -69,6 +69,7 @@ _BY_REASON = {
     "LIMIT_EXCEEDED": LimitExceededError,
     "INVALID_ARGUMENT": InvalidArgumentError,
     "UNAVAILABLE": UnavailableError,
+    "PARTITION_UNAVAILABLE": UnavailableError,
     "UNAUTHENTICATED": UnauthenticatedError,
     "NOT_AUTHORIZED": NotAuthorizedError,
 }

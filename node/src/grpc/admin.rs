@@ -201,6 +201,8 @@ impl proto::cluster_server::Cluster for Api {
                 "partitions without an in-sync backup, e.g. {}",
                 examples.join("; ")
             )
+        } else if !safe && !examples.is_empty() {
+            examples.join("; ")
         } else {
             String::new()
         };

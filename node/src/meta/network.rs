@@ -18,18 +18,25 @@ use crate::error::Error;
 use crate::net::message::{Request, Response};
 use crate::net::peer::Peers;
 
+/// Resolves a member name to its current peer address (members may come
+/// back on new addresses; Raft's stored address is only a fallback).
+pub type Resolver = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
+
 /// Makes one [`MetaClient`] per target.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct MetaNetwork {
     /// The node's outbound peer connections.
     pub peers: Arc<Peers>,
+    /// Current peer address of a member.
+    pub resolve: Resolver,
 }
 
 /// Sends RPCs to one member.
-#[derive(Debug)]
 pub struct MetaClient {
     peers: Arc<Peers>,
+    resolve: Resolver,
     target: NodeId,
+    name: String,
     addr: String,
 }
 
@@ -39,7 +46,9 @@ impl RaftNetworkFactory<MetaTypes> for MetaNetwork {
     async fn new_client(&mut self, target: NodeId, node: &MetaNode) -> MetaClient {
         MetaClient {
             peers: self.peers.clone(),
+            resolve: self.resolve.clone(),
             target,
+            name: node.name.clone(),
             addr: node.peer.clone(),
         }
     }
@@ -55,9 +64,10 @@ impl MetaClient {
         option: &RPCOption,
     ) -> Result<RaftAnswer, RPCError<NodeId, MetaNode, RaftError<NodeId, E>>> {
         let timeout = option.hard_ttl().max(Duration::from_millis(50));
+        let addr = (self.resolve)(&self.name).unwrap_or_else(|| self.addr.clone());
         match self
             .peers
-            .call(&self.addr, Request::Raft(Box::new(rpc)), timeout)
+            .call(&addr, Request::Raft(Box::new(rpc)), timeout)
             .await
         {
             Ok(Response::Raft(answer)) => Ok(*answer),

@@ -124,10 +124,7 @@ impl MetaState {
         };
         match r {
             Ok(()) => MetaReply::Done,
-            Err(why) => {
-                tracing::warn!(reason = %why, "metadata command refused");
-                MetaReply::Refused(why)
-            }
+            Err(why) => MetaReply::Refused(why),
         }
     }
 
@@ -226,8 +223,8 @@ impl MetaState {
 }
 
 /// Checks a proposed table: one row per partition, every replica a listed
-/// member, nobody twice in a row, no more replicas than configured, every
-/// member listed once.
+/// member, nobody twice in a row, no more replicas than a migration needs,
+/// every member listed once.
 pub fn validate(t: &Table, shape: Shape) -> Result<(), String> {
     if t.partition_count != shape.partition_count
         || t.owners.len() != shape.partition_count as usize
@@ -250,7 +247,9 @@ pub fn validate(t: &Table, shape: Shape) -> Result<(), String> {
             return Err(format!("member {} listed twice", m.name));
         }
     }
-    let max = shape.backup_count as usize + 1;
+    // A migration keeps the old replicas next to the target's until the new
+    // ones are in sync: at most the old row, the target row and a primary.
+    let max = 2 * (shape.backup_count as usize + 1) + 1;
     for (p, row) in t.owners.iter().enumerate() {
         if row.len() > max {
             return Err(format!("p{p} has {} replicas (at most {max})", row.len()));
@@ -398,6 +397,10 @@ mod tests {
             table(&[&["a"]], &inc),
             table(&[&["a", "a"], &["b"]], &inc),
             table(&[&["a", "b", "a"], &["b"]], &inc),
+            table(
+                &[&["a", "b", "c", "d", "e", "f"], &["b"]],
+                &[("a", 1), ("b", 1), ("c", 1), ("d", 1), ("e", 1), ("f", 1)],
+            ),
             table(&[&["z"], &["b"]], &inc),
             table(&[&["a"], &["b"]], &[("a", 1), ("a", 2), ("b", 2)]),
         ] {

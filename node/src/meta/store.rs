@@ -350,6 +350,9 @@ impl RaftStorage<MetaTypes> for MetaStore {
                 EntryPayload::Blank => out.push(MetaReply::Done),
                 EntryPayload::Normal(cmd) => {
                     let r = i.state.apply(cmd.clone(), self.shape);
+                    if let MetaReply::Refused(why) = &r {
+                        tracing::warn!(index = e.log_id.index, reason = %why, "committed metadata command refused by the state machine");
+                    }
                     out.push(r);
                 }
                 EntryPayload::Membership(m) => {

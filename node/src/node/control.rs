@@ -60,8 +60,17 @@ impl Node {
     pub(super) async fn start_meta(self: &Arc<Self>, store: MetaStore) -> Result<()> {
         let config = raft_config(self.cluster.config().failure_timeout)?;
         let fresh = !store.has_state();
+        let weak = Arc::downgrade(self);
         let net = MetaNetwork {
             peers: self.peers.clone(),
+            resolve: Arc::new(move |name: &str| {
+                let node = weak.upgrade()?;
+                node.cluster
+                    .members()
+                    .into_iter()
+                    .find(|m| m.name == name)
+                    .map(|m| m.peer)
+            }),
         };
         let (log, sm) = openraft::storage::Adaptor::new(store);
         let raft = MetaRaft::new(node_id(self.name()), Arc::new(config), net, log, sm)
@@ -104,6 +113,14 @@ impl Node {
             .collect()
     }
 
+    /// The fixed shape of this cluster's metadata.
+    pub(crate) fn shape(&self) -> crate::meta::state::Shape {
+        crate::meta::state::Shape {
+            partition_count: self.config.partition_count,
+            backup_count: self.config.backup_count,
+        }
+    }
+
     /// Whether this node is the metadata leader now.
     pub fn is_meta_leader(&self) -> bool {
         self.raft().is_some_and(|r| {
@@ -125,15 +142,26 @@ impl Node {
             .map(|(_, n)| n.name.clone())
     }
 
+    /// The leader's current peer address (from the member list; Raft's
+    /// stored address when the list lacks it).
     fn leader_peer(&self) -> Option<String> {
-        let r = self.raft()?;
-        let m = r.metrics();
-        let m = m.borrow();
-        let leader = m.current_leader?;
-        m.membership_config
-            .nodes()
-            .find(|(id, _)| **id == leader)
-            .map(|(_, n)| n.peer.clone())
+        let (name, stored) = {
+            let r = self.raft()?;
+            let m = r.metrics();
+            let m = m.borrow();
+            let leader = m.current_leader?;
+            m.membership_config
+                .nodes()
+                .find(|(id, _)| **id == leader)
+                .map(|(_, n)| (n.name.clone(), n.peer.clone()))?
+        };
+        Some(
+            self.cluster
+                .members()
+                .into_iter()
+                .find(|m| m.name == name)
+                .map_or(stored, |m| m.peer),
+        )
     }
 
     /// Commits `cmd` through the leader (this node or a peer); returns the
@@ -237,7 +265,15 @@ impl Node {
         }
         self.sync_raft_members().await;
         if let Some((table, reset)) = self.plan() {
-            match self.propose(MetaCmd::Table { table, reset }).await {
+            let cmd = MetaCmd::Table { table, reset };
+            // Dry run on the committed state: a table the state machine
+            // would refuse is not proposed (it would only fill the log).
+            let mut dry = (*self.cluster.meta()).clone();
+            if let MetaReply::Refused(why) = dry.apply(cmd.clone(), self.shape()) {
+                tracing::error!(reason = %why, "planned table breaks a metadata rule; not proposed");
+                return;
+            }
+            match self.propose(cmd).await {
                 Ok((MetaReply::Done, _)) => {}
                 Ok((MetaReply::Refused(why), _)) => {
                     tracing::error!(reason = %why, "planned table refused by the state machine")
@@ -270,8 +306,7 @@ impl Node {
             })
             .collect();
         for (id, node) in &configured {
-            let changed_addr = m.get_node(id).is_some_and(|n| n != node);
-            if !known.contains(id) || changed_addr {
+            if !known.contains(id) {
                 tracing::info!(member = %node.name, "adding raft learner");
                 if let Err(e) = raft.add_learner(*id, node.clone(), false).await {
                     tracing::debug!(error = %e, "add learner failed");

@@ -53,8 +53,14 @@ impl Node {
                 .filter(|(a, b)| a != b)
                 .count() as u32
         });
+        // A node that is not in touch with the metadata leader (or has not
+        // applied what it holds) may be behind: it never calls itself safe.
+        let in_touch = self.lease_valid() && self.meta_caught_up();
+        if !in_touch && examples.len() < 3 {
+            examples.push("no recent contact with the metadata leader".into());
+        }
         (
-            without == 0 && migrating == 0 && c.quorum(),
+            without == 0 && migrating == 0 && c.quorum() && in_touch,
             without,
             migrating,
             examples,

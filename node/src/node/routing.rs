@@ -30,7 +30,7 @@ impl Node {
         if primary == self.name() {
             if !self.cluster.is_current() {
                 return Err(Error::Unavailable(
-                    "this node restarted; confirming the partition table with the cluster".into(),
+                    "this node restarted; waiting for contact with the metadata leader".into(),
                 ));
             }
             if table.role_of(self.cluster.me(), p) != Role::Primary {
@@ -39,6 +39,15 @@ impl Node {
                 ));
             }
             return Ok(Route::Local);
+        }
+        if !self.cluster.alive(primary) {
+            let meta = self.cluster.meta();
+            if meta.epoch() == table.epoch && !meta.isr_of(p).iter().any(|m| self.cluster.alive(m))
+            {
+                return Err(Error::PartitionUnavailable(format!(
+                    "no in-sync replica of partition {p} is reachable (primary {primary}); it serves again when one returns"
+                )));
+            }
         }
         match table.member(primary) {
             Some(m) => Ok(Route::Remote(m.peer.clone())),

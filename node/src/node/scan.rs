@@ -27,7 +27,10 @@ const KEYS_PAGE_BYTES: usize = 1 << 20;
 /// Whether a part's failure may heal by re-routing with a newer table.
 fn reroutable(e: &Error) -> bool {
     match e {
-        Error::NotOwner { .. } | Error::Unavailable(_) | Error::ClusterNotReady(_) => true,
+        Error::NotOwner { .. }
+        | Error::Unavailable(_)
+        | Error::PartitionUnavailable(_)
+        | Error::ClusterNotReady(_) => true,
         Error::Remote { reason, .. } => matches!(
             ErrorReason::try_from(*reason),
             Ok(ErrorReason::NotOwner | ErrorReason::Unavailable | ErrorReason::ClusterNotReady)

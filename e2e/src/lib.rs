@@ -9,6 +9,7 @@
 
 pub mod cluster;
 pub mod k8s;
+pub mod netns;
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;

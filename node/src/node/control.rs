@@ -213,7 +213,9 @@ impl Node {
         let answer = match rpc {
             RaftRpc::Append(req) => {
                 let r = raft.append_entries(req).await;
-                if matches!(r, Ok(openraft::raft::AppendEntriesResponse::Success)) {
+                // Any answer but "your vote is stale" comes from a current leader.
+                if matches!(&r, Ok(a) if !matches!(a, openraft::raft::AppendEntriesResponse::HigherVote(_)))
+                {
                     *self.leader_contact.lock() = Some(Instant::now());
                 }
                 RaftAnswer::Append(r)
@@ -345,9 +347,8 @@ impl Node {
 
     /// Whether this node may acknowledge writes as a primary now: a majority
     /// of the members answered its heartbeats within the lease, and it is in
-    /// contact with the metadata leader (it is the leader and a quorum
-    /// acknowledged it within the lease, or the leader's log reached it
-    /// within the lease). Monotonic clocks only.
+    /// contact with the metadata leader (it is the leader, or the leader's
+    /// log reached it within the lease). Monotonic clocks only.
     pub(crate) fn lease_valid(&self) -> bool {
         let expected = self.cluster.members().len();
         if expected <= 1 {
@@ -358,12 +359,8 @@ impl Node {
             return false;
         }
         if self.is_meta_leader() {
-            return self.raft().is_some_and(|r| {
-                r.metrics()
-                    .borrow()
-                    .millis_since_quorum_ack
-                    .is_some_and(|ms| Duration::from_millis(ms) < lease)
-            });
+            // The leader: its own quorum of heartbeat answers above.
+            return true;
         }
         self.leader_contact
             .lock()

@@ -262,6 +262,16 @@ impl Node {
     /// The leader's round: Raft membership follows the configured members,
     /// and a new table is proposed when the plan differs from the committed one.
     pub(super) async fn lead(&self) {
+        if let Some(raft) = self.raft()
+            && let Err(fatal) = &raft.metrics().borrow().running_state
+        {
+            let mut failure = self.failure.lock();
+            if failure.is_none() {
+                tracing::error!(error = %fatal, "the metadata group stopped; the node is failed");
+                *failure = Some(format!("metadata group stopped: {fatal}"));
+            }
+            return;
+        }
         if !self.is_meta_leader() {
             return;
         }

@@ -414,7 +414,6 @@ impl Cluster {
 mod tests {
     use super::*;
     use crate::cluster::membership::MemberSpec;
-    use crate::cluster::table::Table;
 
     /// A provider reporting `gone` once.
     #[derive(Debug)]

@@ -5,6 +5,10 @@
 //! checksummed records and fsynced before Raft counts them; a torn tail is
 //! dropped on start.
 
+// openraft's trait methods return its (large) StorageError; the helpers here
+// return the same type.
+#![allow(clippy::result_large_err)]
+
 use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::io::{Cursor, Write};

@@ -237,6 +237,17 @@ impl Cluster {
                 .is_some_and(|v| v.last_seen.elapsed() < self.config.failure_timeout)
     }
 
+    /// Whether `name` has missed several heartbeats in a row (not yet failed):
+    /// requests to it are not waited for.
+    pub fn suspect(&self, name: &str) -> bool {
+        name != self.me.name
+            && self
+                .views
+                .lock()
+                .get(name)
+                .is_none_or(|v| v.last_seen.elapsed() > self.config.heartbeat_interval * 4)
+    }
+
     /// Last heartbeat of `name` if alive.
     pub fn view(&self, name: &str) -> Option<Heartbeat> {
         self.views

@@ -31,15 +31,15 @@ pub enum MetaCmd {
         /// in-sync replicas are gone. Recorded as data loss.
         reset: Vec<u32>,
     },
-    /// The primary of `partition` stops waiting for `member`.
+    /// The primary of `partitions` stops waiting for `member` in them.
     Shrink {
         /// Table epoch the primary writes under.
         epoch: u64,
-        /// Partition.
-        partition: u32,
-        /// The partition's primary (the proposer).
+        /// Partitions (each must have `primary` as its primary).
+        partitions: Vec<u32>,
+        /// The partitions' primary (the proposer).
         primary: String,
-        /// The backup leaving the ISR.
+        /// The backup leaving their ISRs.
         member: String,
     },
     /// `member` caught up with the primary of `partition` (snapshot applied).
@@ -111,10 +111,20 @@ impl MetaState {
             MetaCmd::Table { table, reset } => self.apply_table(table, &reset, shape),
             MetaCmd::Shrink {
                 epoch,
-                partition,
+                partitions,
                 primary,
                 member,
-            } => self.change_isr(epoch, partition, &primary, &member, false),
+            } => {
+                // All or nothing: checked first, then applied.
+                let mut probe = self.clone();
+                let r = partitions
+                    .iter()
+                    .try_for_each(|&p| probe.change_isr(epoch, p, &primary, &member, false));
+                if r.is_ok() {
+                    *self = probe;
+                }
+                r
+            }
             MetaCmd::Expand {
                 epoch,
                 partition,
@@ -317,7 +327,7 @@ mod tests {
         } else {
             MetaCmd::Shrink {
                 epoch,
-                partition: p,
+                partitions: vec![p],
                 primary,
                 member,
             }

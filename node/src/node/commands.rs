@@ -15,6 +15,14 @@ use crate::node::Node;
 use crate::node::routing::Route;
 
 impl Node {
+    /// Resolves once `member` misses heartbeats (polled every heartbeat).
+    async fn until_suspect(&self, member: &str) {
+        let period = self.cluster.config().heartbeat_interval;
+        while !self.cluster.suspect(member) {
+            tokio::time::sleep(period).await;
+        }
+    }
+
     /// Runs one command (counted in the metrics). `origin`: a command from
     /// a peer was already forwarded once and is not forwarded again (a stale
     /// route answers NOT_OWNER).
@@ -99,7 +107,25 @@ impl Node {
             Route::Local => self.execute_here(&table, p, cmd).await,
             Route::Remote(addr) => {
                 let fallback = matches!(cmd, Command::Get { .. }).then(|| cmd.clone());
-                match (self.forward(&addr, cmd).await, fallback) {
+                // A primary that stopped answering heartbeats is not waited
+                // for (a forward would wait out the request timeout): the
+                // metadata leader is moving the partition to an in-sync replica.
+                let primary = table.primary(p).unwrap_or_default().to_string();
+                let unreachable = || {
+                    Error::Unavailable(format!(
+                        "the primary of partition {p} ({primary}) is unreachable; failover pending"
+                    ))
+                };
+                let forwarded = if self.cluster.suspect(&primary) {
+                    Err(unreachable())
+                } else {
+                    // Abandoned as soon as the primary misses heartbeats.
+                    tokio::select! {
+                        r = self.forward(&addr, cmd) => r,
+                        () = self.until_suspect(&primary) => Err(unreachable()),
+                    }
+                };
+                match (forwarded, fallback) {
                     // Read-from-backup fallback: the primary is unreachable,
                     // and this copy is in sync by the primary's own last word
                     // (loaded is not enough: a primary acknowledges writes

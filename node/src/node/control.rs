@@ -21,14 +21,14 @@ use crate::net::message::{Request, Response};
 use crate::node::Node;
 
 /// Raft timings derived from the failure timeout: an election starts after
-/// a quarter to a half of it without a leader, heartbeats at a fifth of that.
+/// a fifth to a third of it without a leader, heartbeats at a fifth of that.
 fn raft_config(failure_timeout: Duration) -> Result<Config> {
     let ft = failure_timeout.as_millis().max(200) as u64;
-    let min = (ft / 4).max(50);
+    let min = (ft / 5).max(50);
     let config = Config {
         cluster_name: "distcache-meta".into(),
         election_timeout_min: min,
-        election_timeout_max: (ft / 2).max(min + 20),
+        election_timeout_max: (ft / 3).max(min + 20),
         heartbeat_interval: (min / 5).max(10),
         snapshot_policy: SnapshotPolicy::LogsSinceLast(200),
         max_in_snapshot_log_to_keep: 100,
@@ -167,11 +167,20 @@ impl Node {
     /// Commits `cmd` through the leader (this node or a peer); returns the
     /// state machine's reply and the entry's log index.
     pub(crate) async fn propose(&self, cmd: MetaCmd) -> Result<(MetaReply, u64)> {
+        self.propose_within(cmd, self.cluster.config().request_timeout)
+            .await
+    }
+
+    /// [`Node::propose`], giving up after `timeout`.
+    pub(crate) async fn propose_within(
+        &self,
+        cmd: MetaCmd,
+        timeout: Duration,
+    ) -> Result<(MetaReply, u64)> {
         let raft = self
             .raft()
             .ok_or_else(|| Error::Unavailable("metadata group not started".into()))?;
         if self.is_meta_leader() {
-            let timeout = self.cluster.config().request_timeout;
             return match tokio::time::timeout(timeout, raft.client_write(cmd)).await {
                 Ok(Ok(r)) => Ok((r.data, r.log_id.index)),
                 Ok(Err(e)) => Err(Error::Unavailable(format!("metadata commit failed: {e}"))),
@@ -181,7 +190,6 @@ impl Node {
         let peer = self
             .leader_peer()
             .ok_or_else(|| Error::Unavailable("no metadata leader known".into()))?;
-        let timeout = self.cluster.config().request_timeout;
         match self.peers.call(&peer, Request::Meta(cmd), timeout).await? {
             Response::Meta { reply, index } => Ok((reply, index)),
             Response::Error(e) => Err(Error::Remote {
@@ -358,23 +366,25 @@ impl Node {
     /// Whether this node may acknowledge writes as a primary now: a majority
     /// of the members answered its heartbeats within the lease, and it is in
     /// contact with the metadata leader (it is the leader, or the leader's
-    /// log reached it within the lease). Monotonic clocks only.
+    /// log reached it within the failure timeout: a leader election does
+    /// not stop the majority's writes, while a node the leader cannot reach
+    /// is failed over only after that timeout). Monotonic clocks only.
     pub(crate) fn lease_valid(&self) -> bool {
         let expected = self.cluster.members().len();
         if expected <= 1 {
             return true;
         }
-        let lease = self.cluster.lease();
-        if !self.cluster.majority_answered_within(lease) {
+        if !self.cluster.majority_answered_within(self.cluster.lease()) {
             return false;
         }
         if self.is_meta_leader() {
             // The leader: its own quorum of heartbeat answers above.
             return true;
         }
+        let window = self.cluster.config().failure_timeout;
         self.leader_contact
             .lock()
-            .is_some_and(|t| t.elapsed() < lease)
+            .is_some_and(|t| t.elapsed() < window)
     }
 }
 

@@ -161,6 +161,7 @@ impl Node {
             return Ok(());
         }
         let mut failed = Vec::new();
+        let mut unreachable: Vec<String> = Vec::new();
         for (p, b, r) in futures::future::join_all(calls).await {
             match r {
                 Ok(Response::Ok) => {}
@@ -168,10 +169,23 @@ impl Node {
                     tracing::debug!(partition = p, backup = %b, reason = e.reason, msg = %e.message, "replication refused");
                     failed.push((p, b));
                 }
-                Ok(_) | Err(_) => failed.push((p, b)),
+                Ok(_) | Err(_) => {
+                    if !unreachable.contains(&b) {
+                        unreachable.push(b.clone());
+                    }
+                    failed.push((p, b));
+                }
             }
         }
-        if failed.is_empty() || self.shrink_isr(table, &failed).await {
+        let mut shrink = failed.clone();
+        for b in &unreachable {
+            for pair in self.isr_places(table, b) {
+                if !shrink.contains(&pair) {
+                    shrink.push(pair);
+                }
+            }
+        }
+        if failed.is_empty() || self.shrink_isr(table, &shrink).await {
             return Ok(());
         }
         Err(Error::Unavailable(format!(
@@ -204,29 +218,40 @@ impl Node {
         }
     }
 
-    /// Removes backups from their partitions' committed in-sync sets;
-    /// true when every removal was committed (or already true).
+    /// Removes backups from their partitions' committed in-sync sets (one
+    /// committed command per backup); true when every removal was committed
+    /// (or already true).
     pub(in crate::node) async fn shrink_isr(&self, table: &Table, pairs: &[(u32, String)]) -> bool {
-        let calls = pairs.iter().map(|(p, b)| {
+        if !self.lease_valid() {
+            // Cut off from the majority: nothing can commit; fail the write
+            // now rather than wait for a commit that cannot happen.
+            return false;
+        }
+        let timeout = self.cluster.config().replication_timeout;
+        let mut per_member: BTreeMap<&str, Vec<u32>> = BTreeMap::new();
+        for (p, b) in pairs {
+            per_member.entry(b.as_str()).or_default().push(*p);
+        }
+        let calls = per_member.into_iter().map(|(b, partitions)| {
+            let n = partitions.len();
             let cmd = MetaCmd::Shrink {
                 epoch: table.epoch,
-                partition: *p,
+                partitions,
                 primary: self.name().to_string(),
-                member: b.clone(),
+                member: b.to_string(),
             };
             async move {
-                let r = self.propose(cmd).await;
-                match &r {
+                match self.propose_within(cmd, timeout).await {
                     Ok((MetaReply::Done, _)) => {
-                        tracing::info!(partition = p, backup = %b, "backup left the in-sync set");
+                        tracing::info!(backup = %b, partitions = n, "backup left the in-sync sets");
                         true
                     }
                     Ok((MetaReply::Refused(why), _)) => {
-                        tracing::debug!(partition = p, backup = %b, reason = %why, "in-sync removal refused");
+                        tracing::debug!(backup = %b, reason = %why, "in-sync removal refused");
                         false
                     }
                     Err(e) => {
-                        tracing::debug!(partition = p, backup = %b, error = %e, "in-sync removal not committed");
+                        tracing::debug!(backup = %b, error = %e, "in-sync removal not committed");
                         false
                     }
                 }
@@ -236,5 +261,18 @@ impl Node {
             .await
             .into_iter()
             .all(|ok| ok)
+    }
+
+    /// Every partition this node is primary of under `table` in whose
+    /// committed ISR `member` is: when a backup stops answering, it leaves
+    /// all of them at once, so later writes do not each wait for it.
+    pub(in crate::node) fn isr_places(&self, table: &Table, member: &str) -> Vec<(u32, String)> {
+        let meta = self.cluster.meta();
+        (0..table.partition_count)
+            .filter(|&p| {
+                table.role_of(self.cluster.me(), p) == Role::Primary && meta.in_sync(p, member)
+            })
+            .map(|p| (p, member.to_string()))
+            .collect()
     }
 }

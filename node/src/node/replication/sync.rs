@@ -23,7 +23,7 @@ impl Node {
             return;
         }
         let mut todo = Vec::new();
-        let mut dead = Vec::new();
+        let mut dead: Vec<(u32, String)> = Vec::new();
         for p in 0..t.partition_count {
             if t.role_of(self.cluster.me(), p) != Role::Primary {
                 continue;

@@ -314,6 +314,26 @@ impl Client {
         Ok(resp.members)
     }
 
+    /// Declares `member` gone for good (admin): its disk and process will
+    /// not return, so partitions whose in-sync replicas were all on it
+    /// restart empty, which is reported as data loss. Returns how many
+    /// partitions the cluster has restarted empty so far.
+    pub async fn forget_member(&self, member: &str) -> Result<u64> {
+        let resp = self
+            .router
+            .any(|ch| {
+                let member = member.to_string();
+                async move {
+                    Ok(ClusterClient::new(ch)
+                        .forget(proto::ForgetMemberRequest { member })
+                        .await?
+                        .into_inner())
+                }
+            })
+            .await?;
+        Ok(resp.partitions_lost)
+    }
+
     /// Health of the member this client talks to first.
     pub async fn health(&self) -> Result<proto::HealthResponse> {
         self.router

@@ -70,6 +70,10 @@ pub struct Metrics {
     partitions: Family<RoleLabels, Gauge>,
     entries: Family<CollectionLabels, Gauge>,
     wal_failed: Gauge,
+    partitions_lost: Gauge,
+    clock_offset: Gauge,
+    clock_skewed: Gauge,
+    metadata_leader: Gauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -134,6 +138,26 @@ impl Default for Metrics {
             "wal_failed",
             "1 when the WAL failed and writes are refused",
         );
+        let partitions_lost = gauge(
+            &mut registry,
+            "partitions_lost",
+            "Partitions restarted empty or promoted uncleanly since the cluster began (data loss)",
+        );
+        let clock_offset = gauge(
+            &mut registry,
+            "clock_offset_ms",
+            "This node's wall-clock offset from the median of its peers, ms",
+        );
+        let clock_skewed = gauge(
+            &mut registry,
+            "clock_skewed",
+            "1 when the clock offset exceeds --max-clock-offset-ms (the node is made no primary)",
+        );
+        let metadata_leader = gauge(
+            &mut registry,
+            "metadata_leader",
+            "1 on the metadata (Raft) leader",
+        );
         let partitions = Family::<RoleLabels, Gauge>::default();
         registry.register(
             "partitions",
@@ -160,6 +184,10 @@ impl Default for Metrics {
             partitions,
             entries,
             wal_failed,
+            partitions_lost,
+            clock_offset,
+            clock_skewed,
+            metadata_leader,
         }
     }
 }
@@ -201,6 +229,11 @@ impl Metrics {
                 .set(i64::try_from(*n).unwrap_or(i64::MAX));
         }
         self.wal_failed.set(i64::from(g.wal_failed));
+        self.partitions_lost
+            .set(i64::try_from(g.partitions_lost).unwrap_or(i64::MAX));
+        self.clock_offset.set(g.clock_offset_ms);
+        self.clock_skewed.set(i64::from(g.clock_skewed));
+        self.metadata_leader.set(i64::from(g.metadata_leader));
         let mut out = String::new();
         if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
             tracing::warn!(error = %e, "encoding metrics");
@@ -234,6 +267,14 @@ pub struct Gauges {
     pub entries: Vec<(std::sync::Arc<str>, u64)>,
     /// The WAL refuses writes.
     pub wal_failed: bool,
+    /// Partitions restarted empty (data loss), cluster-wide.
+    pub partitions_lost: u64,
+    /// Wall-clock offset from the peers' median, ms.
+    pub clock_offset_ms: i64,
+    /// The offset is beyond the allowed one.
+    pub clock_skewed: bool,
+    /// This node leads the metadata group.
+    pub metadata_leader: bool,
 }
 
 /// Binds `addr` for the metrics endpoint (`--metrics-listen`).

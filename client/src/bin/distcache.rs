@@ -60,6 +60,18 @@ struct Coll {
     collection: String,
 }
 
+/// `distcache cluster` actions.
+#[derive(Debug, Subcommand)]
+enum ClusterAction {
+    /// Declare MEMBER gone for good (its disk and process will not return):
+    /// partitions whose in-sync replicas were all on it restart empty, and
+    /// that is reported as data loss. Admin only.
+    Forget {
+        /// Member name.
+        member: String,
+    },
+}
+
 #[derive(Debug, Subcommand)]
 enum Cmd {
     /// Store VALUE under KEY (VALUE `-` reads it from stdin).
@@ -162,11 +174,14 @@ enum Cmd {
     },
     /// Release lock KEY whoever holds it.
     ForceUnlock { key: String },
-    /// Show the cluster: epoch, partition count, safety, members.
+    /// Show the cluster: epoch, partition count, safety, members
+    /// (`cluster forget MEMBER`: declare a member gone for good).
     Cluster {
         /// One JSON object on stdout.
         #[arg(long)]
         json: bool,
+        #[command(subcommand)]
+        action: Option<ClusterAction>,
     },
     /// Write increasing counters to KEYS keys for SECONDS, then read every
     /// key back; exit 1 if an acknowledged write is missing (a smoke test
@@ -442,7 +457,14 @@ async fn run(cli: Cli) -> anyhow::Result<Outcome> {
                 return Ok(Outcome::WritesLost(lost.len() as u64));
             }
         }
-        Cmd::Cluster { json } => {
+        Cmd::Cluster {
+            action: Some(ClusterAction::Forget { member }),
+            ..
+        } => {
+            let lost = client.forget_member(&member).await?;
+            println!("{member} forgotten; partitions restarted empty so far: {lost}");
+        }
+        Cmd::Cluster { json, action: None } => {
             let table = client.partition_table().await?;
             let health = client.health().await?;
             let mut primaries = std::collections::HashMap::<&str, u32>::new();

@@ -216,6 +216,45 @@ impl proto::cluster_server::Cluster for Api {
             partitions_without_backup: without,
             migrations_running: migrating,
             problem,
+            metadata_leader: self.node.meta_leader().unwrap_or_default(),
+            metadata_voters: self.node.meta_voters(),
+            clock_offset_ms: self.node.clock_offset_ms().unwrap_or(0),
+            clock_skewed: c.is_skewed(),
+            partitions_lost: c.meta().lost_total,
         }))
+    }
+
+    async fn forget(
+        &self,
+        req: Request<proto::ForgetMemberRequest>,
+    ) -> Result<Response<proto::ForgetMemberResponse>, Status> {
+        let caller = self.caller(&req)?;
+        caller
+            .require("*", Role::Admin)
+            .map_err(|e| self.status(e))?;
+        let member = req.into_inner().member;
+        if member.is_empty() || member == self.node.name() {
+            return Err(self.status(crate::error::Error::InvalidArgument(
+                "name another member to forget (not empty, not the node you ask)".into(),
+            )));
+        }
+        tracing::warn!(%member, "an operator declared a member gone for good");
+        let res = match self
+            .node
+            .propose(crate::meta::state::MetaCmd::Forget { member })
+            .await
+        {
+            Ok((crate::meta::state::MetaReply::Done, index)) => {
+                self.node.applied_up_to(index).await;
+                Ok(proto::ForgetMemberResponse {
+                    partitions_lost: self.node.cluster.meta().lost_total,
+                })
+            }
+            Ok((crate::meta::state::MetaReply::Refused(why), _)) => {
+                Err(crate::error::Error::InvalidArgument(why))
+            }
+            Err(e) => Err(e),
+        };
+        self.reply(res)
     }
 }

@@ -42,6 +42,12 @@ pub enum MetaCmd {
         /// The backup leaving their ISRs.
         member: String,
     },
+    /// An operator declared `member` (at the incarnation the table names)
+    /// gone for good: in-sync places held only by it count as lost.
+    Forget {
+        /// Member name.
+        member: String,
+    },
     /// `member` caught up with the primary of `partition` (snapshot applied).
     Expand {
         /// Table epoch the primary writes under.
@@ -76,6 +82,9 @@ pub struct MetaState {
     pub lost_total: u64,
     /// The partitions of the last such reset, with its epoch.
     pub last_loss: Option<(u64, Vec<u32>)>,
+    /// Members (name, incarnation) declared gone by an operator.
+    #[serde(default)]
+    pub forgotten: Vec<(String, u64)>,
 }
 
 /// Fixed settings every node must share.
@@ -105,6 +114,13 @@ impl MetaState {
         self.isr.get(p as usize).map_or(&[], Vec::as_slice)
     }
 
+    /// Whether `name` at `incarnation` was declared gone.
+    pub fn is_forgotten(&self, name: &str, incarnation: u64) -> bool {
+        self.forgotten
+            .iter()
+            .any(|(n, i)| n == name && *i == incarnation)
+    }
+
     /// Applies one committed command.
     pub fn apply(&mut self, cmd: MetaCmd, shape: Shape) -> MetaReply {
         let r = match cmd {
@@ -131,11 +147,28 @@ impl MetaState {
                 primary,
                 member,
             } => self.change_isr(epoch, partition, &primary, &member, true),
+            MetaCmd::Forget { member } => self.forget(&member),
         };
         match r {
             Ok(()) => MetaReply::Done,
             Err(why) => MetaReply::Refused(why),
         }
+    }
+
+    fn forget(&mut self, member: &str) -> Result<(), String> {
+        let t = self.table.as_ref().ok_or("no table yet")?;
+        let inc = t
+            .member(member)
+            .map(|m| m.incarnation)
+            .ok_or_else(|| format!("{member} is not in the partition table"))?;
+        if !self.is_forgotten(member, inc) {
+            // Bounded: one entry per (member, incarnation) the table named.
+            if self.forgotten.len() >= 1_024 {
+                self.forgotten.remove(0);
+            }
+            self.forgotten.push((member.to_string(), inc));
+        }
+        Ok(())
     }
 
     fn change_isr(

@@ -144,6 +144,24 @@ impl Node {
 
     /// The leader's current peer address (from the member list; Raft's
     /// stored address when the list lacks it).
+    /// The metadata group's voters (names).
+    pub(crate) fn meta_voters(&self) -> Vec<String> {
+        let Some(r) = self.raft() else {
+            return Vec::new();
+        };
+        let m = r.metrics();
+        let m = m.borrow();
+        let voters: BTreeSet<u64> = m.membership_config.membership().voter_ids().collect();
+        let mut names: Vec<String> = m
+            .membership_config
+            .nodes()
+            .filter(|(id, _)| voters.contains(id))
+            .map(|(_, n)| n.name.clone())
+            .collect();
+        names.sort();
+        names
+    }
+
     fn leader_peer(&self) -> Option<String> {
         let (name, stored) = {
             let r = self.raft()?;

@@ -9,8 +9,9 @@
 //! - when no in-sync member is alive, the partition keeps an in-sync member
 //!   as its (unreachable) primary: it is unavailable until one returns. It
 //!   is restarted empty (reported as data loss) only when every in-sync
-//!   member is known gone: restarted as another incarnation, or no longer a
-//!   configured member; `--unclean-promotion` instead promotes a surviving
+//!   member is known gone: restarted as another incarnation, no longer a
+//!   configured member, or forgotten by an operator (`distcache cluster
+//!   forget`); `--unclean-promotion` instead promotes a surviving
 //!   replica that is not in sync.
 //! - members whose clock is off are not made primaries of moved partitions.
 
@@ -40,13 +41,17 @@ impl Node {
         // Alive as the process the table names.
         let valid = |m: &str| {
             c.alive(m)
-                && table
-                    .member(m)
-                    .is_some_and(|info| c.incarnation(m) == Some(info.incarnation))
+                && table.member(m).is_some_and(|info| {
+                    c.incarnation(m) == Some(info.incarnation)
+                        && !meta.is_forgotten(m, info.incarnation)
+                })
         };
         // The process the table names is known to hold nothing any more.
         let gone = |m: &str| {
             !configured.contains(m)
+                || table
+                    .member(m)
+                    .is_some_and(|info| meta.is_forgotten(m, info.incarnation))
                 || (c.alive(m)
                     && table
                         .member(m)
@@ -58,7 +63,8 @@ impl Node {
             .filter(|m| {
                 !c.is_leaving(&m.name)
                     && !c.member_skewed(&m.name)
-                    && c.incarnation(&m.name).is_some()
+                    && c.incarnation(&m.name)
+                        .is_some_and(|i| !meta.is_forgotten(&m.name, i))
             })
             .map(|m| m.name.clone())
             .collect();

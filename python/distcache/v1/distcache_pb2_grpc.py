@@ -1084,6 +1084,11 @@ class ClusterStub:
                 request_serializer=distcache_dot_v1_dot_distcache__pb2.HealthRequest.SerializeToString,
                 response_deserializer=distcache_dot_v1_dot_distcache__pb2.HealthResponse.FromString,
                 _registered_method=True)
+        self.Forget = channel.unary_unary(
+                '/distcache.v1.Cluster/Forget',
+                request_serializer=distcache_dot_v1_dot_distcache__pb2.ForgetMemberRequest.SerializeToString,
+                response_deserializer=distcache_dot_v1_dot_distcache__pb2.ForgetMemberResponse.FromString,
+                _registered_method=True)
 
 
 class ClusterServicer:
@@ -1107,6 +1112,13 @@ class ClusterServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Forget(self, request, context):
+        """Admin only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ClusterServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -1124,6 +1136,11 @@ def add_ClusterServicer_to_server(servicer, server):
                     servicer.Health,
                     request_deserializer=distcache_dot_v1_dot_distcache__pb2.HealthRequest.FromString,
                     response_serializer=distcache_dot_v1_dot_distcache__pb2.HealthResponse.SerializeToString,
+            ),
+            'Forget': grpc.unary_unary_rpc_method_handler(
+                    servicer.Forget,
+                    request_deserializer=distcache_dot_v1_dot_distcache__pb2.ForgetMemberRequest.FromString,
+                    response_serializer=distcache_dot_v1_dot_distcache__pb2.ForgetMemberResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1207,6 +1224,33 @@ class Cluster:
             '/distcache.v1.Cluster/Health',
             distcache_dot_v1_dot_distcache__pb2.HealthRequest.SerializeToString,
             distcache_dot_v1_dot_distcache__pb2.HealthResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Forget(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/distcache.v1.Cluster/Forget',
+            distcache_dot_v1_dot_distcache__pb2.ForgetMemberRequest.SerializeToString,
+            distcache_dot_v1_dot_distcache__pb2.ForgetMemberResponse.FromString,
             options,
             channel_credentials,
             insecure,

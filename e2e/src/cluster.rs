@@ -66,6 +66,8 @@ pub struct ProcCluster {
     ips: Vec<String>,
     /// Give each member a WAL under `dir/<name>/wal`.
     pub wal: bool,
+    /// Extra environment of member i's process (e.g. libfaketime).
+    pub env: HashMap<usize, Vec<(String, String)>>,
 }
 
 impl ProcCluster {
@@ -90,6 +92,7 @@ impl ProcCluster {
             next: 0,
             ips: ips.iter().map(|s| s.to_string()).collect(),
             wal: extra.contains(&"--wal"),
+            env: HashMap::new(),
         };
         c.extra.retain(|a| a != "--wal");
         for _ in 0..n {
@@ -169,6 +172,7 @@ impl ProcCluster {
                 std::env::var("DISTCACHE_E2E_NODE_LOG")
                     .unwrap_or_else(|_| "info,openraft=warn".into()),
             )
+            .envs(self.env.get(&i).cloned().unwrap_or_default())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)

@@ -1,6 +1,6 @@
-//! Clock offsets: every heartbeat answer carries the peer's wall clock; the
-//! offset of this node from the median of its peers' clocks (each corrected
-//! by half the round trip) decides whether it is skewed. A skewed member is
+//! Clock offsets: every heartbeat answer carries the peer's wall clock
+//! (corrected by half the round trip); a node whose clock is off by more
+//! than `--max-clock-offset-ms` from a majority of the members is skewed. A skewed member is
 //! reported in Health and metrics and is not made a primary. Leases and
 //! failure detection use monotonic clocks only.
 
@@ -18,7 +18,8 @@ impl Node {
         self.offsets.lock().insert(peer.to_string(), offset);
     }
 
-    /// This node's offset from the median peer clock, ms (None: no peers heard).
+    /// This node's offset from the cluster's median clock (its own reading
+    /// counted as one), ms; None before any peer was heard.
     pub fn clock_offset_ms(&self) -> Option<i64> {
         let (alive, _) = self.cluster.liveness();
         let offsets = self.offsets.lock();
@@ -29,15 +30,26 @@ impl Node {
         if v.is_empty() {
             return None;
         }
+        v.push(0);
         v.sort_unstable();
         // Peers' clocks minus mine: mine is off by minus the median.
         Some(-v[v.len() / 2])
     }
 
-    /// Updates the skewed flag from the current offsets.
+    /// Updates the skewed flag: this node is skewed when its clock differs
+    /// by more than the allowed offset from a majority of the members.
     pub(super) fn check_clock(&self) {
         let max = self.config.max_clock_offset_ms as i64;
-        let skewed = self.clock_offset_ms().is_some_and(|o| o.abs() > max);
+        let (alive, expected) = self.cluster.liveness();
+        let disagree = {
+            let offsets = self.offsets.lock();
+            alive
+                .iter()
+                .filter_map(|m| offsets.get(&m.name))
+                .filter(|o| o.abs() > max)
+                .count()
+        };
+        let skewed = disagree > expected / 2;
         if skewed != self.cluster.is_skewed() {
             if skewed {
                 tracing::error!(

@@ -267,3 +267,77 @@ fn churn_of_kill_9_and_restarts_loses_nothing() {
         }
     });
 }
+
+async fn health_of(addr: &str) -> Option<distcache_client::proto::HealthResponse> {
+    use distcache_client::proto::{HealthRequest, cluster_client::ClusterClient};
+    let mut c = ClusterClient::connect(format!("http://{addr}"))
+        .await
+        .ok()?;
+    Some(c.health(HealthRequest {}).await.ok()?.into_inner())
+}
+
+async fn partitioned_leader_once() {
+    let mut c = start(3, &backup(1));
+    c.wait_safe(3, SAFE).await;
+    let client = c.client().await;
+    let load = WriteLoad::start(&client, 6, 48);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let leader = health_of(&c.members[0].grpc)
+        .await
+        .map(|h| h.metadata_leader)
+        .expect("health");
+    let li = c
+        .members
+        .iter()
+        .position(|m| m.name == leader)
+        .expect("the leader is a member");
+    let before = health_of(&c.members[li].grpc).await.expect("health").epoch;
+    for j in 0..3 {
+        if j != li {
+            cut(IPS[li], IPS[j], true);
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let old = health_of(&c.members[li].grpc)
+        .await
+        .expect("old leader health");
+    let other = (0..3).find(|j| *j != li).expect("another member");
+    let new = health_of(&c.members[other].grpc)
+        .await
+        .expect("majority health");
+    println!(
+        "partitioned leader {leader}: its epoch {before} -> {}, majority leader {} at epoch {}",
+        old.epoch, new.metadata_leader, new.epoch
+    );
+    assert_eq!(
+        old.epoch, before,
+        "a partitioned old leader commits nothing"
+    );
+    assert!(
+        !old.safe,
+        "the cut-off old leader does not call itself safe"
+    );
+    assert!(new.epoch > before, "the majority moved on");
+    assert!(
+        !new.metadata_leader.is_empty() && new.metadata_leader != leader,
+        "the majority elected another leader"
+    );
+    for j in 0..3 {
+        if j != li {
+            cut(IPS[li], IPS[j], false);
+        }
+    }
+    c.wait_safe(3, SAFE).await;
+    let (history, acked, failed) = load.stop().await;
+    println!("partitioned leader: {acked} acknowledged, {failed} failed");
+    assert_no_acknowledged_write_lost(&client, &history).await;
+}
+
+#[test]
+fn a_partitioned_old_leader_cannot_commit() {
+    netns::run("a_partitioned_old_leader_cannot_commit", || async {
+        for _ in 0..netns::repeat() {
+            partitioned_leader_once().await;
+        }
+    });
+}

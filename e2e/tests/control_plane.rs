@@ -292,9 +292,9 @@ async fn partitioned_leader_once() {
         .position(|m| m.name == leader)
         .expect("the leader is a member");
     let before = health_of(&c.members[li].grpc).await.expect("health").epoch;
-    for j in 0..3 {
+    for (j, ip) in IPS.iter().enumerate().take(3) {
         if j != li {
-            cut(IPS[li], IPS[j], true);
+            cut(IPS[li], ip, true);
         }
     }
     tokio::time::sleep(Duration::from_secs(5)).await;
@@ -322,9 +322,9 @@ async fn partitioned_leader_once() {
         !new.metadata_leader.is_empty() && new.metadata_leader != leader,
         "the majority elected another leader"
     );
-    for j in 0..3 {
+    for (j, ip) in IPS.iter().enumerate().take(3) {
         if j != li {
-            cut(IPS[li], IPS[j], false);
+            cut(IPS[li], ip, false);
         }
     }
     c.wait_safe(3, SAFE).await;

@@ -293,6 +293,12 @@ impl Node {
             let node = node.clone();
             async move { node.heartbeat_round().await }
         });
+        // Its own loop: a slow or unreachable leader never delays heartbeats.
+        let node = self.clone();
+        self.every("collections-pull", hb * 10, move || {
+            let node = node.clone();
+            async move { node.pull_collections().await }
+        });
         let node = self.clone();
         self.every("meta-leader", hb, move || {
             let node = node.clone();

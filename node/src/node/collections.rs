@@ -100,7 +100,10 @@ impl Node {
 
     /// Creates collections the coordinator has and this node lacks.
     pub(super) async fn pull_collections(&self) {
-        let Some(coord) = self.coordinator().filter(|c| c != self.name()) else {
+        let Some(coord) = self
+            .coordinator()
+            .filter(|c| c != self.name() && self.cluster.alive(c))
+        else {
             return;
         };
         let Some(spec) = self.cluster.members().into_iter().find(|m| m.name == coord) else {

@@ -31,13 +31,8 @@ impl Node {
                     (m, r)
                 }
             });
-        if self
-            .rounds
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-            .is_multiple_of(10)
-        {
-            self.pull_collections().await;
-        }
+        self.rounds
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         for (m, r) in futures::future::join_all(calls).await {
             if let Ok(Response::Heartbeat(theirs)) = r
                 && theirs.name == m.name

@@ -60,6 +60,10 @@ pub struct PartState {
     /// This node holds every acknowledged write of the partition (as its
     /// primary or an in-sync backup).
     pub loaded: AtomicBool,
+    /// As primary: backups written to besides the committed in-sync set
+    /// (an `Expand` for them was proposed and is not known applied here):
+    /// the committed set may already hold them. Cleared on table installs.
+    pub expanding: Mutex<Vec<String>>,
 }
 
 /// The cluster state of one node.
@@ -79,8 +83,9 @@ pub struct Cluster {
     /// its WAL keeps the incarnation but counts its seq from 1 again, so it
     /// is heard at once.
     tombstones: Mutex<HashMap<String, (u64, u64, Instant)>>,
-    /// The committed metadata (table and in-sync sets) last applied here.
-    meta: RwLock<Arc<MetaState>>,
+    /// The committed metadata (table and in-sync sets) last applied here,
+    /// with its log index.
+    meta: RwLock<(u64, Arc<MetaState>)>,
     /// Member -> when the last heartbeat it answered was sent.
     answered: Mutex<HashMap<String, Instant>>,
     /// Per-partition replication state.
@@ -119,7 +124,7 @@ impl Cluster {
             skewed: AtomicBool::new(false),
             views: Mutex::new(HashMap::new()),
             tombstones: Mutex::new(HashMap::new()),
-            meta: RwLock::new(Arc::new(MetaState::default())),
+            meta: RwLock::new((0, Arc::new(MetaState::default()))),
             answered: Mutex::new(HashMap::new()),
             parts: (0..partition_count).map(|_| PartState::default()).collect(),
             seq: AtomicU64::new(1),
@@ -319,11 +324,16 @@ impl Cluster {
 
     /// The committed metadata last applied here.
     pub fn meta(&self) -> Arc<MetaState> {
-        self.meta.read().clone()
+        self.meta.read().1.clone()
     }
 
-    pub(crate) fn set_meta(&self, m: Arc<MetaState>) {
-        *self.meta.write() = m;
+    /// Replaces the committed metadata with the one applied at log `index`
+    /// (never with an older one).
+    pub(crate) fn set_meta(&self, index: u64, m: Arc<MetaState>) {
+        let mut cur = self.meta.write();
+        if index >= cur.0 {
+            *cur = (index, m);
+        }
     }
 
     /// A primary's lease: how long a majority's answers and the metadata

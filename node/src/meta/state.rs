@@ -25,6 +25,9 @@ pub enum MetaCmd {
     /// A new partition table (proposed by the Raft leader). Its epoch is set
     /// on apply.
     Table {
+        /// The epoch it was planned from: refused unless that is still the
+        /// current one (a plan from stale state never lands on newer state).
+        base: u64,
         /// The table.
         table: Table,
         /// Partitions restarted empty (or promoted uncleanly): their
@@ -124,7 +127,16 @@ impl MetaState {
     /// Applies one committed command.
     pub fn apply(&mut self, cmd: MetaCmd, shape: Shape) -> MetaReply {
         let r = match cmd {
-            MetaCmd::Table { table, reset } => self.apply_table(table, &reset, shape),
+            MetaCmd::Table { base, table, reset } => {
+                if base == self.epoch() {
+                    self.apply_table(table, &reset, shape)
+                } else {
+                    Err(format!(
+                        "planned from epoch {base}, the current one is {}",
+                        self.epoch()
+                    ))
+                }
+            }
             MetaCmd::Shrink {
                 epoch,
                 partitions,
@@ -338,8 +350,10 @@ mod tests {
     }
 
     fn put(s: &mut MetaState, t: Table, reset: &[u32]) -> MetaReply {
+        let base = s.epoch();
         s.apply(
             MetaCmd::Table {
+                base,
                 table: t,
                 reset: reset.to_vec(),
             },
@@ -401,6 +415,25 @@ mod tests {
             MetaReply::Done
         );
         assert_eq!(s.isr_of(0), ["b"], "c must catch up before it counts");
+    }
+
+    #[test]
+    fn a_table_planned_from_an_older_epoch_is_refused() {
+        let inc = [("a", 1), ("b", 1)];
+        let mut s = MetaState::default();
+        put(&mut s, table(&[&["a", "b"], &["b", "a"]], &inc), &[]);
+        put(&mut s, table(&[&["a", "b"], &["a", "b"]], &inc), &[]);
+        let stale = MetaCmd::Table {
+            base: 1,
+            table: table(&[&["b", "a"], &["b", "a"]], &inc),
+            reset: Vec::new(),
+        };
+        assert!(matches!(s.apply(stale, SHAPE), MetaReply::Refused(_)));
+        assert_eq!(s.epoch(), 2);
+        assert_eq!(
+            s.table.as_ref().map(|t| t.owners[1].clone()),
+            Some(vec!["a".to_string(), "b".to_string()])
+        );
     }
 
     #[test]

@@ -252,14 +252,19 @@ impl Node {
         Response::Raft(Box::new(answer))
     }
 
-    /// Waits until this node applied the log up to `index` (bounded).
+    /// Waits until this node applied the log up to `index` (bounded), and
+    /// makes that state the one its write path reads: a primary that just
+    /// committed a backup into an in-sync set replicates its next write to it.
     pub(crate) async fn applied_up_to(&self, index: u64) -> bool {
         let mut rx = self.meta_store.subscribe();
         let wait = rx.wait_for(|a| a.index >= index);
-        matches!(
+        let done = matches!(
             tokio::time::timeout(self.cluster.config().request_timeout, wait).await,
             Ok(Ok(_))
-        )
+        );
+        let applied = self.meta_store.applied();
+        self.cluster.set_meta(applied.index, applied.state);
+        done
     }
 
     /// Installs every committed table as it is applied here.
@@ -267,7 +272,7 @@ impl Node {
         let mut rx = self.meta_store.subscribe();
         loop {
             let applied = rx.borrow_and_update().clone();
-            self.cluster.set_meta(applied.state.clone());
+            self.cluster.set_meta(applied.index, applied.state.clone());
             if let Some(t) = applied.state.table.clone()
                 && t.epoch > self.epoch()
             {
@@ -298,12 +303,13 @@ impl Node {
             }
             return;
         }
-        if !self.is_meta_leader() {
+        if !self.is_meta_leader() || !self.meta_caught_up() {
             return;
         }
         self.sync_raft_members().await;
         if let Some((table, reset)) = self.plan() {
-            let cmd = MetaCmd::Table { table, reset };
+            let base = self.cluster.meta().epoch();
+            let cmd = MetaCmd::Table { base, table, reset };
             // Dry run on the committed state: a table the state machine
             // would refuse is not proposed (it would only fill the log).
             let mut dry = (*self.cluster.meta()).clone();

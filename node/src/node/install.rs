@@ -27,6 +27,9 @@ impl Node {
         let installing = c.installs().begin_install();
         for p in 0..new.partition_count {
             let st = c.part(p);
+            // In-flight in-sync changes were for the old epoch (refused
+            // now, or already part of the committed sets this table carries).
+            st.expanding.lock().clear();
             let (was, now) = (old.role_of(c.me(), p), new.role_of(c.me(), p));
             let fresh = old.replicas(p).is_empty();
             if was != now {

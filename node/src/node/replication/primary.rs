@@ -140,7 +140,12 @@ impl Node {
         }
         let mut calls = Vec::new();
         for (p, ops) in per_part {
-            for b in table.backups(p).iter().filter(|b| meta.in_sync(p, b)) {
+            let expanding = self.cluster.part(p).expanding.lock().clone();
+            for b in table
+                .backups(p)
+                .iter()
+                .filter(|b| meta.in_sync(p, b) || expanding.contains(*b))
+            {
                 let Some(m) = table.member(b) else { continue };
                 let req = Request::Replicate {
                     epoch: table.epoch,

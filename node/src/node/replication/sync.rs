@@ -88,15 +88,24 @@ impl Node {
                     primary: self.name().to_string(),
                     member: b.to_string(),
                 };
-                match self.propose(cmd).await? {
-                    (MetaReply::Done, index) => {
-                        if !self.applied_up_to(index).await {
+                // Written to from now on, whatever the outcome: the commit
+                // may land even if its answer is lost.
+                st.expanding.lock().push(b.to_string());
+                match self.propose(cmd).await {
+                    Ok((MetaReply::Done, index)) => {
+                        if self.applied_up_to(index).await {
+                            st.expanding.lock().retain(|x| x != b);
+                        } else {
                             tracing::warn!(partition = p, backup = %b, "in-sync change committed but not applied here in time");
                         }
                         tracing::debug!(partition = p, backup = %b, "backup in sync");
                         Ok(())
                     }
-                    (MetaReply::Refused(why), _) => Err(Error::Unavailable(why)),
+                    Ok((MetaReply::Refused(why), _)) => {
+                        st.expanding.lock().retain(|x| x != b);
+                        Err(Error::Unavailable(why))
+                    }
+                    Err(e) => Err(e),
                 }
             }
             Response::Error(e) => Err(Error::Remote {

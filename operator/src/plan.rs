@@ -30,6 +30,9 @@ pub struct ClusterHealth {
     pub migrations_running: u32,
     /// Members: (name, address, alive, primaries, backups).
     pub members: Vec<(String, String, bool, u32, u32)>,
+    /// Partitions the cluster restarted without an in-sync replica (data
+    /// loss), from its committed metadata.
+    pub partitions_lost: u64,
 }
 
 /// An event to publish about the cluster.
@@ -74,6 +77,11 @@ pub fn transitions(
         && cond(old, "Degraded").is_none_or(|(d, r, _)| !d || r != reason)
     {
         out.push(note(true, "InvalidSpec", m));
+    }
+    if let Some((true, _, m)) = cond(new, "DataLoss")
+        && cond(old, "DataLoss").is_none_or(|(lost, _, old_m)| !lost || old_m != m)
+    {
+        out.push(note(true, "DataLoss", m));
     }
     if old.safe && !new.safe && new.epoch > 0 {
         out.push(note(
@@ -403,6 +411,7 @@ pub fn status(
                 generation,
             ),
             condition("Degraded", false, "SpecValid", "spec accepted", generation),
+            data_loss(&previous, health, generation),
         ],
         ready_replicas: ready,
         partition_count: Some(dcc.spec.partition_count),
@@ -433,6 +442,37 @@ pub fn status(
         Duration::from_secs(5)
     };
     (status, notes, requeue)
+}
+
+/// The DataLoss condition: True once the cluster restarted partitions
+/// without an in-sync replica (kept from the last status while the cluster
+/// cannot be asked).
+fn data_loss(
+    previous: &DistributedCacheClusterStatus,
+    health: Option<&ClusterHealth>,
+    generation: Option<i64>,
+) -> Condition {
+    match health {
+        Some(h) if h.partitions_lost > 0 => condition(
+            "DataLoss",
+            true,
+            "PartitionsRestartedEmpty",
+            &format!(
+                "{} partitions were restarted without an in-sync replica: acknowledged writes they held are lost (see the README, Failover)",
+                h.partitions_lost
+            ),
+            generation,
+        ),
+        Some(_) => condition("DataLoss", false, "NoLoss", "no partition lost", generation),
+        None => previous
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "DataLoss")
+            .cloned()
+            .unwrap_or_else(|| {
+                condition("DataLoss", false, "NoLoss", "no partition lost", generation)
+            }),
+    }
 }
 
 fn condition(
@@ -647,6 +687,27 @@ mod tests {
         assert_eq!(requeue, Duration::from_secs(60));
         assert!(notes.iter().any(|n| n.reason == "Ready"));
         assert!(notes.iter().any(|n| n.reason == "ClusterSafe"));
+        let lost_cond = |st: &DistributedCacheClusterStatus| {
+            st.conditions
+                .iter()
+                .find(|c| c.type_ == "DataLoss")
+                .map(|c| c.status.clone())
+        };
+        assert_eq!(lost_cond(&st).as_deref(), Some("False"));
+        let lossy = ClusterHealth {
+            partitions_lost: 3,
+            ..health(true)
+        };
+        let mut d2 = d.clone();
+        d2.status = Some(st.clone());
+        let (lost, notes, _) = status(&d2, &s, 3, Some(&lossy));
+        assert_eq!(lost_cond(&lost).as_deref(), Some("True"));
+        assert!(notes.iter().any(|n| n.reason == "DataLoss" && n.warning));
+        // Kept while the cluster cannot be asked.
+        d2.status = Some(lost);
+        let (kept, notes, _) = status(&d2, &s, 3, None);
+        assert_eq!(lost_cond(&kept).as_deref(), Some("True"));
+        assert!(!notes.iter().any(|n| n.reason == "DataLoss"), "raised once");
         let (st, _, requeue) = status(&d, &s, 2, Some(&h));
         assert_eq!(requeue, Duration::from_secs(5));
         assert!(

@@ -164,6 +164,7 @@ impl ClusterProbe for GrpcProbe {
             let h = client.health().await.ok()?;
             let t = client.partition_table().await.ok()?;
             Some(ClusterHealth {
+                partitions_lost: h.partitions_lost,
                 epoch: h.epoch,
                 safe: h.safe,
                 partitions_without_backup: h.partitions_without_backup,

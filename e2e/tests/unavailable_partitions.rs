@@ -9,7 +9,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use distcache_client::error::REASON_METADATA;
-use distcache_client::proto::{self, cache_client::CacheClient};
+use distcache_client::proto::{self, cache_client::CacheClient, cluster_client::ClusterClient};
 use distcache_client::{Client, ClientConfig};
 use distcache_e2e::bin;
 use distcache_e2e::cluster::ProcCluster;
@@ -131,4 +131,79 @@ async fn a_partition_without_in_sync_replicas_is_unavailable_until_its_member_is
         .output()
         .expect("run distcache");
     assert!(!out.status.success(), "forgetting an unknown member fails");
+}
+
+/// `--unclean-promotion`: a backup that fell out of the in-sync set (paused
+/// while writes went on) is promoted when the primary dies, instead of the
+/// partition waiting for it; the cluster reports the partitions as lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn unclean_promotion_trades_the_lost_writes_for_availability() {
+    let mut c = ProcCluster::start(3, &["--backup-count", "1", "--unclean-promotion"]);
+    c.wait_safe(3, Duration::from_secs(60)).await;
+    let client = c.client().await;
+    let table = client.partition_table().await.expect("table");
+    let owners = table
+        .partitions
+        .iter()
+        .find(|o| o.backups.len() == 1)
+        .expect("a partition with a backup")
+        .clone();
+    let index = |name: &str| {
+        c.members
+            .iter()
+            .position(|m| m.name == name)
+            .expect("member")
+    };
+    let (primary, backup) = (index(&owners.primary), index(&owners.backups[0]));
+    let key = (0..100_000)
+        .map(|i| format!("u{i}"))
+        .find(|k| {
+            distcache_client::partition::partition_for(
+                "__default__",
+                k.as_bytes(),
+                table.partition_count,
+            ) == owners.partition
+        })
+        .expect("a key of the partition");
+    // The backup stops answering; a write makes the primary drop it from the
+    // in-sync set (after the 1 s replication timeout, before the 1.5 s
+    // failure timeout: no other member replaces it).
+    c.pause(backup);
+    client
+        .put(&key, "after-the-pause")
+        .await
+        .expect("put without the paused backup");
+    // The primary dies before the backup can be re-synced.
+    c.kill(primary);
+    c.resume(backup);
+    // The leader promotes the out-of-sync backup (reported as loss).
+    let survivor = c
+        .members
+        .iter()
+        .enumerate()
+        .find(|(i, _)| *i != primary && *i != backup)
+        .map(|(_, m)| m.grpc.clone())
+        .expect("a third member");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let lost = loop {
+        let mut raw = ClusterClient::connect(format!("http://{survivor}"))
+            .await
+            .expect("connect");
+        let h = raw
+            .health(proto::HealthRequest {})
+            .await
+            .expect("health")
+            .into_inner();
+        if h.partitions_lost > 0 {
+            break h.partitions_lost;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no unclean promotion within 30 s: {h:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    println!("partitions reported lost after the unclean promotion: {lost}");
+    let v = client.get(&key).await.expect("the partition serves again");
+    println!("read after the unclean promotion: {v:?}");
 }

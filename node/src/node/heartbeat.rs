@@ -34,9 +34,12 @@ impl Node {
         self.rounds
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         for (m, r) in futures::future::join_all(calls).await {
-            if let Ok(Response::Heartbeat(theirs)) = r
+            if let Ok(Response::Heartbeat(mut theirs)) = r
                 && theirs.name == m.name
             {
+                let count = self.store.partition_count();
+                theirs.unloaded.retain(|p| *p < count);
+                theirs.unloaded.truncate(count as usize);
                 self.note_clock(&m.name, sent, sent_wall, theirs.wall_ms);
                 self.cluster.record(theirs);
                 self.cluster.record_answer(&m.name, sent);
@@ -52,9 +55,24 @@ impl Node {
         }
     }
 
-    /// A peer's heartbeat: recorded and answered with this node's.
-    pub(super) async fn on_heartbeat(&self, hb: Heartbeat) -> Response {
+    /// A peer's heartbeat: recorded and answered with this node's. Only
+    /// configured members are heard (a made-up name is refused, nothing
+    /// kept), and the partition list it carries is bounded.
+    pub(super) async fn on_heartbeat(&self, mut hb: Heartbeat) -> Response {
         let c = &self.cluster;
+        if hb.name == self.name() || !c.members().iter().any(|m| m.name == hb.name) {
+            tracing::debug!(name = %hb.name, "heartbeat from a non-member refused");
+            return Response::Error(
+                crate::error::Error::InvalidArgument(format!(
+                    "{:?} is not a member of this cluster",
+                    hb.name
+                ))
+                .to_wire(),
+            );
+        }
+        let count = self.store.partition_count();
+        hb.unloaded.retain(|p| *p < count);
+        hb.unloaded.truncate(count as usize);
         c.record(hb);
         Response::Heartbeat(c.heartbeat(c.quorum()))
     }

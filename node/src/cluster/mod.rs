@@ -78,10 +78,9 @@ pub struct Cluster {
     skewed: AtomicBool,
     views: Mutex<HashMap<String, View>>,
     /// Member -> (incarnation, heartbeat seq, when) of a process known to be
-    /// gone: for a failure timeout, heartbeats of older incarnations or of
-    /// that process (same incarnation, later seq) are ignored. A restart with
-    /// its WAL keeps the incarnation but counts its seq from 1 again, so it
-    /// is heard at once.
+    /// gone: for a failure timeout, heartbeats of that incarnation or older
+    /// ones are ignored (a restart from its WAL keeps the incarnation: it is
+    /// heard once the timeout passed, after its partitions failed over).
     tombstones: Mutex<HashMap<String, (u64, u64, Instant)>>,
     /// The committed metadata (table and in-sync sets) last applied here,
     /// with its log index.
@@ -286,9 +285,12 @@ impl Cluster {
         }
         {
             let mut tombs = self.tombstones.lock();
-            if let Some((inc, seq, when)) = tombs.get(&hb.name) {
-                let old_process =
-                    hb.incarnation < *inc || (hb.incarnation == *inc && hb.seq > *seq);
+            if let Some((inc, _, when)) = tombs.get(&hb.name) {
+                // The reported process and anything restarted from its disk
+                // (same incarnation, WAL) stay unheard for a failure timeout:
+                // its partitions fail over, and it comes back as a replica to
+                // re-sync, never as an in-sync one by name.
+                let old_process = hb.incarnation <= *inc;
                 if old_process && when.elapsed() < self.config.failure_timeout {
                     return;
                 }
@@ -506,13 +508,15 @@ mod tests {
         assert!(!c.alive("b"), "an older incarnation is ignored");
         c.record(hb("b", 5, 1, 1));
         assert!(
-            c.alive("b"),
-            "a restart with its WAL (same incarnation, seq from 1) is heard"
+            !c.alive("b"),
+            "a restart from its WAL (same incarnation) is not heard within the timeout"
         );
-        c.record(hb("b", 5, 12, 1));
+        c.record(hb("b", 6, 1, 1));
+        assert!(c.alive("b"), "a new incarnation is heard at once");
+        c.record(hb("b", 6, 2, 1));
         assert!(
             c.alive("b"),
-            "the tombstone is gone once the restart was heard"
+            "the tombstone is gone once the new process was heard"
         );
         assert_eq!(c.apply_gone(), 0);
     }

@@ -21,14 +21,16 @@ use crate::net::message::{Request, Response};
 use crate::node::Node;
 
 /// Raft timings derived from the failure timeout: an election starts after
-/// a fifth to a third of it without a leader, heartbeats at a fifth of that.
+/// a fifth to a third of it without a leader (at most 1-2 s: a dead leader
+/// is replaced well before its members' partitions fail over), heartbeats at
+/// a fifth of that.
 fn raft_config(failure_timeout: Duration) -> Result<Config> {
     let ft = failure_timeout.as_millis().max(200) as u64;
-    let min = (ft / 5).max(50);
+    let min = (ft / 5).clamp(50, 1_000);
     let config = Config {
         cluster_name: "distcache-meta".into(),
         election_timeout_min: min,
-        election_timeout_max: (ft / 3).max(min + 20),
+        election_timeout_max: (ft / 3).clamp(min + 20, 2_000),
         heartbeat_interval: (min / 5).max(10),
         snapshot_policy: SnapshotPolicy::LogsSinceLast(200),
         max_in_snapshot_log_to_keep: 100,

@@ -81,8 +81,6 @@ pub struct Node {
     tasks: TaskTracker,
     /// (partition, backup) snapshot transfers running.
     syncing: parking_lot::Mutex<HashSet<(u32, String)>>,
-    /// Heartbeat rounds so far.
-    rounds: std::sync::atomic::AtomicU64,
     /// Why a background loop stopped (it panicked): the node is failed.
     failure: Arc<parking_lot::Mutex<Option<String>>>,
 }
@@ -238,7 +236,6 @@ impl Node {
             shutdown,
             tasks: TaskTracker::new(),
             syncing: parking_lot::Mutex::new(HashSet::new()),
-            rounds: std::sync::atomic::AtomicU64::new(0),
             failure: Arc::new(parking_lot::Mutex::new(None)),
             wal,
             metrics: crate::metrics::Metrics::default(),

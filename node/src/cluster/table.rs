@@ -184,10 +184,10 @@ impl Table {
 }
 
 #[cfg(test)]
-mod since_tests {
-    use super::*;
-
-    fn table(epoch: u64, owners: &[&[&str]], incarnations: &[(&str, u64)]) -> Table {
+impl Table {
+    /// A test table: `owners` rows (primary first), members `name:1`/`name:2`
+    /// with the given incarnations.
+    pub(crate) fn for_test(epoch: u64, owners: &[&[&str]], incarnations: &[(&str, u64)]) -> Table {
         let mut t = Table::empty(owners.len() as u32, 1);
         t.epoch = epoch;
         t.owners = owners
@@ -204,6 +204,15 @@ mod since_tests {
             })
             .collect();
         t
+    }
+}
+
+#[cfg(test)]
+mod since_tests {
+    use super::*;
+
+    fn table(epoch: u64, owners: &[&[&str]], incarnations: &[(&str, u64)]) -> Table {
+        Table::for_test(epoch, owners, incarnations)
     }
 
     #[test]

@@ -324,7 +324,6 @@ pub fn validate(t: &Table, shape: Shape) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cluster::table::MemberInfo;
 
     const SHAPE: Shape = Shape {
         partition_count: 2,
@@ -332,21 +331,7 @@ mod tests {
     };
 
     fn table(owners: &[&[&str]], inc: &[(&str, u64)]) -> Table {
-        let mut t = Table::empty(owners.len() as u32, 1);
-        t.owners = owners
-            .iter()
-            .map(|o| o.iter().map(|m| m.to_string()).collect())
-            .collect();
-        t.members = inc
-            .iter()
-            .map(|(n, i)| MemberInfo {
-                name: n.to_string(),
-                grpc: format!("{n}:1"),
-                peer: format!("{n}:2"),
-                incarnation: *i,
-            })
-            .collect();
-        t
+        Table::for_test(0, owners, inc)
     }
 
     fn put(s: &mut MetaState, t: Table, reset: &[u32]) -> MetaReply {

@@ -110,9 +110,6 @@ pub enum Request {
         partition: u32,
         /// Whole partition state.
         snapshot: PartitionSnapshot,
-        /// Sender's heartbeat sequence number when it took the snapshot: an
-        /// out-of-sync report with a lower number predates this snapshot.
-        seq: u64,
     },
     /// Digest of the receiver's copy of `partition`.
     Digest {

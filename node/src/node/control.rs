@@ -132,8 +132,8 @@ impl Node {
         })
     }
 
-    /// The name of the metadata leader, as this node knows it.
-    pub fn meta_leader(&self) -> Option<String> {
+    /// The metadata leader as Raft's membership records it.
+    fn leader_node(&self) -> Option<MetaNode> {
         let r = self.raft()?;
         let m = r.metrics();
         let m = m.borrow();
@@ -141,11 +141,14 @@ impl Node {
         m.membership_config
             .nodes()
             .find(|(id, _)| **id == leader)
-            .map(|(_, n)| n.name.clone())
+            .map(|(_, n)| n.clone())
     }
 
-    /// The leader's current peer address (from the member list; Raft's
-    /// stored address when the list lacks it).
+    /// The name of the metadata leader, as this node knows it.
+    pub fn meta_leader(&self) -> Option<String> {
+        self.leader_node().map(|n| n.name)
+    }
+
     /// The metadata group's voters (names).
     pub(crate) fn meta_voters(&self) -> Vec<String> {
         let Some(r) = self.raft() else {
@@ -164,23 +167,16 @@ impl Node {
         names
     }
 
+    /// The leader's current peer address (from the member list; Raft's
+    /// stored address when the list lacks it).
     fn leader_peer(&self) -> Option<String> {
-        let (name, stored) = {
-            let r = self.raft()?;
-            let m = r.metrics();
-            let m = m.borrow();
-            let leader = m.current_leader?;
-            m.membership_config
-                .nodes()
-                .find(|(id, _)| **id == leader)
-                .map(|(_, n)| (n.name.clone(), n.peer.clone()))?
-        };
+        let leader = self.leader_node()?;
         Some(
             self.cluster
                 .members()
                 .into_iter()
-                .find(|m| m.name == name)
-                .map_or(stored, |m| m.peer),
+                .find(|m| m.name == leader.name)
+                .map_or(leader.peer, |m| m.peer),
         )
     }
 

@@ -31,8 +31,6 @@ impl Node {
                     (m, r)
                 }
             });
-        self.rounds
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         for (m, r) in futures::future::join_all(calls).await {
             if let Ok(Response::Heartbeat(mut theirs)) = r
                 && theirs.name == m.name

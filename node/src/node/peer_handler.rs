@@ -25,7 +25,6 @@ impl Node {
                 epoch,
                 partition,
                 snapshot,
-                ..
             } => self.on_snapshot(epoch, partition, snapshot).await,
             Request::Digest { partition, .. } => self.on_digest(partition),
             Request::Collection(op) => match self.apply_collection(&op).await {

@@ -74,7 +74,6 @@ impl Node {
             epoch: t.epoch,
             partition: p,
             snapshot,
-            seq: self.cluster.next_seq(),
         };
         match self.peers.call(&addr, req, Duration::from_secs(30)).await? {
             Response::Ok => {

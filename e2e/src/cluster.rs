@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use distcache_client::{Client, ClientConfig, Error};
+use distcache_node::security::pki::Ca;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use parking_lot::Mutex;
@@ -68,6 +69,11 @@ pub struct ProcCluster {
     pub wal: bool,
     /// Extra environment of member i's process (e.g. libfaketime).
     pub env: HashMap<usize, Vec<(String, String)>>,
+    /// A command prefix of member i's process (e.g. prlimit).
+    pub prefix: HashMap<usize, Vec<String>>,
+    /// The cluster CA of the peer port's mutual TLS (None: `--peer-insecure`
+    /// was among the flags).
+    pub pki: Option<Ca>,
 }
 
 impl ProcCluster {
@@ -76,8 +82,33 @@ impl ProcCluster {
         ProcCluster::start_on(&vec!["127.0.0.1"; n], extra)
     }
 
+    /// Starts `n` members, member `i`'s command run under `prefix` (e.g.
+    /// `prlimit --as=BYTES --`).
+    pub fn start_prefixed(n: usize, extra: &[&str], i: usize, prefix: &[&str]) -> ProcCluster {
+        let mut c = ProcCluster::create(&vec!["127.0.0.1"; n], extra);
+        c.prefix
+            .insert(i, prefix.iter().map(|s| s.to_string()).collect());
+        for i in 0..n {
+            c.spawn(i);
+        }
+        c
+    }
+
     /// Starts one member per IP (member i listens on `ips[i]`).
     pub fn start_on(ips: &[&str], extra: &[&str]) -> ProcCluster {
+        let mut c = ProcCluster::create(ips, extra);
+        for i in 0..ips.len() {
+            c.spawn(i);
+        }
+        c
+    }
+
+    /// Member `i`'s process id, when it runs.
+    pub fn pid(&self, i: usize) -> Option<u32> {
+        self.members[i].child.as_ref().map(|c| c.id())
+    }
+
+    fn create(ips: &[&str], extra: &[&str]) -> ProcCluster {
         let n = ips.len();
         let dir = std::env::temp_dir().join(format!(
             "distcache-e2e-{}-{}",
@@ -93,15 +124,20 @@ impl ProcCluster {
             ips: ips.iter().map(|s| s.to_string()).collect(),
             wal: extra.contains(&"--wal"),
             env: HashMap::new(),
+            prefix: HashMap::new(),
+            pki: None,
         };
+        if !extra.contains(&"--peer-insecure") {
+            let ca = Ca::generate("distcache e2e peer CA", 30).expect("CA");
+            std::fs::create_dir_all(c.pki_dir()).expect("pki dir");
+            std::fs::write(c.pki_dir().join("ca.crt"), ca.cert_pem()).expect("CA file");
+            c.pki = Some(ca);
+        }
         c.extra.retain(|a| a != "--wal");
         for _ in 0..n {
             c.allocate();
         }
         c.write_file(&c.members.iter().map(|m| m.name.clone()).collect::<Vec<_>>());
-        for i in 0..n {
-            c.spawn(i);
-        }
         c
     }
 
@@ -113,6 +149,9 @@ impl ProcCluster {
             .cloned()
             .unwrap_or_else(|| "127.0.0.1".into());
         self.next += 1;
+        if self.pki.is_some() {
+            self.issue_cert(&name);
+        }
         self.members.push(Member {
             name,
             grpc: format!("{ip}:{}", free_port()),
@@ -120,6 +159,40 @@ impl ProcCluster {
             child: None,
         });
         self.members.len() - 1
+    }
+
+    /// Directory of the peer certificates (`ca.crt`, `<name>.crt/.key`).
+    pub fn pki_dir(&self) -> PathBuf {
+        self.dir.join("pki")
+    }
+
+    /// Issues (or re-issues: rotation) member `name`'s peer certificate,
+    /// written in place (temporary file, then rename).
+    pub fn issue_cert(&self, name: &str) {
+        let Some(ca) = &self.pki else { return };
+        let issued = ca.issue(name, 30).expect("member certificate");
+        let dir = self.pki_dir();
+        for (ext, text) in [("key", &issued.key_pem), ("crt", &issued.cert_pem)] {
+            let tmp = dir.join(format!("{name}.{ext}.tmp"));
+            std::fs::write(&tmp, text).expect("certificate file");
+            std::fs::rename(&tmp, dir.join(format!("{name}.{ext}"))).expect("certificate file");
+        }
+    }
+
+    /// The peer TLS flags of member `name` (none with `--peer-insecure`).
+    pub fn tls_flags(&self, name: &str) -> Vec<String> {
+        if self.pki.is_none() {
+            return Vec::new();
+        }
+        let d = self.pki_dir();
+        vec![
+            "--peer-tls-cert".into(),
+            d.join(format!("{name}.crt")).display().to_string(),
+            "--peer-tls-key".into(),
+            d.join(format!("{name}.key")).display().to_string(),
+            "--peer-tls-ca".into(),
+            d.join("ca.crt").display().to_string(),
+        ]
     }
 
     /// Rewrites the members file to list exactly `names`.
@@ -152,11 +225,20 @@ impl ProcCluster {
             .open(self.dir.join(format!("{}.log", self.members[i].name)))
             .expect("log file");
         let m = &self.members[i];
-        let child = Command::new(bin("distcache-node"))
+        let mut cmd = match self.prefix.get(&i).and_then(|p| p.split_first()) {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(bin("distcache-node"));
+                c
+            }
+            None => Command::new(bin("distcache-node")),
+        };
+        let child = cmd
             .args(["--listen", &m.grpc, "--name", &m.name])
             .arg("--members-file")
             .arg(self.dir.join("members"))
             .args(&self.extra)
+            .args(self.tls_flags(&m.name))
             .args(if self.wal {
                 vec![
                     "--wal-dir".to_string(),

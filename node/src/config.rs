@@ -35,8 +35,17 @@ pub const DEFAULT_ANTI_ENTROPY_SECS: u64 = 60;
 pub const DEFAULT_LEAVE_TIMEOUT_SECS: u64 = 30;
 /// Default largest wall-clock offset from the majority (CockroachDB's 500 ms).
 pub const DEFAULT_MAX_CLOCK_OFFSET_MS: u64 = 500;
-/// Default largest peer frame (256 MiB).
-pub const DEFAULT_PEER_MAX_FRAME_BYTES: u64 = 256 * 1024 * 1024;
+/// Default largest peer frame (80 MiB: a forwarded 64 MiB gRPC message
+/// fits; snapshots are sent in chunks of a quarter of it).
+pub const DEFAULT_PEER_MAX_FRAME_BYTES: u64 = 80 * 1024 * 1024;
+/// Default most inbound peer connections at once.
+pub const DEFAULT_PEER_MAX_CONNECTIONS: usize = 512;
+/// Default most inbound peer connections from one IP address.
+pub const DEFAULT_PEER_MAX_CONNECTIONS_PER_IP: usize = 64;
+/// Default node-wide budget of inbound peer bytes being read or handled (256 MiB).
+pub const DEFAULT_PEER_INFLIGHT_BYTES: u64 = 256 * 1024 * 1024;
+/// Default idle peer connection timeout (s).
+pub const DEFAULT_PEER_IDLE_TIMEOUT_SECS: u64 = 120;
 /// Default WAL segment size (64 MiB).
 pub const DEFAULT_WAL_MAX_SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
 /// Default WAL checkpoint period (s; seed: 5 min).
@@ -140,9 +149,44 @@ pub struct NodeConfig {
     /// it is reported and no longer made a primary, ms.
     #[arg(long, env = "DISTCACHE_MAX_CLOCK_OFFSET_MS", default_value_t = DEFAULT_MAX_CLOCK_OFFSET_MS)]
     pub max_clock_offset_ms: u64,
-    /// Largest peer frame accepted, bytes (checked before allocating).
+    /// Largest peer frame accepted, bytes (buffered as it arrives, never
+    /// allocated up front; must exceed --max-message-bytes by 1 MiB).
     #[arg(long, env = "DISTCACHE_PEER_MAX_FRAME_BYTES", default_value_t = DEFAULT_PEER_MAX_FRAME_BYTES)]
     pub peer_max_frame_bytes: u64,
+    /// Bytes of inbound peer frames being read or handled at once, node-wide
+    /// (reading waits while they are spent).
+    #[arg(long, env = "DISTCACHE_PEER_INFLIGHT_BYTES", default_value_t = DEFAULT_PEER_INFLIGHT_BYTES)]
+    pub peer_inflight_bytes: u64,
+    /// Most inbound peer connections at once (more wait in the listen backlog).
+    #[arg(long, env = "DISTCACHE_PEER_MAX_CONNECTIONS", default_value_t = DEFAULT_PEER_MAX_CONNECTIONS)]
+    pub peer_max_connections: usize,
+    /// Most inbound peer connections from one IP address (more are closed).
+    #[arg(long, env = "DISTCACHE_PEER_MAX_CONNECTIONS_PER_IP", default_value_t = DEFAULT_PEER_MAX_CONNECTIONS_PER_IP)]
+    pub peer_max_connections_per_ip: usize,
+    /// An inbound peer connection that sends nothing for this long is closed, s.
+    #[arg(long, env = "DISTCACHE_PEER_IDLE_TIMEOUT_SECS", default_value_t = DEFAULT_PEER_IDLE_TIMEOUT_SECS)]
+    pub peer_idle_timeout_secs: u64,
+    /// This member's peer certificate (PEM, names the member as a DNS
+    /// subject alternative name, signed by --peer-tls-ca): mutual TLS on
+    /// the peer port. Re-read when it changes.
+    #[arg(long, env = "DISTCACHE_PEER_TLS_CERT", requires_all = ["peer_tls_key", "peer_tls_ca"])]
+    pub peer_tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --peer-tls-cert; re-read when it changes.
+    #[arg(long, env = "DISTCACHE_PEER_TLS_KEY", requires = "peer_tls_cert")]
+    pub peer_tls_key: Option<PathBuf>,
+    /// The cluster CA (PEM): the issuer of every member's certificate;
+    /// re-read when it changes.
+    #[arg(long, env = "DISTCACHE_PEER_TLS_CA", requires = "peer_tls_cert")]
+    pub peer_tls_ca: Option<PathBuf>,
+    /// Plaintext, unauthenticated peer port: anyone who reaches it can
+    /// speak for a member at the source address it connects from. Logged
+    /// as a warning; for tests and trusted networks only.
+    #[arg(
+        long,
+        env = "DISTCACHE_PEER_INSECURE",
+        conflicts_with = "peer_tls_cert"
+    )]
+    pub peer_insecure: bool,
     /// Directory of the write-ahead log (none: pure in-memory).
     #[arg(long, env = "DISTCACHE_WAL_DIR")]
     pub wal_dir: Option<PathBuf>,
@@ -234,6 +278,17 @@ impl Default for NodeConfig {
             unclean_promotion: false,
             max_clock_offset_ms: DEFAULT_MAX_CLOCK_OFFSET_MS,
             peer_max_frame_bytes: DEFAULT_PEER_MAX_FRAME_BYTES,
+            peer_inflight_bytes: DEFAULT_PEER_INFLIGHT_BYTES,
+            peer_max_connections: DEFAULT_PEER_MAX_CONNECTIONS,
+            peer_max_connections_per_ip: DEFAULT_PEER_MAX_CONNECTIONS_PER_IP,
+            peer_idle_timeout_secs: DEFAULT_PEER_IDLE_TIMEOUT_SECS,
+            peer_tls_cert: None,
+            peer_tls_key: None,
+            peer_tls_ca: None,
+            // In-process nodes (tests, embedding) talk plaintext on
+            // loopback unless given certificates; the binary requires
+            // one or the other (`validate`).
+            peer_insecure: true,
             peer_frame_timeout_ms: DEFAULT_PEER_FRAME_TIMEOUT_MS,
             wal_dir: None,
             wal_fsync: true,
@@ -267,6 +322,21 @@ impl NodeConfig {
             return Err(
                 "max-message-bytes must exceed max-value-bytes + max-key-bytes + 1024".into(),
             );
+        }
+        if self.peer_max_frame_bytes < self.max_message_bytes + (1 << 20) {
+            return Err("peer-max-frame-bytes must exceed max-message-bytes by 1 MiB".into());
+        }
+        if self.peer_inflight_bytes < self.peer_max_frame_bytes {
+            return Err("peer-inflight-bytes must be at least peer-max-frame-bytes".into());
+        }
+        if self.peer_max_connections == 0 || self.peer_max_connections_per_ip == 0 {
+            return Err("peer connection limits must be positive".into());
+        }
+        let has_peers = self.members.is_some()
+            || self.members_file.is_some()
+            || self.members_configmap.is_some();
+        if has_peers && !self.peer_insecure && self.peer_tls_cert.is_none() {
+            return Err("a member of a cluster needs peer TLS (--peer-tls-cert, --peer-tls-key, --peer-tls-ca) or the explicit --peer-insecure".into());
         }
         if self.heartbeat_interval_ms == 0 || self.failure_timeout_ms <= self.heartbeat_interval_ms
         {

@@ -70,8 +70,22 @@ fn spawn(
     dir: &std::path::Path,
 ) -> anyhow::Result<Child> {
     let log = std::fs::File::create(dir.join(format!("{}.log", m.name)))?;
+    let pki = dir.join("pki");
+    let tls = if args.extra.iter().any(|a| a == "--peer-insecure") {
+        Vec::new()
+    } else {
+        vec![
+            "--peer-tls-cert".to_string(),
+            pki.join(format!("{}.crt", m.name)).display().to_string(),
+            "--peer-tls-key".to_string(),
+            pki.join(format!("{}.key", m.name)).display().to_string(),
+            "--peer-tls-ca".to_string(),
+            pki.join("ca.crt").display().to_string(),
+        ]
+    };
     Command::new(exe)
         .args(["--listen", &m.grpc, "--name", &m.name, "--members", members])
+        .args(tls)
         .args(["--backup-count", &args.backup_count.to_string()])
         .args(if args.wal {
             vec![
@@ -117,6 +131,13 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
         .map(|m| format!("{}={}/{}", m.name, m.grpc, m.peer))
         .collect::<Vec<_>>()
         .join(",");
+    if !args.extra.iter().any(|a| a == "--peer-insecure") {
+        // A throwaway CA and member certificates: the members talk mutual
+        // TLS like a real cluster's (pass `-- --peer-insecure` for plaintext).
+        let names: Vec<String> = members.iter().map(|m| m.name.clone()).collect();
+        distcache_node::security::pki::write_throwaway(&dir.join("pki"), &names)
+            .context("making the throwaway peer certificates")?;
+    }
     let exe = std::env::current_exe().context("locating distcache-node")?;
     let mut children = Vec::new();
     for m in &members {

@@ -52,6 +52,20 @@ async fn shutdown_signal() {
     }
 }
 
+/// Raises the soft open-file limit to the hard one (connections are
+/// descriptors; the peer and client ports have their own caps below it).
+fn raise_open_files() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => tracing::info!(from = soft, to = hard, "open-file limit raised"),
+            Err(e) => tracing::warn!(soft, hard, error = %e, "open-file limit not raised"),
+        },
+        Ok((soft, hard)) => tracing::info!(soft, hard, "open-file limit"),
+        Err(e) => tracing::warn!(error = %e, "open-file limit unknown"),
+    }
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     local::exit_with_launcher();
@@ -68,6 +82,7 @@ async fn main() -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     config.validate().map_err(anyhow::Error::msg)?;
+    raise_open_files();
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;

@@ -48,7 +48,8 @@ use crate::cluster::{Cluster, ClusterConfig};
 use crate::config::NodeConfig;
 use crate::error::{Error, Result};
 use crate::locking::LockTable;
-use crate::net::peer::{self, Handler, PeerLimits, Peers};
+use crate::net::peer::{self, Admit, Handler, PeerLimits, PeerServer, Peers};
+use crate::security::peer_tls::{PeerTls, PeerTlsFiles};
 use crate::storage::wal::{self, Durability, Wal};
 use crate::storage::{Limits, Store};
 
@@ -65,6 +66,8 @@ pub struct Node {
     pub cluster: Cluster,
     /// Outbound peer connections.
     pub peers: Arc<Peers>,
+    /// mTLS of the peer port (None: `--peer-insecure`).
+    peer_tls: Option<Arc<PeerTls>>,
     /// The metadata Raft group (set by [`Node::start`]).
     meta: crate::meta::RaftCell,
     /// Its storage and state machine.
@@ -136,10 +139,34 @@ fn provider(config: &NodeConfig) -> Result<Box<dyn MembersProvider>> {
 }
 
 fn peer_limits(config: &NodeConfig) -> PeerLimits {
+    let bytes = |b: u64| usize::try_from(b).unwrap_or(usize::MAX);
     PeerLimits {
-        max_frame_bytes: usize::try_from(config.peer_max_frame_bytes).unwrap_or(usize::MAX),
+        max_frame_bytes: bytes(config.peer_max_frame_bytes),
         frame_timeout: Duration::from_millis(config.peer_frame_timeout_ms),
+        idle_timeout: Duration::from_secs(config.peer_idle_timeout_secs.max(1)),
+        max_connections: config.peer_max_connections,
+        max_connections_per_ip: config.peer_max_connections_per_ip,
+        inflight_bytes: bytes(config.peer_inflight_bytes),
         ..PeerLimits::default()
+    }
+}
+
+/// The peer port's mTLS material, when configured.
+fn peer_tls(config: &NodeConfig) -> Result<Option<Arc<PeerTls>>> {
+    match (
+        &config.peer_tls_cert,
+        &config.peer_tls_key,
+        &config.peer_tls_ca,
+    ) {
+        (Some(cert), Some(key), Some(ca)) => Ok(Some(PeerTls::load(PeerTlsFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+            ca: ca.clone(),
+        })?)),
+        (None, None, None) => Ok(None),
+        _ => Err(Error::InvalidArgument(
+            "peer TLS needs all of --peer-tls-cert, --peer-tls-key and --peer-tls-ca".into(),
+        )),
     }
 }
 
@@ -193,6 +220,12 @@ impl Node {
             leave_timeout: Duration::from_secs(config.leave_timeout_secs),
         };
         let peer_limits = peer_limits(&config);
+        let peer_tls = peer_tls(&config)?;
+        if peer_tls.is_none() && !listed.is_empty() {
+            tracing::warn!(
+                "--peer-insecure: the peer port is plaintext and unauthenticated; anyone who reaches it can speak for a member"
+            );
+        }
         let bind_ip = peer_addr.parse::<SocketAddr>().ok().map(|a| a.ip());
         let me = MemberInfo {
             name,
@@ -227,7 +260,13 @@ impl Node {
             store: Store::new(config.partition_count, clock.clone(), limits),
             locks: LockTable::new(config.partition_count, clock, shutdown.clone()),
             cluster: Cluster::new(me, provider, cluster_config, config.partition_count),
-            peers: Arc::new(Peers::new(peer_limits, bind_ip, shutdown.clone())),
+            peers: Arc::new(Peers::new(
+                peer_limits,
+                bind_ip,
+                peer_tls.clone(),
+                shutdown.clone(),
+            )),
+            peer_tls,
             meta: crate::meta::RaftCell::default(),
             meta_store,
             leader_contact: parking_lot::Mutex::new(None),
@@ -252,19 +291,43 @@ impl Node {
     /// Starts the background tasks; `peer_listener` serves the node <-> node
     /// protocol (needed when the node has peers).
     pub async fn start(self: &Arc<Self>, peer_listener: Option<TcpListener>) {
+        let weak = Arc::downgrade(self);
+        self.peers.set_directory(Box::new(move |addr| {
+            let node = weak.upgrade()?;
+            node.cluster
+                .members()
+                .into_iter()
+                .find(|m| m.peer == addr)
+                .map(|m| m.name)
+        }));
         if let Some(listener) = peer_listener {
             let node = self.clone();
-            let handler: Handler = Arc::new(move |req| {
+            let handler: Handler = Arc::new(move |caller, req| {
                 let node = node.clone();
-                Box::pin(async move { node.handle_peer(req).await })
+                Box::pin(async move { node.handle_peer(caller, req).await })
+            });
+            let weak = Arc::downgrade(self);
+            let admit: Admit = Arc::new(move |caller| match weak.upgrade() {
+                Some(node) => node.admit_peer(caller),
+                None => Err("shutting down".into()),
             });
             self.tasks.spawn(peer::serve(
                 listener,
-                handler,
-                peer_limits(&self.config),
+                PeerServer {
+                    handler,
+                    admit,
+                    tls: self.peer_tls.clone(),
+                    limits: peer_limits(&self.config),
+                },
                 self.shutdown.clone(),
                 self.tasks.clone(),
             ));
+        }
+        if let Some(tls) = self.peer_tls.clone() {
+            self.every("peer-tls-reload", Duration::from_secs(2), move || {
+                tls.reload_if_changed();
+                async {}
+            });
         }
         if let Err(e) = self.start_meta(self.meta_store.clone()).await {
             tracing::error!(error = %e, "metadata group failed to start");

@@ -77,3 +77,83 @@ pub struct Written {
     /// LRU evictions applied in other partitions than the written ones.
     pub evicted_elsewhere: Vec<(u32, ReplOp)>,
 }
+
+/// Splits a snapshot into chunks of about `max_bytes` of entries each (an
+/// entry larger than that travels alone): the first carries the locks, the
+/// order of entries within a collection is kept. Never empty.
+pub fn chunk_snapshot(snapshot: PartitionSnapshot, max_bytes: usize) -> Vec<PartitionSnapshot> {
+    let mut chunks = vec![PartitionSnapshot {
+        collections: Vec::new(),
+        locks: snapshot.locks,
+        lock_high_water: snapshot.lock_high_water,
+    }];
+    let mut size: usize = chunks[0].locks.iter().map(|(k, _)| k.len() + 64).sum();
+    for (name, entries) in snapshot.collections {
+        let mut part: Vec<SnapshotEntry> = Vec::new();
+        for e in entries {
+            let n = e.0.len() + e.1.len() + name.len() + 32;
+            if size + n > max_bytes && (size > 0 || !part.is_empty()) {
+                if let Some(last) = chunks.last_mut()
+                    && !part.is_empty()
+                {
+                    last.collections
+                        .push((name.clone(), std::mem::take(&mut part)));
+                }
+                chunks.push(PartitionSnapshot::default());
+                size = 0;
+            }
+            size += n;
+            part.push(e);
+        }
+        if let Some(last) = chunks.last_mut() {
+            last.collections.push((name, part));
+        }
+    }
+    chunks
+}
+
+#[cfg(test)]
+mod chunk_tests {
+    use super::*;
+
+    #[test]
+    fn chunks_fit_and_keep_everything_in_order() {
+        let entries: Vec<SnapshotEntry> = (0..1000u32)
+            .map(|i| {
+                (
+                    Bytes::from(i.to_be_bytes().to_vec()),
+                    Bytes::from(vec![1u8; 100]),
+                    0,
+                )
+            })
+            .collect();
+        let snap = PartitionSnapshot {
+            collections: vec![("a".into(), entries.clone()), ("b".into(), Vec::new())],
+            locks: Vec::new(),
+            lock_high_water: 9,
+        };
+        let chunks = chunk_snapshot(snap, 10_000);
+        assert!(chunks.len() >= 12, "{} chunks", chunks.len());
+        assert_eq!(chunks[0].lock_high_water, 9);
+        let mut back = Vec::new();
+        let mut names = std::collections::BTreeSet::new();
+        for c in &chunks {
+            let bytes: usize = c
+                .collections
+                .iter()
+                .flat_map(|(_, es)| es.iter().map(|e| e.0.len() + e.1.len() + 33))
+                .sum();
+            assert!(bytes <= 10_000, "chunk of {bytes} bytes");
+            for (n, es) in &c.collections {
+                names.insert(n.clone());
+                if n == "a" {
+                    back.extend(es.iter().cloned());
+                }
+            }
+        }
+        assert_eq!(back, entries);
+        assert!(names.contains("b"), "an empty collection still travels");
+        let one = chunk_snapshot(PartitionSnapshot::default(), 10);
+        assert_eq!(one.len(), 1);
+    }
+}

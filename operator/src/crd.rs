@@ -138,6 +138,20 @@ pub struct TlsSpec {
     /// TLS on the client (gRPC) port.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client: Option<ClientTlsSpec>,
+    /// Mutual TLS between members (always on): by default the operator
+    /// makes a cluster CA; this brings your own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer: Option<PeerTlsSpec>,
+}
+
+/// The CA of the peer port's mutual TLS, from a Secret.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PeerTlsSpec {
+    /// A Secret holding a CA certificate and key as `tls.crt` and `tls.key`
+    /// (cert-manager's output for a CA Certificate fits). The operator
+    /// issues each member's certificate from it.
+    pub secret_name: String,
 }
 
 /// TLS on the client port, from a Secret.

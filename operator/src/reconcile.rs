@@ -49,8 +49,9 @@ pub const OPERATOR_RULES: &[(&str, &str, &[&str])] = &[
     ("", "configmaps", &["get", "list", "watch", "patch"]),
     ("", "serviceaccounts", &["get", "list", "watch", "patch"]),
     ("", "pods", &["get", "list", "watch"]),
-    // The cluster's TLS and users Secrets: the health probe's credentials.
-    ("", "secrets", &["get"]),
+    // The cluster's TLS and users Secrets (the health probe's credentials),
+    // the user's peer CA; the peer certificates Secret it writes.
+    ("", "secrets", &["get", "create", "patch"]),
     ("events.k8s.io", "events", &["create", "patch"]),
     ("coordination.k8s.io", "leases", &["get", "create", "patch"]),
     (
@@ -333,6 +334,7 @@ async fn reconcile_inner(
         }
         Plan::Apply(step) => step,
     };
+    ensure_peer_certs(client, &ns, &dcc, existing.as_ref()).await?;
     let sts = apply_objects(client, &ns, &step).await?;
     let ready = sts
         .status
@@ -344,6 +346,56 @@ async fn reconcile_inner(
     patch_status(client, &step.stepped, &ns, status).await?;
     publish(ctx, &step.stepped, &notes).await;
     Ok(Action::requeue(requeue))
+}
+
+/// A Secret's value.
+fn field(s: &Secret, key: &str) -> Option<Vec<u8>> {
+    s.data.as_ref()?.get(key).map(|b| b.0.clone())
+}
+
+/// Writes the peer certificates Secret when it is missing, a member has no
+/// certificate or one is due for renewal (before the StatefulSet, so that a
+/// new pod finds its certificate).
+async fn ensure_peer_certs(
+    client: &kube::Client,
+    ns: &str,
+    dcc: &DistributedCacheCluster,
+    existing: Option<&StatefulSet>,
+) -> Result<(), Error> {
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
+    let current = secrets
+        .get_opt(&crate::resources::peer_tls_secret_name(dcc))
+        .await?;
+    let user_ca = match &dcc.spec.tls.peer {
+        Some(p) => {
+            let s = secrets.get(&p.secret_name).await?;
+            let ca = field(&s, "tls.crt")
+                .zip(field(&s, "tls.key"))
+                .and_then(|(c, k)| String::from_utf8(c).ok().zip(String::from_utf8(k).ok()))
+                .ok_or_else(|| {
+                    Error::Invalid(format!(
+                        "Secret {} has no tls.crt and tls.key (the peer CA)",
+                        p.secret_name
+                    ))
+                })?;
+            Some(ca)
+        }
+        None => None,
+    };
+    let running = existing
+        .and_then(|s| s.spec.as_ref())
+        .and_then(|s| s.replicas)
+        .unwrap_or(0);
+    let members = dcc.spec.replicas.max(running);
+    let now = jiff::Timestamp::now().as_second();
+    match crate::resources::peer_tls_secret(dcc, current.as_ref(), user_ca, members, now) {
+        Ok(Some(secret)) => {
+            tracing::info!(name = %dcc.name_any(), members, "peer certificates written");
+            apply(client, ns, &secret).await.map(|_| ())
+        }
+        Ok(None) => Ok(()),
+        Err(why) => Err(Error::Invalid(format!("peer certificates: {why}"))),
+    }
 }
 
 /// Deletes an object the spec no longer wants (absent already is fine).
@@ -370,12 +422,7 @@ async fn probe_credentials(
     dcc: &DistributedCacheCluster,
 ) -> Result<ProbeCredentials, Error> {
     let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
-    let field = |s: &Secret, key: &str| -> Option<Vec<u8>> {
-        s.data
-            .as_ref()
-            .and_then(|d| d.get(key))
-            .map(|b| b.0.clone())
-    };
+
     let mut c = ProbeCredentials::default();
     if let Some(tls) = &dcc.spec.tls.client {
         let secret = secrets.get(&tls.secret_name).await?;

@@ -41,7 +41,7 @@ class Cluster:
                     "--failure-timeout-ms", "1500", "--heartbeat-interval-ms", "100", *extra,
                     *(per_node[i] if per_node else [])]
             if n > 1:
-                args += ["--members", spec]
+                args += ["--members", spec, "--peer-insecure"]
             log = open(os.path.join(self.dir, f"{name}.log"), "w")
             self.procs.append(subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=log))
         self.endpoints = [g for _, g, _ in self.members]

@@ -331,6 +331,48 @@ fn env_of(pod: &Value, ip: &str, root: &Path, kubeconfig: &Path) -> Vec<(String,
     vars
 }
 
+/// Writes the Secrets a pod mounts into its volume directories
+/// (`root/<volume>-<pod>`, where `env_of` points mounted paths), like the
+/// kubelet's secret volumes: files replaced when the Secret changes.
+fn sync_secret_volumes(api: &Shared, pod: &Value, root: &Path) {
+    use base64::Engine;
+    let name = s(pod, "/metadata/name").unwrap_or_default();
+    let ns = s(pod, "/metadata/namespace").unwrap_or_default();
+    for v in pod
+        .pointer("/spec/volumes")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let (Some(volume), Some(secret)) = (
+            v["name"].as_str(),
+            v.pointer("/secret/secretName").and_then(Value::as_str),
+        ) else {
+            continue;
+        };
+        let Some(obj) = api.get(&Key::new("v1", "secrets", ns, secret)) else {
+            continue;
+        };
+        let dir = root.join(format!("{volume}-{name}"));
+        let _ = std::fs::create_dir_all(&dir);
+        for (file, b64) in obj["data"].as_object().into_iter().flatten() {
+            let Some(bytes) = b64
+                .as_str()
+                .and_then(|t| base64::engine::general_purpose::STANDARD.decode(t).ok())
+            else {
+                continue;
+            };
+            let path = dir.join(file);
+            if std::fs::read(&path).ok().as_deref() != Some(bytes.as_slice()) {
+                let tmp = dir.join(format!(".{file}.tmp"));
+                if std::fs::write(&tmp, &bytes).is_ok() {
+                    let _ = std::fs::rename(&tmp, &path);
+                }
+            }
+        }
+    }
+}
+
 fn kubelet(api: &Shared, st: &Mutex<Kubelet>, root: &Path, kubeconfig: &Path) {
     let pods = api.list("v1", "pods", None);
     let mut k = st.lock();
@@ -399,6 +441,7 @@ fn kubelet(api: &Shared, st: &Mutex<Kubelet>, root: &Path, kubeconfig: &Path) {
             }
             continue;
         }
+        sync_secret_volumes(api, pod, root);
         let exited = k
             .pods
             .get_mut(&key)

@@ -64,6 +64,9 @@ pub struct PartState {
     /// (an `Expand` for them was proposed and is not known applied here):
     /// the committed set may already hold them. Cleared on table installs.
     pub expanding: Mutex<Vec<String>>,
+    /// As backup: the snapshot being received in chunks (sender, epoch,
+    /// next chunk index).
+    pub receiving: Mutex<Option<(String, u64, u32)>>,
 }
 
 /// The cluster state of one node.

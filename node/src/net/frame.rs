@@ -5,9 +5,11 @@
 //! slowloris peer is cut off). "Not enough bytes yet" is never an error: the
 //! reader simply waits for more.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// Why a frame could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -34,13 +36,32 @@ pub enum FrameError {
     Io(#[from] std::io::Error),
 }
 
+/// Bytes read per step of a frame (and the budget taken per step).
+const CHUNK: usize = 64 * 1024;
+
+/// One frame read, with the share of the in-flight byte budget it holds
+/// (released when the frame is dropped or its permit is).
+#[derive(Debug)]
+pub struct Frame {
+    /// Payload.
+    pub bytes: Vec<u8>,
+    /// Budget held for the payload (None: no budget given).
+    pub permit: Option<OwnedSemaphorePermit>,
+}
+
 /// Reads one frame. `Ok(None)` = the peer closed cleanly between frames.
+///
+/// The payload is buffered as it arrives, in steps of at most 64 KiB: a
+/// declared length is never allocated up front, and with a `budget` each
+/// step first takes its size from it (a node-wide bound on bytes held by
+/// frames being read or handled; reading waits while it is spent).
 pub async fn read_frame<R: AsyncRead + Unpin>(
     r: &mut R,
     max: usize,
     idle: Duration,
     frame_timeout: Duration,
-) -> Result<Option<Vec<u8>>, FrameError> {
+    budget: Option<&Arc<Semaphore>>,
+) -> Result<Option<Frame>, FrameError> {
     let mut first = [0u8; 1];
     let n = match tokio::time::timeout(idle, r.read(&mut first)).await {
         Ok(n) => n?,
@@ -59,12 +80,38 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
                 max,
             });
         }
-        let mut buf = vec![0u8; len];
-        r.read_exact(&mut buf).await?;
-        Ok(buf)
+        let mut buf = Vec::with_capacity(len.min(CHUNK));
+        let mut held: Option<OwnedSemaphorePermit> = None;
+        while buf.len() < len {
+            let step = (len - buf.len()).min(CHUNK);
+            if let Some(budget) = budget {
+                let n = u32::try_from(step).unwrap_or(u32::MAX);
+                let p = budget
+                    .clone()
+                    .acquire_many_owned(n)
+                    .await
+                    .map_err(|_| std::io::Error::other("peer byte budget closed"))?;
+                match held.as_mut() {
+                    Some(h) => h.merge(p),
+                    None => held = Some(p),
+                }
+            }
+            let target = buf.len() + step;
+            buf.reserve(step);
+            while buf.len() < target {
+                let want = (target - buf.len()) as u64;
+                if (&mut *r).take(want).read_buf(&mut buf).await? == 0 {
+                    return Err(FrameError::Truncated);
+                }
+            }
+        }
+        Ok(Frame {
+            bytes: buf,
+            permit: held,
+        })
     };
     match tokio::time::timeout(frame_timeout, rest).await {
-        Ok(Ok(buf)) => Ok(Some(buf)),
+        Ok(Ok(frame)) => Ok(Some(frame)),
         Ok(Err(FrameError::Io(e))) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
             Err(FrameError::Truncated)
         }
@@ -94,14 +141,25 @@ mod tests {
         write_frame(&mut a, b"").await.expect("write");
         drop(a);
         assert_eq!(
-            read_frame(&mut b, 100, S, S).await.expect("read"),
+            read_frame(&mut b, 100, S, S, None)
+                .await
+                .expect("read")
+                .map(|f| f.bytes),
             Some(b"hello".to_vec())
         );
         assert_eq!(
-            read_frame(&mut b, 100, S, S).await.expect("read"),
+            read_frame(&mut b, 100, S, S, None)
+                .await
+                .expect("read")
+                .map(|f| f.bytes),
             Some(Vec::new())
         );
-        assert_eq!(read_frame(&mut b, 100, S, S).await.expect("read"), None);
+        assert!(
+            read_frame(&mut b, 100, S, S, None)
+                .await
+                .expect("read")
+                .is_none()
+        );
     }
 
     #[tokio::test]
@@ -110,7 +168,7 @@ mod tests {
         tokio::io::AsyncWriteExt::write_all(&mut a, &[0xFF, 0xFF, 0xFF, 0xFF])
             .await
             .expect("write");
-        let e = read_frame(&mut b, 1 << 20, S, S)
+        let e = read_frame(&mut b, 1 << 20, S, S, None)
             .await
             .expect_err("too large");
         assert!(
@@ -133,7 +191,7 @@ mod tests {
             .expect("write");
         drop(a);
         assert!(matches!(
-            read_frame(&mut b, 100, S, S).await,
+            read_frame(&mut b, 100, S, S, None).await,
             Err(FrameError::Truncated)
         ));
 
@@ -141,8 +199,49 @@ mod tests {
         tokio::io::AsyncWriteExt::write_all(&mut a, &[0, 0])
             .await
             .expect("write");
-        let e = read_frame(&mut b, 100, S, Duration::from_millis(50)).await;
+        let e = read_frame(&mut b, 100, S, Duration::from_millis(50), None).await;
         assert!(matches!(e, Err(FrameError::Timeout(_))));
         drop(a);
+    }
+
+    #[tokio::test]
+    async fn a_declared_length_takes_only_what_arrived_from_the_budget() {
+        let budget = Arc::new(Semaphore::new(1 << 20));
+        let (mut a, mut b) = tokio::io::duplex(1 << 16);
+        // Announces 16 MiB, sends 100 KiB, then stalls.
+        let stalled = tokio::spawn(async move {
+            tokio::io::AsyncWriteExt::write_all(&mut a, &(16u32 << 20).to_be_bytes()).await?;
+            tokio::io::AsyncWriteExt::write_all(&mut a, &vec![7u8; 100 * 1024]).await?;
+            Ok::<_, std::io::Error>(a)
+        });
+        let read = read_frame(
+            &mut b,
+            32 << 20,
+            S,
+            Duration::from_millis(200),
+            Some(&budget),
+        );
+        let e = read.await.expect_err("stalled frame times out");
+        assert!(matches!(e, FrameError::Timeout(_)), "{e}");
+        // Nothing is held once the frame failed.
+        assert_eq!(budget.available_permits(), 1 << 20);
+        drop(stalled.await);
+
+        // A complete frame holds its size until dropped.
+        let (mut a, mut b) = tokio::io::duplex(1 << 16);
+        let payload = vec![1u8; 200 * 1024];
+        let writer = tokio::spawn(async move {
+            write_frame(&mut a, &payload).await.expect("write");
+            a
+        });
+        let f = read_frame(&mut b, 32 << 20, S, S, Some(&budget))
+            .await
+            .expect("read")
+            .expect("frame");
+        assert_eq!(f.bytes.len(), 200 * 1024);
+        assert_eq!(budget.available_permits(), (1 << 20) - 200 * 1024);
+        drop(f);
+        assert_eq!(budget.available_permits(), 1 << 20);
+        drop(writer.await);
     }
 }

@@ -9,7 +9,7 @@ use crate::meta::{RaftAnswer, RaftRpc};
 use crate::replica::{PartitionSnapshot, ReplOp};
 
 /// Version of this protocol; a frame of another version is refused.
-pub const PROTOCOL_VERSION: u16 = 3;
+pub const PROTOCOL_VERSION: u16 = 4;
 
 /// One frame's content.
 #[derive(Debug, Serialize, Deserialize)]
@@ -95,6 +95,8 @@ pub enum Request {
     Forward(Command),
     /// Apply these writes to a backup copy of `partition`.
     Replicate {
+        /// The sender: must be the partition's primary in the receiver's table.
+        from: String,
         /// Table epoch of the sender.
         epoch: u64,
         /// Partition.
@@ -102,13 +104,22 @@ pub enum Request {
         /// Writes in order.
         ops: Vec<ReplOp>,
     },
-    /// Replace the backup copy of `partition` with this snapshot.
+    /// Replace the backup copy of `partition` with a snapshot, sent in
+    /// chunks that each fit a frame: chunk 0 replaces the copy (and carries
+    /// the locks), the next ones add entries, in order; the copy is in sync
+    /// only after the last.
     Snapshot {
+        /// The sender: must be the partition's primary in the receiver's table.
+        from: String,
         /// Table epoch of the sender.
         epoch: u64,
         /// Partition.
         partition: u32,
-        /// Whole partition state.
+        /// Index of this chunk (0, 1, ...).
+        chunk: u32,
+        /// The last chunk.
+        last: bool,
+        /// This chunk's part of the partition state.
         snapshot: PartitionSnapshot,
     },
     /// Digest of the receiver's copy of `partition`.
@@ -172,6 +183,7 @@ mod tests {
             version: PROTOCOL_VERSION,
             id: 7,
             body: Body::Request(Request::Replicate {
+                from: "n1".into(),
                 epoch: 3,
                 partition: 9,
                 ops: vec![ReplOp::Put {

@@ -3,13 +3,15 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use parking_lot::Mutex;
-use tokio::io::{AsyncWriteExt, BufWriter};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -18,6 +20,7 @@ use tokio_util::task::TaskTracker;
 use super::frame::{read_frame, write_frame};
 use super::message::{Body, Envelope, PROTOCOL_VERSION, Request, Response, decode, encode};
 use crate::error::{Error, Result};
+use crate::security::peer_tls::{PeerTls, peer_names};
 
 /// Transport settings.
 #[derive(Debug, Clone, Copy)]
@@ -28,70 +31,225 @@ pub struct PeerLimits {
     pub frame_timeout: Duration,
     /// An inbound connection silent for this long is closed.
     pub idle_timeout: Duration,
-    /// Connect timeout (seed default 5 s).
+    /// Connect timeout (seed default 5 s); also the TLS handshake's.
     pub connect_timeout: Duration,
     /// Connections per peer (seed default 4).
     pub pool_size: usize,
     /// Requests in flight per inbound connection.
     pub max_in_flight: usize,
+    /// Most inbound connections at once (more wait in the kernel backlog).
+    pub max_connections: usize,
+    /// Most inbound connections from one IP address (more are closed).
+    pub max_connections_per_ip: usize,
+    /// Bytes of inbound frames being read or handled at once, node-wide.
+    pub inflight_bytes: usize,
 }
 
 impl Default for PeerLimits {
     fn default() -> Self {
         PeerLimits {
-            max_frame_bytes: 256 << 20,
+            max_frame_bytes: 80 << 20,
             frame_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(120),
             connect_timeout: Duration::from_secs(5),
             pool_size: 4,
             max_in_flight: 1024,
+            max_connections: 512,
+            max_connections_per_ip: 64,
+            inflight_bytes: 256 << 20,
         }
     }
+}
+
+/// Who is on the other end of an inbound connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Identity {
+    /// The member names in the certificate the cluster CA signed (mTLS).
+    Certified(Vec<String>),
+    /// Unauthenticated (`--peer-insecure`): only the source IP is known.
+    Address(IpAddr),
+}
+
+/// An inbound connection's identity and address, given to every request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    /// Who it is.
+    pub identity: Identity,
+    /// Its address.
+    pub addr: SocketAddr,
 }
 
 /// Handles one inbound request.
 pub type Handler =
-    Arc<dyn Fn(Request) -> Pin<Box<dyn Future<Output = Response> + Send>> + Send + Sync>;
+    Arc<dyn Fn(Caller, Request) -> Pin<Box<dyn Future<Output = Response> + Send>> + Send + Sync>;
 
-/// Accepts peer connections until `shutdown` fires; connection tasks are
-/// tracked by `tasks`.
-pub async fn serve(
-    listener: TcpListener,
-    handler: Handler,
-    limits: PeerLimits,
-    shutdown: CancellationToken,
-    tasks: TaskTracker,
-) {
-    loop {
-        let accepted = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            a = listener.accept() => a,
-        };
-        match accepted {
-            Ok((stream, from)) => {
-                let _ = stream.set_nodelay(true);
-                let (handler, shutdown) = (handler.clone(), shutdown.clone());
-                tasks.spawn(async move {
-                    if let Err(why) = connection(stream, handler, limits, shutdown).await {
-                        tracing::warn!(peer = %from, %why, "peer connection closed");
-                    }
-                });
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "peer accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+/// Decides, before any frame is read, whether a connection may speak at
+/// all (its certificate or address belongs to a current member).
+pub type Admit = Arc<dyn Fn(&Caller) -> std::result::Result<(), String> + Send + Sync>;
+
+/// The inbound side of the peer port.
+#[derive(Clone)]
+pub struct PeerServer {
+    /// Requests.
+    pub handler: Handler,
+    /// The gate.
+    pub admit: Admit,
+    /// mTLS (None: `--peer-insecure`).
+    pub tls: Option<Arc<PeerTls>>,
+    /// Limits.
+    pub limits: PeerLimits,
+}
+
+/// Open inbound connections per source IP; a slot is given back on drop.
+#[derive(Default)]
+struct PerIp(Mutex<HashMap<IpAddr, usize>>);
+
+struct IpSlot(Arc<PerIp>, IpAddr);
+
+impl PerIp {
+    fn take(self: &Arc<Self>, ip: IpAddr, max: usize) -> Option<IpSlot> {
+        let mut m = self.0.lock();
+        let n = m.entry(ip).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(IpSlot(self.clone(), ip))
+    }
+}
+
+impl Drop for IpSlot {
+    fn drop(&mut self) {
+        let mut m = (self.0).0.lock();
+        if let Some(n) = m.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.1);
             }
         }
     }
 }
 
-async fn connection(
-    stream: TcpStream,
-    handler: Handler,
-    limits: PeerLimits,
+/// Accepts peer connections until `shutdown` fires; connection tasks are
+/// tracked by `tasks`. At most `max_connections` at once (the loop waits for
+/// a slot before accepting, so a flood neither spins it nor takes the
+/// descriptors gRPC clients need), `max_connections_per_ip` from one
+/// address (more are closed at once), accept errors backed off (up to 1 s).
+/// A connection is admitted (TLS handshake within the connect timeout, then
+/// the gate) before a single frame of it is read.
+pub async fn serve(
+    listener: TcpListener,
+    server: PeerServer,
     shutdown: CancellationToken,
-) -> Result<(), String> {
-    let (mut rd, wr) = stream.into_split();
+    tasks: TaskTracker,
+) {
+    let limits = server.limits;
+    let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let per_ip = Arc::new(PerIp::default());
+    let budget = Arc::new(Semaphore::new(
+        limits.inflight_bytes.max(limits.max_frame_bytes),
+    ));
+    let mut backoff = Duration::from_millis(10);
+    let mut warned_full = false;
+    loop {
+        let slot = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            s = slots.clone().acquire_owned() => match s {
+                Ok(s) => s,
+                Err(_) => return,
+            },
+        };
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            a = listener.accept() => a,
+        };
+        let (stream, from) = match accepted {
+            Ok(a) => {
+                backoff = Duration::from_millis(10);
+                a
+            }
+            Err(e) => {
+                drop(slot);
+                tracing::warn!(error = %e, ?backoff, "peer accept failed; backing off");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+                continue;
+            }
+        };
+        if slots.available_permits() == 0 && !warned_full {
+            tracing::warn!(
+                max = limits.max_connections,
+                "peer connection limit reached (--peer-max-connections); new connections wait"
+            );
+            warned_full = true;
+        } else if slots.available_permits() > 0 {
+            warned_full = false;
+        }
+        let Some(ip_slot) = per_ip.take(from.ip(), limits.max_connections_per_ip) else {
+            tracing::debug!(peer = %from, max = limits.max_connections_per_ip, "too many peer connections from this address; closed");
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let (server, shutdown, budget) = (server.clone(), shutdown.clone(), budget.clone());
+        tasks.spawn(async move {
+            let _held = (slot, ip_slot);
+            if let Err(why) = admit_and_serve(stream, from, server, shutdown, budget).await {
+                tracing::warn!(peer = %from, %why, "peer connection closed");
+            }
+        });
+    }
+}
+
+async fn admit_and_serve(
+    stream: TcpStream,
+    from: SocketAddr,
+    server: PeerServer,
+    shutdown: CancellationToken,
+    budget: Arc<Semaphore>,
+) -> std::result::Result<(), String> {
+    match &server.tls {
+        Some(tls) => {
+            let handshake = tls.acceptor().accept(stream);
+            let stream = match tokio::time::timeout(server.limits.connect_timeout, handshake).await
+            {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => return Err(format!("TLS handshake refused: {e}")),
+                Err(_) => return Err("TLS handshake timed out".into()),
+            };
+            let names = peer_names(stream.get_ref().1.peer_certificates());
+            let caller = Caller {
+                identity: Identity::Certified(names),
+                addr: from,
+            };
+            (server.admit)(&caller)?;
+            connection(stream, caller, server, shutdown, budget).await
+        }
+        None => {
+            let caller = Caller {
+                identity: Identity::Address(from.ip()),
+                addr: from,
+            };
+            (server.admit)(&caller)?;
+            connection(stream, caller, server, shutdown, budget).await
+        }
+    }
+}
+
+async fn connection<S>(
+    stream: S,
+    caller: Caller,
+    server: PeerServer,
+    shutdown: CancellationToken,
+    budget: Arc<Semaphore>,
+) -> std::result::Result<(), String>
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let limits = server.limits;
+    let (mut rd, wr) = tokio::io::split(stream);
     let (tx, mut rx) = mpsc::channel::<Vec<u8>>(256);
     let writer = tokio::spawn(async move {
         let mut wr = BufWriter::new(wr);
@@ -113,14 +271,14 @@ async fn connection(
     let result = loop {
         let frame = tokio::select! {
             _ = shutdown.cancelled() => break Ok(()),
-            f = read_frame(&mut rd, limits.max_frame_bytes, limits.idle_timeout, limits.frame_timeout) => f,
+            f = read_frame(&mut rd, limits.max_frame_bytes, limits.idle_timeout, limits.frame_timeout, Some(&budget)) => f,
         };
-        let buf = match frame {
-            Ok(Some(buf)) => buf,
+        let frame = match frame {
+            Ok(Some(frame)) => frame,
             Ok(None) => break Ok(()),
             Err(e) => break Err(e.to_string()),
         };
-        let env = match decode(&buf) {
+        let env = match decode(&frame.bytes) {
             Ok(env) => env,
             Err(e) => break Err(format!("undecodable frame: {e}")),
         };
@@ -136,9 +294,14 @@ async fn connection(
         let Ok(permit) = in_flight.clone().acquire_owned().await else {
             break Ok(());
         };
-        let (handler, tx, id) = (handler.clone(), tx.clone(), env.id);
+        let (handler, tx, id, caller) =
+            (server.handler.clone(), tx.clone(), env.id, caller.clone());
+        // The frame's budget is held until the request is handled.
+        let held = frame.permit;
+        drop(frame.bytes);
         tokio::spawn(async move {
-            let resp = handler(req).await;
+            let resp = handler(caller, req).await;
+            drop(held);
             let env = Envelope {
                 version: PROTOCOL_VERSION,
                 id,
@@ -184,7 +347,14 @@ pub struct Peers {
     pools: Mutex<HashMap<String, Arc<Pool>>>,
     next_id: AtomicU64,
     shutdown: CancellationToken,
+    /// mTLS (None: `--peer-insecure`).
+    tls: Option<Arc<PeerTls>>,
+    /// The member name at a peer address (whose certificate it must show).
+    directory: OnceLock<Directory>,
 }
+
+/// Maps a peer address to the name of the member there.
+pub type Directory = Box<dyn Fn(&str) -> Option<String> + Send + Sync>;
 
 impl std::fmt::Debug for Peers {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -199,6 +369,7 @@ impl Peers {
     pub fn new(
         limits: PeerLimits,
         bind_ip: Option<std::net::IpAddr>,
+        tls: Option<Arc<PeerTls>>,
         shutdown: CancellationToken,
     ) -> Self {
         Peers {
@@ -207,7 +378,15 @@ impl Peers {
             pools: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             shutdown,
+            tls,
+            directory: OnceLock::new(),
         }
+    }
+
+    /// Sets how a peer address maps to a member name (once; with mTLS a
+    /// connection to an address no member has is refused).
+    pub fn set_directory(&self, directory: Directory) {
+        let _ = self.directory.set(directory);
     }
 
     fn pool(&self, addr: &str) -> Arc<Pool> {
@@ -258,7 +437,35 @@ impl Peers {
             .map_err(|_| Error::Unavailable(format!("connect to peer {addr} timed out")))?
             .map_err(|e| Error::Unavailable(format!("connect to peer {addr}: {e}")))?;
         let _ = stream.set_nodelay(true);
-        let (mut rd, wr) = stream.into_split();
+        let conn = match &self.tls {
+            Some(tls) => {
+                let name = self.directory.get().and_then(|d| d(addr)).ok_or_else(|| {
+                    Error::Unavailable(format!("no member at peer address {addr}"))
+                })?;
+                let server_name = PeerTls::server_name(&name)?;
+                let handshake = tls.connector().connect(server_name, stream);
+                let tls_stream = tokio::time::timeout(self.limits.connect_timeout, handshake)
+                    .await
+                    .map_err(|_| {
+                        Error::Unavailable(format!("TLS handshake with {name} at {addr} timed out"))
+                    })?
+                    .map_err(|e| {
+                        Error::Unavailable(format!("TLS handshake with {name} at {addr}: {e}"))
+                    })?;
+                self.spawn_conn(addr, tls_stream)
+            }
+            None => self.spawn_conn(addr, stream),
+        };
+        *slot = Some(conn.clone());
+        Ok(conn)
+    }
+
+    /// Starts the writer and reader tasks of a new connection.
+    fn spawn_conn<S>(&self, addr: &str, stream: S) -> Arc<Conn>
+    where
+        S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
+        let (mut rd, wr) = tokio::io::split(stream);
         let (tx, mut rx) = mpsc::channel::<Vec<u8>>(1024);
         let pending: Pending = Arc::default();
         let dead = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -290,10 +497,10 @@ impl Peers {
             loop {
                 let frame = tokio::select! {
                     _ = shutdown.cancelled() => break,
-                    f = read_frame(&mut rd, limits.max_frame_bytes, Duration::from_secs(86_400), limits.frame_timeout) => f,
+                    f = read_frame(&mut rd, limits.max_frame_bytes, Duration::from_secs(86_400), limits.frame_timeout, None) => f,
                 };
                 let env = match frame {
-                    Ok(Some(buf)) => match decode(&buf) {
+                    Ok(Some(frame)) => match decode(&frame.bytes) {
                         Ok(env) => env,
                         Err(e) => {
                             tracing::warn!(peer = %addr_owned, error = %e, "undecodable response");
@@ -317,8 +524,7 @@ impl Peers {
             dead.store(true, Ordering::SeqCst);
             pending.lock().clear();
         });
-        *slot = Some(conn.clone());
-        Ok(conn)
+        conn
     }
 
     /// Sends `req` to the peer at `addr` and waits up to `timeout` for the answer.

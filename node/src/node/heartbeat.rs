@@ -1,11 +1,12 @@
 //! Heartbeats: every round, this node's heartbeat to every member. Their
 //! answers record liveness, renew this node's lease (a majority answered)
 //! and carry their wall clocks for the offset check. Tables are never taken
-//! from heartbeats: only committed metadata changes them.
+//! from heartbeats: only committed metadata changes them. Inbound
+//! heartbeats are answered, never recorded.
 
 use std::time::Instant;
 
-use crate::net::message::{Heartbeat, Request, Response};
+use crate::net::message::{Request, Response};
 use crate::node::Node;
 
 impl Node {
@@ -53,25 +54,14 @@ impl Node {
         }
     }
 
-    /// A peer's heartbeat: recorded and answered with this node's. Only
-    /// configured members are heard (a made-up name is refused, nothing
-    /// kept), and the partition list it carries is bounded.
-    pub(super) async fn on_heartbeat(&self, mut hb: Heartbeat) -> Response {
+    /// A peer's heartbeat (its sender checked by the peer gate): answered
+    /// with this node's. Nothing in it is kept: what this node knows of a
+    /// member (alive, incarnation, leaving, clock) comes only from the
+    /// member's answers to this node's own heartbeats, sent to the address
+    /// the membership provider gives, so a frame in another member's name
+    /// can neither drain it nor fail it over.
+    pub(super) fn on_heartbeat(&self) -> Response {
         let c = &self.cluster;
-        if hb.name == self.name() || !c.members().iter().any(|m| m.name == hb.name) {
-            tracing::debug!(name = %hb.name, "heartbeat from a non-member refused");
-            return Response::Error(
-                crate::error::Error::InvalidArgument(format!(
-                    "{:?} is not a member of this cluster",
-                    hb.name
-                ))
-                .to_wire(),
-            );
-        }
-        let count = self.store.partition_count();
-        hb.unloaded.retain(|p| *p < count);
-        hb.unloaded.truncate(count as usize);
-        c.record(hb);
         Response::Heartbeat(c.heartbeat(c.quorum()))
     }
 }

@@ -29,7 +29,8 @@ pub struct TlsFiles {
     pub client_ca: Option<PathBuf>,
 }
 
-fn provider() -> Arc<CryptoProvider> {
+/// The workspace's one crypto provider (ring).
+pub(crate) fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 

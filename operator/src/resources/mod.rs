@@ -2,10 +2,11 @@
 //! one file per kind: `statefulset` (with WAL volume claims), `services`
 //! (headless peer Service, client Service), `members` (the published member
 //! list), `policy` (PodDisruptionBudget), `rbac` (the nodes' ServiceAccount,
-//! Role and RoleBinding). No API calls here: the reconciler applies what
+//! Role and RoleBinding), `peer_tls` (the members' certificates). No API calls here: the reconciler applies what
 //! these return.
 
 mod members;
+mod peer_tls;
 mod policy;
 mod rbac;
 mod services;
@@ -19,6 +20,7 @@ use kube::{Resource, ResourceExt};
 use crate::crd::DistributedCacheCluster;
 
 pub use members::{members_config, published_members};
+pub use peer_tls::{PEER_TLS_MOUNT, peer_tls_secret, peer_tls_secret_name};
 pub use policy::{OPERATOR_POD_LABEL, network_policy, pdb};
 pub use rbac::{NODE_RULES, rbac};
 pub use services::{client_service, peer_service};
@@ -231,6 +233,10 @@ mod tests {
         );
     }
 
+    fn plain_dcc() -> DistributedCacheCluster {
+        dcc(r#"{}"#)
+    }
+
     #[test]
     fn client_tls_and_users_mount_their_secrets_and_switch_the_probes_to_tcp() {
         let plain = statefulset(&dcc(r#"{}"#));
@@ -240,7 +246,61 @@ mod tests {
                 .and_then(|s| s.template.spec.clone())
                 .expect("pod")
         };
-        assert!(pod(&plain).volumes.is_none());
+        // Every cluster mounts its peer certificates (mutual TLS is always on).
+        let peer_only: Vec<(String, Option<String>)> = pod(&plain)
+            .volumes
+            .unwrap_or_default()
+            .into_iter()
+            .map(|v| (v.name, v.secret.and_then(|s| s.secret_name)))
+            .collect();
+        assert_eq!(
+            peer_only,
+            vec![("peer-tls".to_string(), Some("cache-peer-tls".to_string()))]
+        );
+        let pe = envs(&plain);
+        assert_eq!(
+            pe["DISTCACHE_PEER_TLS_CERT"],
+            "/etc/distcache/peer-tls/$(DISTCACHE_NAME).crt"
+        );
+        assert_eq!(
+            pe["DISTCACHE_PEER_TLS_KEY"],
+            "/etc/distcache/peer-tls/$(DISTCACHE_NAME).key"
+        );
+        assert_eq!(
+            pe["DISTCACHE_PEER_TLS_CA"],
+            "/etc/distcache/peer-tls/ca.crt"
+        );
+        assert!(!pe.contains_key("DISTCACHE_PEER_INSECURE"));
+        // Pod Security "restricted".
+        let ps = pod(&plain);
+        let psc = ps.security_context.as_ref().expect("pod security context");
+        assert_eq!(
+            psc.seccomp_profile.as_ref().map(|p| p.type_.as_str()),
+            Some("RuntimeDefault")
+        );
+        assert_eq!(psc.run_as_non_root, Some(true));
+        let csc = ps.containers[0]
+            .security_context
+            .as_ref()
+            .expect("container security context");
+        assert_eq!(
+            csc.capabilities.as_ref().and_then(|c| c.drop.clone()),
+            Some(vec!["ALL".to_string()])
+        );
+        assert_eq!(csc.allow_privilege_escalation, Some(false));
+        assert_eq!(
+            csc.seccomp_profile.as_ref().map(|p| p.type_.as_str()),
+            Some("RuntimeDefault")
+        );
+        // The nodes' Role reads only the cluster's own member list.
+        let (_, role, _) = rbac(&plain_dcc());
+        let rules = role.rules.expect("rules");
+        assert!(
+            rules
+                .iter()
+                .all(|r| r.resource_names == Some(vec!["cache".to_string()])),
+            "{rules:?}"
+        );
         assert!(
             pod(&plain).containers[0]
                 .readiness_probe
@@ -266,6 +326,7 @@ mod tests {
         assert_eq!(
             volumes,
             vec![
+                ("peer-tls".to_string(), Some("cache-peer-tls".to_string())),
                 ("client-tls".to_string(), Some("cache-tls".to_string())),
                 ("users".to_string(), Some("cache-users".to_string()))
             ]

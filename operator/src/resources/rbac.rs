@@ -6,8 +6,8 @@ use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject
 use super::{Names, meta};
 use crate::crd::DistributedCacheCluster;
 
-/// What the nodes may do in the API (least privilege: read the ConfigMaps
-/// of their namespace, for the member list).
+/// What the nodes may do in the API (least privilege: read their
+/// cluster's member-list ConfigMap, by name: `resourceNames`).
 pub const NODE_RULES: &[(&str, &str, &[&str])] = &[("", "configmaps", &["get", "list", "watch"])];
 
 /// ServiceAccount, Role and RoleBinding of the nodes.
@@ -26,6 +26,8 @@ pub fn rbac(dcc: &DistributedCacheCluster) -> (ServiceAccount, Role, RoleBinding
                     api_groups: Some(vec![group.to_string()]),
                     resources: Some(vec![resource.to_string()]),
                     verbs: verbs.iter().map(|v| v.to_string()).collect(),
+                    // Only the cluster's own member list.
+                    resource_names: Some(vec![n.cluster.clone()]),
                     ..PolicyRule::default()
                 })
                 .collect(),

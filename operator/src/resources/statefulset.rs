@@ -7,17 +7,19 @@ use k8s_openapi::api::apps::v1::{
     RollingUpdateStatefulSetStrategy, StatefulSet, StatefulSetSpec, StatefulSetUpdateStrategy,
 };
 use k8s_openapi::api::core::v1::{
-    Affinity, Container, ContainerPort, EnvVar, EnvVarSource, GRPCAction, ObjectFieldSelector,
-    PersistentVolumeClaim, PersistentVolumeClaimSpec, PodAffinityTerm, PodAntiAffinity,
-    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SecretVolumeSource, SecurityContext,
-    TCPSocketAction, Volume, VolumeMount, VolumeResourceRequirements, WeightedPodAffinityTerm,
+    Affinity, Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, GRPCAction,
+    ObjectFieldSelector, PersistentVolumeClaim, PersistentVolumeClaimSpec, PodAffinityTerm,
+    PodAntiAffinity, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile,
+    SecretVolumeSource, SecurityContext, TCPSocketAction, Volume, VolumeMount,
+    VolumeResourceRequirements, WeightedPodAffinityTerm,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::{
-    AUTH_MOUNT, Names, TERMINATION_GRACE_SECONDS, TLS_MOUNT, WAL_MOUNT, labels, meta, selector,
+    AUTH_MOUNT, Names, PEER_TLS_MOUNT, TERMINATION_GRACE_SECONDS, TLS_MOUNT, WAL_MOUNT, labels,
+    meta, peer_tls_secret_name, selector,
 };
 use crate::crd::DistributedCacheCluster;
 
@@ -79,6 +81,15 @@ fn node_env(dcc: &DistributedCacheCluster) -> Vec<EnvVar> {
             (TERMINATION_GRACE_SECONDS - 15).to_string(),
         ),
         env("DISTCACHE_LOG", "info"),
+        env(
+            "DISTCACHE_PEER_TLS_CERT",
+            format!("{PEER_TLS_MOUNT}/$(DISTCACHE_NAME).crt"),
+        ),
+        env(
+            "DISTCACHE_PEER_TLS_KEY",
+            format!("{PEER_TLS_MOUNT}/$(DISTCACHE_NAME).key"),
+        ),
+        env("DISTCACHE_PEER_TLS_CA", format!("{PEER_TLS_MOUNT}/ca.crt")),
     ];
     if let Some(tls) = &s.tls.client {
         v.push(env("DISTCACHE_TLS_CERT", format!("{TLS_MOUNT}/tls.crt")));
@@ -154,6 +165,7 @@ fn mounts(dcc: &DistributedCacheCluster) -> Vec<VolumeMount> {
             ..VolumeMount::default()
         });
     }
+    v.push(mount("peer-tls", PEER_TLS_MOUNT, true));
     if s.tls.client.is_some() {
         v.push(mount("client-tls", TLS_MOUNT, true));
     }
@@ -173,7 +185,7 @@ fn secret_volumes(dcc: &DistributedCacheCluster) -> Vec<Volume> {
         }),
         ..Volume::default()
     };
-    let mut v = Vec::new();
+    let mut v = vec![secret("peer-tls", &peer_tls_secret_name(dcc))];
     if let Some(tls) = &dcc.spec.tls.client {
         v.push(secret("client-tls", &tls.secret_name));
     }
@@ -250,10 +262,19 @@ pub fn statefulset(dcc: &DistributedCacheCluster) -> StatefulSet {
         readiness_probe: Some(probe(dcc, 5, 3)),
         liveness_probe: Some(probe(dcc, 10, 6)),
         resources: s.resources.clone(),
+        // Pod Security "restricted".
         security_context: Some(SecurityContext {
             allow_privilege_escalation: Some(false),
             read_only_root_filesystem: Some(true),
             run_as_non_root: Some(true),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".into()]),
+                ..Capabilities::default()
+            }),
+            seccomp_profile: Some(SeccompProfile {
+                type_: "RuntimeDefault".into(),
+                ..SeccompProfile::default()
+            }),
             ..SecurityContext::default()
         }),
         volume_mounts: Some(mounts(dcc)).filter(|m| !m.is_empty()),
@@ -325,6 +346,10 @@ pub fn statefulset(dcc: &DistributedCacheCluster) -> StatefulSet {
                         run_as_non_root: Some(true),
                         run_as_user: Some(65_532),
                         fs_group: Some(65_532),
+                        seccomp_profile: Some(SeccompProfile {
+                            type_: "RuntimeDefault".into(),
+                            ..SeccompProfile::default()
+                        }),
                         ..PodSecurityContext::default()
                     }),
                     ..PodSpec::default()

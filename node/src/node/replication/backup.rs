@@ -19,12 +19,19 @@ impl Node {
     /// Applies a primary's ops to this backup copy of `p` (logged first).
     pub(in crate::node) async fn on_replicate(
         &self,
+        from: &str,
         epoch: u64,
         p: u32,
         ops: Vec<ReplOp>,
     ) -> Response {
-        if let Err(e) = self.backup_check(epoch, p) {
+        self.catch_up_to(epoch).await;
+        if let Err(e) = self.backup_check(from, epoch, p) {
             return refused(&e);
+        }
+        if !self.cluster.part(p).loaded.load(Ordering::SeqCst) {
+            return refused(&Error::Unavailable(format!(
+                "backup copy of partition {p} not in sync"
+            )));
         }
         let _g = self.cluster.part(p).repl.lock().await;
         let logged: Vec<(u32, ReplOp)> = ops.iter().map(|o| (p, o.clone())).collect();
@@ -36,26 +43,82 @@ impl Node {
         Response::Ok
     }
 
-    /// Replaces this backup copy of `p` with the primary's snapshot.
+    /// One chunk of the primary's snapshot of `p`: chunk 0 replaces this
+    /// backup copy, the next ones (strictly in order, from the same primary
+    /// at the same epoch) add entries; the copy counts as loaded after the
+    /// last. Anything out of order is refused and the primary starts over.
     pub(in crate::node) async fn on_snapshot(
         &self,
+        from: &str,
         epoch: u64,
         p: u32,
+        (chunk, last): (u32, bool),
         snapshot: PartitionSnapshot,
     ) -> Response {
         self.catch_up_to(epoch).await;
-        let t = self.cluster.table();
-        if epoch != t.epoch || t.role_of(self.cluster.me(), p) != Role::Backup {
-            return refused(&self.not_owner(p));
+        if let Err(e) = self.backup_check(from, epoch, p) {
+            return refused(&e);
         }
         let st = self.cluster.part(p);
         let _g = st.repl.lock().await;
-        if let Err(e) = self.log_snapshot(p, &snapshot).await {
-            return refused(&e);
+        let expected = {
+            let mut receiving = st.receiving.lock();
+            let expected = match receiving.as_ref() {
+                Some((f, e, next)) if f == from && *e == epoch => *next,
+                _ => 0,
+            };
+            if chunk != 0 && chunk != expected {
+                *receiving = None;
+                None
+            } else {
+                *receiving = (!last).then(|| (from.to_string(), epoch, chunk.saturating_add(1)));
+                Some(())
+            }
+        };
+        if expected.is_none() {
+            return refused(&Error::Unavailable(format!(
+                "snapshot chunk {chunk} of partition {p} out of order"
+            )));
         }
-        tracing::trace!(partition = p, epoch, "snapshot installed");
-        self.install_copy(p, &snapshot);
-        st.loaded.store(true, Ordering::SeqCst);
+        if chunk == 0 {
+            st.loaded.store(false, Ordering::SeqCst);
+            if let Err(e) = self.log_snapshot(p, &snapshot).await {
+                *st.receiving.lock() = None;
+                return refused(&e);
+            }
+            self.install_copy(p, &snapshot);
+        } else {
+            let ops: Vec<ReplOp> = snapshot
+                .collections
+                .into_iter()
+                .flat_map(|(collection, entries)| {
+                    entries
+                        .into_iter()
+                        .map(move |(key, value, expires_at)| ReplOp::Put {
+                            collection: collection.clone(),
+                            key,
+                            value,
+                            expires_at,
+                        })
+                })
+                .collect();
+            let logged: Vec<(u32, ReplOp)> = ops.iter().map(|o| (p, o.clone())).collect();
+            if let Err(e) = self.log_ops(&logged).await {
+                *st.receiving.lock() = None;
+                return refused(&e);
+            }
+            self.apply_ops(p, &ops);
+        }
+        tracing::trace!(
+            partition = p,
+            epoch,
+            chunk,
+            last,
+            "snapshot chunk installed"
+        );
+        if last {
+            st.loaded.store(true, Ordering::SeqCst);
+        }
         Response::Ok
     }
 
@@ -71,9 +134,11 @@ impl Node {
     /// A primary that sends a newer epoch than this node's installed one is
     /// ahead by an install in flight (the commit reaches members one by one):
     /// wait briefly for this node to install it rather than refuse the write
-    /// (a refusal costs the write and a full resync of this backup).
+    /// (a refusal costs the write and a full resync of this backup). Only a
+    /// few epochs ahead are waited for: a far-off epoch is refused at once.
     async fn catch_up_to(&self, epoch: u64) {
-        if epoch <= self.epoch() {
+        let mine = self.epoch();
+        if epoch <= mine || epoch - mine > 16 {
             return;
         }
         let patience =
@@ -84,21 +149,39 @@ impl Node {
         }
     }
 
-    fn backup_check(&self, epoch: u64, p: u32) -> Result<()> {
+    /// Replication of `p` is taken only from its primary in this node's
+    /// table, at this node's epoch, by a backup of it.
+    fn backup_check(&self, from: &str, epoch: u64, p: u32) -> Result<()> {
         let t = self.cluster.table();
+        if p >= t.partition_count {
+            return Err(Error::InvalidArgument(format!("no partition {p}")));
+        }
         if epoch != t.epoch {
+            if epoch > t.epoch.saturating_add(16) {
+                tracing::warn!(
+                    from,
+                    epoch,
+                    mine = t.epoch,
+                    "replication at a far-off epoch refused"
+                );
+            }
             return Err(Error::Unavailable(format!(
                 "epoch {epoch} is not this node's {}",
                 t.epoch
             )));
         }
+        if t.primary(p) != Some(from) {
+            tracing::warn!(
+                from,
+                partition = p,
+                "replication from a member that is not the primary refused"
+            );
+            return Err(Error::InvalidArgument(format!(
+                "{from} is not the primary of partition {p}"
+            )));
+        }
         if t.role_of(self.cluster.me(), p) != Role::Backup {
             return Err(self.not_owner(p));
-        }
-        if !self.cluster.part(p).loaded.load(Ordering::SeqCst) {
-            return Err(Error::Unavailable(format!(
-                "backup copy of partition {p} not in sync"
-            )));
         }
         Ok(())
     }

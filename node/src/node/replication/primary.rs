@@ -148,6 +148,7 @@ impl Node {
             {
                 let Some(m) = table.member(b) else { continue };
                 let req = Request::Replicate {
+                    from: self.name().to_string(),
                     epoch: table.epoch,
                     partition: p,
                     ops: ops.clone(),

@@ -70,12 +70,25 @@ impl Node {
             .map(|m| m.peer.clone())
             .ok_or_else(|| Error::Internal("no such member".into()))?;
         let snapshot = self.snapshot_of(p);
-        let req = Request::Snapshot {
-            epoch: t.epoch,
-            partition: p,
-            snapshot,
-        };
-        match self.peers.call(&addr, req, Duration::from_secs(30)).await? {
+        let chunk_bytes = (self.config().peer_max_frame_bytes / 4).max(64 * 1024) as usize;
+        let chunks = crate::replica::chunk_snapshot(snapshot, chunk_bytes);
+        let n = chunks.len();
+        let mut answer = Response::Ok;
+        for (i, chunk) in chunks.into_iter().enumerate() {
+            let req = Request::Snapshot {
+                from: self.name().to_string(),
+                epoch: t.epoch,
+                partition: p,
+                chunk: u32::try_from(i).unwrap_or(u32::MAX),
+                last: i + 1 == n,
+                snapshot: chunk,
+            };
+            answer = self.peers.call(&addr, req, Duration::from_secs(30)).await?;
+            if !matches!(answer, Response::Ok) {
+                break;
+            }
+        }
+        match answer {
             Response::Ok => {
                 // Still under the partition lock: no write can slip between
                 // the snapshot and the backup joining the in-sync set, and

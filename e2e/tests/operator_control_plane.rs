@@ -187,6 +187,29 @@ async fn operator_creates_scales_rolls_and_deletes_without_losing_writes() {
             "{kind} applied"
         );
     }
+    // The members talk mutual TLS with certificates the operator issued.
+    let secret = api
+        .shared
+        .get(&Key::new("v1", "secrets", "default", "cache-peer-tls"))
+        .expect("the peer certificates Secret");
+    for k in ["ca.crt", "ca.key", "cache-0.crt", "cache-0.key", "cache-2.crt"] {
+        assert!(secret.pointer(&format!("/data/{k}")).is_some(), "no {k}");
+    }
+    assert_eq!(
+        secret
+            .pointer("/metadata/ownerReferences/0/kind")
+            .and_then(Value::as_str),
+        Some("DistributedCacheCluster")
+    );
+    for p in pods(&api) {
+        let env = p
+            .pointer("/spec/containers/0/env")
+            .cloned()
+            .unwrap_or_default()
+            .to_string();
+        assert!(env.contains("DISTCACHE_PEER_TLS_CERT"), "{env}");
+        assert!(!env.contains("DISTCACHE_PEER_INSECURE"), "{env}");
+    }
     assert!(
         events(&api).iter().any(|(r, _)| r == "Created"),
         "{:?}",

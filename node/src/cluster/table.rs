@@ -183,11 +183,11 @@ impl Table {
     }
 }
 
-#[cfg(test)]
 impl Table {
     /// A test table: `owners` rows (primary first), members `name:1`/`name:2`
-    /// with the given incarnations.
-    pub(crate) fn for_test(epoch: u64, owners: &[&[&str]], incarnations: &[(&str, u64)]) -> Table {
+    /// with the given incarnations (unit tests and fuzz targets).
+    #[doc(hidden)]
+    pub fn for_test(epoch: u64, owners: &[&[&str]], incarnations: &[(&str, u64)]) -> Table {
         let mut t = Table::empty(owners.len() as u32, 1);
         t.epoch = epoch;
         t.owners = owners

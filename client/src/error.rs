@@ -43,6 +43,10 @@ pub enum Error {
     /// names the limit.
     #[error("{0}")]
     LimitExceeded(String),
+    /// The node holds its `--max-memory` of entries: writes are refused,
+    /// reads and deletes work (not retried).
+    #[error("memory limit: {0}")]
+    MemoryLimit(String),
     /// The request was malformed.
     #[error("{0}")]
     InvalidArgument(String),
@@ -93,6 +97,7 @@ impl Error {
             ErrorReason::CollectionNotFound => Error::CollectionNotFound(message),
             ErrorReason::NotOwner => Error::NotOwner { epoch, message },
             ErrorReason::LimitExceeded => Error::LimitExceeded(message),
+            ErrorReason::MemoryLimit => Error::MemoryLimit(message),
             ErrorReason::InvalidArgument => Error::InvalidArgument(message),
             ErrorReason::Unavailable => Error::Unavailable(message),
             ErrorReason::PartitionUnavailable => {
@@ -154,6 +159,7 @@ impl Error {
             Error::CollectionNotFound(_) => ErrorReason::CollectionNotFound,
             Error::NotOwner { .. } => ErrorReason::NotOwner,
             Error::LimitExceeded(_) => ErrorReason::LimitExceeded,
+            Error::MemoryLimit(_) => ErrorReason::MemoryLimit,
             Error::InvalidArgument(_) => ErrorReason::InvalidArgument,
             Error::Unavailable(_) => ErrorReason::Unavailable,
             Error::Internal(_) => ErrorReason::Internal,

@@ -192,7 +192,13 @@ async fn operator_creates_scales_rolls_and_deletes_without_losing_writes() {
         .shared
         .get(&Key::new("v1", "secrets", "default", "cache-peer-tls"))
         .expect("the peer certificates Secret");
-    for k in ["ca.crt", "ca.key", "cache-0.crt", "cache-0.key", "cache-2.crt"] {
+    for k in [
+        "ca.crt",
+        "ca.key",
+        "cache-0.crt",
+        "cache-0.key",
+        "cache-2.crt",
+    ] {
         assert!(secret.pointer(&format!("/data/{k}")).is_some(), "no {k}");
     }
     assert_eq!(

@@ -2,6 +2,7 @@
 //! a named default.
 
 use crate::cluster::membership::MemberSpec;
+use crate::storage::MemoryPolicy;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -187,6 +188,16 @@ pub struct NodeConfig {
         conflicts_with = "peer_tls_cert"
     )]
     pub peer_insecure: bool,
+    /// Most bytes of entries this node holds (primary and backup copies,
+    /// accounted per entry: key + value + 96); 0 = no limit. Default: 75 %
+    /// of the container's memory limit (cgroup), else of the machine's RAM.
+    #[arg(long, env = "DISTCACHE_MAX_MEMORY")]
+    pub max_memory: Option<u64>,
+    /// What a write does at --max-memory: `reject` (refused with
+    /// MEMORY_LIMIT; reads and deletes work) or `evict-lru` (least recently
+    /// used entries evicted, replicated as deletes).
+    #[arg(long, env = "DISTCACHE_MAX_MEMORY_POLICY", value_enum, default_value_t = MemoryPolicy::Reject)]
+    pub max_memory_policy: MemoryPolicy,
     /// Directory of the write-ahead log (none: pure in-memory).
     #[arg(long, env = "DISTCACHE_WAL_DIR")]
     pub wal_dir: Option<PathBuf>,
@@ -278,6 +289,8 @@ impl Default for NodeConfig {
             unclean_promotion: false,
             max_clock_offset_ms: DEFAULT_MAX_CLOCK_OFFSET_MS,
             peer_max_frame_bytes: DEFAULT_PEER_MAX_FRAME_BYTES,
+            max_memory: Some(0),
+            max_memory_policy: MemoryPolicy::Reject,
             peer_inflight_bytes: DEFAULT_PEER_INFLIGHT_BYTES,
             peer_max_connections: DEFAULT_PEER_MAX_CONNECTIONS,
             peer_max_connections_per_ip: DEFAULT_PEER_MAX_CONNECTIONS_PER_IP,
@@ -312,7 +325,36 @@ impl Default for NodeConfig {
     }
 }
 
+/// 75 % of the memory this process may use: the cgroup (v2) limit, else
+/// the machine's RAM; 0 (no limit) when neither can be read.
+pub fn default_max_memory() -> u64 {
+    let cgroup = std::fs::read_to_string("/sys/fs/cgroup/memory.max")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok());
+    let ram = || {
+        std::fs::read_to_string("/proc/meminfo")
+            .ok()?
+            .lines()
+            .find_map(|l| l.strip_prefix("MemTotal:"))?
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse::<u64>()
+            .ok()
+            .map(|kib| kib.saturating_mul(1024))
+    };
+    cgroup.or_else(ram).map_or(0, |b| b / 4 * 3)
+}
+
 impl NodeConfig {
+    /// The memory limit in force (`--max-memory`, or its default).
+    pub fn memory_limit(&self) -> crate::storage::MemoryLimit {
+        crate::storage::MemoryLimit {
+            max_bytes: self.max_memory.unwrap_or_else(default_max_memory),
+            policy: self.max_memory_policy,
+        }
+    }
+
     /// Checks the settings against each other.
     pub fn validate(&self) -> Result<(), String> {
         if self.partition_count == 0 || self.partition_count > 65_536 {

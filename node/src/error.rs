@@ -19,6 +19,17 @@ pub enum Error {
         /// The configured limit.
         max: u64,
     },
+    /// The entries would exceed `--max-memory` (reject policy, or nothing
+    /// left to evict).
+    #[error(
+        "max-memory reached: {used} bytes of entries held, limit {max}; writes are refused, reads and deletes work"
+    )]
+    MemoryLimit {
+        /// Bytes of entries held.
+        used: u64,
+        /// The limit.
+        max: u64,
+    },
     /// The request was malformed.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
@@ -79,6 +90,7 @@ impl Error {
         match self {
             Error::CollectionNotFound(_) => ErrorReason::CollectionNotFound,
             Error::LimitExceeded { .. } => ErrorReason::LimitExceeded,
+            Error::MemoryLimit { .. } => ErrorReason::MemoryLimit,
             Error::InvalidArgument(_) => ErrorReason::InvalidArgument,
             Error::LockAcquireTimeout(_) => ErrorReason::LockAcquireTimeout,
             Error::LockHoldTimeout(_) => ErrorReason::LockHoldTimeout,
@@ -102,7 +114,7 @@ impl Error {
         use tonic::Code;
         match self.reason() {
             ErrorReason::CollectionNotFound => Code::NotFound,
-            ErrorReason::LimitExceeded => Code::ResourceExhausted,
+            ErrorReason::LimitExceeded | ErrorReason::MemoryLimit => Code::ResourceExhausted,
             ErrorReason::InvalidArgument => Code::InvalidArgument,
             ErrorReason::LockAcquireTimeout => Code::DeadlineExceeded,
             ErrorReason::LockHoldTimeout

@@ -74,6 +74,9 @@ pub struct Metrics {
     clock_offset: Gauge,
     clock_skewed: Gauge,
     metadata_leader: Gauge,
+    memory_used: Gauge,
+    memory_limit: Gauge,
+    memory_evicted: Gauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -158,6 +161,21 @@ impl Default for Metrics {
             "metadata_leader",
             "1 on the metadata (Raft) leader",
         );
+        let memory_used = gauge(
+            &mut registry,
+            "memory_used_bytes",
+            "Bytes of entries held (primary and backup copies; key + value + 96 per entry)",
+        );
+        let memory_limit = gauge(
+            &mut registry,
+            "memory_limit_bytes",
+            "--max-memory (0 = none)",
+        );
+        let memory_evicted = gauge(
+            &mut registry,
+            "memory_evicted_entries",
+            "Entries evicted for --max-memory (policy evict-lru) since start",
+        );
         let partitions = Family::<RoleLabels, Gauge>::default();
         registry.register(
             "partitions",
@@ -188,6 +206,9 @@ impl Default for Metrics {
             clock_offset,
             clock_skewed,
             metadata_leader,
+            memory_used,
+            memory_limit,
+            memory_evicted,
         }
     }
 }
@@ -234,6 +255,11 @@ impl Metrics {
         self.clock_offset.set(g.clock_offset_ms);
         self.clock_skewed.set(i64::from(g.clock_skewed));
         self.metadata_leader.set(i64::from(g.metadata_leader));
+        let (used, limit, evicted) = g.memory;
+        let big = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        self.memory_used.set(big(used));
+        self.memory_limit.set(big(limit));
+        self.memory_evicted.set(big(evicted));
         let mut out = String::new();
         if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
             tracing::warn!(error = %e, "encoding metrics");
@@ -267,6 +293,8 @@ pub struct Gauges {
     pub entries: Vec<(std::sync::Arc<str>, u64)>,
     /// The WAL refuses writes.
     pub wal_failed: bool,
+    /// (bytes of entries held, --max-memory, entries evicted for it).
+    pub memory: (u64, u64, u64),
     /// Partitions restarted empty (data loss), cluster-wide.
     pub partitions_lost: u64,
     /// Wall-clock offset from the peers' median, ms.

@@ -219,6 +219,12 @@ impl Node {
             anti_entropy_interval: Duration::from_secs(config.anti_entropy_interval_secs),
             leave_timeout: Duration::from_secs(config.leave_timeout_secs),
         };
+        let memory = config.memory_limit();
+        tracing::info!(
+            max_bytes = memory.max_bytes,
+            policy = ?memory.policy,
+            "memory limit of entries (--max-memory; 0 = none)"
+        );
         let peer_limits = peer_limits(&config);
         let peer_tls = peer_tls(&config)?;
         if peer_tls.is_none() && !listed.is_empty() {
@@ -257,7 +263,8 @@ impl Node {
             },
         )?;
         let node = Arc::new(Node {
-            store: Store::new(config.partition_count, clock.clone(), limits),
+            store: Store::new(config.partition_count, clock.clone(), limits)
+                .with_memory_limit(memory),
             locks: LockTable::new(config.partition_count, clock, shutdown.clone()),
             cluster: Cluster::new(me, provider, cluster_config, config.partition_count),
             peers: Arc::new(Peers::new(

@@ -95,6 +95,12 @@ pub struct DistributedCacheClusterSpec {
     /// TLS (README "Security").
     #[serde(default)]
     pub tls: TlsSpec,
+    /// What a write does when a node holds its memory limit of entries (80 %
+    /// of `resources.limits.memory`, else 75 % of the container's cgroup
+    /// limit): `reject` (refused with MEMORY_LIMIT, reads and deletes work)
+    /// or `evict-lru`.
+    #[serde(default)]
+    pub max_memory_policy: MemoryPolicy,
     /// The NetworkPolicy of the cluster's pods.
     #[serde(default)]
     pub network_policy: NetworkPolicySpec,
@@ -142,6 +148,29 @@ pub struct TlsSpec {
     /// makes a cluster CA; this brings your own.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peer: Option<PeerTlsSpec>,
+}
+
+/// The nodes' `--max-memory-policy`.
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum MemoryPolicy {
+    /// Refuse writes at the limit.
+    #[default]
+    Reject,
+    /// Evict least recently used entries.
+    EvictLru,
+}
+
+impl MemoryPolicy {
+    /// The flag value.
+    pub fn as_flag(self) -> &'static str {
+        match self {
+            MemoryPolicy::Reject => "reject",
+            MemoryPolicy::EvictLru => "evict-lru",
+        }
+    }
 }
 
 /// The CA of the peer port's mutual TLS, from a Secret.

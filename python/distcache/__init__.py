@@ -3,7 +3,7 @@
 from .client import Collection, DistributedCache, Lock
 from .errors import (ClusterNotReadyError, CollectionNotFoundError, DistributedCacheError,
                      InvalidArgumentError, LimitExceededError, LockAcquireTimeoutError,
-                     LockHoldTimeoutError, LockNotHeldError, NotAuthorizedError,
+                     LockHoldTimeoutError, LockNotHeldError, MemoryLimitError, NotAuthorizedError,
                      PartitionNotOwnedError, QuorumLostError, UnauthenticatedError,
                      UnavailableError)
 from .partition import lock_partition_for, partition_for
@@ -13,5 +13,5 @@ __all__ = [
     "DistributedCacheError", "LockAcquireTimeoutError", "LockHoldTimeoutError", "LockNotHeldError",
     "QuorumLostError", "ClusterNotReadyError", "CollectionNotFoundError", "PartitionNotOwnedError",
     "LimitExceededError", "InvalidArgumentError", "UnavailableError", "UnauthenticatedError",
-    "NotAuthorizedError",
+    "NotAuthorizedError", "MemoryLimitError",
 ]

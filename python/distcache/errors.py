@@ -42,6 +42,10 @@ class LimitExceededError(DistributedCacheError):
     """A key, value or batch above the node's limits."""
 
 
+class MemoryLimitError(DistributedCacheError):
+    """The node holds its --max-memory of entries: writes are refused, reads and deletes work."""
+
+
 class InvalidArgumentError(DistributedCacheError):
     """The request was malformed (e.g. incrementing a non-integer)."""
 
@@ -67,6 +71,7 @@ _BY_REASON = {
     "COLLECTION_NOT_FOUND": CollectionNotFoundError,
     "NOT_OWNER": PartitionNotOwnedError,
     "LIMIT_EXCEEDED": LimitExceededError,
+    "MEMORY_LIMIT": MemoryLimitError,
     "INVALID_ARGUMENT": InvalidArgumentError,
     "UNAVAILABLE": UnavailableError,
     "PARTITION_UNAVAILABLE": UnavailableError,

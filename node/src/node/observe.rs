@@ -94,6 +94,7 @@ impl Node {
             entries: self.store.held_entries().into_iter().collect(),
             wal_failed: self.wal.as_ref().is_some_and(|w| w.failure().is_some()),
             partitions_lost: c.meta().lost_total,
+            memory: self.store.memory(),
             clock_offset_ms: self.clock_offset_ms().unwrap_or(0),
             clock_skewed: c.is_skewed(),
             metadata_leader: self.is_meta_leader(),

@@ -3,4 +3,7 @@
 mod store;
 pub mod wal;
 
-pub use store::{CollectionMeta, Limits, MAX_COLLECTION_NAME_BYTES, Store};
+pub use store::{
+    CollectionMeta, ENTRY_OVERHEAD, Limits, MAX_COLLECTION_NAME_BYTES, MemoryLimit, MemoryPolicy,
+    Store,
+};

@@ -11,7 +11,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
 use bytes::Bytes;
 use distcache_client::partition::{DEFAULT_COLLECTION, partition_for, resolve_collection};
@@ -74,17 +74,72 @@ impl CollectionMeta {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 struct Entry {
     value: Bytes,
     /// Wall-clock ms after which the entry is gone; 0 = never.
     expires_at: u64,
+    /// Last use, seconds on the store's clock (the memory limit's LRU
+    /// sampling); updated under the partition's read lock.
+    used_at: AtomicU32,
+}
+
+impl Clone for Entry {
+    fn clone(&self) -> Self {
+        Entry {
+            value: self.value.clone(),
+            expires_at: self.expires_at,
+            used_at: AtomicU32::new(self.used_at.load(Ordering::Relaxed)),
+        }
+    }
 }
 
 impl Entry {
+    fn new(value: Bytes, expires_at: u64, now_ms: u64) -> Self {
+        Entry {
+            value,
+            expires_at,
+            used_at: AtomicU32::new(secs(now_ms)),
+        }
+    }
+
     fn live(&self, now: u64) -> bool {
         self.expires_at == 0 || self.expires_at > now
     }
+}
+
+fn secs(now_ms: u64) -> u32 {
+    u32::try_from(now_ms / 1000).unwrap_or(u32::MAX)
+}
+
+/// Bytes an entry is accounted at besides its key and value (its hash-table
+/// slot, the entry and the two buffers' headers).
+pub const ENTRY_OVERHEAD: usize = 96;
+
+fn cost(key: &Bytes, e: &Entry) -> usize {
+    key.len() + e.value.len() + ENTRY_OVERHEAD
+}
+
+/// What a write does when the entries would exceed `--max-memory`
+/// (Redis's `maxmemory-policy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum MemoryPolicy {
+    /// Refuse the write (`MEMORY_LIMIT`); reads and deletes keep working.
+    #[default]
+    Reject,
+    /// Evict least recently used entries (sampled, of the written
+    /// partition, any collection) to make room; replicated as deletes.
+    EvictLru,
+}
+
+/// The entries' memory limit.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MemoryLimit {
+    /// Most bytes of entries (accounted per entry: key + value +
+    /// [`ENTRY_OVERHEAD`]); 0 = no limit.
+    pub max_bytes: u64,
+    /// What a write over it does.
+    pub policy: MemoryPolicy,
 }
 
 type PartitionData = HashMap<Arc<str>, HashMap<Bytes, Entry>>;
@@ -99,6 +154,11 @@ pub struct Store {
     limits: Limits,
     sweep_cursor: AtomicUsize,
     primaries: AtomicU32,
+    memory: MemoryLimit,
+    /// Bytes of entries held (every copy: primary and backup).
+    used: AtomicUsize,
+    /// Entries evicted for the memory limit.
+    evicted: AtomicU64,
 }
 
 impl Store {
@@ -118,6 +178,115 @@ impl Store {
             limits,
             sweep_cursor: AtomicUsize::new(0),
             primaries: AtomicU32::new(partition_count),
+            memory: MemoryLimit::default(),
+            used: AtomicUsize::new(0),
+            evicted: AtomicU64::new(0),
+        }
+    }
+
+    /// The store with a memory limit on its entries.
+    pub fn with_memory_limit(mut self, memory: MemoryLimit) -> Self {
+        self.memory = memory;
+        self
+    }
+
+    /// (bytes of entries held, the limit (0 = none), entries evicted for it).
+    pub fn memory(&self) -> (u64, u64, u64) {
+        (
+            self.used.load(Ordering::Relaxed) as u64,
+            self.memory.max_bytes,
+            self.evicted.load(Ordering::Relaxed),
+        )
+    }
+
+    fn charge(&self, add: usize, sub: usize) {
+        if add >= sub {
+            self.used.fetch_add(add - sub, Ordering::Relaxed);
+        } else {
+            let d = sub - add;
+            let _ = self
+                .used
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |u| {
+                    Some(u.saturating_sub(d))
+                });
+        }
+    }
+
+    /// With the reject policy, refuses `incoming` bytes of new entries that
+    /// would take the store over its limit (checked when a write is planned,
+    /// before anything is logged or applied).
+    pub fn admit(&self, incoming: usize) -> Result<()> {
+        let max = self.memory.max_bytes;
+        if max == 0 || self.memory.policy != MemoryPolicy::Reject {
+            return Ok(());
+        }
+        let used = self.used.load(Ordering::Relaxed) as u64;
+        if used.saturating_add(incoming as u64) > max {
+            return Err(Error::MemoryLimit { used, max });
+        }
+        Ok(())
+    }
+
+    /// With the evict-lru policy, evicts from partition `p` (its lock held
+    /// by the caller as a write lock, `part`) the least recently used of
+    /// sampled entries until `incoming` bytes fit; the evictions are
+    /// recorded in `w` (replicated and logged like LRU evictions). An error
+    /// when nothing is left to evict.
+    fn make_room(
+        &self,
+        part: &mut PartitionData,
+        p: u32,
+        incoming: usize,
+        w: &mut Written,
+    ) -> Result<()> {
+        let max = self.memory.max_bytes;
+        if max == 0 || self.memory.policy != MemoryPolicy::EvictLru {
+            return Ok(());
+        }
+        let metas = self.collections.read().clone();
+        let mut round = 0u64;
+        loop {
+            let used = self.used.load(Ordering::Relaxed) as u64;
+            if used.saturating_add(incoming as u64) <= max {
+                return Ok(());
+            }
+            round += 1;
+            // Sample up to 16 entries from a pseudo-random position of each
+            // collection of the partition; evict the least recently used.
+            let seed = xxhash_rust::xxh3::xxh3_64(
+                &[p.to_le_bytes(), (round as u32).to_le_bytes()].concat(),
+            ) ^ self.evicted.load(Ordering::Relaxed);
+            let mut victim: Option<(Arc<str>, Bytes, u32)> = None;
+            for (name, map) in part.iter() {
+                if map.is_empty() {
+                    continue;
+                }
+                let start = (seed as usize) % map.len();
+                for (k, e) in map.iter().skip(start).chain(map.iter()).take(16) {
+                    let t = e.used_at.load(Ordering::Relaxed);
+                    if victim.as_ref().is_none_or(|v| t < v.2) {
+                        victim = Some((name.clone(), k.clone(), t));
+                    }
+                }
+            }
+            let Some((name, key, _)) = victim else {
+                return Err(Error::MemoryLimit { used, max });
+            };
+            if let Some(map) = part.get_mut(&name)
+                && let Some(old) = map.remove(&key)
+            {
+                self.charge(0, cost(&key, &old));
+                if let Some(l) = metas.get(&name).and_then(|m| m.lru.as_ref()) {
+                    l.lock().remove(&(p, key.clone()));
+                }
+                self.evicted.fetch_add(1, Ordering::Relaxed);
+                let del = ReplOp::Delete {
+                    collection: name.to_string(),
+                    key,
+                };
+                w.ops.push((p, del.clone()));
+                w.evicted.push((p, del));
+            }
         }
     }
 
@@ -260,6 +429,7 @@ impl Store {
         if !entry.live(now) {
             return None;
         }
+        entry.used_at.store(secs(now), Ordering::Relaxed);
         if let Some(lru) = &meta.lru {
             // A read is a use: move the key to the most recently used end.
             lru.lock().touch(&(p, key.clone()));
@@ -296,14 +466,19 @@ impl Store {
             if meta.deleted.load(Ordering::SeqCst) {
                 return Err(Error::CollectionNotFound(meta.name.to_string()));
             }
+            let now = self.clock.wall_ms();
+            let entry = Entry::new(value.clone(), expires_at, now);
+            let add = cost(&key, &entry);
+            let replaced = part
+                .get(&*meta.name)
+                .and_then(|m| m.get(&key))
+                .map_or(0, |old| cost(&key, old));
+            if add > replaced {
+                self.make_room(&mut part, p, add - replaced, w)?;
+            }
             let map = part.entry(meta.name.clone()).or_default();
-            map.insert(
-                key.clone(),
-                Entry {
-                    value: value.clone(),
-                    expires_at,
-                },
-            );
+            let old = map.insert(key.clone(), entry);
+            self.charge(add, old.as_ref().map_or(0, |o| cost(&key, o)));
             w.ops.push((
                 p,
                 ReplOp::Put {
@@ -325,7 +500,9 @@ impl Store {
                         break;
                     };
                     if vp == p {
-                        map.remove(&vk);
+                        if let Some(old) = map.remove(&vk) {
+                            self.charge(0, cost(&vk, &old));
+                        }
                         let del = ReplOp::Delete {
                             collection: meta.name.to_string(),
                             key: vk,
@@ -363,7 +540,16 @@ impl Store {
             .lru
             .as_ref()
             .is_some_and(|l| l.lock().contains(&(p, key.clone())));
-        !reindexed && map.remove(key).is_some()
+        if reindexed {
+            return false;
+        }
+        match map.remove(key) {
+            Some(old) => {
+                self.charge(0, cost(key, &old));
+                true
+            }
+            None => false,
+        }
     }
 
     /// Removes `key`; true if a live entry was there.
@@ -383,6 +569,7 @@ impl Store {
         let Some(old) = map.remove(key) else {
             return false;
         };
+        self.charge(0, cost(key, &old));
         if let Some(l) = &meta.lru {
             l.lock().remove(&(p, key.clone()));
         }
@@ -524,6 +711,7 @@ impl Store {
         };
         let mut index = meta.lru.as_ref().map(|l| l.lock());
         let mut removed = 0;
+        self.charge(0, map.iter().map(|(k, e)| cost(k, e)).sum());
         for (k, e) in map {
             if let Some(i) = index.as_mut() {
                 i.remove(&(p, k));
@@ -580,6 +768,114 @@ mod tests {
 
     fn b(s: &str) -> Bytes {
         Bytes::copy_from_slice(s.as_bytes())
+    }
+
+    fn limited(clock: Arc<ManualClock>, max_bytes: u64, policy: MemoryPolicy) -> Store {
+        Store::new(
+            4,
+            clock,
+            Limits {
+                max_key_bytes: 64,
+                max_value_bytes: 1024,
+                max_batch_keys: 100,
+            },
+        )
+        .with_memory_limit(MemoryLimit { max_bytes, policy })
+    }
+
+    #[test]
+    fn memory_is_accounted_per_entry_through_every_change() {
+        let clock = ManualClock::new(1_000);
+        let s = limited(clock.clone(), 0, MemoryPolicy::Reject);
+        let each = 2 + 100 + ENTRY_OVERHEAD;
+        for i in 0..50 {
+            s.put(
+                "",
+                b(&format!("{i:02}")),
+                Bytes::from(vec![0u8; 100]),
+                Some(1_000),
+            )
+            .expect("put");
+        }
+        assert_eq!(s.memory().0 as usize, 50 * each);
+        // Overwrite: the same size.
+        s.put("", b("00"), Bytes::from(vec![0u8; 100]), None)
+            .expect("put");
+        assert_eq!(s.memory().0 as usize, 50 * each);
+        s.delete("", &b("01")).expect("delete");
+        assert_eq!(s.memory().0 as usize, 49 * each);
+        // Expired entries are freed by the sweep ("00" has no TTL now).
+        clock.advance(2_000);
+        s.sweep(4);
+        assert_eq!(s.memory().0 as usize, each);
+        // Snapshot install and drop move the count with the partition.
+        let p = s.partition(&s.collection("").expect("collection"), &b("00"));
+        let snap = s.snapshot(p);
+        s.drop_partition(p);
+        assert_eq!(s.memory().0, 0);
+        s.install(p, &snap);
+        assert_eq!(s.memory().0 as usize, each);
+        s.clear("").expect("clear");
+        assert_eq!(s.memory().0, 0);
+    }
+
+    #[test]
+    fn reject_refuses_writes_at_the_limit_and_keeps_reads_and_deletes() {
+        let clock = ManualClock::new(1_000);
+        let each = 3 + 100 + ENTRY_OVERHEAD;
+        let s = limited(clock, (each * 10) as u64, MemoryPolicy::Reject);
+        for i in 0..10 {
+            s.put("", b(&format!("{i:03}")), Bytes::from(vec![1u8; 100]), None)
+                .expect("under the limit");
+        }
+        let e = s
+            .put("", b("010"), Bytes::from(vec![1u8; 100]), None)
+            .expect_err("over the limit");
+        assert!(matches!(e, Error::MemoryLimit { .. }), "{e}");
+        assert_eq!(s.memory().0 as usize, 10 * each);
+        assert_eq!(
+            s.get("", &b("003")).expect("read").map(|v| v.len()),
+            Some(100)
+        );
+        s.delete("", &b("003")).expect("delete works");
+        s.put("", b("010"), Bytes::from(vec![1u8; 100]), None)
+            .expect("room again after a delete");
+        assert_eq!(s.memory().2, 0, "nothing evicted under reject");
+    }
+
+    #[test]
+    fn evict_lru_makes_room_in_the_written_partition_and_keeps_recent_keys() {
+        let clock = ManualClock::new(1_000_000);
+        let each = 4 + 100 + ENTRY_OVERHEAD;
+        let s = limited(clock.clone(), (each * 100) as u64, MemoryPolicy::EvictLru);
+        let mut evictions = 0;
+        for i in 0..1_000 {
+            clock.advance(1_000);
+            // Key "0000" is read before every write: always recently used.
+            let _ = s.get("", &b("0000"));
+            let w = s
+                .put("", b(&format!("{i:04}")), Bytes::from(vec![2u8; 100]), None)
+                .expect("evicts instead of refusing");
+            evictions += w.evicted.len();
+            assert!(
+                w.evicted
+                    .iter()
+                    .all(|(p, op)| matches!(op, ReplOp::Delete { .. })
+                        && w.ops.iter().any(|(q, o)| q == p && o == op)),
+                "evictions are replicated with the write"
+            );
+            assert!(s.memory().0 as usize <= 100 * each, "over the limit");
+        }
+        assert!(evictions >= 900, "{evictions} evictions");
+        assert_eq!(s.memory().2 as usize, evictions);
+        assert!(
+            s.get("", &b("0000")).expect("read").is_some(),
+            "a hot key was evicted"
+        );
+        assert!(
+            s.get("", &b("0999")).expect("read").is_some(),
+            "the newest key was evicted"
+        );
     }
 
     #[test]

@@ -90,7 +90,19 @@ fn node_env(dcc: &DistributedCacheCluster) -> Vec<EnvVar> {
             format!("{PEER_TLS_MOUNT}/$(DISTCACHE_NAME).key"),
         ),
         env("DISTCACHE_PEER_TLS_CA", format!("{PEER_TLS_MOUNT}/ca.crt")),
+        env("DISTCACHE_MAX_MEMORY_POLICY", s.max_memory_policy.as_flag()),
     ];
+    if let Some(limit) = s
+        .resources
+        .as_ref()
+        .and_then(|r| r.limits.as_ref())
+        .and_then(|l| l.get("memory"))
+        .and_then(|q| quantity_bytes(&q.0))
+    {
+        // 80 % of the container's limit for entries; the rest for the
+        // process, buffers and allocator slack.
+        v.push(env("DISTCACHE_MAX_MEMORY", (limit / 5 * 4).to_string()));
+    }
     if let Some(tls) = &s.tls.client {
         v.push(env("DISTCACHE_TLS_CERT", format!("{TLS_MOUNT}/tls.crt")));
         v.push(env("DISTCACHE_TLS_KEY", format!("{TLS_MOUNT}/tls.key")));
@@ -120,6 +132,34 @@ fn node_env(dcc: &DistributedCacheCluster) -> Vec<EnvVar> {
 
 /// The kubelet's probe: gRPC health, or a TCP connect when the port speaks
 /// TLS (the kubelet's gRPC probe has no TLS).
+/// Bytes of a Kubernetes memory quantity (`512Mi`, `2Gi`, `1G`, `1e9`,
+/// `1000000`); None when it does not parse.
+pub(crate) fn quantity_bytes(q: &str) -> Option<u64> {
+    let q = q.trim();
+    let split = q
+        .find(|c: char| c.is_ascii_alphabetic() && c != 'e' && c != 'E')
+        .unwrap_or(q.len());
+    let (num, suffix) = q.split_at(split);
+    let mult: f64 = match suffix {
+        "" => 1.0,
+        "Ki" => 1024.0,
+        "Mi" => 1024f64.powi(2),
+        "Gi" => 1024f64.powi(3),
+        "Ti" => 1024f64.powi(4),
+        "Pi" => 1024f64.powi(5),
+        "k" => 1e3,
+        "M" => 1e6,
+        "G" => 1e9,
+        "T" => 1e12,
+        "P" => 1e15,
+        "m" => 1e-3,
+        _ => return None,
+    };
+    let n: f64 = num.parse().ok()?;
+    let bytes = n * mult;
+    (bytes.is_finite() && bytes >= 0.0 && bytes < 1.8e19).then_some(bytes as u64)
+}
+
 fn probe(dcc: &DistributedCacheCluster, period: i32, failures: i32) -> Probe {
     let port = dcc.spec.ports.grpc;
     let (grpc, tcp_socket) = if dcc.spec.tls.client.is_some() {
@@ -359,5 +399,22 @@ pub fn statefulset(dcc: &DistributedCacheCluster) -> StatefulSet {
             ..StatefulSetSpec::default()
         }),
         status: None,
+    }
+}
+
+#[cfg(test)]
+mod memory_tests {
+    use super::quantity_bytes;
+
+    #[test]
+    fn memory_quantities_parse_to_bytes() {
+        assert_eq!(quantity_bytes("512Mi"), Some(512 << 20));
+        assert_eq!(quantity_bytes("2Gi"), Some(2 << 30));
+        assert_eq!(quantity_bytes("1G"), Some(1_000_000_000));
+        assert_eq!(quantity_bytes("1e9"), Some(1_000_000_000));
+        assert_eq!(quantity_bytes("1000000"), Some(1_000_000));
+        assert_eq!(quantity_bytes("1.5Gi"), Some(3 << 29));
+        assert_eq!(quantity_bytes("lots"), None);
+        assert_eq!(quantity_bytes("-1Gi"), None);
     }
 }

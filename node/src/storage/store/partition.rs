@@ -4,8 +4,13 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use super::{Entry, PartitionData, Store};
+use super::{Entry, PartitionData, Store, cost};
 use crate::replica::{PartitionSnapshot, ReplOp};
+
+/// Accounted bytes of one collection's entries in a partition.
+fn total(map: &std::collections::HashMap<bytes::Bytes, Entry>) -> usize {
+    map.iter().map(|(k, e)| cost(k, e)).sum()
+}
 
 impl Store {
     // ------------------------------------------------------------ replication
@@ -13,6 +18,7 @@ impl Store {
     /// Applies a primary's writes to this node's backup copy of `p`
     /// (no LRU bookkeeping: the primary decides evictions).
     pub fn apply(&self, p: u32, ops: &[ReplOp]) {
+        let now = self.clock.wall_ms();
         let mut part = self.partitions[p as usize].write();
         for op in ops {
             match op {
@@ -23,21 +29,23 @@ impl Store {
                     expires_at,
                 } => {
                     let name = self.intern(collection);
-                    part.entry(name).or_default().insert(
-                        key.clone(),
-                        Entry {
-                            value: value.clone(),
-                            expires_at: *expires_at,
-                        },
-                    );
+                    let entry = Entry::new(value.clone(), *expires_at, now);
+                    let add = cost(key, &entry);
+                    let old = part.entry(name).or_default().insert(key.clone(), entry);
+                    self.charge(add, old.as_ref().map_or(0, |o| cost(key, o)));
                 }
                 ReplOp::Delete { collection, key } => {
-                    if let Some(map) = part.get_mut(collection.as_str()) {
-                        map.remove(key);
+                    if let Some(old) = part
+                        .get_mut(collection.as_str())
+                        .and_then(|map| map.remove(key))
+                    {
+                        self.charge(0, cost(key, &old));
                     }
                 }
                 ReplOp::Clear { collection } => {
-                    part.remove(collection.as_str());
+                    if let Some(map) = part.remove(collection.as_str()) {
+                        self.charge(0, total(&map));
+                    }
                 }
                 ReplOp::Lock { .. } => {}
             }
@@ -74,24 +82,19 @@ impl Store {
 
     /// Replaces partition `p` with `snap` (a backup receiving a full copy).
     pub fn install(&self, p: u32, snap: &PartitionSnapshot) {
+        let now = self.clock.wall_ms();
         let mut data = PartitionData::new();
         for (name, entries) in &snap.collections {
             let map = entries
                 .iter()
-                .map(|(k, v, exp)| {
-                    (
-                        k.clone(),
-                        Entry {
-                            value: v.clone(),
-                            expires_at: *exp,
-                        },
-                    )
-                })
+                .map(|(k, v, exp)| (k.clone(), Entry::new(v.clone(), *exp, now)))
                 .collect();
             data.insert(self.intern(name), map);
         }
         self.unindex_partition(p);
-        *self.partitions[p as usize].write() = data;
+        let add: usize = data.values().map(total).sum();
+        let old = std::mem::replace(&mut *self.partitions[p as usize].write(), data);
+        self.charge(add, old.values().map(total).sum());
     }
 
     /// An order-independent digest of partition `p`'s live entries.
@@ -117,7 +120,8 @@ impl Store {
     /// Drops partition `p`'s data (no longer a replica of it).
     pub fn drop_partition(&self, p: u32) {
         self.unindex_partition(p);
-        self.partitions[p as usize].write().clear();
+        let old = std::mem::take(&mut *self.partitions[p as usize].write());
+        self.charge(0, old.values().map(total).sum());
     }
 
     /// Enters partition `p`'s entries of capped collections into their LRU
@@ -161,6 +165,7 @@ impl Store {
         let start = self.sweep_cursor.fetch_add(partitions, Ordering::Relaxed);
         let metas = self.collections.read().clone();
         let mut removed = 0u64;
+        let mut freed = 0usize;
         for i in 0..partitions.min(n) {
             let p = (start + i) % n;
             let mut part = self.partitions[p].write();
@@ -174,11 +179,13 @@ impl Store {
                         l.lock().remove(&(p as u32, k.clone()));
                     }
                     removed += 1;
+                    freed += cost(k, e);
                     false
                 });
                 !map.is_empty()
             });
         }
+        self.charge(0, freed);
         removed
     }
 }

@@ -35,6 +35,7 @@ impl Store {
         let meta = self.collection(collection)?;
         self.check_key(&key)?;
         self.check_value(&value)?;
+        self.admit(key.len() + value.len() + super::ENTRY_OVERHEAD)?;
         Ok((
             self.partition(&meta, &key),
             ReplOp::Put {
@@ -59,6 +60,12 @@ impl Store {
             self.check_key(k)?;
             self.check_value(v)?;
         }
+        self.admit(
+            entries
+                .iter()
+                .map(|(k, v)| k.len() + v.len() + super::ENTRY_OVERHEAD)
+                .sum(),
+        )?;
         let expires_at = self.expiry(&meta, ttl_ms);
         Ok(entries
             .into_iter()

@@ -1,0 +1,185 @@
+//! `--max-memory` under a write load four times larger than the limit, one
+//! node under `prlimit --as` (an allocation beyond it would abort): with
+//! `reject` writes past the limit fail with MEMORY_LIMIT, every acknowledged
+//! write stays readable, and the entries' accounted bytes never pass the
+//! limit; with `evict-lru` writes keep succeeding, entries are evicted and
+//! the accounted bytes stay under the limit. RSS stays under limit + a
+//! stated margin in both.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use distcache_client::{Client, Error};
+use distcache_e2e::{NodeProcess, free_port};
+use parking_lot::Mutex;
+
+const LIMIT: u64 = 64 << 20;
+/// Allocator slack, buffers, the runtime: what RSS may hold beyond the limit.
+const MARGIN_KIB: u64 = 160 * 1024;
+
+async fn metric(addr: &str, name: &str) -> u64 {
+    let body = tokio::task::spawn_blocking({
+        let addr = addr.to_string();
+        move || {
+            use std::io::{Read, Write};
+            let mut s = std::net::TcpStream::connect(&addr).ok()?;
+            s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+                .ok()?;
+            let mut out = String::new();
+            s.read_to_string(&mut out).ok()?;
+            Some(out)
+        }
+    })
+    .await
+    .ok()
+    .flatten()
+    .unwrap_or_default();
+    body.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map_or(0, |v| v as u64)
+}
+
+struct Outcome {
+    acked: Vec<String>,
+    refused: u64,
+    peak_rss_kib: u64,
+    peak_used: u64,
+    evicted: u64,
+}
+
+async fn load(policy: &str) -> Outcome {
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let limit = LIMIT.to_string();
+    let mut node = NodeProcess::start_under(
+        Some(3 << 30),
+        &[
+            "--max-memory",
+            &limit,
+            "--max-memory-policy",
+            policy,
+            "--metrics-listen",
+            &metrics,
+        ],
+        &[],
+    );
+    let client = Client::connect([node.addr.to_string()])
+        .await
+        .expect("client");
+    let acked = Arc::new(Mutex::new(Vec::new()));
+    let refused = Arc::new(AtomicU64::new(0));
+    let next = Arc::new(AtomicU64::new(0));
+    // 256 MiB of 4 KiB values: four times the limit, 8 writers, at most 40 s.
+    let total = (256u64 << 20) / 4096;
+    let deadline = Instant::now() + Duration::from_secs(40);
+    let mut writers = Vec::new();
+    for _ in 0..8 {
+        let (client, acked, refused, next) =
+            (client.clone(), acked.clone(), refused.clone(), next.clone());
+        writers.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= total || Instant::now() > deadline {
+                    return;
+                }
+                let key = format!("k{i}");
+                match client.put(key.clone(), vec![(i % 251) as u8; 4096]).await {
+                    Ok(()) => acked.lock().push(key),
+                    Err(Error::MemoryLimit(_)) => {
+                        refused.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => panic!("write failed otherwise: {e}"),
+                }
+            }
+        }));
+    }
+    let mut peak_rss_kib = 0;
+    let mut peak_used = 0;
+    while writers.iter().any(|w| !w.is_finished()) {
+        peak_rss_kib = peak_rss_kib.max(node.rss_bytes() / 1024);
+        peak_used = peak_used.max(metric(&metrics, "distcache_node_memory_used_bytes").await);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for w in writers {
+        w.await.expect("writer");
+    }
+    peak_rss_kib = peak_rss_kib.max(node.rss_bytes() / 1024);
+    peak_used = peak_used.max(metric(&metrics, "distcache_node_memory_used_bytes").await);
+    let evicted = metric(&metrics, "distcache_node_memory_evicted_entries").await;
+    assert_eq!(
+        metric(&metrics, "distcache_node_memory_limit_bytes").await,
+        LIMIT,
+        "the limit is exported"
+    );
+    // Reads keep working at the limit (every acknowledged key under reject,
+    // a sample of 2,000 under evict-lru).
+    let acked = acked.lock().clone();
+    let step = if policy == "reject" {
+        1
+    } else {
+        (acked.len() / 2_000).max(1)
+    };
+    let mut readable = 0;
+    for k in acked.iter().step_by(step) {
+        if let Some(v) = client.get(k).await.expect("read at the limit") {
+            assert_eq!(v.len(), 4096);
+            readable += 1;
+        }
+    }
+    let outcome = Outcome {
+        refused: refused.load(Ordering::Relaxed),
+        peak_rss_kib,
+        peak_used,
+        evicted,
+        acked,
+    };
+    eprintln!(
+        "{policy}: {} acknowledged, {} refused, {readable} readable, {} evicted, accounted peak {} MiB, RSS peak {} MiB (limit {} MiB)",
+        outcome.acked.len(),
+        outcome.refused,
+        outcome.evicted,
+        outcome.peak_used >> 20,
+        outcome.peak_rss_kib >> 10,
+        LIMIT >> 20
+    );
+    if policy == "reject" {
+        assert_eq!(
+            readable,
+            outcome.acked.len(),
+            "an acknowledged write was lost"
+        );
+    }
+    assert!(
+        node.alive(),
+        "the node aborted under prlimit (policy {policy})"
+    );
+    outcome
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn reject_refuses_past_the_limit_and_loses_no_acknowledged_write() {
+    let o = load("reject").await;
+    assert!(o.refused > 0, "nothing was refused past the limit");
+    assert!(!o.acked.is_empty());
+    assert!(o.peak_used <= LIMIT, "accounted {} > limit", o.peak_used);
+    assert!(
+        o.peak_rss_kib <= (LIMIT >> 10) + MARGIN_KIB,
+        "RSS {} KiB",
+        o.peak_rss_kib
+    );
+    assert_eq!(o.evicted, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn evict_lru_keeps_accepting_writes_within_the_limit() {
+    let o = load("evict-lru").await;
+    assert_eq!(o.refused, 0, "writes were refused under evict-lru");
+    assert!(o.evicted > 0, "nothing was evicted");
+    assert!(o.peak_used <= LIMIT, "accounted {} > limit", o.peak_used);
+    assert!(
+        o.peak_rss_kib <= (LIMIT >> 10) + MARGIN_KIB,
+        "RSS {} KiB",
+        o.peak_rss_kib
+    );
+}

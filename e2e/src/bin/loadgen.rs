@@ -7,7 +7,15 @@
 //! K GETs; on a Redis Cluster the K GETs are sent at once on the multiplexed
 //! cluster connection, since a pipeline may not span slots). Ops are counted
 //! per key, so a batch of 16 counts 16.
-//! Redis is driven with one connection per caller (like `redis-benchmark -c N`).
+//! Redis is driven with one connection per caller (like `redis-benchmark -c N`),
+//! or with `--redis-shared` through one multiplexed connection shared by every
+//! caller (what redis-rs recommends).
+//!
+//! Closed loop by default (each caller starts its next op when the last one
+//! ends: peak throughput). `--rate R` is open loop: ops are scheduled at R per
+//! second in total, spread over the callers, and each latency is measured from
+//! the op's scheduled start (so time spent queued behind a slow op counts:
+//! no coordinated omission).
 
 use std::time::{Duration, Instant};
 
@@ -60,6 +68,13 @@ struct Args {
     /// Skip distcache (measure only Redis).
     #[arg(long)]
     redis_only: bool,
+    /// Every Redis caller shares one multiplexed connection.
+    #[arg(long)]
+    redis_shared: bool,
+    /// Open loop: this many ops per second in total (0 = closed loop, as
+    /// fast as the callers go).
+    #[arg(long, default_value_t = 0.0)]
+    rate: f64,
 }
 
 /// One caller's connection.
@@ -244,10 +259,16 @@ async fn drive(target: Target, args: &Args, value: &Bytes) -> anyhow::Result<Out
     if args.op != Op::Put {
         preload(&mut first, args, value).await.context("preload")?;
     }
-    let mut conns = vec![first];
+    let mut conns = Vec::with_capacity(args.callers);
     for _ in 1..args.callers {
-        conns.push(connect(target, args, shared.as_ref()).await?);
+        let c = match (&first, args.redis_shared) {
+            (Conn::Redis(r), true) => Conn::Redis(r.clone()),
+            (Conn::RedisCluster(r), true) => Conn::RedisCluster(r.clone()),
+            _ => connect(target, args, shared.as_ref()).await?,
+        };
+        conns.push(c);
     }
+    conns.insert(0, first);
     let start = Instant::now();
     let deadline = start + Duration::from_secs(args.secs);
     let mut tasks = Vec::new();
@@ -258,8 +279,25 @@ async fn drive(target: Target, args: &Args, value: &Bytes) -> anyhow::Result<Out
             let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ ((i as u64 + 1) * 0x1000_0001));
             let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
             let (mut ops, mut errors) = (0u64, 0u64);
+            // Open loop: caller i's k-th op is due at start + (k * callers + i) / rate.
+            let period =
+                (args.rate > 0.0).then(|| Duration::from_secs_f64(args.callers as f64 / args.rate));
+            let mut due = start
+                + Duration::from_secs_f64(i as f64 / args.rate.max(1e-9))
+                    .min(Duration::from_secs(1));
             while Instant::now() < deadline {
-                let t0 = Instant::now();
+                let t0 = match period {
+                    Some(period) => {
+                        tokio::time::sleep_until(due.into()).await;
+                        let t = due;
+                        due += period;
+                        if t >= deadline {
+                            break;
+                        }
+                        t
+                    }
+                    None => Instant::now(),
+                };
                 match tokio::time::timeout(
                     Duration::from_secs(10),
                     conn.run(args.op, &mut rng, &args, &value),
@@ -301,6 +339,8 @@ fn report(target: Target, args: &Args, o: &Outcome) -> f64 {
         "batch": if args.op == Op::Batch { args.batch } else { 1 },
         "value_bytes": args.value_bytes,
         "secs": o.elapsed.as_secs_f64(),
+        "rate": if args.rate > 0.0 { serde_json::json!(args.rate) } else { serde_json::json!("closed-loop") },
+        "redis_conn": if args.redis_shared { "shared" } else { "per-caller" },
         "ops": o.ops,
         "ops_per_sec": ops_per_sec.round(),
         "p50_us": o.hist.value_at_quantile(0.50),

@@ -70,9 +70,9 @@ async fn load(policy: &str) -> Outcome {
     let acked = Arc::new(Mutex::new(Vec::new()));
     let refused = Arc::new(AtomicU64::new(0));
     let next = Arc::new(AtomicU64::new(0));
-    // 256 MiB of 4 KiB values: four times the limit, 8 writers, at most 40 s.
+    // 256 MiB of 4 KiB values: four times the limit, 8 writers, at most 25 s.
     let total = (256u64 << 20) / 4096;
-    let deadline = Instant::now() + Duration::from_secs(40);
+    let deadline = Instant::now() + Duration::from_secs(25);
     let mut writers = Vec::new();
     for _ in 0..8 {
         let (client, acked, refused, next) =

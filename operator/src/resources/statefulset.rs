@@ -157,7 +157,7 @@ pub(crate) fn quantity_bytes(q: &str) -> Option<u64> {
     };
     let n: f64 = num.parse().ok()?;
     let bytes = n * mult;
-    (bytes.is_finite() && bytes >= 0.0 && bytes < 1.8e19).then_some(bytes as u64)
+    (0.0..1.8e19).contains(&bytes).then_some(bytes as u64)
 }
 
 fn probe(dcc: &DistributedCacheCluster, period: i32, failures: i32) -> Probe {

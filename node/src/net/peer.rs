@@ -225,7 +225,8 @@ async fn admit_and_serve(
                 addr: from,
             };
             (server.admit)(&caller)?;
-            connection(stream, caller, server, shutdown, budget).await
+            let (rd, wr) = tokio::io::split(stream);
+            connection(rd, wr, caller, server, shutdown, budget).await
         }
         None => {
             let caller = Caller {
@@ -233,23 +234,26 @@ async fn admit_and_serve(
                 addr: from,
             };
             (server.admit)(&caller)?;
-            connection(stream, caller, server, shutdown, budget).await
+            // Plain TCP splits without a lock between the halves.
+            let (rd, wr) = stream.into_split();
+            connection(rd, wr, caller, server, shutdown, budget).await
         }
     }
 }
 
-async fn connection<S>(
-    stream: S,
+async fn connection<R, W>(
+    mut rd: R,
+    wr: W,
     caller: Caller,
     server: PeerServer,
     shutdown: CancellationToken,
     budget: Arc<Semaphore>,
 ) -> std::result::Result<(), String>
 where
-    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    R: AsyncRead + Send + Unpin + 'static,
+    W: AsyncWrite + Send + Unpin + 'static,
 {
     let limits = server.limits;
-    let (mut rd, wr) = tokio::io::split(stream);
     let (tx, mut rx) = mpsc::channel::<Vec<u8>>(256);
     let writer = tokio::spawn(async move {
         let mut wr = BufWriter::new(wr);
@@ -452,20 +456,24 @@ impl Peers {
                     .map_err(|e| {
                         Error::Unavailable(format!("TLS handshake with {name} at {addr}: {e}"))
                     })?;
-                self.spawn_conn(addr, tls_stream)
+                let (rd, wr) = tokio::io::split(tls_stream);
+                self.spawn_conn(addr, rd, wr)
             }
-            None => self.spawn_conn(addr, stream),
+            None => {
+                let (rd, wr) = stream.into_split();
+                self.spawn_conn(addr, rd, wr)
+            }
         };
         *slot = Some(conn.clone());
         Ok(conn)
     }
 
     /// Starts the writer and reader tasks of a new connection.
-    fn spawn_conn<S>(&self, addr: &str, stream: S) -> Arc<Conn>
+    fn spawn_conn<R, W>(&self, addr: &str, mut rd: R, wr: W) -> Arc<Conn>
     where
-        S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+        R: AsyncRead + Send + Unpin + 'static,
+        W: AsyncWrite + Send + Unpin + 'static,
     {
-        let (mut rd, wr) = tokio::io::split(stream);
         let (tx, mut rx) = mpsc::channel::<Vec<u8>>(1024);
         let pending: Pending = Arc::default();
         let dead = Arc::new(std::sync::atomic::AtomicBool::new(false));

@@ -1,5 +1,8 @@
-//! The log writer: one thread appends what concurrent callers hand it, then
-//! fsyncs once for all of them (group commit) when durability is `Fsync`. A
+//! The log writer: with durability `Fsync`, one thread appends what
+//! concurrent callers hand it, then fsyncs once for all of them (group
+//! commit); with `Buffered` a caller writes its records to the OS itself,
+//! under the writer's lock (no channel round trip per write; the write is in
+//! the OS, so it survives a process crash, before the append returns). A
 //! write or fsync error poisons the log: every later append fails and
 //! nothing is retried into a false success.
 
@@ -7,6 +10,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 
 use parking_lot::Mutex;
@@ -27,9 +31,16 @@ pub struct Wal {
     pub(super) dir: PathBuf,
     tx: Mutex<Option<mpsc::Sender<Job>>>,
     failed: Arc<Mutex<Option<String>>>,
+    /// The writer (the thread, for group commit and rotation, and with
+    /// `Buffered` durability the callers themselves write under its lock),
+    /// the failure and whether it is final.
+    shared: Arc<Shared>,
+    /// `Buffered`: callers write directly.
+    direct: bool,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
+#[derive(Debug)]
 struct Writer {
     dir: PathBuf,
     file: File,
@@ -74,25 +85,33 @@ impl Wal {
         let seq = segs.last().copied().unwrap_or(1);
         let (file, size) = Writer::open(dir, seq)
             .map_err(|e| WalError::io(format!("opening WAL in {}", dir.display()), &e))?;
-        let mut w = Writer {
+        let writer = Arc::new(Mutex::new(Writer {
             dir: dir.to_path_buf(),
             file,
             seq,
             size,
             max_segment_bytes: max_segment_bytes.max(1024),
             fsync: durability == Durability::Fsync,
-        };
+        }));
         let (tx, rx) = mpsc::channel::<Job>();
         let failed: Arc<Mutex<Option<String>>> = Arc::default();
-        let poisoned = failed.clone();
+        let poisoned = Arc::new(AtomicBool::new(false));
+        let shared = Arc::new(Shared {
+            writer,
+            failed: failed.clone(),
+            poisoned,
+        });
+        let state = shared.clone();
         let thread = std::thread::Builder::new()
             .name("distcache-wal".into())
-            .spawn(move || writer_loop(&mut w, rx, &poisoned))
+            .spawn(move || writer_loop(&state, rx))
             .map_err(|e| WalError::io("WAL thread".into(), &e))?;
         Ok(Wal {
             dir: dir.to_path_buf(),
             tx: Mutex::new(Some(tx)),
             failed,
+            shared,
+            direct: durability == Durability::Buffered,
             thread: Mutex::new(Some(thread)),
         })
     }
@@ -122,6 +141,9 @@ impl Wal {
         for r in recs {
             bytes.extend(frame(r)?);
         }
+        if self.direct {
+            return self.write_direct(&bytes);
+        }
         let (done, rx) = oneshot::channel();
         self.send(Job::Append(bytes, done))?;
         rx.await.map_err(|_| WalError::Closed)?
@@ -136,8 +158,34 @@ impl Wal {
                 Err(e) => tracing::error!(error = %e, "WAL record not encodable"),
             }
         }
+        if self.direct {
+            // A failure is recorded (and refuses later writes) by write_direct.
+            let _ = self.write_direct(&bytes);
+            return;
+        }
         let (done, _rx) = oneshot::channel();
         let _ = self.send(Job::Append(bytes, done));
+    }
+
+    /// `Buffered`: writes `bytes` to the OS now, under the writer's lock
+    /// (ordered with every other append and with rotations).
+    fn write_direct(&self, bytes: &[u8]) -> Result<(), WalError> {
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        let state = &self.shared;
+        let mut w = state.writer.lock();
+        if state.poisoned.load(Ordering::SeqCst) {
+            let why = state.failed.lock().clone().unwrap_or_default();
+            return Err(WalError::Failed(format!("WAL failed: {why}")));
+        }
+        let size_before = w.size;
+        let mut buf = bytes.to_vec();
+        let mut result = flush(&mut w, &mut buf);
+        if result.is_ok() && w.size > w.max_segment_bytes {
+            result = w.rotate().map(|_| ());
+        }
+        state.settle(&mut w, result, size_before, false)
     }
 
     /// Bytes of log files (segments + checkpoints) on disk.
@@ -167,11 +215,69 @@ impl Drop for Wal {
     }
 }
 
-fn writer_loop(w: &mut Writer, rx: mpsc::Receiver<Job>, failed: &Mutex<Option<String>>) {
+/// What the thread and direct writers share.
+#[derive(Debug)]
+struct Shared {
+    writer: Arc<Mutex<Writer>>,
+    failed: Arc<Mutex<Option<String>>>,
+    poisoned: Arc<AtomicBool>,
+}
+
+impl Shared {
+    /// Records the outcome of one write (of one or more appends): out of
+    /// space while writing (not while fsyncing) cuts the partial write off
+    /// and refuses this batch only; any other error poisons the log.
+    fn settle(
+        &self,
+        w: &mut Writer,
+        result: std::io::Result<()>,
+        size_before: u64,
+        synced: bool,
+    ) -> Result<(), WalError> {
+        match result {
+            Ok(()) => {
+                self.failed.lock().take();
+                Ok(())
+            }
+            Err(e)
+                if !synced
+                    && e.raw_os_error() == Some(28)
+                    && w.file.set_len(size_before).is_ok() =>
+            {
+                w.size = size_before;
+                let why = format!("{e} (in {})", w.dir.display());
+                tracing::error!(error = %why, "WAL out of space: writes are refused until space returns");
+                *self.failed.lock() = Some(why.clone());
+                Err(WalError::Failed(format!(
+                    "WAL out of space, write not acknowledged: {why}"
+                )))
+            }
+            Err(e) => {
+                let why = format!("{e} (in {})", w.dir.display());
+                tracing::error!(error = %why, "WAL write failed: this node stops acknowledging writes");
+                self.failed.lock().get_or_insert(why.clone());
+                self.poisoned.store(true, Ordering::SeqCst);
+                Err(WalError::Failed(format!(
+                    "WAL failed, write not acknowledged: {why}"
+                )))
+            }
+        }
+    }
+}
+
+fn writer_loop(state: &Shared, rx: mpsc::Receiver<Job>) {
     while let Ok(first) = rx.recv() {
         let mut jobs = vec![first];
         while let Ok(j) = rx.try_recv() {
             jobs.push(j);
+        }
+        let mut w = state.writer.lock();
+        if state.poisoned.load(Ordering::SeqCst) {
+            let why = state.failed.lock().clone().unwrap_or_default();
+            for job in jobs {
+                refuse(job, &why);
+            }
+            continue;
         }
         let mut acks = Vec::new();
         let mut buf = Vec::new();
@@ -185,7 +291,7 @@ fn writer_loop(w: &mut Writer, rx: mpsc::Receiver<Job>, failed: &Mutex<Option<St
                     acks.push(done);
                 }
                 Job::Rotate(done) => {
-                    let r = flush(w, &mut buf).and_then(|()| w.rotate());
+                    let r = flush(&mut w, &mut buf).and_then(|()| w.rotate());
                     match r {
                         Ok(seq) => {
                             let _ = done.send(Ok(seq));
@@ -199,7 +305,7 @@ fn writer_loop(w: &mut Writer, rx: mpsc::Receiver<Job>, failed: &Mutex<Option<St
             }
         }
         if result.is_ok() {
-            result = flush(w, &mut buf);
+            result = flush(&mut w, &mut buf);
             if result.is_ok() && w.fsync {
                 synced = true;
                 result = w.file.sync_data();
@@ -208,53 +314,20 @@ fn writer_loop(w: &mut Writer, rx: mpsc::Receiver<Job>, failed: &Mutex<Option<St
                 result = w.rotate().map(|_| ());
             }
         }
-        match result {
-            Ok(()) => {
-                failed.lock().take();
-                for a in acks {
-                    let _ = a.send(Ok(()));
-                }
-            }
-            // Out of space while writing (not while fsyncing): nothing of the
-            // batch counts; cut the partial write off and keep trying later
-            // batches, so the node recovers when space returns.
-            Err(e)
-                if !synced
-                    && e.raw_os_error() == Some(28)
-                    && w.file.set_len(size_before).is_ok() =>
-            {
-                w.size = size_before;
-                let why = format!("{e} (in {})", w.dir.display());
-                tracing::error!(error = %why, "WAL out of space: writes are refused until space returns");
-                *failed.lock() = Some(why.clone());
-                for a in acks {
-                    let _ = a.send(Err(WalError::Failed(format!(
-                        "WAL out of space, write not acknowledged: {why}"
-                    ))));
-                }
-            }
-            Err(e) => {
-                let why = format!("{e} (in {})", w.dir.display());
-                tracing::error!(error = %why, "WAL write failed: this node stops acknowledging writes");
-                failed.lock().get_or_insert(why.clone());
-                for a in acks {
-                    let _ = a.send(Err(WalError::Failed(format!(
-                        "WAL failed, write not acknowledged: {why}"
-                    ))));
-                }
-                // Poisoned: refuse everything that is still queued.
-                while let Ok(job) = rx.recv() {
-                    match job {
-                        Job::Append(_, done) => {
-                            let _ = done.send(Err(WalError::Failed(format!("WAL failed: {why}"))));
-                        }
-                        Job::Rotate(done) => {
-                            let _ = done.send(Err(WalError::Failed(format!("WAL failed: {why}"))));
-                        }
-                    }
-                }
-                return;
-            }
+        let outcome = state.settle(&mut w, result, size_before, synced);
+        for a in acks {
+            let _ = a.send(outcome.clone());
+        }
+    }
+}
+
+fn refuse(job: Job, why: &str) {
+    match job {
+        Job::Append(_, done) => {
+            let _ = done.send(Err(WalError::Failed(format!("WAL failed: {why}"))));
+        }
+        Job::Rotate(done) => {
+            let _ = done.send(Err(WalError::Failed(format!("WAL failed: {why}"))));
         }
     }
 }

@@ -12,6 +12,7 @@
 
 use std::net::SocketAddr;
 
+use crate::cluster::membership::MemberSpec;
 use crate::command::Origin;
 use crate::error::Error;
 use crate::meta::state::MetaCmd;
@@ -39,15 +40,20 @@ impl Node {
     /// at the caller's source IP (`--peer-insecure`; a member whose peer
     /// address is a host name matches any source).
     pub(crate) fn speaks_for(&self, caller: &Caller, name: &str) -> bool {
-        if name == self.name() {
+        let members = self.cluster.members();
+        members
+            .iter()
+            .find(|m| m.name == name)
+            .is_some_and(|m| self.speaks_for_member(caller, m))
+    }
+
+    /// [`Node::speaks_for`] for a member already looked up.
+    fn speaks_for_member(&self, caller: &Caller, m: &MemberSpec) -> bool {
+        if m.name == self.name() {
             return false;
         }
-        let members = self.cluster.members();
-        let Some(m) = members.iter().find(|m| m.name == name) else {
-            return false;
-        };
         match &caller.identity {
-            Identity::Certified(names) => names.iter().any(|n| n == name),
+            Identity::Certified(names) => names.contains(&m.name),
             Identity::Address(ip) => match m.peer.parse::<SocketAddr>() {
                 Ok(a) => a.ip() == *ip,
                 Err(_) => true,
@@ -59,7 +65,7 @@ impl Node {
     /// current member.
     pub(crate) fn admit_peer(&self, caller: &Caller) -> Result<(), String> {
         let members = self.cluster.members();
-        if members.iter().any(|m| self.speaks_for(caller, &m.name)) {
+        if members.iter().any(|m| self.speaks_for_member(caller, m)) {
             return Ok(());
         }
         Err(match &caller.identity {
@@ -161,7 +167,7 @@ impl Node {
             .into_iter()
             .find(|m| node_id(&m.name) == sender)
             .ok_or_else(|| format!("Raft message from node id {sender}, no current member"))?;
-        if !self.speaks_for(caller, &named.name) {
+        if !self.speaks_for_member(caller, &named) {
             return Err(format!(
                 "the connection cannot speak for {:?} (Raft sender)",
                 named.name

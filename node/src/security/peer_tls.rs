@@ -17,7 +17,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 
-use super::tls::{certificate_names, provider};
+use super::tls::{certificate_names, certs, provider};
 use crate::error::{Error, Result};
 
 /// Where a member's peer TLS material lives (PEM files).
@@ -55,28 +55,13 @@ fn invalid(what: &str, path: &Path, e: impl std::fmt::Display) -> Error {
     Error::InvalidArgument(format!("peer TLS: {what} {}: {e}", path.display()))
 }
 
-fn pem_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
-        .map_err(|e| invalid("reading certificates", path, e))?
-        .collect::<std::result::Result<_, _>>()
-        .map_err(|e| invalid("reading certificates", path, e))?;
-    if certs.is_empty() {
-        return Err(invalid(
-            "reading certificates",
-            path,
-            "no certificate in the file",
-        ));
-    }
-    Ok(certs)
-}
-
 fn modified(files: &PeerTlsFiles) -> [Option<SystemTime>; 3] {
     let m = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
     [m(&files.cert), m(&files.key), m(&files.ca)]
 }
 
 fn load(files: &PeerTlsFiles) -> Result<Loaded> {
-    let chain = pem_certs(&files.cert)?;
+    let chain = certs(&files.cert)?;
     if certificate_names(&chain[0]).is_empty() {
         return Err(invalid(
             "certificate",
@@ -88,7 +73,7 @@ fn load(files: &PeerTlsFiles) -> Result<Loaded> {
         PrivateKeyDer::from_pem_file(&files.key).map_err(|e| invalid("reading key", &files.key, e))
     };
     let mut roots = RootCertStore::empty();
-    for c in pem_certs(&files.ca)? {
+    for c in certs(&files.ca)? {
         roots.add(c).map_err(|e| invalid("CA", &files.ca, e))?;
     }
     let roots = Arc::new(roots);

@@ -38,7 +38,9 @@ fn invalid(what: &str, path: &Path, e: impl std::fmt::Display) -> Error {
     Error::InvalidArgument(format!("{what} {}: {e}", path.display()))
 }
 
-fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
+/// The certificates of a PEM file (an error names the file and why; an
+/// empty file is an error).
+pub(crate) fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
         .map_err(|e| invalid("reading certificates", path, e))?
         .collect::<std::result::Result<_, _>>()

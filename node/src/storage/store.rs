@@ -227,7 +227,7 @@ impl Store {
         Ok(())
     }
 
-    /// With the evict-lru policy, evicts from partition `p` (its lock held
+    /// With the evict-lru policy (the caller checks it), evicts from partition `p` (its lock held
     /// by the caller as a write lock, `part`) the least recently used of
     /// sampled entries until `incoming` bytes fit; the evictions are
     /// recorded in `w` (replicated and logged like LRU evictions). An error
@@ -240,9 +240,6 @@ impl Store {
         w: &mut Written,
     ) -> Result<()> {
         let max = self.memory.max_bytes;
-        if max == 0 || self.memory.policy != MemoryPolicy::EvictLru {
-            return Ok(());
-        }
         let metas = self.collections.read().clone();
         let mut round = 0u64;
         loop {
@@ -469,12 +466,14 @@ impl Store {
             let now = self.clock.wall_ms();
             let entry = Entry::new(value.clone(), expires_at, now);
             let add = cost(&key, &entry);
-            let replaced = part
-                .get(&*meta.name)
-                .and_then(|m| m.get(&key))
-                .map_or(0, |old| cost(&key, old));
-            if add > replaced {
-                self.make_room(&mut part, p, add - replaced, w)?;
+            if self.memory.max_bytes > 0 && self.memory.policy == MemoryPolicy::EvictLru {
+                let replaced = part
+                    .get(&*meta.name)
+                    .and_then(|m| m.get(&key))
+                    .map_or(0, |old| cost(&key, old));
+                if add > replaced {
+                    self.make_room(&mut part, p, add - replaced, w)?;
+                }
             }
             let map = part.entry(meta.name.clone()).or_default();
             let old = map.insert(key.clone(), entry);

@@ -180,8 +180,10 @@ impl Wal {
             return Err(WalError::Failed(format!("WAL failed: {why}")));
         }
         let size_before = w.size;
-        let mut buf = bytes.to_vec();
-        let mut result = flush(&mut w, &mut buf);
+        let mut result = w.file.write_all(bytes);
+        if result.is_ok() {
+            w.size += bytes.len() as u64;
+        }
         if result.is_ok() && w.size > w.max_segment_bytes {
             result = w.rotate().map(|_| ());
         }

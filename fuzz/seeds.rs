@@ -5,7 +5,7 @@ use bytes::Bytes;
 use distcache_node::cluster::table::Table;
 use distcache_node::meta::state::{MetaCmd, MetaReply};
 use distcache_node::net::message::{
-    Body, CollectionOp, Envelope, Heartbeat, PROTOCOL_VERSION, Request, Response, WireError,
+    Body, CollectionOp, ReplItem, Envelope, Heartbeat, PROTOCOL_VERSION, Request, Response, WireError,
     encode,
 };
 use distcache_node::replica::{PartitionSnapshot, ReplOp};
@@ -50,18 +50,22 @@ fn main() {
         Request::Meta(MetaCmd::Forget { member: "b".into() }),
         Request::Replicate {
             from: "a".into(),
-            epoch: 3,
-            partition: 0,
-            ops: vec![
-                put.clone(),
-                ReplOp::Delete {
-                    collection: "c".into(),
-                    key: Bytes::from_static(b"k"),
-                },
-                ReplOp::Clear {
-                    collection: "c".into(),
-                },
-            ],
+            items: vec![ReplItem {
+                partition: 0,
+                epoch: 3,
+                stream: 9,
+                seq: 2,
+                ops: vec![
+                    put.clone(),
+                    ReplOp::Delete {
+                        collection: "c".into(),
+                        key: Bytes::from_static(b"k"),
+                    },
+                    ReplOp::Clear {
+                        collection: "c".into(),
+                    },
+                ],
+            }],
         },
         Request::Snapshot {
             from: "a".into(),
@@ -74,6 +78,8 @@ fn main() {
                 locks: Vec::new(),
                 lock_high_water: 4,
             },
+            stream: 9,
+            seq: 2,
         },
         Request::Digest {
             epoch: 3,
@@ -93,7 +99,18 @@ fn main() {
             reply: MetaReply::Refused("no".into()),
             index: 7,
         },
-        Response::Digest(42),
+        Response::Digest {
+            digest: 42,
+            stream: 9,
+            seq: 2,
+        },
+        Response::Replicated(vec![
+            None,
+            Some(WireError {
+                reason: 14,
+                message: "gap".into(),
+            }),
+        ]),
         Response::Collections(vec![("c".into(), 0, 10)]),
         Response::Error(WireError {
             reason: 14,

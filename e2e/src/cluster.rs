@@ -15,7 +15,7 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use parking_lot::Mutex;
 
-use crate::{bin, free_port, wait_listening};
+use crate::{bin, free_port, free_port_on, wait_listening};
 
 /// Timing flags every test node gets: quick failure detection.
 pub const FAST: &[&str] = &[
@@ -154,8 +154,8 @@ impl ProcCluster {
         }
         self.members.push(Member {
             name,
-            grpc: format!("{ip}:{}", free_port()),
-            peer: format!("{ip}:{}", free_port()),
+            grpc: format!("{ip}:{}", free_port_on(&ip)),
+            peer: format!("{ip}:{}", free_port_on(&ip)),
             child: None,
         });
         self.members.len() - 1
@@ -262,11 +262,17 @@ impl ProcCluster {
             .expect("spawn distcache-node");
         let addr = m.grpc.parse().expect("addr");
         self.members[i].child = Some(child);
-        assert!(
-            wait_listening(addr, Duration::from_secs(20)),
-            "{} did not listen",
-            self.members[i].name
-        );
+        if !wait_listening(addr, Duration::from_secs(20)) {
+            let name = &self.members[i].name;
+            let log =
+                std::fs::read_to_string(self.dir.join(format!("{name}.log"))).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(20).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            panic!(
+                "{name} did not listen at {addr}; its log ends:\n{}",
+                tail.join("\n")
+            );
+        }
     }
 
     /// Gives every member new loopback ports (same names) and rewrites the
@@ -278,8 +284,8 @@ impl ProcCluster {
                 .rsplit_once(':')
                 .map(|(ip, _)| ip.to_string())
                 .unwrap_or_default();
-            m.grpc = format!("{ip}:{}", free_port());
-            m.peer = format!("{ip}:{}", free_port());
+            m.grpc = format!("{ip}:{}", free_port_on(&ip));
+            m.peer = format!("{ip}:{}", free_port_on(&ip));
         }
         let names = self.listed();
         self.write_file(&names);

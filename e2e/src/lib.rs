@@ -38,12 +38,22 @@ pub fn bin(name: &str) -> PathBuf {
 /// test process (the kernel hands a just-released port out again, and two
 /// members of one cluster must not be given the same one).
 pub fn free_port() -> u16 {
+    free_port_on("127.0.0.1")
+}
+
+/// Like [`free_port`], checked free on `ip` as well as on 127.0.0.1 (a
+/// member bound to 127.0.0.4 can collide with a port still held on that
+/// address, e.g. by a killed process's connections).
+pub fn free_port_on(ip: &str) -> u16 {
     static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
     loop {
-        let port = TcpListener::bind("127.0.0.1:0")
+        let port = TcpListener::bind((ip, 0))
             .and_then(|l| l.local_addr())
             .map(|a| a.port())
             .expect("free loopback port");
+        if ip != "127.0.0.1" && TcpListener::bind(("127.0.0.1", port)).is_err() {
+            continue;
+        }
         let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
         if !given.contains(&port) {
             given.push(port);

@@ -11,7 +11,7 @@ use distcache_e2e::cluster::{ProcCluster, WriteLoad, assert_no_acknowledged_writ
 use distcache_node::cluster::table::Table;
 use distcache_node::meta::state::MetaCmd;
 use distcache_node::meta::{RaftRpc, node_id};
-use distcache_node::net::message::{Heartbeat, Request, Response};
+use distcache_node::net::message::{Heartbeat, ReplItem, Request, Response};
 use distcache_node::net::peer::{PeerLimits, Peers};
 use distcache_node::security::peer_tls::{PeerTls, PeerTlsFiles};
 use distcache_node::security::pki::Ca;
@@ -21,6 +21,10 @@ use tokio_util::sync::CancellationToken;
 const T: Duration = Duration::from_secs(3);
 
 async fn fill(c: &mut ProcCluster, n: usize) -> distcache_client::Client {
+    // A settled cluster (no migration under way), so any later epoch change
+    // is the attack's doing.
+    let members = c.members.len();
+    c.wait_safe(members, Duration::from_secs(60)).await;
     let client = c.client().await;
     for i in 0..n {
         client
@@ -171,6 +175,20 @@ fn refused(r: distcache_node::Result<Response>, what: &str) -> String {
     }
 }
 
+/// A replication frame refused as a whole or item by item.
+fn refused_items(r: distcache_node::Result<Response>, what: &str) {
+    match r {
+        Ok(Response::Error(_)) => {}
+        Ok(Response::Replicated(items)) => {
+            assert!(!items.is_empty(), "{what}: no answer per item");
+            for i in items {
+                assert!(i.is_some(), "{what} was applied");
+            }
+        }
+        other => panic!("{what} was not refused: {other:?}"),
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn forged_frames_are_refused_and_every_key_stays() {
     // Plaintext on loopback: the test process speaks for every member (it
@@ -180,11 +198,17 @@ async fn forged_frames_are_refused_and_every_key_stays() {
     let table = client.partition_table().await.expect("table");
     let epoch = table.epoch;
     let p = attacker(None, "node-1");
+    // A partition that was written to (its backups follow its primary's stream).
+    let p0 = distcache_client::partition::partition_for(
+        distcache_client::partition::DEFAULT_COLLECTION,
+        b"k0",
+        table.partition_count,
+    );
     // Partition 0's primary and a member that is not its primary.
     let owner0 = table
         .partitions
         .iter()
-        .find(|o| o.partition == 0)
+        .find(|o| o.partition == p0)
         .expect("p0")
         .clone();
     let primary = owner0.primary.clone();
@@ -246,28 +270,39 @@ async fn forged_frames_are_refused_and_every_key_stays() {
 
         // Replication and snapshots of p0 from a member that is not its
         // primary, from a non-member, and at epoch u64::MAX.
-        let replicate = |from: &str, epoch: u64| Request::Replicate {
+        let replicate = |from: &str, epoch: u64, stream: u64, seq: u64| Request::Replicate {
             from: from.into(),
-            epoch,
-            partition: 0,
-            ops: vec![distcache_node::replica::ReplOp::Clear {
-                collection: "__default__".into(),
+            items: vec![ReplItem {
+                partition: p0,
+                epoch,
+                stream,
+                seq,
+                ops: vec![distcache_node::replica::ReplOp::Clear {
+                    collection: "__default__".into(),
+                }],
             }],
         };
         for req in [
-            replicate(&not_primary, epoch),
-            replicate("evil", epoch),
-            replicate(&not_primary, u64::MAX),
+            replicate(&not_primary, epoch, 1, 1),
+            replicate("evil", epoch, 1, 1),
+            replicate(&not_primary, u64::MAX, 1, 1),
+            // In the primary's name: a stream the backups do not follow,
+            // the first write of a made-up stream, an absurd sequence.
+            replicate(&primary, epoch, 7, 1),
+            replicate(&primary, epoch, u64::MAX, u64::MAX),
+            replicate(&primary, u64::MAX, 1, 2),
         ] {
-            let _ = refused(p.call(t, req, T).await, "a replicate from a non-primary");
+            refused_items(p.call(t, req, T).await, "a forged replicate");
         }
         let snapshot = Request::Snapshot {
             from: not_primary.clone(),
             epoch,
-            partition: 0,
+            partition: p0,
             chunk: 0,
             last: true,
             snapshot: Default::default(),
+            stream: 1,
+            seq: 1,
         };
         let _ = refused(
             p.call(t, snapshot, T).await,

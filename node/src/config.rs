@@ -45,6 +45,8 @@ pub const DEFAULT_PEER_MAX_CONNECTIONS: usize = 512;
 pub const DEFAULT_PEER_MAX_CONNECTIONS_PER_IP: usize = 64;
 /// Default node-wide budget of inbound peer bytes being read or handled (256 MiB).
 pub const DEFAULT_PEER_INFLIGHT_BYTES: u64 = 256 * 1024 * 1024;
+/// Default of `--replication-queue-ops`.
+pub const DEFAULT_REPLICATION_QUEUE_OPS: usize = 65_536;
 /// Default idle peer connection timeout (s).
 pub const DEFAULT_PEER_IDLE_TIMEOUT_SECS: u64 = 120;
 /// Default WAL segment size (64 MiB).
@@ -158,6 +160,10 @@ pub struct NodeConfig {
     /// (reading waits while they are spent).
     #[arg(long, env = "DISTCACHE_PEER_INFLIGHT_BYTES", default_value_t = DEFAULT_PEER_INFLIGHT_BYTES)]
     pub peer_inflight_bytes: u64,
+    /// Replicated writes queued for one backup at most (a write waits, under
+    /// its partition's lock, while the queue is full).
+    #[arg(long, env = "DISTCACHE_REPLICATION_QUEUE_OPS", default_value_t = DEFAULT_REPLICATION_QUEUE_OPS)]
+    pub replication_queue_ops: usize,
     /// Most inbound peer connections at once (more wait in the listen backlog).
     #[arg(long, env = "DISTCACHE_PEER_MAX_CONNECTIONS", default_value_t = DEFAULT_PEER_MAX_CONNECTIONS)]
     pub peer_max_connections: usize,
@@ -292,6 +298,7 @@ impl Default for NodeConfig {
             max_memory: Some(0),
             max_memory_policy: MemoryPolicy::Reject,
             peer_inflight_bytes: DEFAULT_PEER_INFLIGHT_BYTES,
+            replication_queue_ops: DEFAULT_REPLICATION_QUEUE_OPS,
             peer_max_connections: DEFAULT_PEER_MAX_CONNECTIONS,
             peer_max_connections_per_ip: DEFAULT_PEER_MAX_CONNECTIONS_PER_IP,
             peer_idle_timeout_secs: DEFAULT_PEER_IDLE_TIMEOUT_SECS,
@@ -370,6 +377,9 @@ impl NodeConfig {
         }
         if self.peer_inflight_bytes < self.peer_max_frame_bytes {
             return Err("peer-inflight-bytes must be at least peer-max-frame-bytes".into());
+        }
+        if self.replication_queue_ops == 0 {
+            return Err("replication-queue-ops must be at least 1".into());
         }
         if self.peer_max_connections == 0 || self.peer_max_connections_per_ip == 0 {
             return Err("peer connection limits must be positive".into());

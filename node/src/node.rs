@@ -52,6 +52,7 @@ use crate::net::peer::{self, Admit, Handler, PeerLimits, PeerServer, Peers};
 use crate::security::peer_tls::{PeerTls, PeerTlsFiles};
 use crate::storage::wal::{self, Durability, Wal};
 use crate::storage::{Limits, Store};
+use replication::stream::Streams;
 
 /// One distcache node. Create with [`Node::new`], start its background
 /// tasks with [`Node::start`], stop them with [`Node::shutdown`].
@@ -66,6 +67,8 @@ pub struct Node {
     pub cluster: Cluster,
     /// Outbound peer connections.
     pub peers: Arc<Peers>,
+    /// Ordered replication streams to backups.
+    streams: Streams,
     /// mTLS of the peer port (None: `--peer-insecure`).
     peer_tls: Option<Arc<PeerTls>>,
     /// The metadata Raft group (set by [`Node::start`]).
@@ -262,17 +265,29 @@ impl Node {
                 backup_count: config.backup_count,
             },
         )?;
+        let peers = Arc::new(Peers::new(
+            peer_limits,
+            bind_ip,
+            peer_tls.clone(),
+            shutdown.clone(),
+        ));
+        let tasks = TaskTracker::new();
+        let streams = Streams::new(
+            peers.clone(),
+            me.name.clone(),
+            cluster_config.replication_timeout,
+            (config.peer_max_frame_bytes / 4).max(64 * 1024) as usize,
+            config.replication_queue_ops,
+            tasks.clone(),
+            shutdown.clone(),
+        );
         let node = Arc::new(Node {
             store: Store::new(config.partition_count, clock.clone(), limits)
                 .with_memory_limit(memory),
             locks: LockTable::new(config.partition_count, clock, shutdown.clone()),
             cluster: Cluster::new(me, provider, cluster_config, config.partition_count),
-            peers: Arc::new(Peers::new(
-                peer_limits,
-                bind_ip,
-                peer_tls.clone(),
-                shutdown.clone(),
-            )),
+            peers,
+            streams,
             peer_tls,
             meta: crate::meta::RaftCell::default(),
             meta_store,
@@ -280,7 +295,7 @@ impl Node {
             offsets: parking_lot::Mutex::new(std::collections::HashMap::new()),
             config,
             shutdown,
-            tasks: TaskTracker::new(),
+            tasks,
             syncing: parking_lot::Mutex::new(HashSet::new()),
             failure: Arc::new(parking_lot::Mutex::new(None)),
             wal,

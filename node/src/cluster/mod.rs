@@ -67,6 +67,40 @@ pub struct PartState {
     /// As backup: the snapshot being received in chunks (sender, epoch,
     /// next chunk index).
     pub receiving: Mutex<Option<(String, u64, u32)>>,
+    /// As primary: this tenure's replication stream and the sequence
+    /// number of its last write ((0, 0): none yet; a stream is taken at the
+    /// first write). Changed only under `repl`.
+    pub stream: Mutex<(u64, u64)>,
+    /// As backup: the stream this copy follows.
+    pub follows: Mutex<Follows>,
+}
+
+/// Which primary stream a backup copy follows.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub enum Follows {
+    /// None: the copy takes no replicated write until a snapshot.
+    #[default]
+    Nothing,
+    /// A brand-new partition (empty on every replica): the first stream
+    /// that starts at seq 1 is followed.
+    Fresh,
+    /// `from`'s stream `stream`, applied up to `seq`.
+    Stream {
+        /// The primary.
+        from: String,
+        /// Its stream.
+        stream: u64,
+        /// Last applied.
+        seq: u64,
+    },
+}
+
+/// The first replication stream id of this process: its start time in
+/// microseconds, so a restarted process does not reuse its old streams.
+fn stream_base() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| (d.as_micros() as u64).max(1))
 }
 
 /// The cluster state of one node.
@@ -94,6 +128,8 @@ pub struct Cluster {
     parts: Box<[PartState]>,
     /// Heartbeat sequence number.
     seq: AtomicU64,
+    /// The next replication stream id (see [`PartState::stream`]).
+    streams: AtomicU64,
     /// Leaving gracefully.
     leaving: AtomicBool,
     /// The table came from this node's WAL (a restart): until the next
@@ -130,6 +166,7 @@ impl Cluster {
             answered: Mutex::new(HashMap::new()),
             parts: (0..partition_count).map(|_| PartState::default()).collect(),
             seq: AtomicU64::new(1),
+            streams: AtomicU64::new(stream_base()),
             leaving: AtomicBool::new(false),
             restored: AtomicBool::new(false),
             installs: InstallSeq::default(),
@@ -151,6 +188,12 @@ impl Cluster {
     /// Replication state of partition `p` (`p` < the partition count).
     pub fn part(&self, p: u32) -> &PartState {
         &self.parts[p as usize]
+    }
+
+    /// A replication stream id never used before by this process, nor
+    /// (practically) by an earlier one: the base is the start time.
+    pub fn new_stream(&self) -> u64 {
+        self.streams.fetch_add(1, Ordering::Relaxed).max(1)
     }
 
     /// The next heartbeat / report sequence number of this node.

@@ -9,7 +9,7 @@ use crate::meta::{RaftAnswer, RaftRpc};
 use crate::replica::{PartitionSnapshot, ReplOp};
 
 /// Version of this protocol; a frame of another version is refused.
-pub const PROTOCOL_VERSION: u16 = 4;
+pub const PROTOCOL_VERSION: u16 = 5;
 
 /// One frame's content.
 #[derive(Debug, Serialize, Deserialize)]
@@ -73,6 +73,23 @@ pub enum CollectionOp {
     },
 }
 
+/// One write of a primary's replication stream for a partition.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReplItem {
+    /// Partition.
+    pub partition: u32,
+    /// The primary's table epoch when it applied the write.
+    pub epoch: u64,
+    /// The primary's stream for the partition: a new one each time a node
+    /// becomes (or starts as) its primary.
+    pub stream: u64,
+    /// Position in the stream: 1, 2, ... with no gaps; a backup applies
+    /// `seq` only right after `seq - 1`.
+    pub seq: u64,
+    /// The writes, in order.
+    pub ops: Vec<ReplOp>,
+}
+
 /// An error crossing the peer protocol.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct WireError {
@@ -93,16 +110,15 @@ pub enum Request {
     Meta(MetaCmd),
     /// Run a client's command on the receiver (its owner).
     Forward(Command),
-    /// Apply these writes to a backup copy of `partition`.
+    /// Apply these writes, in order, to backup copies (one frame of the
+    /// sender's ordered replication stream to the receiver): answered with
+    /// one result per item ([`Response::Replicated`]).
     Replicate {
-        /// The sender: must be the partition's primary in the receiver's table.
+        /// The sender: must be each item's partition's primary in the
+        /// receiver's table.
         from: String,
-        /// Table epoch of the sender.
-        epoch: u64,
-        /// Partition.
-        partition: u32,
-        /// Writes in order.
-        ops: Vec<ReplOp>,
+        /// The writes, in the order the primary applied them.
+        items: Vec<ReplItem>,
     },
     /// Replace the backup copy of `partition` with a snapshot, sent in
     /// chunks that each fit a frame: chunk 0 replaces the copy (and carries
@@ -121,8 +137,14 @@ pub enum Request {
         last: bool,
         /// This chunk's part of the partition state.
         snapshot: PartitionSnapshot,
+        /// The primary's replication stream and the sequence number of
+        /// the last write the snapshot holds (the copy continues from it).
+        stream: u64,
+        /// See `stream`.
+        seq: u64,
     },
-    /// Digest of the receiver's copy of `partition`.
+    /// Digest of the receiver's copy of `partition`, with the replication
+    /// position it is at ([`Response::Digest`]).
     Digest {
         /// Table epoch of the sender.
         epoch: u64,
@@ -154,8 +176,18 @@ pub enum Response {
     },
     /// Outcome of a forwarded command.
     Forwarded(Outcome),
-    /// A digest.
-    Digest(u64),
+    /// A backup copy's digest and its replication position.
+    Digest {
+        /// Digest of the copy.
+        digest: u64,
+        /// The stream it follows (0: none; it needs a snapshot).
+        stream: u64,
+        /// The last sequence number of that stream it applied.
+        seq: u64,
+    },
+    /// One result per item of a [`Request::Replicate`], in order: `None`
+    /// applied (or already held), else why it was refused.
+    Replicated(Vec<Option<WireError>>),
     /// Collections: (name, default_ttl_ms, max_entries).
     Collections(Vec<(String, u64, u64)>),
     /// Refused.
@@ -184,26 +216,35 @@ mod tests {
             id: 7,
             body: Body::Request(Request::Replicate {
                 from: "n1".into(),
-                epoch: 3,
-                partition: 9,
-                ops: vec![ReplOp::Put {
-                    collection: "c".into(),
-                    key: Bytes::from_static(b"k\xff"),
-                    value: Bytes::from_static(b"v"),
-                    expires_at: 5,
+                items: vec![ReplItem {
+                    partition: 9,
+                    epoch: 3,
+                    stream: 11,
+                    seq: 1,
+                    ops: vec![ReplOp::Put {
+                        collection: "c".into(),
+                        key: Bytes::from_static(b"k\xff"),
+                        value: Bytes::from_static(b"v"),
+                        expires_at: 5,
+                    }],
                 }],
             }),
         };
         let back = decode(&encode(&env).expect("encode")).expect("decode");
         assert_eq!(back.id, 7);
-        assert!(matches!(
-            back.body,
-            Body::Request(Request::Replicate {
-                epoch: 3,
-                partition: 9,
-                ..
-            })
-        ));
+        let Body::Request(Request::Replicate { from, items }) = back.body else {
+            panic!("not a Replicate: {:?}", back.body);
+        };
+        assert_eq!(from, "n1");
+        assert_eq!(
+            (
+                items[0].partition,
+                items[0].epoch,
+                items[0].stream,
+                items[0].seq
+            ),
+            (9, 3, 11, 1)
+        );
     }
 
     #[test]

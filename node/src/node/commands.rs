@@ -83,7 +83,31 @@ impl Node {
         }
     }
 
+    /// Runs `cmd` once; a read is answered only if no table install
+    /// overlapped it (an install drops and fills copies before it publishes
+    /// the new table, so a read that loaded the old table could see a copy
+    /// being dropped): it is run again, and refused as retriable if
+    /// installs keep overlapping it. Writes have their own check.
     async fn execute(&self, cmd: Command, origin: Origin) -> Result<Outcome> {
+        if cmd.is_write() {
+            return self.execute_unchecked(cmd, origin).await;
+        }
+        for _ in 0..5 {
+            let Some(stamp) = self.cluster.installs().stamp() else {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+                continue;
+            };
+            let r = self.execute_unchecked(cmd.clone(), origin).await;
+            if self.cluster.installs().still_valid(stamp) {
+                return r;
+            }
+        }
+        Err(Error::Unavailable(
+            "the partition table kept changing during the read; retry".into(),
+        ))
+    }
+
+    async fn execute_unchecked(&self, cmd: Command, origin: Origin) -> Result<Outcome> {
         // A node that knows it lacks quorum answers every write with
         // QUORUM_LOST before trying anything (never an indeterminate error).
         if cmd.is_write() {

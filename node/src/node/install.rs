@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
+use crate::cluster::Follows;
 use crate::cluster::table::{Role, Table};
 use crate::node::Node;
 
@@ -43,7 +44,12 @@ impl Node {
                     st.loaded.store(true, Ordering::SeqCst);
                     if was != Role::Primary {
                         self.store.index_partition(p);
+                        // A new tenure: a new stream, which no backup
+                        // follows until it is sent a snapshot of it (or the
+                        // partition is brand new).
+                        *st.stream.lock() = (0, 0);
                     }
+                    *st.follows.lock() = Follows::Nothing;
                 }
                 Role::Backup => {
                     if was == Role::Primary {
@@ -51,11 +57,22 @@ impl Node {
                     }
                     if fresh {
                         st.loaded.store(true, Ordering::SeqCst);
+                        *st.follows.lock() = Follows::Fresh;
                     } else if was == Role::None || restarted {
                         st.loaded.store(false, Ordering::SeqCst);
+                        *st.follows.lock() = Follows::Nothing;
+                    } else if was == Role::Primary || old.primary(p) != new.primary(p) {
+                        // The new primary's stream starts from its own copy:
+                        // a copy that followed another primary (or was the
+                        // primary) is re-synced from it.
+                        let mut follows = st.follows.lock();
+                        if !matches!(*follows, Follows::Stream { .. }) || was == Role::Primary {
+                            *follows = Follows::Nothing;
+                        }
                     }
                 }
                 Role::None => {
+                    *st.follows.lock() = Follows::Nothing;
                     if was != Role::None {
                         st.loaded.store(false, Ordering::SeqCst);
                         self.store.drop_partition(p);
@@ -65,6 +82,8 @@ impl Node {
             }
         }
         self.store.set_primaries(primaries);
+        let peers: Vec<&str> = new.members.iter().map(|m| m.peer.as_str()).collect();
+        self.streams.retain(&peers);
         self.locks.set_epoch(new.epoch);
         tracing::debug!(epoch = new.epoch, primaries, "table installed");
         self.log_install(&dropped, &new);

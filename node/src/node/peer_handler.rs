@@ -92,12 +92,7 @@ impl Node {
                 Ok(outcome) => Response::Forwarded(outcome),
                 Err(e) => Response::Error(e.to_wire()),
             },
-            Request::Replicate {
-                from,
-                epoch,
-                partition,
-                ops,
-            } => self.on_replicate(&from, epoch, partition, ops).await,
+            Request::Replicate { from, items } => self.on_replicate(&from, items).await,
             Request::Snapshot {
                 from,
                 epoch,
@@ -105,11 +100,20 @@ impl Node {
                 chunk,
                 last,
                 snapshot,
+                stream,
+                seq,
             } => {
-                self.on_snapshot(&from, epoch, partition, (chunk, last), snapshot)
-                    .await
+                self.on_snapshot(
+                    &from,
+                    epoch,
+                    partition,
+                    (chunk, last),
+                    snapshot,
+                    (stream, seq),
+                )
+                .await
             }
-            Request::Digest { partition, .. } => self.on_digest(partition),
+            Request::Digest { partition, .. } => self.on_digest(partition).await,
             Request::Collection(op) => match self.apply_collection(&op).await {
                 Ok(()) => Response::Ok,
                 Err(e) => Response::Error(e.to_wire()),

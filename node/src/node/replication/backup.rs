@@ -4,11 +4,41 @@
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use crate::cluster::Follows;
 use crate::cluster::table::Role;
 use crate::error::{Error, Result};
-use crate::net::message::Response;
+use crate::net::message::{ReplItem, Response};
 use crate::node::Node;
 use crate::replica::{PartitionSnapshot, ReplOp};
+
+/// Whether `item` is the next write of the stream a copy at `follows`
+/// takes: Ok(true) apply it, Ok(false) already held, Err refused (another
+/// stream, or a gap).
+fn next_of(follows: &Follows, from: &str, item: &ReplItem) -> Result<bool> {
+    let p = item.partition;
+    match follows {
+        Follows::Stream {
+            from: f,
+            stream,
+            seq,
+        } if f == from && *stream == item.stream => {
+            if item.seq <= *seq {
+                Ok(false)
+            } else if item.seq == *seq + 1 {
+                Ok(true)
+            } else {
+                Err(Error::Unavailable(format!(
+                    "partition {p}: write {} arrived after {seq} (a gap); needs a snapshot",
+                    item.seq
+                )))
+            }
+        }
+        Follows::Fresh if item.seq == 1 => Ok(true),
+        _ => Err(Error::Unavailable(format!(
+            "partition {p}: this copy does not follow {from}'s stream; needs a snapshot"
+        ))),
+    }
+}
 
 /// An error as a peer answer.
 fn refused(e: &Error) -> Response {
@@ -16,31 +46,113 @@ fn refused(e: &Error) -> Response {
 }
 
 impl Node {
-    /// Applies a primary's ops to this backup copy of `p` (logged first).
-    pub(in crate::node) async fn on_replicate(
-        &self,
-        from: &str,
-        epoch: u64,
-        p: u32,
-        ops: Vec<ReplOp>,
-    ) -> Response {
-        self.catch_up_to(epoch).await;
-        if let Err(e) = self.backup_check(from, epoch, p) {
-            return refused(&e);
+    /// Applies one frame of `from`'s replication stream, answered item by
+    /// item. Each item is applied only if it is the next write of the
+    /// stream its partition's copy follows (a write already held is
+    /// answered Ok again); the frame's accepted writes are logged with one
+    /// WAL append, then applied in order, under their partitions' locks.
+    pub(in crate::node) async fn on_replicate(&self, from: &str, items: Vec<ReplItem>) -> Response {
+        let mut results: Vec<Option<Error>> = Vec::with_capacity(items.len());
+        for item in &items {
+            self.catch_up_to(item.epoch).await;
+            results.push(self.stream_check(from, item.epoch, item.partition).err());
         }
-        if !self.cluster.part(p).loaded.load(Ordering::SeqCst) {
-            return refused(&Error::Unavailable(format!(
-                "backup copy of partition {p} not in sync"
-            )));
+        let mut parts: Vec<u32> = items
+            .iter()
+            .zip(&results)
+            .filter(|(_, r)| r.is_none())
+            .map(|(i, _)| i.partition)
+            .collect();
+        parts.sort_unstable();
+        parts.dedup();
+        let mut guards = Vec::with_capacity(parts.len());
+        for &p in &parts {
+            guards.push(self.cluster.part(p).repl.lock().await);
         }
-        let _g = self.cluster.part(p).repl.lock().await;
-        let logged: Vec<(u32, ReplOp)> = ops.iter().map(|o| (p, o.clone())).collect();
+        // Decide every item against the partitions' positions as the
+        // earlier items of this frame leave them.
+        let mut at: std::collections::HashMap<u32, Follows> = parts
+            .iter()
+            .map(|&p| (p, self.cluster.part(p).follows.lock().clone()))
+            .collect();
+        let mut accepted = Vec::new();
+        for (i, item) in items.iter().enumerate() {
+            if results[i].is_some() {
+                continue;
+            }
+            let p = item.partition;
+            if !self.cluster.part(p).loaded.load(Ordering::SeqCst) {
+                results[i] = Some(Error::Unavailable(format!(
+                    "backup copy of partition {p} not in sync"
+                )));
+                continue;
+            }
+            let Some(follows) = at.get_mut(&p) else {
+                continue;
+            };
+            match next_of(follows, from, item) {
+                Ok(true) => {
+                    *follows = Follows::Stream {
+                        from: from.to_string(),
+                        stream: item.stream,
+                        seq: item.seq,
+                    };
+                    accepted.push(i);
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    // A gap in the stream this copy follows breaks it: it
+                    // takes nothing more until a snapshot. A write of some
+                    // other stream (stale, or forged) changes nothing.
+                    let broken = match &*follows {
+                        Follows::Stream {
+                            from: f, stream, ..
+                        } => f == from && *stream == item.stream,
+                        Follows::Fresh => true,
+                        Follows::Nothing => false,
+                    };
+                    if broken {
+                        tracing::debug!(partition = p, seq = item.seq, error = %e, "replication gap: re-sync needed");
+                        *follows = Follows::Nothing;
+                    }
+                    results[i] = Some(e);
+                }
+            }
+        }
+        let logged: Vec<(u32, ReplOp)> = accepted
+            .iter()
+            .flat_map(|&i| {
+                let item = &items[i];
+                item.ops.iter().map(move |o| (item.partition, o.clone()))
+            })
+            .collect();
         if let Err(e) = self.log_ops(&logged).await {
-            return refused(&e);
+            // Nothing of the frame is applied; the positions stay.
+            for &i in &accepted {
+                results[i] = Some(Error::Unavailable(format!("backup WAL: {e}")));
+            }
+            for (p, follows) in at.iter_mut() {
+                if !matches!(follows, Follows::Nothing) {
+                    *follows = self.cluster.part(*p).follows.lock().clone();
+                }
+            }
+            accepted.clear();
         }
-        tracing::trace!(partition = p, epoch, ops = ?ops, "replicated ops applied");
-        self.apply_ops(p, &ops);
-        Response::Ok
+        for &i in &accepted {
+            let item = &items[i];
+            tracing::trace!(partition = item.partition, seq = item.seq, ops = ?item.ops, "replicated ops applied");
+            self.apply_ops(item.partition, &item.ops);
+        }
+        for (p, follows) in at {
+            *self.cluster.part(p).follows.lock() = follows;
+        }
+        drop(guards);
+        Response::Replicated(
+            results
+                .into_iter()
+                .map(|r| r.map(|e| e.to_wire()))
+                .collect(),
+        )
     }
 
     /// One chunk of the primary's snapshot of `p`: chunk 0 replaces this
@@ -54,6 +166,7 @@ impl Node {
         p: u32,
         (chunk, last): (u32, bool),
         snapshot: PartitionSnapshot,
+        (stream, seq): (u64, u64),
     ) -> Response {
         self.catch_up_to(epoch).await;
         if let Err(e) = self.backup_check(from, epoch, p) {
@@ -87,6 +200,13 @@ impl Node {
                 return refused(&e);
             }
             self.install_copy(p, &snapshot);
+            // From here the copy follows the stream the snapshot was cut
+            // from (it takes writes once the last chunk made it loaded).
+            *st.follows.lock() = Follows::Stream {
+                from: from.to_string(),
+                stream,
+                seq,
+            };
         } else {
             let ops: Vec<ReplOp> = snapshot
                 .collections
@@ -122,10 +242,20 @@ impl Node {
         Response::Ok
     }
 
-    /// The digest of this node's copy of `p`.
-    pub(in crate::node) fn on_digest(&self, p: u32) -> Response {
+    /// The digest of this node's copy of `p` and the stream position it is at.
+    pub(in crate::node) async fn on_digest(&self, p: u32) -> Response {
         if p < self.store.partition_count() {
-            Response::Digest(self.store.digest(p))
+            let st = self.cluster.part(p);
+            let _g = st.repl.lock().await;
+            let (stream, seq) = match &*st.follows.lock() {
+                Follows::Stream { stream, seq, .. } => (*stream, *seq),
+                Follows::Fresh | Follows::Nothing => (0, 0),
+            };
+            Response::Digest {
+                digest: self.store.digest(p),
+                stream,
+                seq,
+            }
         } else {
             refused(&self.not_owner(p))
         }
@@ -147,6 +277,18 @@ impl Node {
         while self.epoch() < epoch && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
+    }
+
+    /// A replicated write of `p` is taken only from its primary in this
+    /// node's table, by a backup of it, at this node's epoch or an earlier
+    /// one (a write queued before an install that kept the primary; the
+    /// stream position, checked next, ties it to the primary's tenure).
+    fn stream_check(&self, from: &str, epoch: u64, p: u32) -> Result<()> {
+        let mine = self.cluster.table().epoch;
+        if epoch > mine {
+            return self.backup_check(from, epoch, p);
+        }
+        self.backup_check(from, mine, p)
     }
 
     /// Replication of `p` is taken only from its primary in this node's

@@ -1,5 +1,13 @@
-//! The primary's write path: log, apply, replicate to every in-sync backup,
-//! and acknowledge only if no table install overlapped the write.
+//! The primary's write path: under the partition lock log, apply, stamp
+//! the partition's next sequence number and queue the write to every
+//! in-sync backup's stream; then, without the lock, wait for the backups'
+//! answers and acknowledge only if no table install overlapped the write.
+//!
+//! Backups apply a partition's writes strictly in sequence order (a gap is
+//! refused, and the backup is then removed from the ISR and re-synced by
+//! snapshot), so a backup that answered for write N holds every write of
+//! the partition before N as well: the partition lock orders writes, it
+//! does not have to be held across the round trip.
 //!
 //! What an acknowledged write guarantees: it was applied on the primary and
 //! on every member of the partition's committed in-sync set (ISR), at the
@@ -16,9 +24,14 @@ use std::time::Duration;
 use crate::cluster::table::{Role, Table};
 use crate::error::{Error, Result};
 use crate::meta::state::{MetaCmd, MetaReply};
-use crate::net::message::{Request, Response};
+use crate::net::message::ReplItem;
 use crate::node::Node;
 use crate::replica::{ReplOp, Written};
+
+use super::stream::Acked;
+
+/// A queued write's answer to come: (partition, backup, answer).
+pub(in crate::node) type Pending = (u32, String, tokio::sync::oneshot::Receiver<Acked>);
 
 impl Node {
     /// Applies `f` (a write to partitions `parts`, all primary here) and
@@ -85,8 +98,15 @@ impl Node {
             .cloned()
             .collect();
         self.log_ops(&after).await?;
+        // Stamped and queued to the backups under the partition locks (so
+        // in the order applied); the round trip is waited for without them.
+        let acks = self.enqueue(table, written.ops).await;
+        drop(guards);
         let t1 = std::time::Instant::now();
-        let rep = self.replicate(table, written.ops).await;
+        let rep = match acks {
+            Ok(acks) => self.await_acks(table, acks).await,
+            Err(e) => Err(e),
+        };
         if t1.elapsed() > Duration::from_millis(500) {
             tracing::warn!(elapsed = ?t1.elapsed(), ok = rep.is_ok(), "slow replication");
         }
@@ -109,28 +129,36 @@ impl Node {
                     .into(),
             ));
         }
-        drop(guards);
         if !written.evicted_elsewhere.is_empty() {
             self.replicate_evictions(written.evicted_elsewhere).await;
         }
         Ok(r)
     }
 
-    /// Replicates `ops` to every committed in-sync backup of their
-    /// partitions (partition locks held by the caller); a backup that fails
-    /// is removed from the ISR (committed) before this returns Ok.
-    pub(in crate::node) async fn replicate(
+    /// Stamps `ops` (applied here, partition locks held by the caller) with
+    /// their partitions' next sequence numbers and queues them to every
+    /// committed in-sync backup; the receivers yield the backups' answers.
+    /// Every applied write takes a sequence number, sent or not, so a
+    /// backup that misses one sees the gap.
+    pub(in crate::node) async fn enqueue(
         &self,
         table: &Table,
         ops: Vec<(u32, ReplOp)>,
-    ) -> Result<()> {
+    ) -> Result<Vec<Pending>> {
         if table.backup_count == 0 || ops.is_empty() {
-            return Ok(());
+            return Ok(Vec::new());
         }
         let mut per_part: BTreeMap<u32, Vec<ReplOp>> = BTreeMap::new();
         for (p, op) in ops {
             per_part.entry(p).or_default().push(op);
         }
+        let stamped: Vec<(u32, u64, u64, Vec<ReplOp>)> = per_part
+            .into_iter()
+            .map(|(p, ops)| {
+                let (stream, seq) = self.next_seq(p);
+                (p, stream, seq, ops)
+            })
+            .collect();
         let meta = self.cluster.meta();
         if meta.epoch() != table.epoch {
             return Err(Error::Unavailable(
@@ -138,8 +166,8 @@ impl Node {
                     .into(),
             ));
         }
-        let mut calls = Vec::new();
-        for (p, ops) in per_part {
+        let mut pending = Vec::new();
+        for (p, stream, seq, ops) in stamped {
             let expanding = self.cluster.part(p).expanding.lock().clone();
             for b in table
                 .backups(p)
@@ -147,35 +175,58 @@ impl Node {
                 .filter(|b| meta.in_sync(p, b) || expanding.contains(*b))
             {
                 let Some(m) = table.member(b) else { continue };
-                let req = Request::Replicate {
-                    from: self.name().to_string(),
-                    epoch: table.epoch,
+                let item = ReplItem {
                     partition: p,
+                    epoch: table.epoch,
+                    stream,
+                    seq,
                     ops: ops.clone(),
                 };
-                let (addr, name) = (m.peer.clone(), b.clone());
-                calls.push(async move {
-                    let r = self
-                        .peers
-                        .call(&addr, req, self.cluster.config().replication_timeout)
-                        .await;
-                    (p, name, r)
-                });
+                let rx = self.streams.send(&m.peer, item).await;
+                pending.push((p, b.clone(), rx));
             }
         }
-        if calls.is_empty() {
+        Ok(pending)
+    }
+
+    /// The next sequence number of partition `p`'s stream (a new stream
+    /// at the first write of this node's tenure as primary); call under
+    /// the partition lock.
+    pub(in crate::node) fn next_seq(&self, p: u32) -> (u64, u64) {
+        let mut s = self.cluster.part(p).stream.lock();
+        if s.0 == 0 {
+            *s = (self.cluster.new_stream(), 0);
+        }
+        s.1 += 1;
+        *s
+    }
+
+    /// Waits for the backups' answers to queued writes; a backup that
+    /// refused or did not answer is removed from the ISR (committed) before
+    /// this returns Ok.
+    pub(in crate::node) async fn await_acks(
+        &self,
+        table: &Table,
+        acks: Vec<Pending>,
+    ) -> Result<()> {
+        if acks.is_empty() {
             return Ok(());
         }
+        // A frame's own timeout, plus as long again queued behind others.
+        let deadline = tokio::time::Instant::now() + self.cluster.config().replication_timeout * 2;
         let mut failed = Vec::new();
         let mut unreachable: Vec<String> = Vec::new();
-        for (p, b, r) in futures::future::join_all(calls).await {
-            match r {
-                Ok(Response::Ok) => {}
-                Ok(Response::Error(e)) => {
+        for (p, b, rx) in acks {
+            match tokio::time::timeout_at(deadline, rx).await {
+                Ok(Ok(Acked::Applied)) => {}
+                Ok(Ok(Acked::Refused(e))) => {
                     tracing::debug!(partition = p, backup = %b, reason = e.reason, msg = %e.message, "replication refused");
                     failed.push((p, b));
                 }
-                Ok(_) | Err(_) => {
+                other => {
+                    if let Ok(Ok(Acked::Lost(why))) = &other {
+                        tracing::debug!(partition = p, backup = %b, %why, "replication lost");
+                    }
                     if !unreachable.contains(&b) {
                         unreachable.push(b.clone());
                     }
@@ -214,12 +265,16 @@ impl Node {
             per_part.entry(p).or_default().push((p, op));
         }
         for (p, ops) in per_part {
-            let _g = self.cluster.part(p).repl.lock().await;
+            let g = self.cluster.part(p).repl.lock().await;
             let table = self.cluster.table();
             if table.role_of(self.cluster.me(), p) == Role::Primary
                 && self.log_ops(&ops).await.is_ok()
             {
-                let _ = self.replicate(&table, ops).await;
+                let acks = self.enqueue(&table, ops).await;
+                drop(g);
+                if let Ok(acks) = acks {
+                    let _ = self.await_acks(&table, acks).await;
+                }
             }
         }
     }

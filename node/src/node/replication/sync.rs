@@ -70,6 +70,15 @@ impl Node {
             .map(|m| m.peer.clone())
             .ok_or_else(|| Error::Internal("no such member".into()))?;
         let snapshot = self.snapshot_of(p);
+        // The stream position the snapshot holds (a stream is started if
+        // this tenure wrote nothing yet).
+        let (stream, seq) = {
+            let mut s = st.stream.lock();
+            if s.0 == 0 {
+                *s = (self.cluster.new_stream(), 0);
+            }
+            *s
+        };
         let chunk_bytes = (self.config().peer_max_frame_bytes / 4).max(64 * 1024) as usize;
         let chunks = crate::replica::chunk_snapshot(snapshot, chunk_bytes);
         let n = chunks.len();
@@ -82,6 +91,8 @@ impl Node {
                 chunk: u32::try_from(i).unwrap_or(u32::MAX),
                 last: i + 1 == n,
                 snapshot: chunk,
+                stream,
+                seq,
             };
             answer = self.peers.call(&addr, req, Duration::from_secs(30)).await?;
             if !matches!(answer, Response::Ok) {
@@ -140,6 +151,7 @@ impl Node {
             let st = self.cluster.part(p);
             let _g = st.repl.lock().await;
             let mine = self.store.digest(p);
+            let (stream, seq) = *st.stream.lock();
             let synced: Vec<String> = self
                 .cluster
                 .meta()
@@ -154,13 +166,29 @@ impl Node {
                     epoch: t.epoch,
                     partition: p,
                 };
-                if let Ok(Response::Digest(theirs)) = self
+                let Ok(Response::Digest {
+                    digest,
+                    stream: theirs,
+                    seq: at,
+                }) = self
                     .peers
                     .call(&m.peer, req, self.cluster.config().request_timeout)
                     .await
-                    && theirs != mine
-                {
-                    tracing::warn!(partition = p, backup = %b, "anti-entropy: backup diverged, re-syncing");
+                else {
+                    continue;
+                };
+                let why = if stream == 0 || (theirs, at) == (stream, seq) {
+                    // Same position (or nothing written this tenure): the
+                    // copies must be equal.
+                    (digest != mine).then_some("backup diverged")
+                } else if theirs == stream && at < seq {
+                    // Writes still on their way to it.
+                    None
+                } else {
+                    Some("backup does not follow this primary's stream")
+                };
+                if let Some(why) = why {
+                    tracing::warn!(partition = p, backup = %b, why, "anti-entropy: re-syncing backup");
                     diverged.push((p, b));
                 }
             }

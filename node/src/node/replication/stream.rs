@@ -1,0 +1,243 @@
+//! Per-backup replication streams: every write this node applies as a
+//! primary is queued, in the order it was applied, to one stream per backup
+//! process; the stream sends whatever has queued up as one frame, waits for
+//! the backup's per-item answers and hands each to the write waiting for it.
+//! One frame is in flight per backup at a time, so the backup sees the
+//! items in queue order; under load the queue grows while a frame is in
+//! flight and the next frame carries all of it (coalescing), with no timer.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::net::message::{ReplItem, Request, Response, WireError};
+use crate::net::peer::Peers;
+use crate::replica::ReplOp;
+
+/// Most items in one replication frame.
+const MAX_ITEMS: usize = 4096;
+
+/// What became of one queued item.
+#[derive(Debug)]
+pub enum Acked {
+    /// The backup applied it (or already held it).
+    Applied,
+    /// The backup refused it (gap, other stream, not a backup...).
+    Refused(WireError),
+    /// No answer (connection, timeout, queue full, shutdown).
+    Lost(String),
+}
+
+struct Queued {
+    item: ReplItem,
+    bytes: usize,
+    done: oneshot::Sender<Acked>,
+}
+
+/// The streams of one node, keyed by the backup's peer address.
+pub struct Streams {
+    peers: Arc<Peers>,
+    me: String,
+    timeout: Duration,
+    max_batch_bytes: usize,
+    queue: usize,
+    tasks: TaskTracker,
+    shutdown: CancellationToken,
+    senders: parking_lot::Mutex<HashMap<String, mpsc::Sender<Queued>>>,
+}
+
+impl std::fmt::Debug for Streams {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Streams")
+            .field("backups", &self.senders.lock().len())
+            .finish()
+    }
+}
+
+/// Bytes an item takes in a frame, about.
+fn item_bytes(ops: &[ReplOp]) -> usize {
+    ops.iter()
+        .map(|op| match op {
+            ReplOp::Put {
+                collection,
+                key,
+                value,
+                ..
+            } => collection.len() + key.len() + value.len() + 24,
+            ReplOp::Delete { collection, key } => collection.len() + key.len() + 16,
+            ReplOp::Clear { collection } => collection.len() + 16,
+            ReplOp::Lock { key, .. } => key.len() + 48,
+        })
+        .sum::<usize>()
+        + 32
+}
+
+impl Streams {
+    /// Streams sending as member `me` through `peers`; a frame waits
+    /// `timeout` for its answer; frames carry up to `max_batch_bytes` (one
+    /// larger item travels alone); `queue` items wait per backup at most.
+    pub fn new(
+        peers: Arc<Peers>,
+        me: String,
+        timeout: Duration,
+        max_batch_bytes: usize,
+        queue: usize,
+        tasks: TaskTracker,
+        shutdown: CancellationToken,
+    ) -> Streams {
+        Streams {
+            peers,
+            me,
+            timeout,
+            max_batch_bytes,
+            queue: queue.max(1),
+            tasks,
+            shutdown,
+            senders: parking_lot::Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Queues `item` to the backup at `addr` (behind everything queued to
+    /// it before); the receiver yields the backup's answer. Waits while the
+    /// backup's queue is full, `timeout` at most (then the item is lost:
+    /// the backup will refuse the items after it as a gap).
+    pub async fn send(&self, addr: &str, item: ReplItem) -> oneshot::Receiver<Acked> {
+        let (done, rx) = oneshot::channel();
+        let bytes = item_bytes(&item.ops);
+        let tx = self.sender(addr);
+        let queued = Queued { item, bytes, done };
+        match tx.try_send(queued) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(q)) => {
+                if let Err(e) = tx.send_timeout(q, self.timeout).await {
+                    let q = match e {
+                        mpsc::error::SendTimeoutError::Timeout(q)
+                        | mpsc::error::SendTimeoutError::Closed(q) => q,
+                    };
+                    let _ = q.done.send(Acked::Lost(format!(
+                        "replication queue to {addr} full for {:?}",
+                        self.timeout
+                    )));
+                }
+            }
+            Err(mpsc::error::TrySendError::Closed(q)) => {
+                let _ = q.done.send(Acked::Lost("node shutting down".into()));
+            }
+        }
+        rx
+    }
+
+    /// Drops the streams to addresses not in `keep` (their tasks end once
+    /// their queues are sent).
+    pub fn retain(&self, keep: &[&str]) {
+        self.senders
+            .lock()
+            .retain(|addr, _| keep.contains(&addr.as_str()));
+    }
+
+    fn sender(&self, addr: &str) -> mpsc::Sender<Queued> {
+        let mut senders = self.senders.lock();
+        if let Some(tx) = senders.get(addr)
+            && !tx.is_closed()
+        {
+            return tx.clone();
+        }
+        let (tx, rx) = mpsc::channel(self.queue);
+        senders.insert(addr.to_string(), tx.clone());
+        let stream = Stream {
+            peers: self.peers.clone(),
+            me: self.me.clone(),
+            addr: addr.to_string(),
+            timeout: self.timeout,
+            max_batch_bytes: self.max_batch_bytes,
+        };
+        let shutdown = self.shutdown.clone();
+        self.tasks.spawn(stream.run(rx, shutdown));
+        tx
+    }
+}
+
+/// One backup's stream (its task).
+struct Stream {
+    peers: Arc<Peers>,
+    me: String,
+    addr: String,
+    timeout: Duration,
+    max_batch_bytes: usize,
+}
+
+impl Stream {
+    async fn run(self, mut rx: mpsc::Receiver<Queued>, shutdown: CancellationToken) {
+        loop {
+            let first = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                q = rx.recv() => match q {
+                    Some(q) => q,
+                    None => break,
+                },
+            };
+            let mut bytes = first.bytes;
+            let mut batch = vec![first];
+            while batch.len() < MAX_ITEMS {
+                match rx.try_recv() {
+                    Ok(q) if bytes + q.bytes <= self.max_batch_bytes => {
+                        bytes += q.bytes;
+                        batch.push(q);
+                    }
+                    Ok(q) => {
+                        self.send(batch).await;
+                        bytes = q.bytes;
+                        batch = vec![q];
+                    }
+                    Err(_) => break,
+                }
+            }
+            self.send(batch).await;
+        }
+        // Whatever is still queued is answered as lost.
+        rx.close();
+        while let Ok(q) = rx.try_recv() {
+            let _ = q.done.send(Acked::Lost("node shutting down".into()));
+        }
+    }
+
+    /// Sends one frame and hands out its answers.
+    async fn send(&self, batch: Vec<Queued>) {
+        let (items, waiters): (Vec<ReplItem>, Vec<oneshot::Sender<Acked>>) =
+            batch.into_iter().map(|q| (q.item, q.done)).unzip();
+        let n = items.len();
+        let req = Request::Replicate {
+            from: self.me.clone(),
+            items,
+        };
+        let answer = self.peers.call(&self.addr, req, self.timeout).await;
+        match answer {
+            Ok(Response::Replicated(results)) if results.len() == n => {
+                for (done, r) in waiters.into_iter().zip(results) {
+                    let _ = done.send(match r {
+                        None => Acked::Applied,
+                        Some(e) => Acked::Refused(e),
+                    });
+                }
+            }
+            Ok(Response::Error(e)) => {
+                for done in waiters {
+                    let _ = done.send(Acked::Refused(e.clone()));
+                }
+            }
+            other => {
+                let why = match other {
+                    Err(e) => e.to_string(),
+                    Ok(_) => format!("unexpected answer from {}", self.addr),
+                };
+                for done in waiters {
+                    let _ = done.send(Acked::Lost(why.clone()));
+                }
+            }
+        }
+    }
+}

@@ -135,9 +135,9 @@ fn provider(config: &NodeConfig) -> Result<Box<dyn MembersProvider>> {
                 "give --members or --members-file, not both".into(),
             ));
         }
-        (Some(list), None) => Box::new(StaticProvider(MemberSpec::parse_list(list)?)),
+        (Some(list), None) => Box::new(StaticProvider(Arc::new(MemberSpec::parse_list(list)?))),
         (None, Some(path)) => Box::new(FileProvider::new(path.clone())?),
-        (None, None) => Box::new(StaticProvider(Vec::new())),
+        (None, None) => Box::new(StaticProvider(Arc::new(Vec::new()))),
     })
 }
 
@@ -318,7 +318,8 @@ impl Node {
             let node = weak.upgrade()?;
             node.cluster
                 .members()
-                .into_iter()
+                .iter()
+                .cloned()
                 .find(|m| m.peer == addr)
                 .map(|m| m.name)
         }));

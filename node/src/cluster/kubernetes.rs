@@ -26,7 +26,7 @@ use crate::error::{Error, Result};
 
 #[derive(Debug, Default)]
 struct State {
-    members: Vec<MemberSpec>,
+    members: Arc<Vec<MemberSpec>>,
     uids: HashMap<String, String>,
     gone: Vec<String>,
 }
@@ -48,7 +48,8 @@ impl State {
             uids.insert(m.name.clone(), m.pod_uid.clone());
         }
         self.uids = uids;
-        self.members = published
+        self.members = Arc::new(
+            published
             .members
             .iter()
             .map(|m| {
@@ -62,7 +63,8 @@ impl State {
                     }
                 }
             })
-            .collect();
+            .collect(),
+        );
     }
 }
 
@@ -154,7 +156,7 @@ impl KubernetesProvider {
 }
 
 impl MembersProvider for KubernetesProvider {
-    fn members(&self) -> Vec<MemberSpec> {
+    fn members(&self) -> Arc<Vec<MemberSpec>> {
         self.state.lock().members.clone()
     }
 

@@ -3,7 +3,8 @@
 //! job; a provider only says who should be there.
 
 use std::path::PathBuf;
-use std::time::SystemTime;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
 
 use parking_lot::Mutex;
 
@@ -61,7 +62,9 @@ impl MemberSpec {
 pub trait MembersProvider: Send + Sync + std::fmt::Debug {
     /// The members that should be in the cluster now; its length is the
     /// expected cluster size.
-    fn members(&self) -> Vec<MemberSpec>;
+    /// Shared, so the hot path (quorum and lease checks on every write)
+    /// does not copy it.
+    fn members(&self) -> Arc<Vec<MemberSpec>>;
 
     /// Members whose process is known to be gone since the last call (their
     /// pod was deleted or replaced); the cluster stops counting their
@@ -74,20 +77,24 @@ pub trait MembersProvider: Send + Sync + std::fmt::Debug {
 
 /// A fixed list.
 #[derive(Debug)]
-pub struct StaticProvider(pub Vec<MemberSpec>);
+pub struct StaticProvider(pub Arc<Vec<MemberSpec>>);
 
 impl MembersProvider for StaticProvider {
-    fn members(&self) -> Vec<MemberSpec> {
+    fn members(&self) -> Arc<Vec<MemberSpec>> {
         self.0.clone()
     }
 }
+
+/// How often a [`FileProvider`] looks at its file's modification time.
+const FILE_CHECK_EVERY: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// A file of member specs, re-read whenever its modification time changes;
 /// a file that fails to parse keeps the last good list (and logs why).
 #[derive(Debug)]
 pub struct FileProvider {
     path: PathBuf,
-    cache: Mutex<(Option<SystemTime>, Vec<MemberSpec>)>,
+    /// (file modification time, list, when the time was last looked at).
+    cache: Mutex<(Option<SystemTime>, Arc<Vec<MemberSpec>>, Instant)>,
 }
 
 impl FileProvider {
@@ -99,17 +106,21 @@ impl FileProvider {
         let mtime = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
         Ok(FileProvider {
             path,
-            cache: Mutex::new((mtime, list)),
+            cache: Mutex::new((mtime, Arc::new(list), Instant::now())),
         })
     }
 }
 
 impl MembersProvider for FileProvider {
-    fn members(&self) -> Vec<MemberSpec> {
+    fn members(&self) -> Arc<Vec<MemberSpec>> {
+        let mut cache = self.cache.lock();
+        if cache.2.elapsed() < FILE_CHECK_EVERY {
+            return cache.1.clone();
+        }
+        cache.2 = Instant::now();
         let mtime = std::fs::metadata(&self.path)
             .and_then(|m| m.modified())
             .ok();
-        let mut cache = self.cache.lock();
         if mtime.is_some() && mtime != cache.0 {
             match std::fs::read_to_string(&self.path)
                 .map_err(|e| Error::InvalidArgument(e.to_string()))
@@ -117,7 +128,7 @@ impl MembersProvider for FileProvider {
             {
                 Ok(list) => {
                     tracing::info!(members = list.len(), "members file reloaded");
-                    *cache = (mtime, list);
+                    *cache = (mtime, Arc::new(list), Instant::now());
                 }
                 Err(e) => tracing::warn!(error = %e, "members file ignored"),
             }

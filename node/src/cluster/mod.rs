@@ -264,14 +264,14 @@ impl Cluster {
     }
 
     /// Configured members (expected cluster); never empty.
-    pub fn members(&self) -> Vec<MemberSpec> {
+    pub fn members(&self) -> Arc<Vec<MemberSpec>> {
         let list = self.provider.members();
         if list.is_empty() {
-            vec![MemberSpec {
+            Arc::new(vec![MemberSpec {
                 name: self.me.name.clone(),
                 grpc: self.me.grpc.clone(),
                 peer: self.me.peer.clone(),
-            }]
+            }])
         } else {
             list
         }
@@ -312,16 +312,18 @@ impl Cluster {
         let members = self.members();
         let expected = members.len();
         let alive = members
-            .into_iter()
+            .iter()
             .filter(|m| self.alive(&m.name))
+            .cloned()
             .collect();
         (alive, expected)
     }
 
     /// Sees a majority of the expected members.
     pub fn quorum(&self) -> bool {
-        let (alive, expected) = self.liveness();
-        alive.len() > expected / 2
+        let members = self.members();
+        let alive = members.iter().filter(|m| self.alive(&m.name)).count();
+        alive > members.len() / 2
     }
 
     /// Records a heartbeat from a peer; clears out-of-sync reports it supersedes.
@@ -489,15 +491,17 @@ mod tests {
     struct Gone(Mutex<Vec<String>>);
 
     impl MembersProvider for Gone {
-        fn members(&self) -> Vec<MemberSpec> {
-            ["a", "b", "c"]
-                .iter()
-                .map(|n| MemberSpec {
-                    name: n.to_string(),
-                    grpc: format!("{n}:1"),
-                    peer: format!("{n}:2"),
-                })
-                .collect()
+        fn members(&self) -> Arc<Vec<MemberSpec>> {
+            Arc::new(
+                ["a", "b", "c"]
+                    .iter()
+                    .map(|n| MemberSpec {
+                        name: n.to_string(),
+                        grpc: format!("{n}:1"),
+                        peer: format!("{n}:2"),
+                    })
+                    .collect(),
+            )
         }
         fn take_gone(&self) -> Vec<String> {
             std::mem::take(&mut self.0.lock())

@@ -110,7 +110,8 @@ impl Api {
         self.node
             .cluster
             .members()
-            .into_iter()
+            .iter()
+            .cloned()
             .map(|m| {
                 let (primaries, backups) = t.counts(&m.name);
                 proto::Member {

@@ -106,7 +106,7 @@ impl Node {
         else {
             return;
         };
-        let Some(spec) = self.cluster.members().into_iter().find(|m| m.name == coord) else {
+        let Some(spec) = self.cluster.members().iter().cloned().find(|m| m.name == coord) else {
             return;
         };
         if let Ok(Response::Collections(list)) = self

@@ -69,7 +69,8 @@ impl Node {
                 let node = weak.upgrade()?;
                 node.cluster
                     .members()
-                    .into_iter()
+                    .iter()
+                    .cloned()
                     .find(|m| m.name == name)
                     .map(|m| m.peer)
             }),
@@ -101,7 +102,8 @@ impl Node {
         let members = self.cluster.members();
         let n = voter_count(members.len());
         members
-            .into_iter()
+            .iter()
+            .cloned()
             .take(n)
             .map(|m| {
                 (
@@ -174,7 +176,8 @@ impl Node {
         Some(
             self.cluster
                 .members()
-                .into_iter()
+                .iter()
+                .cloned()
                 .find(|m| m.name == leader.name)
                 .map_or(leader.peer, |m| m.peer),
         )
@@ -336,7 +339,8 @@ impl Node {
         let configured: BTreeMap<u64, MetaNode> = self
             .cluster
             .members()
-            .into_iter()
+            .iter()
+            .cloned()
             .map(|s| {
                 (
                     node_id(&s.name),

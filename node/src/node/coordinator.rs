@@ -37,7 +37,7 @@ impl Node {
             // Not installed here yet: plan from what is committed only.
             return None;
         }
-        let configured: HashSet<String> = c.members().into_iter().map(|m| m.name).collect();
+        let configured: HashSet<String> = c.members().iter().cloned().map(|m| m.name).collect();
         // Alive as the process the table names.
         let valid = |m: &str| {
             c.alive(m)
@@ -137,7 +137,7 @@ impl Node {
         }
         let names: HashSet<&String> = owners.iter().flatten().collect();
         let mut members: Vec<MemberInfo> = Vec::new();
-        for m in c.members() {
+        for m in c.members().iter().cloned() {
             if !names.contains(&m.name) {
                 continue;
             }

@@ -17,10 +17,10 @@ impl Node {
         let timeout = self.cluster.config().heartbeat_interval * 2;
         let sent = Instant::now();
         let sent_wall = hb.wall_ms;
-        let calls = self
-            .cluster
-            .members()
-            .into_iter()
+        let members = self.cluster.members();
+        let calls = members
+            .iter()
+            .cloned()
             .filter(|m| m.name != self.name())
             .map(|m| {
                 let hb = hb.clone();

@@ -168,7 +168,8 @@ impl Node {
         let named = self
             .cluster
             .members()
-            .into_iter()
+            .iter()
+            .cloned()
             .find(|m| node_id(&m.name) == sender)
             .ok_or_else(|| format!("Raft message from node id {sender}, no current member"))?;
         if !self.speaks_for_member(caller, &named) {

@@ -183,3 +183,112 @@ async fn evict_lru_keeps_accepting_writes_within_the_limit() {
         o.peak_rss_kib
     );
 }
+
+/// RSS of process `pid`, KiB.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Three nodes with backup 1 and `--max-memory 64 MiB` each (member 0
+/// under `prlimit --as=3GiB`), 256 MiB of 4 KiB values written by 8
+/// writers: with `reject` past the limit writes fail with MEMORY_LIMIT and
+/// no node exceeds limit + margin nor aborts; every acknowledged write is
+/// readable, also after a kill -9 of a member (its backups were written
+/// whatever their own use, so the promoted copies hold them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_nodes_reject_at_the_limit_and_fail_over_with_every_acknowledged_write() {
+    let limit = LIMIT.to_string();
+    let mut c = distcache_e2e::cluster::ProcCluster::start_prefixed(
+        3,
+        &[
+            "--max-memory",
+            &limit,
+            "--max-memory-policy",
+            "reject",
+            "--backup-count",
+            "1",
+        ],
+        0,
+        &["prlimit", "--as=3221225472", "--"],
+    );
+    c.wait_safe(3, Duration::from_secs(60)).await;
+    let client = c.client().await;
+    let pids: Vec<u32> = (0..3).filter_map(|i| c.pid(i)).collect();
+    assert_eq!(pids.len(), 3);
+    let acked = Arc::new(Mutex::new(Vec::new()));
+    let refused = Arc::new(AtomicU64::new(0));
+    let next = Arc::new(AtomicU64::new(0));
+    let total = (256u64 << 20) / 4096;
+    let deadline = Instant::now() + Duration::from_secs(25);
+    let mut writers = Vec::new();
+    for _ in 0..8 {
+        let (client, acked, refused, next) =
+            (client.clone(), acked.clone(), refused.clone(), next.clone());
+        writers.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= total || Instant::now() > deadline {
+                    return;
+                }
+                let key = format!("k{i}");
+                match client.put(key.clone(), vec![(i % 251) as u8; 4096]).await {
+                    Ok(()) => acked.lock().push(key),
+                    Err(Error::MemoryLimit(_)) => {
+                        refused.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => panic!("write failed otherwise: {e}"),
+                }
+            }
+        }));
+    }
+    let mut peak = [0u64; 3];
+    while writers.iter().any(|w| !w.is_finished()) {
+        for (i, pid) in pids.iter().enumerate() {
+            peak[i] = peak[i].max(rss_kib(*pid));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for w in writers {
+        w.await.expect("writer");
+    }
+    let acked = acked.lock().clone();
+    let refused = refused.load(Ordering::Relaxed);
+    eprintln!(
+        "3 nodes, reject: {} acknowledged, {refused} refused, RSS peaks {:?} MiB (limit {} MiB each)",
+        acked.len(),
+        peak.map(|k| k >> 10),
+        LIMIT >> 20
+    );
+    assert!(refused > 0, "nothing was refused past the limit");
+    assert!(!acked.is_empty());
+    for (i, p) in peak.iter().enumerate() {
+        assert!(
+            *p <= (LIMIT >> 10) + MARGIN_KIB,
+            "member {i}: RSS {p} KiB over limit + margin"
+        );
+        assert!(c.members[i].running(), "member {i} aborted at the limit");
+    }
+    // A member dies: every acknowledged write is still there.
+    c.kill(1);
+    let client = c.client().await;
+    for k in &acked {
+        let end = Instant::now() + Duration::from_secs(30);
+        let got = loop {
+            match client.get(k).await {
+                Ok(v) => break v,
+                Err(e) if Instant::now() < end => {
+                    let _ = e;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("read {k} after the kill: {e}"),
+            }
+        };
+        let v = got.unwrap_or_else(|| panic!("acknowledged {k} lost after the kill"));
+        assert_eq!(v.len(), 4096, "{k}");
+    }
+}

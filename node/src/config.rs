@@ -45,6 +45,8 @@ pub const DEFAULT_PEER_MAX_CONNECTIONS: usize = 512;
 pub const DEFAULT_PEER_MAX_CONNECTIONS_PER_IP: usize = 64;
 /// Default node-wide budget of inbound peer bytes being read or handled (256 MiB).
 pub const DEFAULT_PEER_INFLIGHT_BYTES: u64 = 256 * 1024 * 1024;
+/// Default of `--replication-queue-bytes`.
+pub const DEFAULT_REPLICATION_QUEUE_BYTES: u64 = 256 * 1024 * 1024;
 /// Default of `--replication-queue-ops`.
 pub const DEFAULT_REPLICATION_QUEUE_OPS: usize = 65_536;
 /// Default idle peer connection timeout (s).
@@ -164,6 +166,11 @@ pub struct NodeConfig {
     /// its partition's lock, while the queue is full).
     #[arg(long, env = "DISTCACHE_REPLICATION_QUEUE_OPS", default_value_t = DEFAULT_REPLICATION_QUEUE_OPS)]
     pub replication_queue_ops: usize,
+    /// Bytes of replicated writes queued for one backup at most; past it a
+    /// write is not queued (the backup then refuses the next one as a gap
+    /// and is re-synced by snapshot).
+    #[arg(long, env = "DISTCACHE_REPLICATION_QUEUE_BYTES", default_value_t = DEFAULT_REPLICATION_QUEUE_BYTES)]
+    pub replication_queue_bytes: u64,
     /// Most inbound peer connections at once (more wait in the listen backlog).
     #[arg(long, env = "DISTCACHE_PEER_MAX_CONNECTIONS", default_value_t = DEFAULT_PEER_MAX_CONNECTIONS)]
     pub peer_max_connections: usize,
@@ -299,6 +306,7 @@ impl Default for NodeConfig {
             max_memory_policy: MemoryPolicy::Reject,
             peer_inflight_bytes: DEFAULT_PEER_INFLIGHT_BYTES,
             replication_queue_ops: DEFAULT_REPLICATION_QUEUE_OPS,
+            replication_queue_bytes: DEFAULT_REPLICATION_QUEUE_BYTES,
             peer_max_connections: DEFAULT_PEER_MAX_CONNECTIONS,
             peer_max_connections_per_ip: DEFAULT_PEER_MAX_CONNECTIONS_PER_IP,
             peer_idle_timeout_secs: DEFAULT_PEER_IDLE_TIMEOUT_SECS,
@@ -380,6 +388,9 @@ impl NodeConfig {
         }
         if self.replication_queue_ops == 0 {
             return Err("replication-queue-ops must be at least 1".into());
+        }
+        if self.replication_queue_bytes < self.max_message_bytes {
+            return Err("replication-queue-bytes must be at least max-message-bytes".into());
         }
         if self.peer_max_connections == 0 || self.peer_max_connections_per_ip == 0 {
             return Err("peer connection limits must be positive".into());

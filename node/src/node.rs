@@ -277,7 +277,10 @@ impl Node {
             me.name.clone(),
             cluster_config.replication_timeout,
             (config.peer_max_frame_bytes / 4).max(64 * 1024) as usize,
-            config.replication_queue_ops,
+            (
+                config.replication_queue_ops,
+                config.replication_queue_bytes as usize,
+            ),
             tasks.clone(),
             shutdown.clone(),
         );

@@ -50,20 +50,20 @@ impl State {
         self.uids = uids;
         self.members = Arc::new(
             published
-            .members
-            .iter()
-            .map(|m| {
-                if m.name == me.name {
-                    me.clone()
-                } else {
-                    MemberSpec {
-                        name: m.name.clone(),
-                        grpc: m.grpc.clone(),
-                        peer: m.peer.clone(),
+                .members
+                .iter()
+                .map(|m| {
+                    if m.name == me.name {
+                        me.clone()
+                    } else {
+                        MemberSpec {
+                            name: m.name.clone(),
+                            grpc: m.grpc.clone(),
+                            peer: m.peer.clone(),
+                        }
                     }
-                }
-            })
-            .collect(),
+                })
+                .collect(),
         );
     }
 }

@@ -106,7 +106,13 @@ impl Node {
         else {
             return;
         };
-        let Some(spec) = self.cluster.members().iter().cloned().find(|m| m.name == coord) else {
+        let Some(spec) = self
+            .cluster
+            .members()
+            .iter()
+            .cloned()
+            .find(|m| m.name == coord)
+        else {
             return;
         };
         if let Ok(Response::Collections(list)) = self

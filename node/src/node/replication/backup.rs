@@ -328,3 +328,47 @@ impl Node {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn item(stream: u64, seq: u64) -> ReplItem {
+        ReplItem {
+            partition: 3,
+            epoch: 1,
+            stream,
+            seq,
+            ops: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_copy_takes_only_the_next_write_of_the_stream_it_follows() {
+        let at = Follows::Stream {
+            from: "a".into(),
+            stream: 7,
+            seq: 10,
+        };
+        assert!(matches!(next_of(&at, "a", &item(7, 11)), Ok(true)));
+        for held in [1, 9, 10] {
+            assert!(matches!(next_of(&at, "a", &item(7, held)), Ok(false)));
+        }
+        // N+2 before N+1: a gap.
+        let gap = next_of(&at, "a", &item(7, 12)).expect_err("a gap");
+        assert!(gap.to_string().contains("gap"), "{gap}");
+        assert!(next_of(&at, "a", &item(7, u64::MAX)).is_err());
+        // Another stream of the same primary (a restart), or another sender.
+        assert!(next_of(&at, "a", &item(8, 11)).is_err());
+        assert!(next_of(&at, "b", &item(7, 11)).is_err());
+        // A brand-new partition follows the first stream from 1 only.
+        assert!(matches!(
+            next_of(&Follows::Fresh, "a", &item(9, 1)),
+            Ok(true)
+        ));
+        assert!(next_of(&Follows::Fresh, "a", &item(9, 2)).is_err());
+        // Nothing: only a snapshot helps.
+        assert!(next_of(&Follows::Nothing, "a", &item(7, 11)).is_err());
+        assert!(next_of(&Follows::Nothing, "a", &item(7, 1)).is_err());
+    }
+}

@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
@@ -36,6 +37,9 @@ struct Queued {
     item: ReplItem,
     bytes: usize,
     done: oneshot::Sender<Acked>,
+    /// The stream's queued-bytes count (this item's bytes are in it until
+    /// its frame is answered).
+    held: Arc<AtomicUsize>,
 }
 
 /// The streams of one node, keyed by the backup's peer address.
@@ -45,15 +49,17 @@ pub struct Streams {
     timeout: Duration,
     max_batch_bytes: usize,
     queue: usize,
+    queue_bytes: usize,
     tasks: TaskTracker,
     shutdown: CancellationToken,
-    senders: parking_lot::Mutex<HashMap<String, mpsc::Sender<Queued>>>,
+    senders: parking_lot::Mutex<HashMap<String, (mpsc::Sender<Queued>, Arc<AtomicUsize>)>>,
 }
 
 impl std::fmt::Debug for Streams {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Streams")
             .field("backups", &self.senders.lock().len())
+            .field("queue_bytes", &self.queue_bytes)
             .finish()
     }
 }
@@ -79,13 +85,13 @@ fn item_bytes(ops: &[ReplOp]) -> usize {
 impl Streams {
     /// Streams sending as member `me` through `peers`; a frame waits
     /// `timeout` for its answer; frames carry up to `max_batch_bytes` (one
-    /// larger item travels alone); `queue` items wait per backup at most.
+    /// larger item travels alone); `(items, bytes)` wait per backup at most.
     pub fn new(
         peers: Arc<Peers>,
         me: String,
         timeout: Duration,
         max_batch_bytes: usize,
-        queue: usize,
+        (queue, queue_bytes): (usize, usize),
         tasks: TaskTracker,
         shutdown: CancellationToken,
     ) -> Streams {
@@ -95,6 +101,7 @@ impl Streams {
             timeout,
             max_batch_bytes,
             queue: queue.max(1),
+            queue_bytes,
             tasks,
             shutdown,
             senders: parking_lot::Mutex::new(HashMap::new()),
@@ -108,8 +115,21 @@ impl Streams {
     pub async fn send(&self, addr: &str, item: ReplItem) -> oneshot::Receiver<Acked> {
         let (done, rx) = oneshot::channel();
         let bytes = item_bytes(&item.ops);
-        let tx = self.sender(addr);
-        let queued = Queued { item, bytes, done };
+        let (tx, held) = self.sender(addr);
+        let before = held.fetch_add(bytes, Ordering::SeqCst);
+        if before > 0 && before + bytes > self.queue_bytes {
+            held.fetch_sub(bytes, Ordering::SeqCst);
+            let _ = done.send(Acked::Lost(format!(
+                "replication queue to {addr} holds {before} bytes (--replication-queue-bytes)"
+            )));
+            return rx;
+        }
+        let queued = Queued {
+            item,
+            bytes,
+            done,
+            held: held.clone(),
+        };
         match tx.try_send(queued) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(q)) => {
@@ -118,6 +138,7 @@ impl Streams {
                         mpsc::error::SendTimeoutError::Timeout(q)
                         | mpsc::error::SendTimeoutError::Closed(q) => q,
                     };
+                    q.held.fetch_sub(q.bytes, Ordering::SeqCst);
                     let _ = q.done.send(Acked::Lost(format!(
                         "replication queue to {addr} full for {:?}",
                         self.timeout
@@ -125,6 +146,7 @@ impl Streams {
                 }
             }
             Err(mpsc::error::TrySendError::Closed(q)) => {
+                q.held.fetch_sub(q.bytes, Ordering::SeqCst);
                 let _ = q.done.send(Acked::Lost("node shutting down".into()));
             }
         }
@@ -139,15 +161,16 @@ impl Streams {
             .retain(|addr, _| keep.contains(&addr.as_str()));
     }
 
-    fn sender(&self, addr: &str) -> mpsc::Sender<Queued> {
+    fn sender(&self, addr: &str) -> (mpsc::Sender<Queued>, Arc<AtomicUsize>) {
         let mut senders = self.senders.lock();
-        if let Some(tx) = senders.get(addr)
+        if let Some((tx, held)) = senders.get(addr)
             && !tx.is_closed()
         {
-            return tx.clone();
+            return (tx.clone(), held.clone());
         }
         let (tx, rx) = mpsc::channel(self.queue);
-        senders.insert(addr.to_string(), tx.clone());
+        let held = Arc::new(AtomicUsize::new(0));
+        senders.insert(addr.to_string(), (tx.clone(), held.clone()));
         let stream = Stream {
             peers: self.peers.clone(),
             me: self.me.clone(),
@@ -157,7 +180,7 @@ impl Streams {
         };
         let shutdown = self.shutdown.clone();
         self.tasks.spawn(stream.run(rx, shutdown));
-        tx
+        (tx, held)
     }
 }
 
@@ -201,12 +224,15 @@ impl Stream {
         // Whatever is still queued is answered as lost.
         rx.close();
         while let Ok(q) = rx.try_recv() {
+            q.held.fetch_sub(q.bytes, Ordering::SeqCst);
             let _ = q.done.send(Acked::Lost("node shutting down".into()));
         }
     }
 
     /// Sends one frame and hands out its answers.
     async fn send(&self, batch: Vec<Queued>) {
+        let bytes: usize = batch.iter().map(|q| q.bytes).sum();
+        let held = batch.first().map(|q| q.held.clone());
         let (items, waiters): (Vec<ReplItem>, Vec<oneshot::Sender<Acked>>) =
             batch.into_iter().map(|q| (q.item, q.done)).unzip();
         let n = items.len();
@@ -215,6 +241,9 @@ impl Stream {
             items,
         };
         let answer = self.peers.call(&self.addr, req, self.timeout).await;
+        if let Some(held) = held {
+            held.fetch_sub(bytes, Ordering::SeqCst);
+        }
         match answer {
             Ok(Response::Replicated(results)) if results.len() == n => {
                 for (done, r) in waiters.into_iter().zip(results) {

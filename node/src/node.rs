@@ -322,8 +322,8 @@ impl Node {
             node.cluster
                 .members()
                 .iter()
+                .find(|&m| m.peer == addr)
                 .cloned()
-                .find(|m| m.peer == addr)
                 .map(|m| m.name)
         }));
         if let Some(listener) = peer_listener {

@@ -110,8 +110,8 @@ impl Node {
             .cluster
             .members()
             .iter()
+            .find(|&m| m.name == coord)
             .cloned()
-            .find(|m| m.name == coord)
         else {
             return;
         };

@@ -70,8 +70,8 @@ impl Node {
                 node.cluster
                     .members()
                     .iter()
+                    .find(|&m| m.name == name)
                     .cloned()
-                    .find(|m| m.name == name)
                     .map(|m| m.peer)
             }),
         };
@@ -103,8 +103,8 @@ impl Node {
         let n = voter_count(members.len());
         members
             .iter()
-            .cloned()
             .take(n)
+            .cloned()
             .map(|m| {
                 (
                     node_id(&m.name),
@@ -177,8 +177,8 @@ impl Node {
             self.cluster
                 .members()
                 .iter()
+                .find(|&m| m.name == leader.name)
                 .cloned()
-                .find(|m| m.name == leader.name)
                 .map_or(leader.peer, |m| m.peer),
         )
     }

@@ -20,8 +20,8 @@ impl Node {
         let members = self.cluster.members();
         let calls = members
             .iter()
+            .filter(|&m| m.name != self.name())
             .cloned()
-            .filter(|m| m.name != self.name())
             .map(|m| {
                 let hb = hb.clone();
                 async move {

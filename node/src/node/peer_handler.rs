@@ -169,8 +169,8 @@ impl Node {
             .cluster
             .members()
             .iter()
+            .find(|&m| node_id(&m.name) == sender)
             .cloned()
-            .find(|m| node_id(&m.name) == sender)
             .ok_or_else(|| format!("Raft message from node id {sender}, no current member"))?;
         if !self.speaks_for_member(caller, &named) {
             return Err(format!(

@@ -42,6 +42,9 @@ struct Queued {
     held: Arc<AtomicUsize>,
 }
 
+/// One backup's queue: its sender and the bytes it holds.
+type Queue = (mpsc::Sender<Queued>, Arc<AtomicUsize>);
+
 /// The streams of one node, keyed by the backup's peer address.
 pub struct Streams {
     peers: Arc<Peers>,
@@ -52,7 +55,7 @@ pub struct Streams {
     queue_bytes: usize,
     tasks: TaskTracker,
     shutdown: CancellationToken,
-    senders: parking_lot::Mutex<HashMap<String, (mpsc::Sender<Queued>, Arc<AtomicUsize>)>>,
+    senders: parking_lot::Mutex<HashMap<String, Queue>>,
 }
 
 impl std::fmt::Debug for Streams {
@@ -161,7 +164,7 @@ impl Streams {
             .retain(|addr, _| keep.contains(&addr.as_str()));
     }
 
-    fn sender(&self, addr: &str) -> (mpsc::Sender<Queued>, Arc<AtomicUsize>) {
+    fn sender(&self, addr: &str) -> Queue {
         let mut senders = self.senders.lock();
         if let Some((tx, held)) = senders.get(addr)
             && !tx.is_closed()

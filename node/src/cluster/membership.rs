@@ -168,10 +168,13 @@ mod tests {
             .expect("open");
         f.set_modified(SystemTime::now() + std::time::Duration::from_secs(5))
             .expect("mtime");
+        // The file is looked at every FILE_CHECK_EVERY at most.
+        std::thread::sleep(FILE_CHECK_EVERY + std::time::Duration::from_millis(10));
         assert_eq!(p.members().len(), 2);
         std::fs::write(&path, "garbage").expect("write");
         f.set_modified(SystemTime::now() + std::time::Duration::from_secs(10))
             .expect("mtime");
+        std::thread::sleep(FILE_CHECK_EVERY + std::time::Duration::from_millis(10));
         assert_eq!(p.members().len(), 2, "bad file keeps the last good list");
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -21,10 +21,12 @@ use crate::clock::Clock;
 use crate::error::{Error, Result};
 use crate::replica::{ReplOp, Written};
 
+mod entries;
 mod lru_index;
 mod partition;
 mod planned;
 
+use entries::{Entry, EntryMap};
 use lru_index::LruIndex;
 
 /// Longest collection name, bytes.
@@ -74,50 +76,17 @@ impl CollectionMeta {
     }
 }
 
-#[derive(Debug)]
-struct Entry {
-    value: Bytes,
-    /// Wall-clock ms after which the entry is gone; 0 = never.
-    expires_at: u64,
-    /// Last use, seconds on the store's clock (the memory limit's LRU
-    /// sampling); updated under the partition's read lock.
-    used_at: AtomicU32,
-}
-
-impl Clone for Entry {
-    fn clone(&self) -> Self {
-        Entry {
-            value: self.value.clone(),
-            expires_at: self.expires_at,
-            used_at: AtomicU32::new(self.used_at.load(Ordering::Relaxed)),
-        }
-    }
-}
-
-impl Entry {
-    fn new(value: Bytes, expires_at: u64, now_ms: u64) -> Self {
-        Entry {
-            value,
-            expires_at,
-            used_at: AtomicU32::new(secs(now_ms)),
-        }
-    }
-
-    fn live(&self, now: u64) -> bool {
-        self.expires_at == 0 || self.expires_at > now
-    }
-}
-
 fn secs(now_ms: u64) -> u32 {
     u32::try_from(now_ms / 1000).unwrap_or(u32::MAX)
 }
 
-/// Bytes an entry is accounted at besides its key and value (its hash-table
-/// slot, the entry and the two buffers' headers).
+/// Bytes an entry is accounted at besides its key and value: its 32-byte
+/// hash-table slot at the table's load factor (up to 64), the allocator's
+/// header and rounding of its one buffer; kept on the safe side.
 pub const ENTRY_OVERHEAD: usize = 96;
 
-fn cost(key: &Bytes, e: &Entry) -> usize {
-    key.len() + e.value.len() + ENTRY_OVERHEAD
+fn cost(e: &Entry) -> usize {
+    e.len() + ENTRY_OVERHEAD
 }
 
 /// What a write does when the entries would exceed `--max-memory`
@@ -142,7 +111,7 @@ pub struct MemoryLimit {
     pub policy: MemoryPolicy,
 }
 
-type PartitionData = HashMap<Arc<str>, HashMap<Bytes, Entry>>;
+type PartitionData = HashMap<Arc<str>, EntryMap>;
 
 /// The store of one node.
 #[derive(Debug)]
@@ -262,7 +231,7 @@ impl Store {
                 for (k, e) in map.iter().skip(start).chain(map.iter()).take(16) {
                     let t = e.used_at.load(Ordering::Relaxed);
                     if victim.as_ref().is_none_or(|v| t < v.2) {
-                        victim = Some((name.clone(), k.clone(), t));
+                        victim = Some((name.clone(), Bytes::copy_from_slice(k), t));
                     }
                 }
             }
@@ -272,7 +241,7 @@ impl Store {
             if let Some(map) = part.get_mut(&name)
                 && let Some(old) = map.remove(&key)
             {
-                self.charge(0, cost(&key, &old));
+                self.charge(0, cost(&old));
                 if let Some(l) = metas.get(&name).and_then(|m| m.lru.as_ref()) {
                     l.lock().remove(&(p, key.clone()));
                 }
@@ -408,7 +377,7 @@ impl Store {
             .get(&*meta.name)
             .and_then(|m| m.get(key))
             .filter(|e| e.live(now))
-            .map(|e| (e.value.clone(), e.expires_at)))
+            .map(|e| (e.value_bytes(), e.expires_at)))
     }
 
     /// The value of `key`, if present and not expired (a use, for LRU).
@@ -431,7 +400,7 @@ impl Store {
             // A read is a use: move the key to the most recently used end.
             lru.lock().touch(&(p, key.clone()));
         }
-        Some(entry.value.clone())
+        Some(entry.value_bytes())
     }
 
     /// Stores `value` under `key`; `ttl_ms` None or 0 = the collection
@@ -464,20 +433,20 @@ impl Store {
                 return Err(Error::CollectionNotFound(meta.name.to_string()));
             }
             let now = self.clock.wall_ms();
-            let entry = Entry::new(value.clone(), expires_at, now);
-            let add = cost(&key, &entry);
+            let entry = Entry::new(&key, &value, expires_at, secs(now));
+            let add = cost(&entry);
             if self.memory.max_bytes > 0 && self.memory.policy == MemoryPolicy::EvictLru {
                 let replaced = part
                     .get(&*meta.name)
                     .and_then(|m| m.get(&key))
-                    .map_or(0, |old| cost(&key, old));
+                    .map_or(0, cost);
                 if add > replaced {
                     self.make_room(&mut part, p, add - replaced, w)?;
                 }
             }
             let map = part.entry(meta.name.clone()).or_default();
-            let old = map.insert(key.clone(), entry);
-            self.charge(add, old.as_ref().map_or(0, |o| cost(&key, o)));
+            let old = map.insert(entry);
+            self.charge(add, old.as_ref().map_or(0, cost));
             w.ops.push((
                 p,
                 ReplOp::Put {
@@ -500,7 +469,7 @@ impl Store {
                     };
                     if vp == p {
                         if let Some(old) = map.remove(&vk) {
-                            self.charge(0, cost(&vk, &old));
+                            self.charge(0, cost(&old));
                         }
                         let del = ReplOp::Delete {
                             collection: meta.name.to_string(),
@@ -544,7 +513,7 @@ impl Store {
         }
         match map.remove(key) {
             Some(old) => {
-                self.charge(0, cost(key, &old));
+                self.charge(0, cost(&old));
                 true
             }
             None => false,
@@ -568,7 +537,7 @@ impl Store {
         let Some(old) = map.remove(key) else {
             return false;
         };
-        self.charge(0, cost(key, &old));
+        self.charge(0, cost(&old));
         if let Some(l) = &meta.lru {
             l.lock().remove(&(p, key.clone()));
         }
@@ -630,9 +599,9 @@ impl Store {
             }
             if let Some(map) = part.read().get(&*meta.name) {
                 out.extend(
-                    map.iter()
-                        .filter(|(_, e)| e.live(now))
-                        .map(|(k, _)| k.clone()),
+                    map.values()
+                        .filter(|e| e.live(now))
+                        .map(|e| e.key_bytes()),
                 );
             }
         }
@@ -650,9 +619,9 @@ impl Store {
             .read()
             .get(&*meta.name)
             .map(|map| {
-                map.iter()
-                    .filter(|(_, e)| e.live(now))
-                    .map(|(k, _)| k.clone())
+                map.values()
+                    .filter(|e| e.live(now))
+                    .map(|e| e.key_bytes())
                     .collect()
             })
             .unwrap_or_default();
@@ -710,10 +679,10 @@ impl Store {
         };
         let mut index = meta.lru.as_ref().map(|l| l.lock());
         let mut removed = 0;
-        self.charge(0, map.iter().map(|(k, e)| cost(k, e)).sum());
-        for (k, e) in map {
+        self.charge(0, map.values().map(cost).sum());
+        for e in map {
             if let Some(i) = index.as_mut() {
-                i.remove(&(p, k));
+                i.remove(&(p, e.key_bytes()));
             }
             if e.live(now) {
                 removed += 1;

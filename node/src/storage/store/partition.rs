@@ -4,12 +4,12 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use super::{Entry, PartitionData, Store, cost};
+use super::{Entry, EntryMap, PartitionData, Store, cost, secs};
 use crate::replica::{PartitionSnapshot, ReplOp};
 
 /// Accounted bytes of one collection's entries in a partition.
-fn total(map: &std::collections::HashMap<bytes::Bytes, Entry>) -> usize {
-    map.iter().map(|(k, e)| cost(k, e)).sum()
+fn total(map: &EntryMap) -> usize {
+    map.values().map(cost).sum()
 }
 
 impl Store {
@@ -29,17 +29,17 @@ impl Store {
                     expires_at,
                 } => {
                     let name = self.intern(collection);
-                    let entry = Entry::new(value.clone(), *expires_at, now);
-                    let add = cost(key, &entry);
-                    let old = part.entry(name).or_default().insert(key.clone(), entry);
-                    self.charge(add, old.as_ref().map_or(0, |o| cost(key, o)));
+                    let entry = Entry::new(key, value, *expires_at, secs(now));
+                    let add = cost(&entry);
+                    let old = part.entry(name).or_default().insert(entry);
+                    self.charge(add, old.as_ref().map_or(0, cost));
                 }
                 ReplOp::Delete { collection, key } => {
                     if let Some(old) = part
                         .get_mut(collection.as_str())
                         .and_then(|map| map.remove(key))
                     {
-                        self.charge(0, cost(key, &old));
+                        self.charge(0, cost(&old));
                     }
                 }
                 ReplOp::Clear { collection } => {
@@ -70,7 +70,7 @@ impl Store {
                     (
                         name.to_string(),
                         map.iter()
-                            .map(|(k, e)| (k.clone(), e.value.clone(), e.expires_at))
+                            .map(|(_, e)| (e.key_bytes(), e.value_bytes(), e.expires_at))
                             .collect(),
                     )
                 })
@@ -87,7 +87,7 @@ impl Store {
         for (name, entries) in &snap.collections {
             let map = entries
                 .iter()
-                .map(|(k, v, exp)| (k.clone(), Entry::new(v.clone(), *exp, now)))
+                .map(|(k, v, exp)| Entry::new(k, v, *exp, secs(now)))
                 .collect();
             data.insert(self.intern(name), map);
         }
@@ -109,7 +109,7 @@ impl Store {
                 h.update(&[0xFF]);
                 h.update(&(k.len() as u64).to_le_bytes());
                 h.update(k);
-                h.update(&e.value);
+                h.update(e.value());
                 h.update(&e.expires_at.to_le_bytes());
                 d = d.wrapping_add(h.digest());
             }
@@ -134,8 +134,9 @@ impl Store {
             };
             let mut index = lru.lock();
             for (k, e) in map.iter() {
+                let k = bytes::Bytes::copy_from_slice(k);
                 if !index.contains(&(p, k.clone())) {
-                    index.put((p, k.clone()), e.expires_at);
+                    index.put((p, k), e.expires_at);
                 }
             }
         }
@@ -149,8 +150,8 @@ impl Store {
                 continue;
             };
             let mut index = lru.lock();
-            for k in map.keys() {
-                index.remove(&(p, k.clone()));
+            for (k, _) in map.iter() {
+                index.remove(&(p, bytes::Bytes::copy_from_slice(k)));
             }
         }
     }
@@ -171,15 +172,15 @@ impl Store {
             let mut part = self.partitions[p].write();
             part.retain(|name, map| {
                 let index = metas.get(name).and_then(|m| m.lru.as_ref());
-                map.retain(|k, e| {
+                map.retain(|e| {
                     if e.live(now) {
                         return true;
                     }
                     if let Some(l) = index {
-                        l.lock().remove(&(p as u32, k.clone()));
+                        l.lock().remove(&(p as u32, e.key_bytes()));
                     }
                     removed += 1;
-                    freed += cost(k, e);
+                    freed += cost(e);
                     false
                 });
                 !map.is_empty()

@@ -598,11 +598,7 @@ impl Store {
                 continue;
             }
             if let Some(map) = part.read().get(&*meta.name) {
-                out.extend(
-                    map.values()
-                        .filter(|e| e.live(now))
-                        .map(|e| e.key_bytes()),
-                );
+                out.extend(map.values().filter(|e| e.live(now)).map(|e| e.key_bytes()));
             }
         }
         Ok(out)

@@ -1,7 +1,10 @@
 //! Compact entries: one allocation per entry holding its key and value
-//! together, in a hash table of 32-byte slots (the buffer pointer and
-//! length, the key's length, the last use and the expiry), looked up by the
-//! key bytes. A read copies the value out.
+//! together, in a hash table of 40-byte slots (the buffer pointer and
+//! length, the key's length, the last use, the expiry and a pointer used
+//! only by large values), looked up by the key bytes. A read copies a small
+//! value out; a value larger than [`INLINE_MAX`] is kept as its own shared
+//! buffer instead, so reading it copies nothing (a read of a 4 MiB value
+//! must not allocate 4 MiB).
 
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -9,11 +12,16 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use bytes::Bytes;
 use hashbrown::HashTable;
 
+/// Values up to this many bytes are stored inline with their key.
+pub(in crate::storage) const INLINE_MAX: usize = 1024;
+
 /// One stored entry.
 #[derive(Debug)]
 pub(in crate::storage) struct Entry {
-    /// The key's bytes, then the value's.
+    /// The key's bytes, then (up to [`INLINE_MAX`]) the value's.
     data: Box<[u8]>,
+    /// A value larger than [`INLINE_MAX`], shared (not in `data`).
+    large: Option<Box<Bytes>>,
     /// Length of the key in `data`.
     klen: u32,
     /// Last use, seconds on the store's clock (the memory limit's LRU
@@ -27,6 +35,7 @@ impl Clone for Entry {
     fn clone(&self) -> Self {
         Entry {
             data: self.data.clone(),
+            large: self.large.clone(),
             klen: self.klen,
             used_at: AtomicU32::new(self.used_at.load(Ordering::Relaxed)),
             expires_at: self.expires_at,
@@ -36,12 +45,21 @@ impl Clone for Entry {
 
 impl Entry {
     /// An entry of `key` and `value`, used at `used_at` (seconds).
-    pub(in crate::storage) fn new(key: &[u8], value: &[u8], expires_at: u64, used_at: u32) -> Self {
-        let mut data = Vec::with_capacity(key.len() + value.len());
+    pub(in crate::storage) fn new(
+        key: &[u8],
+        value: &Bytes,
+        expires_at: u64,
+        used_at: u32,
+    ) -> Self {
+        let large = value.len() > INLINE_MAX;
+        let mut data = Vec::with_capacity(key.len() + if large { 0 } else { value.len() });
         data.extend_from_slice(key);
-        data.extend_from_slice(value);
+        if !large {
+            data.extend_from_slice(value);
+        }
         Entry {
             data: data.into_boxed_slice(),
+            large: large.then(|| Box::new(value.clone())),
             // Keys are bounded far below 4 GiB (frames and messages are).
             klen: u32::try_from(key.len()).unwrap_or(u32::MAX),
             used_at: AtomicU32::new(used_at),
@@ -56,7 +74,10 @@ impl Entry {
 
     /// The value.
     pub(in crate::storage) fn value(&self) -> &[u8] {
-        &self.data[self.klen as usize..]
+        match &self.large {
+            Some(v) => v,
+            None => &self.data[self.klen as usize..],
+        }
     }
 
     /// A copy of the key.
@@ -64,14 +85,17 @@ impl Entry {
         Bytes::copy_from_slice(self.key())
     }
 
-    /// A copy of the value.
+    /// The value (a copy of a small one, a share of a large one).
     pub(in crate::storage) fn value_bytes(&self) -> Bytes {
-        Bytes::copy_from_slice(self.value())
+        match &self.large {
+            Some(v) => Bytes::clone(v),
+            None => Bytes::copy_from_slice(self.value()),
+        }
     }
 
     /// Key and value bytes.
     pub(in crate::storage) fn len(&self) -> usize {
-        self.data.len()
+        self.data.len() + self.large.as_ref().map_or(0, |v| v.len())
     }
 
     /// Not expired at `now` (wall-clock ms).
@@ -101,11 +125,10 @@ impl EntryMap {
     pub(in crate::storage) fn insert(&mut self, e: Entry) -> Option<Entry> {
         let hash = self.hash(e.key());
         let hasher = &self.hasher;
-        match self.table.entry(
-            hash,
-            |x| x.key() == e.key(),
-            |x| hasher.hash_one(x.key()),
-        ) {
+        match self
+            .table
+            .entry(hash, |x| x.key() == e.key(), |x| hasher.hash_one(x.key()))
+        {
             hashbrown::hash_table::Entry::Occupied(mut o) => {
                 Some(std::mem::replace(o.get_mut(), e))
             }
@@ -174,13 +197,19 @@ impl FromIterator<Entry> for EntryMap {
 mod tests {
     use super::*;
 
+    fn b(s: &'static [u8]) -> Bytes {
+        Bytes::from_static(s)
+    }
+
     #[test]
     fn entries_are_found_replaced_and_removed_by_key() {
         let mut m = EntryMap::default();
-        assert!(m.insert(Entry::new(b"k1", b"v1", 0, 1)).is_none());
-        assert!(m.insert(Entry::new(b"k2", b"", 5, 1)).is_none());
-        assert!(m.insert(Entry::new(b"", b"empty key", 0, 1)).is_none());
-        let old = m.insert(Entry::new(b"k1", b"v1bis", 7, 2)).expect("replaced");
+        assert!(m.insert(Entry::new(b"k1", &b(b"v1"), 0, 1)).is_none());
+        assert!(m.insert(Entry::new(b"k2", &b(b""), 5, 1)).is_none());
+        assert!(m.insert(Entry::new(b"", &b(b"empty key"), 0, 1)).is_none());
+        let old = m
+            .insert(Entry::new(b"k1", &b(b"v1bis"), 7, 2))
+            .expect("replaced");
         assert_eq!((old.key(), old.value()), (&b"k1"[..], &b"v1"[..]));
         assert_eq!(m.len(), 3);
         let e = m.get(b"k1").expect("k1");
@@ -188,15 +217,36 @@ mod tests {
         assert_eq!(m.get(b"").map(Entry::value), Some(&b"empty key"[..]));
         assert_eq!(m.get(b"k2").map(Entry::value), Some(&b""[..]));
         assert!(m.get(b"k").is_none());
-        assert_eq!(m.remove(b"k2").map(|e| e.key_bytes()), Some(Bytes::from("k2")));
+        assert_eq!(
+            m.remove(b"k2").map(|e| e.key_bytes()),
+            Some(Bytes::from("k2"))
+        );
         assert!(m.remove(b"k2").is_none());
         for i in 0..10_000u32 {
-            m.insert(Entry::new(&i.to_le_bytes(), &[i as u8; 3], 0, 0));
+            m.insert(Entry::new(
+                &i.to_le_bytes(),
+                &Bytes::copy_from_slice(&[i as u8; 3]),
+                0,
+                0,
+            ));
         }
         assert_eq!(m.len(), 10_002);
         m.retain(|e| e.key().len() != 4 || e.value()[0] % 2 == 0);
         assert!(m.get(&1u32.to_le_bytes()).is_none());
         assert!(m.get(&2u32.to_le_bytes()).is_some());
-        assert_eq!(std::mem::size_of::<Entry>(), 32);
+        assert_eq!(std::mem::size_of::<Entry>(), 40);
+    }
+
+    #[test]
+    fn a_large_value_is_shared_not_copied() {
+        let big = Bytes::from(vec![7u8; INLINE_MAX + 1]);
+        let e = Entry::new(b"big", &big, 0, 0);
+        assert_eq!(e.len(), 3 + INLINE_MAX + 1);
+        let read = e.value_bytes();
+        assert_eq!(read, big);
+        assert_eq!(read.as_ptr(), big.as_ptr(), "the read copied the value");
+        let small = Entry::new(b"s", &Bytes::from_static(&[1u8; INLINE_MAX]), 0, 0);
+        assert_eq!(small.value().len(), INLINE_MAX);
+        assert_eq!(small.len(), 1 + INLINE_MAX);
     }
 }

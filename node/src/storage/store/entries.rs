@@ -1,10 +1,10 @@
 //! Compact entries: one allocation per entry holding its key and value
-//! together, in a hash table of 40-byte slots (the buffer pointer and
-//! length, the key's length, the last use, the expiry and a pointer used
-//! only by large values), looked up by the key bytes. A read copies a small
-//! value out; a value larger than [`INLINE_MAX`] is kept as its own shared
-//! buffer instead, so reading it copies nothing (a read of a 4 MiB value
-//! must not allocate 4 MiB).
+//! together, in a hash table of 32-byte slots (the buffer pointer and
+//! length, the key's length, the last use and the expiry), looked up by the
+//! key bytes. A read copies a small value out; a value larger than
+//! [`INLINE_MAX`] is kept as its own shared buffer instead (behind one more
+//! allocation), so reading it copies nothing (a read of a 4 MiB value must
+//! not allocate 4 MiB).
 
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -15,13 +15,25 @@ use hashbrown::HashTable;
 /// Values up to this many bytes are stored inline with their key.
 pub(in crate::storage) const INLINE_MAX: usize = 1024;
 
+/// An entry's bytes (16 bytes: the enum fits in the box's pointer niche).
+#[derive(Debug, Clone)]
+enum Data {
+    /// The key's bytes, then the value's.
+    Inline(Box<[u8]>),
+    /// A value larger than [`INLINE_MAX`], shared, with its key.
+    Large(Box<Large>),
+}
+
+#[derive(Debug, Clone)]
+struct Large {
+    key: Box<[u8]>,
+    value: Bytes,
+}
+
 /// One stored entry.
 #[derive(Debug)]
 pub(in crate::storage) struct Entry {
-    /// The key's bytes, then (up to [`INLINE_MAX`]) the value's.
-    data: Box<[u8]>,
-    /// A value larger than [`INLINE_MAX`], shared (not in `data`).
-    large: Option<Box<Bytes>>,
+    data: Data,
     /// Length of the key in `data`.
     klen: u32,
     /// Last use, seconds on the store's clock (the memory limit's LRU
@@ -35,7 +47,6 @@ impl Clone for Entry {
     fn clone(&self) -> Self {
         Entry {
             data: self.data.clone(),
-            large: self.large.clone(),
             klen: self.klen,
             used_at: AtomicU32::new(self.used_at.load(Ordering::Relaxed)),
             expires_at: self.expires_at,
@@ -51,15 +62,19 @@ impl Entry {
         expires_at: u64,
         used_at: u32,
     ) -> Self {
-        let large = value.len() > INLINE_MAX;
-        let mut data = Vec::with_capacity(key.len() + if large { 0 } else { value.len() });
-        data.extend_from_slice(key);
-        if !large {
+        let data = if value.len() > INLINE_MAX {
+            Data::Large(Box::new(Large {
+                key: key.into(),
+                value: value.clone(),
+            }))
+        } else {
+            let mut data = Vec::with_capacity(key.len() + value.len());
+            data.extend_from_slice(key);
             data.extend_from_slice(value);
-        }
+            Data::Inline(data.into_boxed_slice())
+        };
         Entry {
-            data: data.into_boxed_slice(),
-            large: large.then(|| Box::new(value.clone())),
+            data,
             // Keys are bounded far below 4 GiB (frames and messages are).
             klen: u32::try_from(key.len()).unwrap_or(u32::MAX),
             used_at: AtomicU32::new(used_at),
@@ -69,14 +84,17 @@ impl Entry {
 
     /// The key.
     pub(in crate::storage) fn key(&self) -> &[u8] {
-        &self.data[..self.klen as usize]
+        match &self.data {
+            Data::Inline(d) => &d[..self.klen as usize],
+            Data::Large(l) => &l.key,
+        }
     }
 
     /// The value.
     pub(in crate::storage) fn value(&self) -> &[u8] {
-        match &self.large {
-            Some(v) => v,
-            None => &self.data[self.klen as usize..],
+        match &self.data {
+            Data::Inline(d) => &d[self.klen as usize..],
+            Data::Large(l) => &l.value,
         }
     }
 
@@ -87,15 +105,18 @@ impl Entry {
 
     /// The value (a copy of a small one, a share of a large one).
     pub(in crate::storage) fn value_bytes(&self) -> Bytes {
-        match &self.large {
-            Some(v) => Bytes::clone(v),
-            None => Bytes::copy_from_slice(self.value()),
+        match &self.data {
+            Data::Inline(_) => Bytes::copy_from_slice(self.value()),
+            Data::Large(l) => l.value.clone(),
         }
     }
 
     /// Key and value bytes.
     pub(in crate::storage) fn len(&self) -> usize {
-        self.data.len() + self.large.as_ref().map_or(0, |v| v.len())
+        match &self.data {
+            Data::Inline(d) => d.len(),
+            Data::Large(l) => l.key.len() + l.value.len(),
+        }
     }
 
     /// Not expired at `now` (wall-clock ms).
@@ -234,7 +255,7 @@ mod tests {
         m.retain(|e| e.key().len() != 4 || e.value()[0] % 2 == 0);
         assert!(m.get(&1u32.to_le_bytes()).is_none());
         assert!(m.get(&2u32.to_le_bytes()).is_some());
-        assert_eq!(std::mem::size_of::<Entry>(), 40);
+        assert_eq!(std::mem::size_of::<Entry>(), 32);
     }
 
     #[test]
@@ -242,6 +263,7 @@ mod tests {
         let big = Bytes::from(vec![7u8; INLINE_MAX + 1]);
         let e = Entry::new(b"big", &big, 0, 0);
         assert_eq!(e.len(), 3 + INLINE_MAX + 1);
+        assert_eq!(e.key(), b"big");
         let read = e.value_bytes();
         assert_eq!(read, big);
         assert_eq!(read.as_ptr(), big.as_ptr(), "the read copied the value");

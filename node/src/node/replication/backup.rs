@@ -12,9 +12,16 @@ use crate::node::Node;
 use crate::replica::{PartitionSnapshot, ReplOp};
 
 /// Whether `item` is the next write of the stream a copy at `follows`
-/// takes: Ok(true) apply it, Ok(false) already held, Err refused (another
-/// stream, or a gap).
-fn next_of(follows: &Follows, from: &str, item: &ReplItem) -> Result<bool> {
+/// takes (`epoch`: this node's table epoch): Ok(true) apply it, Ok(false)
+/// already held, Err refused (another stream, or a gap).
+///
+/// A copy that follows a stream contiguously also takes the first write
+/// (seq 1) of a new tenure's stream stamped at this node's current epoch:
+/// of another primary (a co-backup after a promotion: both were in the
+/// in-sync set, so both hold every acknowledged write), or a newer stream of
+/// the same primary (a restart from its log). Older streams, stale epochs
+/// and later sequence numbers of unknown streams are refused.
+fn next_of(follows: &Follows, from: &str, item: &ReplItem, epoch: u64) -> Result<bool> {
     let p = item.partition;
     match follows {
         Follows::Stream {
@@ -32,6 +39,11 @@ fn next_of(follows: &Follows, from: &str, item: &ReplItem) -> Result<bool> {
                     item.seq
                 )))
             }
+        }
+        Follows::Stream {
+            from: f, stream, ..
+        } if item.seq == 1 && item.epoch == epoch && (f != from || item.stream > *stream) => {
+            Ok(true)
         }
         Follows::Fresh if item.seq == 1 => Ok(true),
         _ => Err(Error::Unavailable(format!(
@@ -76,6 +88,7 @@ impl Node {
             .map(|&p| (p, self.cluster.part(p).follows.lock().clone()))
             .collect();
         let mut accepted = Vec::new();
+        let epoch = self.cluster.table().epoch;
         for (i, item) in items.iter().enumerate() {
             if results[i].is_some() {
                 continue;
@@ -90,7 +103,7 @@ impl Node {
             let Some(follows) = at.get_mut(&p) else {
                 continue;
             };
-            match next_of(follows, from, item) {
+            match next_of(follows, from, item, epoch) {
                 Ok(true) => {
                     *follows = Follows::Stream {
                         from: from.to_string(),
@@ -350,25 +363,30 @@ mod tests {
             stream: 7,
             seq: 10,
         };
-        assert!(matches!(next_of(&at, "a", &item(7, 11)), Ok(true)));
+        let next = |f: &Follows, from: &str, i: ReplItem| next_of(f, from, &i, 1);
+        assert!(matches!(next(&at, "a", item(7, 11)), Ok(true)));
         for held in [1, 9, 10] {
-            assert!(matches!(next_of(&at, "a", &item(7, held)), Ok(false)));
+            assert!(matches!(next(&at, "a", item(7, held)), Ok(false)));
         }
         // N+2 before N+1: a gap.
-        let gap = next_of(&at, "a", &item(7, 12)).expect_err("a gap");
+        let gap = next(&at, "a", item(7, 12)).expect_err("a gap");
         assert!(gap.to_string().contains("gap"), "{gap}");
-        assert!(next_of(&at, "a", &item(7, u64::MAX)).is_err());
-        // Another stream of the same primary (a restart), or another sender.
-        assert!(next_of(&at, "a", &item(8, 11)).is_err());
-        assert!(next_of(&at, "b", &item(7, 11)).is_err());
+        assert!(next(&at, "a", item(7, u64::MAX)).is_err());
+        // Later writes of another stream, or of another sender's.
+        assert!(next(&at, "a", item(8, 11)).is_err());
+        assert!(next(&at, "b", item(7, 11)).is_err());
+        // The first write of a new tenure at this epoch: another primary
+        // (a promotion), or a newer stream of the same one (a restart)...
+        assert!(matches!(next(&at, "b", item(3, 1)), Ok(true)));
+        assert!(matches!(next(&at, "a", item(8, 1)), Ok(true)));
+        // ... but not an older stream of it, nor one stamped at another epoch.
+        assert!(next(&at, "a", item(6, 1)).is_err());
+        assert!(next_of(&at, "b", &item(3, 1), 2).is_err());
         // A brand-new partition follows the first stream from 1 only.
-        assert!(matches!(
-            next_of(&Follows::Fresh, "a", &item(9, 1)),
-            Ok(true)
-        ));
-        assert!(next_of(&Follows::Fresh, "a", &item(9, 2)).is_err());
+        assert!(matches!(next(&Follows::Fresh, "a", item(9, 1)), Ok(true)));
+        assert!(next(&Follows::Fresh, "a", item(9, 2)).is_err());
         // Nothing: only a snapshot helps.
-        assert!(next_of(&Follows::Nothing, "a", &item(7, 11)).is_err());
-        assert!(next_of(&Follows::Nothing, "a", &item(7, 1)).is_err());
+        assert!(next(&Follows::Nothing, "a", item(7, 11)).is_err());
+        assert!(next(&Follows::Nothing, "a", item(7, 1)).is_err());
     }
 }

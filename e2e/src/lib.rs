@@ -62,6 +62,16 @@ pub fn free_port_on(ip: &str) -> u16 {
     }
 }
 
+/// Resident set size of process `pid`, KiB (0 if it is gone).
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
 /// Waits until something accepts TCP connections at `addr`.
 pub fn wait_listening(addr: SocketAddr, timeout: Duration) -> bool {
     let end = Instant::now() + timeout;

@@ -41,6 +41,41 @@ async fn metric(addr: &str, name: &str) -> u64 {
         .map_or(0, |v| v as u64)
 }
 
+/// Keys acknowledged so far, writes refused with MEMORY_LIMIT.
+type Tally = (Arc<Mutex<Vec<String>>>, Arc<AtomicU64>);
+
+/// 256 MiB of 4 KiB values (`k0`, `k1`, ...) from 8 writers, at most 25 s;
+/// any error other than MEMORY_LIMIT fails the test.
+fn write_load(client: &Client) -> (Tally, Vec<tokio::task::JoinHandle<()>>) {
+    let (acked, refused): Tally = (Arc::default(), Arc::default());
+    let next = Arc::new(AtomicU64::new(0));
+    let total = (256u64 << 20) / 4096;
+    let deadline = Instant::now() + Duration::from_secs(25);
+    let writers = (0..8)
+        .map(|_| {
+            let (client, acked, refused, next) =
+                (client.clone(), acked.clone(), refused.clone(), next.clone());
+            tokio::spawn(async move {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= total || Instant::now() > deadline {
+                        return;
+                    }
+                    let key = format!("k{i}");
+                    match client.put(key.clone(), vec![(i % 251) as u8; 4096]).await {
+                        Ok(()) => acked.lock().push(key),
+                        Err(Error::MemoryLimit(_)) => {
+                            refused.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(e) => panic!("write failed otherwise: {e}"),
+                    }
+                }
+            })
+        })
+        .collect();
+    ((acked, refused), writers)
+}
+
 struct Outcome {
     acked: Vec<String>,
     refused: u64,
@@ -67,33 +102,7 @@ async fn load(policy: &str) -> Outcome {
     let client = Client::connect([node.addr.to_string()])
         .await
         .expect("client");
-    let acked = Arc::new(Mutex::new(Vec::new()));
-    let refused = Arc::new(AtomicU64::new(0));
-    let next = Arc::new(AtomicU64::new(0));
-    // 256 MiB of 4 KiB values: four times the limit, 8 writers, at most 25 s.
-    let total = (256u64 << 20) / 4096;
-    let deadline = Instant::now() + Duration::from_secs(25);
-    let mut writers = Vec::new();
-    for _ in 0..8 {
-        let (client, acked, refused, next) =
-            (client.clone(), acked.clone(), refused.clone(), next.clone());
-        writers.push(tokio::spawn(async move {
-            loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= total || Instant::now() > deadline {
-                    return;
-                }
-                let key = format!("k{i}");
-                match client.put(key.clone(), vec![(i % 251) as u8; 4096]).await {
-                    Ok(()) => acked.lock().push(key),
-                    Err(Error::MemoryLimit(_)) => {
-                        refused.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Err(e) => panic!("write failed otherwise: {e}"),
-                }
-            }
-        }));
-    }
+    let ((acked, refused), writers) = write_load(&client);
     let mut peak_rss_kib = 0;
     let mut peak_used = 0;
     while writers.iter().any(|w| !w.is_finished()) {
@@ -184,16 +193,6 @@ async fn evict_lru_keeps_accepting_writes_within_the_limit() {
     );
 }
 
-/// RSS of process `pid`, KiB.
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
-}
-
 /// The three-node test's limit per node.
 const LIMIT3: u64 = 32 << 20;
 
@@ -226,36 +225,11 @@ async fn three_nodes_reject_at_the_limit_and_fail_over_with_every_acknowledged_w
     let client = c.client().await;
     let pids: Vec<u32> = (0..3).filter_map(|i| c.pid(i)).collect();
     assert_eq!(pids.len(), 3);
-    let acked = Arc::new(Mutex::new(Vec::new()));
-    let refused = Arc::new(AtomicU64::new(0));
-    let next = Arc::new(AtomicU64::new(0));
-    let total = (256u64 << 20) / 4096;
-    let deadline = Instant::now() + Duration::from_secs(25);
-    let mut writers = Vec::new();
-    for _ in 0..8 {
-        let (client, acked, refused, next) =
-            (client.clone(), acked.clone(), refused.clone(), next.clone());
-        writers.push(tokio::spawn(async move {
-            loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= total || Instant::now() > deadline {
-                    return;
-                }
-                let key = format!("k{i}");
-                match client.put(key.clone(), vec![(i % 251) as u8; 4096]).await {
-                    Ok(()) => acked.lock().push(key),
-                    Err(Error::MemoryLimit(_)) => {
-                        refused.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Err(e) => panic!("write failed otherwise: {e}"),
-                }
-            }
-        }));
-    }
+    let ((acked, refused), writers) = write_load(&client);
     let mut peak = [0u64; 3];
     while writers.iter().any(|w| !w.is_finished()) {
         for (i, pid) in pids.iter().enumerate() {
-            peak[i] = peak[i].max(rss_kib(*pid));
+            peak[i] = peak[i].max(distcache_e2e::rss_kib(*pid));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

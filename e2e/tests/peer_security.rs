@@ -376,15 +376,6 @@ async fn forged_frames_are_refused_and_every_key_stays() {
     }
 }
 
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn peer_memory_and_connections_stay_bounded() {
     // Member 0 runs under a 2 GiB address-space limit: an allocation beyond
@@ -398,7 +389,7 @@ async fn peer_memory_and_connections_stay_bounded() {
     let client = fill(&mut c, 100).await;
     let target = c.members[0].peer.clone();
     let pid = c.pid(0).expect("member 0 runs");
-    let before = rss_kib(pid);
+    let before = distcache_e2e::rss_kib(pid);
 
     // 1. 16 connections each announce a 79 MiB frame and send 60 MiB of it.
     let chunk = vec![0x5Au8; 1 << 20];
@@ -423,7 +414,7 @@ async fn peer_memory_and_connections_stay_bounded() {
     let mut peak = 0;
     let until = Instant::now() + Duration::from_secs(12);
     while Instant::now() < until {
-        peak = peak.max(rss_kib(pid));
+        peak = peak.max(distcache_e2e::rss_kib(pid));
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     for s in senders {

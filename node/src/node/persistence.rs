@@ -9,7 +9,7 @@ use crate::error::Result;
 use crate::net::message::CollectionOp;
 use crate::node::Node;
 use crate::replica::{PartitionSnapshot, ReplOp};
-use crate::storage::wal::WalRecord;
+use crate::storage::wal::{WalRecord, frame_ops_into};
 
 /// The log record of a collection-registry change.
 pub(super) fn collection_record(op: &CollectionOp) -> WalRecord {
@@ -27,21 +27,6 @@ pub(super) fn collection_record(op: &CollectionOp) -> WalRecord {
     }
 }
 
-/// `ops` as log records: one `Ops` record per run of the same partition.
-fn ops_records(ops: &[(u32, ReplOp)]) -> Vec<WalRecord> {
-    let mut recs: Vec<WalRecord> = Vec::new();
-    for (p, op) in ops {
-        match recs.last_mut() {
-            Some(WalRecord::Ops { partition, ops }) if *partition == *p => ops.push(op.clone()),
-            _ => recs.push(WalRecord::Ops {
-                partition: *p,
-                ops: vec![op.clone()],
-            }),
-        }
-    }
-    recs
-}
-
 impl Node {
     /// Logs `ops` (grouped per partition, in order) and waits for the log.
     pub(in crate::node) async fn log_ops(&self, ops: &[(u32, ReplOp)]) -> Result<()> {
@@ -49,7 +34,9 @@ impl Node {
         if ops.is_empty() {
             return Ok(());
         }
-        Ok(wal.append_all(&ops_records(ops)).await?)
+        let mut framed = Vec::with_capacity(64 * ops.len());
+        frame_ops_into(&mut framed, ops)?;
+        Ok(wal.append_framed(framed).await?)
     }
 
     /// Logs a collection-registry change and waits for the log.

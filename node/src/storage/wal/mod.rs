@@ -19,7 +19,7 @@ mod writer;
 use std::fs;
 use std::path::Path;
 
-pub use record::{WalRecord, frame};
+pub use record::{WalRecord, frame, frame_ops_into};
 pub use recovery::{Recovered, recover};
 pub use writer::Wal;
 
@@ -149,6 +149,35 @@ mod tests {
             wal.append(&put(i)).await.expect("append");
         }
         wal.close();
+    }
+
+    /// The borrowed framing of a write batch is byte for byte the framing of
+    /// its owned records (one per run of the same partition).
+    #[test]
+    fn framed_ops_are_the_owned_records_bytes() {
+        let ops: Vec<(u32, ReplOp)> = [3, 3, 5, 3, 3, 3]
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let WalRecord::Ops { ops, .. } = put(i as u64) else {
+                    unreachable!("put is an Ops record")
+                };
+                (*p, ops.into_iter().next().expect("one op"))
+            })
+            .collect();
+        let mut framed = Vec::new();
+        frame_ops_into(&mut framed, &ops).expect("frame");
+        let owned = [(3, 0..2), (5, 2..3), (3, 3..6)];
+        let mut expected = Vec::new();
+        for (partition, range) in owned {
+            let rec = WalRecord::Ops {
+                partition,
+                ops: ops[range].iter().map(|(_, op)| op.clone()).collect(),
+            };
+            expected.extend(frame(&rec).expect("frame"));
+        }
+        assert_eq!(framed, expected);
+        assert!(matches!(record::read_records(&framed), record::Read_::Clean(r) if r.len() == 3));
     }
 
     #[tokio::test]

@@ -48,14 +48,67 @@ pub enum WalRecord {
 
 /// Frames one record.
 pub fn frame(rec: &WalRecord) -> Result<Vec<u8>, WalError> {
-    let payload = rmp_serde::to_vec(rec).map_err(|e| WalError::Encode(e.to_string()))?;
-    let len =
-        u32::try_from(payload.len()).map_err(|_| WalError::Encode("record over 4 GiB".into()))?;
-    let mut out = Vec::with_capacity(payload.len() + 8);
-    out.extend_from_slice(&len.to_le_bytes());
-    out.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
-    out.extend_from_slice(&payload);
+    let mut out = Vec::new();
+    frame_into(&mut out, rec)?;
     Ok(out)
+}
+
+/// Appends the framing of one record (anything that encodes as a
+/// [`WalRecord`]) to `out`: the payload is encoded in place, then its length
+/// and checksum are written in front of it.
+pub(super) fn frame_into<T: Serialize + ?Sized>(
+    out: &mut Vec<u8>,
+    rec: &T,
+) -> Result<(), WalError> {
+    let start = out.len();
+    out.extend_from_slice(&[0; 8]);
+    if let Err(e) = rmp_serde::encode::write(out, rec) {
+        out.truncate(start);
+        return Err(WalError::Encode(e.to_string()));
+    }
+    let payload = &out[start + 8..];
+    let Ok(len) = u32::try_from(payload.len()) else {
+        out.truncate(start);
+        return Err(WalError::Encode("record over 4 GiB".into()));
+    };
+    let crc = crc32fast::hash(payload);
+    out[start..start + 4].copy_from_slice(&len.to_le_bytes());
+    out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+    Ok(())
+}
+
+/// `WalRecord::Ops` borrowing its writes: encodes to the same bytes.
+#[derive(Serialize)]
+enum OpsRef<'a> {
+    Ops { partition: u32, ops: Run<'a> },
+}
+
+/// The ops of a run of `(partition, op)` pairs, encoded as a list of ops.
+struct Run<'a>(&'a [(u32, ReplOp)]);
+
+impl Serialize for Run<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.0.iter().map(|(_, op)| op))
+    }
+}
+
+/// Appends the framed `Ops` records of `ops` (one record per run of the same
+/// partition, in order) to `out`, without copying any op.
+pub fn frame_ops_into(out: &mut Vec<u8>, ops: &[(u32, ReplOp)]) -> Result<(), WalError> {
+    let mut rest = ops;
+    while let Some(&(partition, _)) = rest.first() {
+        let run = rest.iter().take_while(|(p, _)| *p == partition).count();
+        let (this, next) = rest.split_at(run);
+        frame_into(
+            out,
+            &OpsRef::Ops {
+                partition,
+                ops: Run(this),
+            },
+        )?;
+        rest = next;
+    }
+    Ok(())
 }
 
 /// Outcome of reading a file of records.

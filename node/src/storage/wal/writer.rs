@@ -16,7 +16,7 @@ use std::sync::mpsc;
 use parking_lot::Mutex;
 use tokio::sync::oneshot;
 
-use super::record::{WalRecord, frame};
+use super::record::{WalRecord, frame_into};
 use super::{Durability, WalError, list, segment_name};
 
 pub(super) enum Job {
@@ -139,8 +139,14 @@ impl Wal {
     pub async fn append_all(&self, recs: &[WalRecord]) -> Result<(), WalError> {
         let mut bytes = Vec::new();
         for r in recs {
-            bytes.extend(frame(r)?);
+            frame_into(&mut bytes, r)?;
         }
+        self.append_framed(bytes).await
+    }
+
+    /// Appends already framed records (see [`frame_ops_into`](super::frame_ops_into))
+    /// as one unit of the group commit.
+    pub async fn append_framed(&self, bytes: Vec<u8>) -> Result<(), WalError> {
         if self.direct {
             return self.write_direct(&bytes);
         }
@@ -153,9 +159,8 @@ impl Wal {
     pub fn append_nowait(&self, recs: &[WalRecord]) {
         let mut bytes = Vec::new();
         for r in recs {
-            match frame(r) {
-                Ok(b) => bytes.extend(b),
-                Err(e) => tracing::error!(error = %e, "WAL record not encodable"),
+            if let Err(e) = frame_into(&mut bytes, r) {
+                tracing::error!(error = %e, "WAL record not encodable");
             }
         }
         if self.direct {

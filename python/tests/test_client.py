@@ -136,30 +136,40 @@ def test_routing_failover_and_quorum_lost_in_a_cluster(cluster3):
         c.put(f"k{i}", i)
     assert c.size() == 50
     assert c.get_many([f"k{i}" for i in range(50)]) == {f"k{i}": i for i in range(50)}
-    # kill -9 one member: reads and writes go on after the failover.
+    # kill -9 one member: reads and writes go on after the failover. Wait on a
+    # key the killed member was primary for (a key of another member's
+    # partition is writable before the failover has happened).
+    victim = [k for k in (f"v{i}" for i in range(2000))
+              if cache._owner(cache.partition_of("routed", k)) == cluster3.endpoints[2]][0]
     cluster3.kill(2)
     deadline = time.time() + 30
     while True:
         try:
-            c.put("after", "failover")
+            c.put(victim, "failover")
             break
         except distcache.UnavailableError:
-            assert time.time() < deadline
+            assert time.time() < deadline, "the killed member's partitions never failed over"
             time.sleep(0.2)
-    assert c.get("after") == "failover"
+    assert c.get(victim) == "failover"
     assert sum(1 for i in range(50) if c.get(f"k{i}") == i) == 50
     # A second member gone: the survivor refuses writes with QuorumLostError.
+    # It cannot commit a new table alone, so keys of partitions the killed
+    # member still leads stay unreachable; write one the survivor leads.
     cluster3.kill(1)
     deadline = time.time() + 20
     survivor = distcache.DistributedCache([cluster3.endpoints[0]], timeout=3, max_retries=0)
+    own = [k for k in (f"x{i}" for i in range(2000))
+           if survivor._owner(survivor.partition_of("routed", k)) == cluster3.endpoints[0]]
+    assert own, "the survivor leads no partition"
+    last = ""
     while True:
         try:
-            survivor.collection("routed").put("x", 1)
+            survivor.collection("routed").put(own[0], 1)
         except distcache.QuorumLostError:
             break
-        except distcache.DistributedCacheError:
-            pass
-        assert time.time() < deadline, "no QuorumLostError"
+        except distcache.DistributedCacheError as e:
+            last = repr(e)
+        assert time.time() < deadline, f"no QuorumLostError (last: {last})"
         time.sleep(0.2)
     cache.close()
     survivor.close()

@@ -261,8 +261,7 @@ async fn three_nodes_reject_at_the_limit_and_fail_over_with_every_acknowledged_w
         let got = loop {
             match client.get(k).await {
                 Ok(v) => break v,
-                Err(e) if Instant::now() < end => {
-                    let _ = e;
+                Err(_) if Instant::now() < end => {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
                 Err(e) => panic!("read {k} after the kill: {e}"),

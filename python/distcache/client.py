@@ -15,7 +15,10 @@ from .v1 import distcache_pb2_grpc as rpc
 
 Key = Union[str, bytes]
 
-_RETRY_ROUTING = {"NOT_OWNER", "CLUSTER_NOT_READY"}
+# Answers that guarantee nothing was applied: retried for every call
+# (QUORUM_LOST: refused before applying, e.g. a member that lost its lease
+# for a moment; as the Rust client does).
+_RETRY_ROUTING = {"NOT_OWNER", "CLUSTER_NOT_READY", "QUORUM_LOST"}
 
 
 def _key(k: Key) -> bytes:

@@ -45,16 +45,23 @@ class Cluster:
             log = open(os.path.join(self.dir, f"{name}.log"), "w")
             self.procs.append(subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=log))
         self.endpoints = [g for _, g, _ in self.members]
-        deadline = time.time() + 30
+        self.wait_safe()
+
+    def wait_safe(self, timeout=30):
+        """Until every member says the cluster is safe: a table, a quorum,
+        and every partition's backups in its committed in-sync set."""
+        deadline = time.time() + timeout
         while True:
-            try:
-                c = distcache.DistributedCache(self.endpoints, max_retries=0, timeout=2)
-                info = c.cluster_info()
-                c.close()
-                if info["safe"] and info["quorum"]:
-                    return
-            except distcache.DistributedCacheError:
-                pass
+            infos = []
+            for e in self.endpoints:
+                try:
+                    with distcache.DistributedCache([e], max_retries=0, timeout=2) as c:
+                        infos.append(c.cluster_info())
+                except distcache.DistributedCacheError:
+                    infos.append(None)
+            alive = [i for i, p in zip(infos, self.procs) if p.poll() is None]
+            if alive and all(i is not None and i["safe"] and i["quorum"] for i in alive):
+                return
             assert time.time() < deadline, "cluster did not become safe"
             time.sleep(0.2)
 

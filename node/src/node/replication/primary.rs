@@ -112,7 +112,9 @@ impl Node {
         }
         rep?;
         if !self.lease_valid() {
-            return Err(Error::QuorumLost(
+            // Applied here already: indeterminate, not QUORUM_LOST (which
+            // clients may retry as "refused before anything was applied").
+            return Err(Error::Unavailable(
                 "this primary's lease lapsed during the write; it may or may not have been applied"
                     .into(),
             ));

@@ -196,3 +196,109 @@ async fn a_gap_is_refused_and_the_backup_is_resynced() {
         );
     }
 }
+
+/// Lines of the members' logs that say a backup left an in-sync set (an
+/// info line: the logs must be at info, which the table installs show).
+fn isr_removals(c: &ProcCluster) -> usize {
+    let logs: Vec<String> = c
+        .members
+        .iter()
+        .map(|m| std::fs::read_to_string(c.dir.join(format!("{}.log", m.name))).unwrap_or_default())
+        .collect();
+    assert!(
+        logs.iter()
+            .all(|l| l.contains("installing committed partition table")),
+        "the members do not log at info: in-sync removals would go unseen"
+    );
+    logs.iter()
+        .map(|l| l.matches("backup left the in-sync sets").count())
+        .sum()
+}
+
+/// A quiet primary move (a fourth member joins and takes primaries over):
+/// where the old primary stays on as a backup, its copy held every write
+/// the new primary's did, so it follows the new primary's stream from its
+/// first write (the tenure's stream id is derived from that position): the
+/// writes after the move remove no backup from any in-sync set, and every
+/// demoted primary's copy equals its new primary's, at the new stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_quiet_primary_move_keeps_the_demoted_primary_in_sync() {
+    let mut c = ProcCluster::start(3, &["--peer-insecure"]);
+    c.wait_safe(3, Duration::from_secs(60)).await;
+    let client = c.client().await;
+    let keys: Vec<String> = (0..3000).map(|i| format!("q{i}")).collect();
+    for k in &keys {
+        client
+            .put(k.clone(), b"before".to_vec())
+            .await
+            .expect("put");
+    }
+    c.wait_safe(3, Duration::from_secs(60)).await;
+    let before = client.partition_table().await.expect("table");
+    c.join();
+    c.wait_safe(4, Duration::from_secs(120)).await;
+    let client = c.client().await;
+    let after = client.partition_table().await.expect("table");
+    // Partitions whose old primary is now a backup of a new primary.
+    let demoted: Vec<(u32, String, String)> = after
+        .partitions
+        .iter()
+        .filter_map(|o| {
+            let old = before
+                .partitions
+                .iter()
+                .find(|b| b.partition == o.partition)?;
+            (old.primary != o.primary && o.backups.contains(&old.primary))
+                .then(|| (o.partition, o.primary.clone(), old.primary.clone()))
+        })
+        .collect();
+    assert!(
+        !demoted.is_empty(),
+        "no primary move kept its old primary as a backup: the test proves nothing"
+    );
+    let removed = isr_removals(&c);
+    for k in &keys {
+        client
+            .put(k.clone(), b"after".to_vec())
+            .await
+            .expect("put after the move");
+    }
+    c.wait_safe(4, Duration::from_secs(60)).await;
+    assert_eq!(
+        isr_removals(&c),
+        removed,
+        "writes after a quiet primary move removed backups from in-sync sets ({} partitions kept their old primary as a backup)",
+        demoted.len()
+    );
+    let peer_of = |name: &str| {
+        c.members
+            .iter()
+            .find(|m| m.name == name)
+            .map(|m| m.peer.clone())
+            .expect("member")
+    };
+    let peers = Peers::new(PeerLimits::default(), None, None, CancellationToken::new());
+    for (p, primary, old) in &demoted {
+        let (pd, _, _) = digest(&peers, &peer_of(primary), *p).await;
+        let (bd, stream, seq) = digest(&peers, &peer_of(old), *p).await;
+        assert!(
+            stream != 0 && seq >= 1,
+            "p{p}: the demoted primary {old} follows no stream ({stream}/{seq})"
+        );
+        assert_eq!(
+            bd, pd,
+            "p{p}: the demoted primary's copy differs from {primary}'s"
+        );
+    }
+    for k in &keys {
+        assert_eq!(
+            client.get(k.clone()).await.expect("get").as_deref(),
+            Some(&b"after"[..]),
+            "{k}"
+        );
+    }
+    println!(
+        "{} partitions moved their primary and kept the old one as a backup; no in-sync set lost a member",
+        demoted.len()
+    );
+}

@@ -60,6 +60,8 @@ pub struct Metrics {
     registry: Registry,
     commands: Family<CommandLabels, Counter>,
     latency: Latency,
+    isr_removals: Counter,
+    backup_resyncs: Counter,
     epoch: Gauge,
     members: Gauge,
     members_alive: Gauge,
@@ -99,6 +101,18 @@ impl Default for Metrics {
             "command_duration_seconds",
             "Time to serve one data command, replication included",
             latency.clone(),
+        );
+        let isr_removals = Counter::default();
+        registry.register(
+            "isr_removals",
+            "Backups this node, as a primary, removed from partitions' in-sync sets (committed), per partition",
+            isr_removals.clone(),
+        );
+        let backup_resyncs = Counter::default();
+        registry.register(
+            "backup_resyncs",
+            "Snapshots this node, as a primary, sent to bring a backup (back) into a partition's in-sync set",
+            backup_resyncs.clone(),
         );
         let gauge = |registry: &mut Registry, name: &str, help: &str| {
             let g = Gauge::default();
@@ -209,11 +223,23 @@ impl Default for Metrics {
             memory_used,
             memory_limit,
             memory_evicted,
+            isr_removals,
+            backup_resyncs,
         }
     }
 }
 
 impl Metrics {
+    /// Counts `n` (partition, backup) removals from in-sync sets.
+    pub fn isr_removed(&self, n: u64) {
+        self.isr_removals.inc_by(n);
+    }
+
+    /// Counts one backup brought into an in-sync set by a snapshot.
+    pub fn backup_resynced(&self) {
+        self.backup_resyncs.inc();
+    }
+
     /// Counts one served command (`error`: how it failed, if it did).
     pub fn command(&self, op: &'static str, error: Option<&Error>, took: Duration) {
         let result = error.map_or("ok", |e| e.reason().as_str_name());

@@ -13,9 +13,11 @@
 //!
 //! Closed loop by default (each caller starts its next op when the last one
 //! ends: peak throughput). `--rate R` is open loop: ops are scheduled at R per
-//! second in total, spread over the callers, and each latency is measured from
-//! the op's scheduled start (so time spent queued behind a slow op counts:
-//! no coordinated omission).
+//! second in total, spread over the callers, and an op that falls due while
+//! its caller still waits for a slow answer is timed from its scheduled start
+//! (time queued behind a slow op counts: no coordinated omission); an op that
+//! falls due while its caller is idle is timed from when it is sent (the
+//! timer's millisecond granularity is the generator's delay, not the target's).
 
 use std::time::{Duration, Instant};
 
@@ -259,7 +261,7 @@ async fn drive(target: Target, args: &Args, value: &Bytes) -> anyhow::Result<Out
     if args.op != Op::Put {
         preload(&mut first, args, value).await.context("preload")?;
     }
-    let mut conns = Vec::with_capacity(args.callers);
+    let mut conns: Vec<Conn> = Vec::with_capacity(args.callers);
     for _ in 1..args.callers {
         let c = match (&first, args.redis_shared) {
             (Conn::Redis(r), true) => Conn::Redis(r.clone()),
@@ -269,6 +271,17 @@ async fn drive(target: Target, args: &Args, value: &Bytes) -> anyhow::Result<Out
         conns.push(c);
     }
     conns.insert(0, first);
+    // Warm-up, untimed: each caller runs its op once (connections, routing
+    // tables, and for a cluster that just formed the partitions' first
+    // writes after their primaries moved), for every target alike.
+    let mut rng = Rng(0x5EED);
+    for conn in &mut conns {
+        let _ = tokio::time::timeout(
+            Duration::from_secs(10),
+            conn.run(args.op, &mut rng, args, value),
+        )
+        .await;
+    }
     let start = Instant::now();
     let deadline = start + Duration::from_secs(args.secs);
     let mut tasks = Vec::new();
@@ -288,12 +301,20 @@ async fn drive(target: Target, args: &Args, value: &Bytes) -> anyhow::Result<Out
             while Instant::now() < deadline {
                 let t0 = match period {
                     Some(period) => {
+                        // Coordinated omission: an op due while the caller
+                        // still waited for the previous answer (the target
+                        // was slow) is timed from when it was due. An op
+                        // due while the caller was idle is timed from when
+                        // it is sent: the timer wakes up to a millisecond
+                        // late (its granularity), the generator's delay, not
+                        // the target's.
+                        let behind = Instant::now() >= due;
                         tokio::time::sleep_until(due.into()).await;
-                        let t = due;
-                        due += period;
-                        if t >= deadline {
+                        let t = if behind { due } else { Instant::now() };
+                        if due >= deadline {
                             break;
                         }
+                        due += period;
                         t
                     }
                     None => Instant::now(),

@@ -71,9 +71,38 @@ pub struct PartState {
     /// number of its last write ((0, 0): none yet; a stream is taken at the
     /// first write). Changed only under `repl`.
     pub stream: Mutex<(u64, u64)>,
+    /// As primary: the stream position `(from, stream, seq)` this copy
+    /// followed when it became primary (None: it followed none, e.g. a
+    /// snapshot was cut off or it restarted). The tenure's stream id is
+    /// derived from it ([`tenure_stream`]), so a replica at exactly that
+    /// position (the demoted primary, a co-backup) can take the new stream
+    /// from its first write without a snapshot. Changed only under `repl`
+    /// or by an install.
+    pub base: Mutex<Option<(String, u64, u64)>>,
     /// As backup: the stream this copy follows.
     pub follows: Mutex<Follows>,
 }
+
+/// The stream id of `primary`'s tenure that starts from stream position
+/// `(stream, seq)` at table `epoch`: a copy at exactly that position holds
+/// the same writes as the new primary's copy had, and may follow it from
+/// its first write. Never 0. A primary has one tenure per epoch at most (a
+/// tenure ends with an install), so ids do not repeat. The top bit is
+/// clear, while [`Cluster::new_stream`] ids have it set: a restarted
+/// primary's new stream is always newer than any derived one.
+pub fn tenure_stream(primary: &str, (stream, seq): (u64, u64), epoch: u64) -> u64 {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    h.update(b"distcache-tenure\0");
+    h.update(primary.as_bytes());
+    h.update(&[0]);
+    h.update(&stream.to_le_bytes());
+    h.update(&seq.to_le_bytes());
+    h.update(&epoch.to_le_bytes());
+    (h.digest() & !NEW_STREAM_BIT).max(1)
+}
+
+/// Set in every id [`Cluster::new_stream`] hands out (see [`tenure_stream`]).
+const NEW_STREAM_BIT: u64 = 1 << 63;
 
 /// Which primary stream a backup copy follows.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -84,6 +113,18 @@ pub enum Follows {
     /// A brand-new partition (empty on every replica): the first stream
     /// that starts at seq 1 is followed.
     Fresh,
+    /// A demoted primary's copy, at `from`'s stream `stream` up to `seq`
+    /// (its own stream, or the one it was promoted from if it wrote
+    /// nothing): it takes only the first write of a tenure that starts from
+    /// exactly this position ([`tenure_stream`]).
+    Demoted {
+        /// Whose stream.
+        from: String,
+        /// The stream.
+        stream: u64,
+        /// Its last write this copy holds.
+        seq: u64,
+    },
     /// `from`'s stream `stream`, applied up to `seq`.
     Stream {
         /// The primary.
@@ -193,7 +234,18 @@ impl Cluster {
     /// A replication stream id never used before by this process, nor
     /// (practically) by an earlier one: the base is the start time.
     pub fn new_stream(&self) -> u64 {
-        self.streams.fetch_add(1, Ordering::Relaxed).max(1)
+        self.streams.fetch_add(1, Ordering::Relaxed) | NEW_STREAM_BIT
+    }
+
+    /// Partition `p`'s stream for this node's tenure as its primary, taken
+    /// at the tenure's first write or snapshot (at table `epoch`): derived
+    /// from the position it was promoted at (see [`PartState::base`]), else
+    /// a new id. Call under the partition's `repl` lock.
+    pub fn tenure_stream_of(&self, p: u32, epoch: u64) -> u64 {
+        match &*self.part(p).base.lock() {
+            Some((_, stream, seq)) => tenure_stream(&self.me.name, (*stream, *seq), epoch),
+            None => self.new_stream(),
+        }
     }
 
     /// The next heartbeat / report sequence number of this node.

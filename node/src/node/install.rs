@@ -39,21 +39,52 @@ impl Node {
             match now {
                 Role::Primary => {
                     primaries += 1;
+                    if was != Role::Primary {
+                        self.store.index_partition(p);
+                        // A new tenure, whose stream is derived from the
+                        // position this copy followed (if it followed one
+                        // contiguously): a replica at exactly that position
+                        // holds the same writes and follows the new stream
+                        // from its first write; any other needs a snapshot
+                        // (or the partition is brand new).
+                        let base = match &*st.follows.lock() {
+                            Follows::Stream { from, stream, seq }
+                                if was == Role::Backup
+                                    && !restarted
+                                    && st.loaded.load(Ordering::SeqCst) =>
+                            {
+                                Some((from.clone(), *stream, *seq))
+                            }
+                            _ => None,
+                        };
+                        *st.base.lock() = base;
+                        *st.stream.lock() = (0, 0);
+                    }
                     // The coordinator promotes the best replica there is: from
                     // now on this node's copy is the partition.
                     st.loaded.store(true, Ordering::SeqCst);
-                    if was != Role::Primary {
-                        self.store.index_partition(p);
-                        // A new tenure: a new stream, which no backup
-                        // follows until it is sent a snapshot of it (or the
-                        // partition is brand new).
-                        *st.stream.lock() = (0, 0);
-                    }
                     *st.follows.lock() = Follows::Nothing;
                 }
                 Role::Backup => {
                     if was == Role::Primary {
                         self.store.unindex_partition(p);
+                        // The demoted primary's copy is at its own stream's
+                        // last write (or, if it wrote nothing, where it was
+                        // promoted): it follows the new primary's stream
+                        // only if that tenure starts from this very position.
+                        let at = *st.stream.lock();
+                        let own = if at.0 != 0 {
+                            Some((c.me().name.clone(), at.0, at.1))
+                        } else {
+                            st.base.lock().clone()
+                        };
+                        *st.follows.lock() = match own {
+                            Some((from, stream, seq)) if !restarted && !fresh => {
+                                Follows::Demoted { from, stream, seq }
+                            }
+                            _ => Follows::Nothing,
+                        };
+                        *st.base.lock() = None;
                     }
                     if fresh {
                         st.loaded.store(true, Ordering::SeqCst);
@@ -61,12 +92,13 @@ impl Node {
                     } else if was == Role::None || restarted {
                         st.loaded.store(false, Ordering::SeqCst);
                         *st.follows.lock() = Follows::Nothing;
-                    } else if was == Role::Primary || old.primary(p) != new.primary(p) {
+                    } else if was != Role::Primary && old.primary(p) != new.primary(p) {
                         // The new primary's stream starts from its own copy:
-                        // a copy that followed another primary (or was the
-                        // primary) is re-synced from it.
+                        // a co-backup that followed the old primary takes it
+                        // from its first write (see `next_of`), any other
+                        // copy is re-synced.
                         let mut follows = st.follows.lock();
-                        if !matches!(*follows, Follows::Stream { .. }) || was == Role::Primary {
+                        if !matches!(*follows, Follows::Stream { .. }) {
                             *follows = Follows::Nothing;
                         }
                     }

@@ -4,8 +4,8 @@
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use crate::cluster::Follows;
 use crate::cluster::table::Role;
+use crate::cluster::{Follows, tenure_stream};
 use crate::error::{Error, Result};
 use crate::net::message::{ReplItem, Response};
 use crate::node::Node;
@@ -15,12 +15,15 @@ use crate::replica::{PartitionSnapshot, ReplOp};
 /// takes (`epoch`: this node's table epoch): Ok(true) apply it, Ok(false)
 /// already held, Err refused (another stream, or a gap).
 ///
-/// A copy that follows a stream contiguously also takes the first write
-/// (seq 1) of a new tenure's stream stamped at this node's current epoch:
-/// of another primary (a co-backup after a promotion: both were in the
-/// in-sync set, so both hold every acknowledged write), or a newer stream of
-/// the same primary (a restart from its log). Older streams, stale epochs
-/// and later sequence numbers of unknown streams are refused.
+/// The first write (seq 1) of a new tenure's stream stamped at this node's
+/// current epoch is also taken by a copy at exactly the position the
+/// tenure was derived from ([`tenure_stream`]: the new primary's copy held
+/// the same writes; this is how a demoted primary keeps following), and by a
+/// copy that follows a stream contiguously: of another primary (a co-backup
+/// after a promotion: both were in the in-sync set, so both hold every
+/// acknowledged write), or a newer stream of the same primary (a restart from
+/// its log). Older streams, stale epochs and later sequence numbers of
+/// unknown streams are refused.
 fn next_of(follows: &Follows, from: &str, item: &ReplItem, epoch: u64) -> Result<bool> {
     let p = item.partition;
     match follows {
@@ -39,6 +42,15 @@ fn next_of(follows: &Follows, from: &str, item: &ReplItem, epoch: u64) -> Result
                     item.seq
                 )))
             }
+        }
+        // The first write of a tenure derived from exactly this copy's
+        // position: the new primary's copy held the same writes.
+        Follows::Stream { stream, seq, .. } | Follows::Demoted { stream, seq, .. }
+            if item.seq == 1
+                && item.epoch == epoch
+                && item.stream == tenure_stream(from, (*stream, *seq), epoch) =>
+        {
+            Ok(true)
         }
         Follows::Stream {
             from: f, stream, ..
@@ -121,7 +133,7 @@ impl Node {
                         Follows::Stream {
                             from: f, stream, ..
                         } => f == from && *stream == item.stream,
-                        Follows::Fresh => true,
+                        Follows::Fresh | Follows::Demoted { .. } => true,
                         Follows::Nothing => false,
                     };
                     if broken {
@@ -262,7 +274,7 @@ impl Node {
             let _g = st.repl.lock().await;
             let (stream, seq) = match &*st.follows.lock() {
                 Follows::Stream { stream, seq, .. } => (*stream, *seq),
-                Follows::Fresh | Follows::Nothing => (0, 0),
+                Follows::Fresh | Follows::Nothing | Follows::Demoted { .. } => (0, 0),
             };
             Response::Digest {
                 digest: self.store.digest(p),
@@ -388,5 +400,59 @@ mod tests {
         // Nothing: only a snapshot helps.
         assert!(next(&Follows::Nothing, "a", item(7, 11)).is_err());
         assert!(next(&Follows::Nothing, "a", item(7, 1)).is_err());
+    }
+
+    #[test]
+    fn a_demoted_primary_follows_only_a_tenure_derived_from_its_exact_position() {
+        // "a" was primary, wrote up to 10 of stream 7; "b" (its backup)
+        // was promoted at 7/10 (it had every write) or at 7/9 (one short).
+        let demoted = Follows::Demoted {
+            from: "a".into(),
+            stream: 7,
+            seq: 10,
+        };
+        let first = |base: (u64, u64), epoch: u64| ReplItem {
+            stream: tenure_stream("b", base, epoch),
+            ..item(0, 1)
+        };
+        assert!(matches!(
+            next_of(&demoted, "b", &first((7, 10), 1), 1),
+            Ok(true)
+        ));
+        // The new primary lacks write 10 (the demoted copy holds a write
+        // the new stream does not): refused, it is re-synced.
+        let short = next_of(&demoted, "b", &first((7, 9), 1), 1).expect_err("one short");
+        assert!(short.to_string().contains("does not follow"), "{short}");
+        // Another epoch, another sender, a later write, or any other new
+        // stream (the co-backup rule does not apply to a demoted copy).
+        assert!(next_of(&demoted, "b", &first((7, 10), 1), 2).is_err());
+        assert!(next_of(&demoted, "c", &first((7, 10), 1), 1).is_err());
+        let later = ReplItem {
+            seq: 2,
+            ..first((7, 10), 1)
+        };
+        assert!(next_of(&demoted, "b", &later, 1).is_err());
+        assert!(next_of(&demoted, "b", &item(99, 1), 1).is_err());
+        // A co-backup at the same position takes it too.
+        let co = Follows::Stream {
+            from: "a".into(),
+            stream: 7,
+            seq: 10,
+        };
+        assert!(matches!(next_of(&co, "b", &first((7, 10), 1), 1), Ok(true)));
+        // Derived ids differ by primary, position and epoch, are never 0,
+        // and are older than any new stream (a restarted primary's).
+        let ids = [
+            tenure_stream("b", (7, 10), 1),
+            tenure_stream("c", (7, 10), 1),
+            tenure_stream("b", (7, 9), 1),
+            tenure_stream("b", (8, 10), 1),
+            tenure_stream("b", (7, 10), 2),
+        ];
+        for (i, x) in ids.iter().enumerate() {
+            assert_ne!(*x, 0);
+            assert_eq!(*x >> 63, 0, "a derived id with the new-stream bit");
+            assert!(ids[i + 1..].iter().all(|y| y != x), "{ids:?}");
+        }
     }
 }

@@ -157,7 +157,7 @@ impl Node {
         let stamped: Vec<(u32, u64, u64, Vec<ReplOp>)> = per_part
             .into_iter()
             .map(|(p, ops)| {
-                let (stream, seq) = self.next_seq(p);
+                let (stream, seq) = self.next_seq(p, table.epoch);
                 (p, stream, seq, ops)
             })
             .collect();
@@ -194,10 +194,10 @@ impl Node {
     /// The next sequence number of partition `p`'s stream (a new stream
     /// at the first write of this node's tenure as primary); call under
     /// the partition lock.
-    pub(in crate::node) fn next_seq(&self, p: u32) -> (u64, u64) {
+    pub(in crate::node) fn next_seq(&self, p: u32, epoch: u64) -> (u64, u64) {
         let mut s = self.cluster.part(p).stream.lock();
         if s.0 == 0 {
-            *s = (self.cluster.new_stream(), 0);
+            *s = (self.cluster.tenure_stream_of(p, epoch), 0);
         }
         s.1 += 1;
         *s
@@ -307,6 +307,7 @@ impl Node {
                 match self.propose_within(cmd, timeout).await {
                     Ok((MetaReply::Done, _)) => {
                         tracing::info!(backup = %b, partitions = n, "backup left the in-sync sets");
+                        self.metrics.isr_removed(n as u64);
                         true
                     }
                     Ok((MetaReply::Refused(why), _)) => {

@@ -75,7 +75,7 @@ impl Node {
         let (stream, seq) = {
             let mut s = st.stream.lock();
             if s.0 == 0 {
-                *s = (self.cluster.new_stream(), 0);
+                *s = (self.cluster.tenure_stream_of(p, t.epoch), 0);
             }
             *s
         };
@@ -122,6 +122,7 @@ impl Node {
                             tracing::warn!(partition = p, backup = %b, "in-sync change committed but not applied here in time");
                         }
                         tracing::debug!(partition = p, backup = %b, "backup in sync");
+                        self.metrics.backup_resynced();
                         Ok(())
                     }
                     Ok((MetaReply::Refused(why), _)) => {

@@ -147,7 +147,20 @@ impl Node {
         table: &Table,
         ops: Vec<(u32, ReplOp)>,
     ) -> Result<Vec<Pending>> {
-        if table.backup_count == 0 || ops.is_empty() {
+        if ops.is_empty() {
+            return Ok(Vec::new());
+        }
+        if table.backup_count == 0 {
+            // No backups to send to, but the write still takes its number:
+            // a copy's stream position must account for every write it
+            // applied (a demoted primary is followed on by its position).
+            let mut last = None;
+            for (p, _) in &ops {
+                if last != Some(*p) {
+                    self.next_seq(*p, table.epoch);
+                    last = Some(*p);
+                }
+            }
             return Ok(Vec::new());
         }
         let mut per_part: BTreeMap<u32, Vec<ReplOp>> = BTreeMap::new();

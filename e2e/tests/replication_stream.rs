@@ -39,6 +39,25 @@ async fn digest(peers: &Peers, addr: &str, p: u32) -> (u64, u64, u64) {
     }
 }
 
+/// The peer address of member `name`.
+fn peer_of(c: &ProcCluster, name: &str) -> String {
+    c.members
+        .iter()
+        .find(|m| m.name == name)
+        .map(|m| m.peer.clone())
+        .expect("member")
+}
+
+/// Puts `value` under every key, one acknowledged write each.
+async fn put_all(client: &distcache_client::Client, keys: &[String], value: &[u8]) {
+    for k in keys {
+        client
+            .put(k.clone(), value.to_vec())
+            .await
+            .unwrap_or_else(|e| panic!("put {k}: {e}"));
+    }
+}
+
 fn forged(p: u32, epoch: u64, stream: u64, seq: u64, value: &str) -> ReplItem {
     ReplItem {
         partition: p,
@@ -73,14 +92,10 @@ async fn a_gap_is_refused_and_the_backup_is_resynced() {
         .find(|o| o.partition == p)
         .expect("owners")
         .clone();
-    let peer_of = |name: &str| {
-        c.members
-            .iter()
-            .find(|m| m.name == name)
-            .map(|m| m.peer.clone())
-            .expect("member")
-    };
-    let (primary, backup) = (peer_of(&owners.primary), peer_of(&owners.backups[0]));
+    let (primary, backup) = (
+        peer_of(&c, &owners.primary),
+        peer_of(&c, &owners.backups[0]),
+    );
     let peers = Peers::new(PeerLimits::default(), None, None, CancellationToken::new());
 
     let (d0, stream, n) = digest(&peers, &backup, p).await;
@@ -227,12 +242,7 @@ async fn a_quiet_primary_move_keeps_the_demoted_primary_in_sync() {
     c.wait_safe(3, Duration::from_secs(60)).await;
     let client = c.client().await;
     let keys: Vec<String> = (0..3000).map(|i| format!("q{i}")).collect();
-    for k in &keys {
-        client
-            .put(k.clone(), b"before".to_vec())
-            .await
-            .expect("put");
-    }
+    put_all(&client, &keys, b"before").await;
     c.wait_safe(3, Duration::from_secs(60)).await;
     let before = client.partition_table().await.expect("table");
     c.join();
@@ -257,12 +267,7 @@ async fn a_quiet_primary_move_keeps_the_demoted_primary_in_sync() {
         "no primary move kept its old primary as a backup: the test proves nothing"
     );
     let removed = isr_removals(&c);
-    for k in &keys {
-        client
-            .put(k.clone(), b"after".to_vec())
-            .await
-            .expect("put after the move");
-    }
+    put_all(&client, &keys, b"after").await;
     c.wait_safe(4, Duration::from_secs(60)).await;
     assert_eq!(
         isr_removals(&c),
@@ -270,17 +275,10 @@ async fn a_quiet_primary_move_keeps_the_demoted_primary_in_sync() {
         "writes after a quiet primary move removed backups from in-sync sets ({} partitions kept their old primary as a backup)",
         demoted.len()
     );
-    let peer_of = |name: &str| {
-        c.members
-            .iter()
-            .find(|m| m.name == name)
-            .map(|m| m.peer.clone())
-            .expect("member")
-    };
     let peers = Peers::new(PeerLimits::default(), None, None, CancellationToken::new());
     for (p, primary, old) in &demoted {
-        let (pd, _, _) = digest(&peers, &peer_of(primary), *p).await;
-        let (bd, stream, seq) = digest(&peers, &peer_of(old), *p).await;
+        let (pd, _, _) = digest(&peers, &peer_of(&c, primary), *p).await;
+        let (bd, stream, seq) = digest(&peers, &peer_of(&c, old), *p).await;
         assert!(
             stream != 0 && seq >= 1,
             "p{p}: the demoted primary {old} follows no stream ({stream}/{seq})"

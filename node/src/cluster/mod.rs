@@ -71,14 +71,14 @@ pub struct PartState {
     /// number of its last write ((0, 0): none yet; a stream is taken at the
     /// first write). Changed only under `repl`.
     pub stream: Mutex<(u64, u64)>,
-    /// As primary: the stream position `(from, stream, seq)` this copy
+    /// As primary: the stream position `(stream, seq)` this copy
     /// followed when it became primary (None: it followed none, e.g. a
     /// snapshot was cut off or it restarted). The tenure's stream id is
     /// derived from it ([`tenure_stream`]), so a replica at exactly that
     /// position (the demoted primary, a co-backup) can take the new stream
     /// from its first write without a snapshot. Changed only under `repl`
     /// or by an install.
-    pub base: Mutex<Option<(String, u64, u64)>>,
+    pub base: Mutex<Option<(u64, u64)>>,
     /// As backup: the stream this copy follows.
     pub follows: Mutex<Follows>,
 }
@@ -113,13 +113,11 @@ pub enum Follows {
     /// A brand-new partition (empty on every replica): the first stream
     /// that starts at seq 1 is followed.
     Fresh,
-    /// A demoted primary's copy, at `from`'s stream `stream` up to `seq`
-    /// (its own stream, or the one it was promoted from if it wrote
-    /// nothing): it takes only the first write of a tenure that starts from
-    /// exactly this position ([`tenure_stream`]).
+    /// A demoted primary's copy, at stream `stream` up to `seq` (its own
+    /// stream, or the one it was promoted from if it wrote nothing): it
+    /// takes only the first write of a tenure that starts from exactly this
+    /// position ([`tenure_stream`]).
     Demoted {
-        /// Whose stream.
-        from: String,
         /// The stream.
         stream: u64,
         /// Its last write this copy holds.
@@ -243,7 +241,7 @@ impl Cluster {
     /// a new id. Call under the partition's `repl` lock.
     pub fn tenure_stream_of(&self, p: u32, epoch: u64) -> u64 {
         match &*self.part(p).base.lock() {
-            Some((_, stream, seq)) => tenure_stream(&self.me.name, (*stream, *seq), epoch),
+            Some(at) => tenure_stream(&self.me.name, *at, epoch),
             None => self.new_stream(),
         }
     }

@@ -48,12 +48,12 @@ impl Node {
                         // from its first write; any other needs a snapshot
                         // (or the partition is brand new).
                         let base = match &*st.follows.lock() {
-                            Follows::Stream { from, stream, seq }
+                            Follows::Stream { stream, seq, .. }
                                 if was == Role::Backup
                                     && !restarted
                                     && st.loaded.load(Ordering::SeqCst) =>
                             {
-                                Some((from.clone(), *stream, *seq))
+                                Some((*stream, *seq))
                             }
                             _ => None,
                         };
@@ -73,14 +73,10 @@ impl Node {
                         // promoted): it follows the new primary's stream
                         // only if that tenure starts from this very position.
                         let at = *st.stream.lock();
-                        let own = if at.0 != 0 {
-                            Some((c.me().name.clone(), at.0, at.1))
-                        } else {
-                            st.base.lock().clone()
-                        };
+                        let own = if at.0 != 0 { Some(at) } else { *st.base.lock() };
                         *st.follows.lock() = match own {
-                            Some((from, stream, seq)) if !restarted && !fresh => {
-                                Follows::Demoted { from, stream, seq }
+                            Some((stream, seq)) if !restarted && !fresh => {
+                                Follows::Demoted { stream, seq }
                             }
                             _ => Follows::Nothing,
                         };

@@ -45,7 +45,7 @@ fn next_of(follows: &Follows, from: &str, item: &ReplItem, epoch: u64) -> Result
         }
         // The first write of a tenure derived from exactly this copy's
         // position: the new primary's copy held the same writes.
-        Follows::Stream { stream, seq, .. } | Follows::Demoted { stream, seq, .. }
+        Follows::Stream { stream, seq, .. } | Follows::Demoted { stream, seq }
             if item.seq == 1
                 && item.epoch == epoch
                 && item.stream == tenure_stream(from, (*stream, *seq), epoch) =>
@@ -406,11 +406,7 @@ mod tests {
     fn a_demoted_primary_follows_only_a_tenure_derived_from_its_exact_position() {
         // "a" was primary, wrote up to 10 of stream 7; "b" (its backup)
         // was promoted at 7/10 (it had every write) or at 7/9 (one short).
-        let demoted = Follows::Demoted {
-            from: "a".into(),
-            stream: 7,
-            seq: 10,
-        };
+        let demoted = Follows::Demoted { stream: 7, seq: 10 };
         let first = |base: (u64, u64), epoch: u64| ReplItem {
             stream: tenure_stream("b", base, epoch),
             ..item(0, 1)

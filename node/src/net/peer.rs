@@ -254,27 +254,15 @@ where
     W: AsyncWrite + Send + Unpin + 'static,
 {
     let limits = server.limits;
-    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(256);
-    let writer = tokio::spawn(async move {
-        let mut wr = BufWriter::new(wr);
-        while let Some(frame) = rx.recv().await {
-            if write_frame(&mut wr, &frame).await.is_err() {
-                return;
-            }
-            while let Ok(frame) = rx.try_recv() {
-                if write_frame(&mut wr, &frame).await.is_err() {
-                    return;
-                }
-            }
-            if wr.flush().await.is_err() {
-                return;
-            }
-        }
-    });
+    // Answers are written by whoever produced them, one frame at a time
+    // under this lock, each within the frame timeout (a peer that stops
+    // reading closes its connection instead of holding handlers forever).
+    let writer = Arc::new(tokio::sync::Mutex::new(BufWriter::new(wr)));
+    let closed = shutdown.child_token();
     let in_flight = Arc::new(Semaphore::new(limits.max_in_flight));
     let result = loop {
         let frame = tokio::select! {
-            _ = shutdown.cancelled() => break Ok(()),
+            _ = closed.cancelled() => break Ok(()),
             f = read_frame(&mut rd, limits.max_frame_bytes, limits.idle_timeout, limits.frame_timeout, Some(&budget)) => f,
         };
         let frame = match frame {
@@ -295,34 +283,126 @@ where
         let Body::Request(req) = env.body else {
             break Err("response frame on a server connection".to_string());
         };
-        let Ok(permit) = in_flight.clone().acquire_owned().await else {
-            break Ok(());
-        };
-        let (handler, tx, id, caller) =
-            (server.handler.clone(), tx.clone(), env.id, caller.clone());
         // The frame's budget is held until the request is handled.
         let held = frame.permit;
         drop(frame.bytes);
+        if matches!(req, Request::Replicate { .. }) {
+            // A replication stream waits for each answer before it sends
+            // its next frame, and its frames must be applied in order:
+            // handled right here, without a task of its own.
+            let resp = (server.handler)(caller.clone(), req).await;
+            drop(held);
+            if let Err(why) = answer(&writer, env.id, resp, limits.frame_timeout).await {
+                break Err(why);
+            }
+            continue;
+        }
+        let Ok(permit) = in_flight.clone().acquire_owned().await else {
+            break Ok(());
+        };
+        let (handler, writer, id, caller, closed) = (
+            server.handler.clone(),
+            writer.clone(),
+            env.id,
+            caller.clone(),
+            closed.clone(),
+        );
         tokio::spawn(async move {
             let resp = handler(caller, req).await;
             drop(held);
-            let env = Envelope {
-                version: PROTOCOL_VERSION,
-                id,
-                body: Body::Response(resp),
-            };
-            if let Ok(bytes) = encode(&env) {
-                let _ = tx.send(bytes).await;
+            if let Err(why) = answer(&writer, id, resp, limits.frame_timeout).await {
+                tracing::debug!(%why, "peer answer not written; closing the connection");
+                closed.cancel();
             }
             drop(permit);
         });
     };
-    drop(tx);
-    let _ = writer.await;
+    closed.cancel();
     result
 }
 
+/// Writes one answer (and flushes it) within `timeout`.
+async fn answer<W: AsyncWrite + Unpin>(
+    writer: &tokio::sync::Mutex<BufWriter<W>>,
+    id: u64,
+    resp: Response,
+    timeout: Duration,
+) -> std::result::Result<(), String> {
+    let env = Envelope {
+        version: PROTOCOL_VERSION,
+        id,
+        body: Body::Response(resp),
+    };
+    let bytes = encode(&env).map_err(|e| format!("encode: {e}"))?;
+    let write = async {
+        let mut w = writer.lock().await;
+        write_frame(&mut *w, &bytes).await?;
+        w.flush().await
+    };
+    match tokio::time::timeout(timeout, write).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(format!("writing an answer: {e}")),
+        Err(_) => Err(format!("an answer was not taken within {timeout:?}")),
+    }
+}
+
 type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Response>>>>;
+type BoxRead = Box<dyn AsyncRead + Send + Unpin>;
+type BoxWrite = Box<dyn AsyncWrite + Send + Unpin>;
+
+/// A connection used in lockstep by one task (see [`Peers::direct`]).
+/// After any error the connection is in an unknown state: drop it.
+pub struct Direct {
+    addr: String,
+    rd: BoxRead,
+    wr: BufWriter<BoxWrite>,
+    next_id: u64,
+    max_frame_bytes: usize,
+}
+
+impl std::fmt::Debug for Direct {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Direct").field("addr", &self.addr).finish()
+    }
+}
+
+impl Direct {
+    /// Sends `req` and reads its answer, all within `timeout`.
+    pub async fn call(&mut self, req: Request, timeout: Duration) -> Result<Response> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let bytes = encode(&Envelope {
+            version: PROTOCOL_VERSION,
+            id,
+            body: Body::Request(req),
+        })
+        .map_err(|e| Error::Internal(format!("encode: {e}")))?;
+        let addr = &self.addr;
+        let exchange = async {
+            let lost = |e: std::io::Error| Error::Unavailable(format!("peer {addr}: {e}"));
+            write_frame(&mut self.wr, &bytes).await.map_err(lost)?;
+            self.wr.flush().await.map_err(lost)?;
+            let frame = read_frame(&mut self.rd, self.max_frame_bytes, timeout, timeout, None)
+                .await
+                .map_err(|e| Error::Unavailable(format!("peer {addr}: {e}")))?
+                .ok_or_else(|| Error::Unavailable(format!("peer {addr} closed the connection")))?;
+            let env = decode(&frame.bytes)
+                .map_err(|e| Error::Unavailable(format!("undecodable answer from {addr}: {e}")))?;
+            match env.body {
+                Body::Response(resp) if env.id == id && env.version == PROTOCOL_VERSION => Ok(resp),
+                _ => Err(Error::Unavailable(format!(
+                    "answer from {addr} is not for request {id}"
+                ))),
+            }
+        };
+        match tokio::time::timeout(timeout, exchange).await {
+            Ok(r) => r,
+            Err(_) => Err(Error::Unavailable(format!(
+                "peer {addr} did not answer within {timeout:?}"
+            ))),
+        }
+    }
+}
 
 struct Conn {
     tx: mpsc::Sender<Vec<u8>>,
@@ -415,6 +495,15 @@ impl Peers {
         if let Some(c) = slot.as_ref().filter(|c| !c.is_closed()) {
             return Ok(c.clone());
         }
+        let (rd, wr) = self.open(addr).await?;
+        let conn = self.spawn_conn(addr, rd, wr);
+        *slot = Some(conn.clone());
+        Ok(conn)
+    }
+
+    /// Connects to the peer at `addr` (from this node's peer IP, mTLS
+    /// unless `--peer-insecure`), within the connect timeout.
+    async fn open(&self, addr: &str) -> Result<(BoxRead, BoxWrite)> {
         let connect = async {
             let target: std::net::SocketAddr = match addr.parse() {
                 Ok(a) => a,
@@ -441,7 +530,7 @@ impl Peers {
             .map_err(|_| Error::Unavailable(format!("connect to peer {addr} timed out")))?
             .map_err(|e| Error::Unavailable(format!("connect to peer {addr}: {e}")))?;
         let _ = stream.set_nodelay(true);
-        let conn = match &self.tls {
+        match &self.tls {
             Some(tls) => {
                 let name = self.directory.get().and_then(|d| d(addr)).ok_or_else(|| {
                     Error::Unavailable(format!("no member at peer address {addr}"))
@@ -457,15 +546,27 @@ impl Peers {
                         Error::Unavailable(format!("TLS handshake with {name} at {addr}: {e}"))
                     })?;
                 let (rd, wr) = tokio::io::split(tls_stream);
-                self.spawn_conn(addr, rd, wr)
+                Ok((Box::new(rd), Box::new(wr)))
             }
             None => {
                 let (rd, wr) = stream.into_split();
-                self.spawn_conn(addr, rd, wr)
+                Ok((Box::new(rd), Box::new(wr)))
             }
-        };
-        *slot = Some(conn.clone());
-        Ok(conn)
+        }
+    }
+
+    /// A connection of its own to the peer at `addr`, for one task that
+    /// waits for each answer before it sends the next request (a
+    /// replication stream): no pool, no writer or reader task in between.
+    pub async fn direct(&self, addr: &str) -> Result<Direct> {
+        let (rd, wr) = self.open(addr).await?;
+        Ok(Direct {
+            addr: addr.to_string(),
+            rd,
+            wr: BufWriter::new(wr),
+            next_id: 1,
+            max_frame_bytes: self.limits.max_frame_bytes,
+        })
     }
 
     /// Starts the writer and reader tasks of a new connection.
@@ -569,5 +670,220 @@ impl Peers {
         };
         conn.pending.lock().remove(&id);
         r
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::net::message::ReplItem;
+
+    fn replicate(seq: u64) -> Request {
+        Request::Replicate {
+            from: "n1".into(),
+            items: vec![ReplItem {
+                partition: 0,
+                epoch: 1,
+                stream: 1,
+                seq,
+                ops: Vec::new(),
+            }],
+        }
+    }
+
+    fn server(handler: Handler, frame_timeout: Duration) -> PeerServer {
+        PeerServer {
+            handler,
+            admit: Arc::new(|_| Ok(())),
+            tls: None,
+            limits: PeerLimits {
+                frame_timeout,
+                ..PeerLimits::default()
+            },
+        }
+    }
+
+    fn caller() -> Caller {
+        Caller {
+            identity: Identity::Address(IpAddr::from([127, 0, 0, 1])),
+            addr: SocketAddr::from(([127, 0, 0, 1], 1)),
+        }
+    }
+
+    async fn send(w: &mut (impl AsyncWrite + Unpin), id: u64, req: Request) {
+        let bytes = encode(&Envelope {
+            version: PROTOCOL_VERSION,
+            id,
+            body: Body::Request(req),
+        })
+        .expect("encode");
+        write_frame(w, &bytes).await.expect("write");
+        w.flush().await.expect("flush");
+    }
+
+    /// Two replication frames written back to back are handled one after
+    /// the other (the second is not even read before the first is
+    /// answered) and answered in order: a backup applies a stream's frames
+    /// in the order they were sent.
+    #[tokio::test]
+    async fn replication_frames_are_handled_in_order_and_answered_in_order() {
+        let log: Arc<Mutex<Vec<String>>> = Arc::default();
+        let seen = log.clone();
+        let handler: Handler = Arc::new(move |_, req| {
+            let log = seen.clone();
+            Box::pin(async move {
+                let Request::Replicate { items, .. } = req else {
+                    return Response::Ok;
+                };
+                let seq = items.first().map_or(0, |i| i.seq);
+                log.lock().push(format!("start {seq}"));
+                if seq == 1 {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                log.lock().push(format!("end {seq}"));
+                Response::Replicated(vec![None])
+            })
+        });
+        let (client, far) = tokio::io::duplex(1 << 16);
+        let (srd, swr) = tokio::io::split(far);
+        let conn = tokio::spawn(connection(
+            srd,
+            swr,
+            caller(),
+            server(handler, Duration::from_secs(5)),
+            CancellationToken::new(),
+            Arc::new(Semaphore::new(1 << 20)),
+        ));
+        let (mut crd, mut cwr) = tokio::io::split(client);
+        send(&mut cwr, 1, replicate(1)).await;
+        send(&mut cwr, 2, replicate(2)).await;
+        for want in [1, 2] {
+            let frame = read_frame(&mut crd, 1 << 20, S, S, None)
+                .await
+                .expect("read")
+                .expect("an answer");
+            let env = decode(&frame.bytes).expect("decode");
+            assert_eq!(env.id, want, "answers in request order");
+            assert!(matches!(env.body, Body::Response(Response::Replicated(_))));
+        }
+        assert_eq!(
+            *log.lock(),
+            vec!["start 1", "end 1", "start 2", "end 2"],
+            "the second frame was handled while the first still ran"
+        );
+        drop(cwr);
+        drop(crd);
+        let ended = tokio::time::timeout(S, conn).await;
+        assert!(
+            ended.is_ok(),
+            "the connection task did not end after the peer left"
+        );
+    }
+
+    const S: Duration = Duration::from_secs(5);
+
+    /// A peer that sends requests but never reads the answers has its
+    /// connection closed once an answer waits longer than the frame
+    /// timeout (it does not hold the answering handlers forever).
+    #[tokio::test]
+    async fn a_peer_that_takes_no_answers_is_cut_off() {
+        let handler: Handler = Arc::new(|_, _| Box::pin(async { big_answer() }));
+        let (client, far) = tokio::io::duplex(1024);
+        let (srd, swr) = tokio::io::split(far);
+        let conn = tokio::spawn(connection(
+            srd,
+            swr,
+            caller(),
+            server(handler, Duration::from_millis(200)),
+            CancellationToken::new(),
+            Arc::new(Semaphore::new(1 << 20)),
+        ));
+        let (_crd, mut cwr) = tokio::io::split(client);
+        send(&mut cwr, 1, Request::ListCollections).await;
+        let ended = tokio::time::timeout(S, conn).await;
+        assert!(
+            ended.is_ok(),
+            "the connection stayed open with an answer nobody reads"
+        );
+        // And a replication frame answered inline is cut off the same way.
+        let handler: Handler = Arc::new(|_, _| Box::pin(async { big_answer() }));
+        let (client, far) = tokio::io::duplex(1024);
+        let (srd, swr) = tokio::io::split(far);
+        let conn = tokio::spawn(connection(
+            srd,
+            swr,
+            caller(),
+            server(handler, Duration::from_millis(200)),
+            CancellationToken::new(),
+            Arc::new(Semaphore::new(1 << 20)),
+        ));
+        let (_crd, mut cwr) = tokio::io::split(client);
+        send(&mut cwr, 1, replicate(1)).await;
+        let ended = tokio::time::timeout(S, conn)
+            .await
+            .expect("connection task ended");
+        let result = ended.expect("joined");
+        assert!(
+            result.as_ref().is_err_and(|why| why.contains("not taken")),
+            "{result:?}"
+        );
+    }
+
+    /// An answer far larger than the pipe between the two ends.
+    fn big_answer() -> Response {
+        Response::Error(Error::InvalidArgument("x".repeat(64 * 1024)).to_wire())
+    }
+
+    /// A lockstep connection refuses an answer that is not for its request
+    /// and reports a peer that closed.
+    #[tokio::test]
+    async fn a_direct_call_takes_only_its_own_answer() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        let peer = tokio::spawn(async move {
+            let (s, _) = listener.accept().await.expect("accept");
+            let (mut rd, mut wr) = s.into_split();
+            // First request: answered with its own id.
+            let f = read_frame(&mut rd, 1 << 20, S, S, None)
+                .await
+                .expect("read")
+                .expect("frame");
+            let id = decode(&f.bytes).expect("decode").id;
+            let ok = encode(&Envelope {
+                version: PROTOCOL_VERSION,
+                id,
+                body: Body::Response(Response::Ok),
+            })
+            .expect("encode");
+            write_frame(&mut wr, &ok).await.expect("write");
+            // Second: answered with another id.
+            let f = read_frame(&mut rd, 1 << 20, S, S, None)
+                .await
+                .expect("read")
+                .expect("frame");
+            let id = decode(&f.bytes).expect("decode").id;
+            let wrong = encode(&Envelope {
+                version: PROTOCOL_VERSION,
+                id: id + 7,
+                body: Body::Response(Response::Ok),
+            })
+            .expect("encode");
+            write_frame(&mut wr, &wrong).await.expect("write");
+            // Third: the connection is closed.
+            let _ = read_frame(&mut rd, 1 << 20, S, S, None).await;
+        });
+        let peers = Peers::new(PeerLimits::default(), None, None, CancellationToken::new());
+        let mut direct = peers.direct(&addr).await.expect("connect");
+        let r = direct.call(Request::ListCollections, S).await;
+        assert!(matches!(r, Ok(Response::Ok)), "{r:?}");
+        let r = direct.call(Request::ListCollections, S).await;
+        assert!(
+            r.as_ref()
+                .is_err_and(|e| e.to_string().contains("not for request")),
+            "{r:?}"
+        );
+        let r = direct.call(Request::ListCollections, S).await;
+        assert!(r.is_err(), "{r:?}");
+        peer.await.expect("peer task");
     }
 }

@@ -117,12 +117,15 @@ impl Node {
             self.store.check_key(key)?;
         }
         self.check_lock_hold(&cmd)?;
+        // The rarer paths (scans, batches, forwards) are boxed: every
+        // command's future is as large as its largest path, and it is
+        // allocated (and moved) once per command.
         if cmd.is_collection_wide() {
-            return self.execute_scan(cmd, origin).await;
+            return Box::pin(self.execute_scan(cmd, origin)).await;
         }
         let table = self.cluster.table();
         if cmd.key().is_none() {
-            return self.execute_batch(&table, cmd, origin).await;
+            return Box::pin(self.execute_batch(&table, cmd, origin)).await;
         }
         let space = cmd.keyspace();
         let key = cmd.key().cloned().unwrap_or_default();
@@ -145,8 +148,8 @@ impl Node {
                 } else {
                     // Abandoned as soon as the primary misses heartbeats.
                     tokio::select! {
-                        r = self.forward(&addr, cmd) => r,
-                        () = self.until_suspect(&primary) => Err(unreachable()),
+                        r = Box::pin(self.forward(&addr, cmd)) => r,
+                        () = Box::pin(self.until_suspect(&primary)) => Err(unreachable()),
                     }
                 };
                 match (forwarded, fallback) {

@@ -132,7 +132,7 @@ impl Node {
             ));
         }
         if !written.evicted_elsewhere.is_empty() {
-            self.replicate_evictions(written.evicted_elsewhere).await;
+            Box::pin(self.replicate_evictions(written.evicted_elsewhere)).await;
         }
         Ok(r)
     }
@@ -257,7 +257,7 @@ impl Node {
                 }
             }
         }
-        if failed.is_empty() || self.shrink_isr(table, &shrink).await {
+        if failed.is_empty() || Box::pin(self.shrink_isr(table, &shrink)).await {
             return Ok(());
         }
         Err(Error::Unavailable(format!(

@@ -6,6 +6,9 @@
 //! items in queue order; under load the queue grows while a frame is in
 //! flight and the next frame carries all of it (coalescing), with no timer
 //! (the stream yields once to the scheduler before it gathers a frame).
+//! Each stream has a connection of its own, which it writes and reads
+//! itself (the backup answers its frames in order, on the connection's
+//! reading task): no pool, no writer or reader task in between.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -17,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::net::message::{ReplItem, Request, Response, WireError};
-use crate::net::peer::Peers;
+use crate::net::peer::{Direct, Peers};
 use crate::replica::ReplOp;
 
 /// Most items in one replication frame.
@@ -137,7 +140,9 @@ impl Streams {
         match tx.try_send(queued) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(q)) => {
-                if let Err(e) = tx.send_timeout(q, self.timeout).await {
+                // Rare (the queue is full): boxed, so the common path's
+                // future (part of every write's) stays small.
+                if let Err(e) = Box::pin(tx.send_timeout(q, self.timeout)).await {
                     let q = match e {
                         mpsc::error::SendTimeoutError::Timeout(q)
                         | mpsc::error::SendTimeoutError::Closed(q) => q,
@@ -181,6 +186,7 @@ impl Streams {
             addr: addr.to_string(),
             timeout: self.timeout,
             max_batch_bytes: self.max_batch_bytes,
+            conn: None,
         };
         let shutdown = self.shutdown.clone();
         self.tasks.spawn(stream.run(rx, shutdown));
@@ -195,10 +201,13 @@ struct Stream {
     addr: String,
     timeout: Duration,
     max_batch_bytes: usize,
+    /// The stream's own connection to the backup (opened when needed,
+    /// dropped after any error).
+    conn: Option<Direct>,
 }
 
 impl Stream {
-    async fn run(self, mut rx: mpsc::Receiver<Queued>, shutdown: CancellationToken) {
+    async fn run(mut self, mut rx: mpsc::Receiver<Queued>, shutdown: CancellationToken) {
         loop {
             let first = tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -238,8 +247,30 @@ impl Stream {
         }
     }
 
+    /// One request on the stream's own connection (opened first if it has
+    /// none), all within the stream's timeout.
+    async fn call(&mut self, req: Request) -> crate::error::Result<Response> {
+        let conn = match self.conn.take() {
+            Some(c) => c,
+            None => {
+                let open = self.peers.direct(&self.addr);
+                match tokio::time::timeout(self.timeout, open).await {
+                    Ok(c) => c?,
+                    Err(_) => {
+                        return Err(crate::error::Error::Unavailable(format!(
+                            "connect to peer {} timed out",
+                            self.addr
+                        )));
+                    }
+                }
+            }
+        };
+        let conn = self.conn.insert(conn);
+        conn.call(req, self.timeout).await
+    }
+
     /// Sends one frame and hands out its answers.
-    async fn send(&self, batch: Vec<Queued>) {
+    async fn send(&mut self, batch: Vec<Queued>) {
         let bytes: usize = batch.iter().map(|q| q.bytes).sum();
         let held = batch.first().map(|q| q.held.clone());
         let (items, waiters): (Vec<ReplItem>, Vec<oneshot::Sender<Acked>>) =
@@ -249,7 +280,7 @@ impl Stream {
             from: self.me.clone(),
             items,
         };
-        let answer = self.peers.call(&self.addr, req, self.timeout).await;
+        let answer = self.call(req).await;
         if let Some(held) = held {
             held.fetch_sub(bytes, Ordering::SeqCst);
         }
@@ -268,6 +299,8 @@ impl Stream {
                 }
             }
             other => {
+                // Whatever went wrong, the connection is not trusted again.
+                self.conn = None;
                 let why = match other {
                     Err(e) => e.to_string(),
                     Ok(_) => format!("unexpected answer from {}", self.addr),

@@ -77,8 +77,10 @@ impl Node {
     /// WAL append, then applied in order, under their partitions' locks.
     pub(in crate::node) async fn on_replicate(&self, from: &str, items: Vec<ReplItem>) -> Response {
         let mut results: Vec<Option<Error>> = Vec::with_capacity(items.len());
+        // One wait for the whole frame, however many of its items are ahead.
+        let deadline = self.catch_up_deadline();
         for item in &items {
-            self.catch_up_to(item.epoch).await;
+            self.catch_up_to(item.epoch, deadline).await;
             results.push(self.stream_check(from, item.epoch, item.partition).err());
         }
         let mut parts: Vec<u32> = items
@@ -193,7 +195,7 @@ impl Node {
         snapshot: PartitionSnapshot,
         (stream, seq): (u64, u64),
     ) -> Response {
-        self.catch_up_to(epoch).await;
+        self.catch_up_to(epoch, self.catch_up_deadline()).await;
         if let Err(e) = self.backup_check(from, epoch, p) {
             return refused(&e);
         }
@@ -291,17 +293,21 @@ impl Node {
     /// wait briefly for this node to install it rather than refuse the write
     /// (a refusal costs the write and a full resync of this backup). Only a
     /// few epochs ahead are waited for: a far-off epoch is refused at once.
-    async fn catch_up_to(&self, epoch: u64) {
+    async fn catch_up_to(&self, epoch: u64, deadline: tokio::time::Instant) {
         let mine = self.epoch();
         if epoch <= mine || epoch - mine > 16 {
             return;
         }
-        let patience =
-            (self.cluster.config().replication_timeout / 2).min(Duration::from_millis(250));
-        let deadline = tokio::time::Instant::now() + patience;
         while self.epoch() < epoch && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
+    }
+
+    /// How long [`Node::catch_up_to`] waits, at most, for one request.
+    fn catch_up_deadline(&self) -> tokio::time::Instant {
+        let patience =
+            (self.cluster.config().replication_timeout / 2).min(Duration::from_millis(250));
+        tokio::time::Instant::now() + patience
     }
 
     /// A replicated write of `p` is taken only from its primary in this

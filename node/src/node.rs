@@ -48,7 +48,7 @@ use crate::cluster::{Cluster, ClusterConfig};
 use crate::config::NodeConfig;
 use crate::error::{Error, Result};
 use crate::locking::LockTable;
-use crate::net::peer::{self, Admit, Handler, PeerLimits, PeerServer, Peers};
+use crate::net::peer::{Admit, Handler, PeerLimits, PeerServer, Peers};
 use crate::security::peer_tls::{PeerTls, PeerTlsFiles};
 use crate::storage::wal::{self, Durability, Wal};
 use crate::storage::{Limits, Store};
@@ -337,7 +337,7 @@ impl Node {
                 Some(node) => node.admit_peer(caller),
                 None => Err("shutting down".into()),
             });
-            self.tasks.spawn(peer::serve(
+            self.tasks.spawn(crate::net::peer_server::serve(
                 listener,
                 PeerServer {
                     handler,

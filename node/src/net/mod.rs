@@ -3,3 +3,4 @@
 pub mod frame;
 pub mod message;
 pub mod peer;
+pub mod peer_server;

@@ -434,6 +434,26 @@ mod tests {
 
     const S: Duration = Duration::from_secs(5);
 
+    /// Reads one request and answers it Ok, under its id plus `shift`.
+    async fn answer_next(
+        rd: &mut (impl AsyncRead + Unpin),
+        wr: &mut (impl AsyncWrite + Unpin),
+        shift: u64,
+    ) {
+        let f = read_frame(rd, 1 << 20, S, S, None)
+            .await
+            .expect("read")
+            .expect("frame");
+        let id = decode(&f.bytes).expect("decode").id;
+        let answer = encode(&Envelope {
+            version: PROTOCOL_VERSION,
+            id: id + shift,
+            body: Body::Response(Response::Ok),
+        })
+        .expect("encode");
+        write_frame(wr, &answer).await.expect("write");
+    }
+
     /// A lockstep connection refuses an answer that is not for its request
     /// and reports a peer that closed.
     #[tokio::test]
@@ -443,32 +463,9 @@ mod tests {
         let peer = tokio::spawn(async move {
             let (s, _) = listener.accept().await.expect("accept");
             let (mut rd, mut wr) = s.into_split();
-            // First request: answered with its own id.
-            let f = read_frame(&mut rd, 1 << 20, S, S, None)
-                .await
-                .expect("read")
-                .expect("frame");
-            let id = decode(&f.bytes).expect("decode").id;
-            let ok = encode(&Envelope {
-                version: PROTOCOL_VERSION,
-                id,
-                body: Body::Response(Response::Ok),
-            })
-            .expect("encode");
-            write_frame(&mut wr, &ok).await.expect("write");
-            // Second: answered with another id.
-            let f = read_frame(&mut rd, 1 << 20, S, S, None)
-                .await
-                .expect("read")
-                .expect("frame");
-            let id = decode(&f.bytes).expect("decode").id;
-            let wrong = encode(&Envelope {
-                version: PROTOCOL_VERSION,
-                id: id + 7,
-                body: Body::Response(Response::Ok),
-            })
-            .expect("encode");
-            write_frame(&mut wr, &wrong).await.expect("write");
+            // First request: answered with its own id; the second with another.
+            answer_next(&mut rd, &mut wr, 0).await;
+            answer_next(&mut rd, &mut wr, 7).await;
             // Third: the connection is closed.
             let _ = read_frame(&mut rd, 1 << 20, S, S, None).await;
         });

@@ -339,16 +339,7 @@ mod tests {
                 Response::Replicated(vec![None])
             })
         });
-        let (client, far) = tokio::io::duplex(1 << 16);
-        let (srd, swr) = tokio::io::split(far);
-        let conn = tokio::spawn(connection(
-            srd,
-            swr,
-            caller(),
-            server(handler, Duration::from_secs(5)),
-            CancellationToken::new(),
-            Arc::new(Semaphore::new(1 << 20)),
-        ));
+        let (conn, client) = spawn_connection(handler, Duration::from_secs(5), 1 << 16);
         let (mut crd, mut cwr) = tokio::io::split(client);
         send(&mut cwr, 1, replicate(1)).await;
         send(&mut cwr, 2, replicate(2)).await;
@@ -381,16 +372,7 @@ mod tests {
     #[tokio::test]
     async fn a_peer_that_takes_no_answers_is_cut_off() {
         let handler: Handler = Arc::new(|_, _| Box::pin(async { big_answer() }));
-        let (client, far) = tokio::io::duplex(1024);
-        let (srd, swr) = tokio::io::split(far);
-        let conn = tokio::spawn(connection(
-            srd,
-            swr,
-            caller(),
-            server(handler, Duration::from_millis(200)),
-            CancellationToken::new(),
-            Arc::new(Semaphore::new(1 << 20)),
-        ));
+        let (conn, client) = spawn_connection(handler, Duration::from_millis(200), 1024);
         let (_crd, mut cwr) = tokio::io::split(client);
         send(&mut cwr, 1, Request::ListCollections).await;
         let ended = tokio::time::timeout(S, conn).await;
@@ -400,16 +382,7 @@ mod tests {
         );
         // And a replication frame answered inline is cut off the same way.
         let handler: Handler = Arc::new(|_, _| Box::pin(async { big_answer() }));
-        let (client, far) = tokio::io::duplex(1024);
-        let (srd, swr) = tokio::io::split(far);
-        let conn = tokio::spawn(connection(
-            srd,
-            swr,
-            caller(),
-            server(handler, Duration::from_millis(200)),
-            CancellationToken::new(),
-            Arc::new(Semaphore::new(1 << 20)),
-        ));
+        let (conn, client) = spawn_connection(handler, Duration::from_millis(200), 1024);
         let (_crd, mut cwr) = tokio::io::split(client);
         send(&mut cwr, 1, replicate(1)).await;
         let ended = tokio::time::timeout(S, conn)
@@ -420,6 +393,29 @@ mod tests {
             result.as_ref().is_err_and(|why| why.contains("not taken")),
             "{result:?}"
         );
+    }
+
+    /// A server connection task fed through an in-memory pipe of `pipe`
+    /// bytes; the other end of the pipe plays the peer.
+    fn spawn_connection(
+        handler: Handler,
+        frame_timeout: Duration,
+        pipe: usize,
+    ) -> (
+        tokio::task::JoinHandle<std::result::Result<(), String>>,
+        tokio::io::DuplexStream,
+    ) {
+        let (client, far) = tokio::io::duplex(pipe);
+        let (srd, swr) = tokio::io::split(far);
+        let conn = tokio::spawn(connection(
+            srd,
+            swr,
+            caller(),
+            server(handler, frame_timeout),
+            CancellationToken::new(),
+            Arc::new(Semaphore::new(1 << 20)),
+        ));
+        (conn, client)
     }
 
     /// An answer far larger than the pipe between the two ends.

@@ -150,23 +150,13 @@ impl Node {
         if ops.is_empty() {
             return Ok(Vec::new());
         }
-        if table.backup_count == 0 {
-            // No backups to send to, but the write still takes its number:
-            // a copy's stream position must account for every write it
-            // applied (a demoted primary is followed on by its position).
-            let mut last = None;
-            for (p, _) in &ops {
-                if last != Some(*p) {
-                    self.next_seq(*p, table.epoch);
-                    last = Some(*p);
-                }
-            }
-            return Ok(Vec::new());
-        }
         let mut per_part: BTreeMap<u32, Vec<ReplOp>> = BTreeMap::new();
         for (p, op) in ops {
             per_part.entry(p).or_default().push(op);
         }
+        // Every write takes its number, backups or not: a copy's stream
+        // position must account for every write it applied (a demoted
+        // primary is followed on by its position).
         let stamped: Vec<(u32, u64, u64, Vec<ReplOp>)> = per_part
             .into_iter()
             .map(|(p, ops)| {
@@ -174,6 +164,9 @@ impl Node {
                 (p, stream, seq, ops)
             })
             .collect();
+        if table.backup_count == 0 {
+            return Ok(Vec::new());
+        }
         let meta = self.cluster.meta();
         if meta.epoch() != table.epoch {
             return Err(Error::Unavailable(

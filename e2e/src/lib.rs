@@ -35,8 +35,10 @@ pub fn bin(name: &str) -> PathBuf {
 }
 
 /// A loopback port that was free a moment ago, never the same twice in one
-/// test process (the kernel hands a just-released port out again, and two
-/// members of one cluster must not be given the same one).
+/// test process (two members of one cluster must not be given the same
+/// one). Taken below the kernel's ephemeral range (32768 and up), so the
+/// outbound connections of members already running cannot be handed it
+/// before the member meant to listen there starts.
 pub fn free_port() -> u16 {
     free_port_on("127.0.0.1")
 }
@@ -45,21 +47,24 @@ pub fn free_port() -> u16 {
 /// member bound to 127.0.0.4 can collide with a port still held on that
 /// address, e.g. by a killed process's connections).
 pub fn free_port_on(ip: &str) -> u16 {
+    const FIRST: u16 = 20_000;
+    const SPAN: u16 = 12_000;
     static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
-    loop {
-        let port = TcpListener::bind((ip, 0))
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .expect("free loopback port");
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    // Test processes run side by side: each starts at its own offset.
+    let start = (std::process::id() % u32::from(SPAN)) as u16;
+    for k in 0..SPAN {
+        let port = FIRST + (start + k) % SPAN;
+        if given.contains(&port) || TcpListener::bind((ip, port)).is_err() {
+            continue;
+        }
         if ip != "127.0.0.1" && TcpListener::bind(("127.0.0.1", port)).is_err() {
             continue;
         }
-        let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
-        if !given.contains(&port) {
-            given.push(port);
-            return port;
-        }
+        given.push(port);
+        return port;
     }
+    panic!("no free loopback port in {FIRST}..{}", FIRST + SPAN);
 }
 
 /// Resident set size of process `pid`, KiB (0 if it is gone).

@@ -18,6 +18,12 @@
 //! (time queued behind a slow op counts: no coordinated omission); an op that
 //! falls due while its caller is idle is timed from when it is sent (the
 //! timer's millisecond granularity is the generator's delay, not the target's).
+//!
+//! `--cpu-pids` / `--redis-cpu-pids` name the server processes of each target
+//! (Linux): their CPU time (user + system, every thread) over the timed
+//! window is reported per op (`server_cpu_us_per_op`), a steadier measure
+//! than peak throughput on a shared machine, and compared in the last line
+//! (`cpu_ratio`: distcache's CPU per op over the peer's).
 
 use std::time::{Duration, Instant};
 
@@ -77,6 +83,39 @@ struct Args {
     /// fast as the callers go).
     #[arg(long, default_value_t = 0.0)]
     rate: f64,
+    /// distcache's server processes: report their CPU time per op.
+    #[arg(long, value_delimiter = ',')]
+    cpu_pids: Vec<u32>,
+    /// The Redis servers' processes: report their CPU time per op.
+    #[arg(long, value_delimiter = ',')]
+    redis_cpu_pids: Vec<u32>,
+}
+
+/// Clock ticks per second of `/proc/<pid>/stat` times: Linux's USER_HZ,
+/// which is 100 on every architecture (the kernel converts to it).
+const USER_HZ: f64 = 100.0;
+
+/// User + system CPU ticks of a process (every thread, live or exited),
+/// from the text of `/proc/<pid>/stat`. The command name may hold spaces
+/// and parentheses, so fields are counted after its closing `)`.
+fn cpu_ticks(stat: &str) -> Option<u64> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // Fields 14 (utime) and 15 (stime); `rest` starts at field 3.
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some(utime + stime)
+}
+
+/// Summed CPU ticks of `pids` now.
+fn cpu_now(pids: &[u32]) -> anyhow::Result<u64> {
+    let mut total = 0;
+    for pid in pids {
+        let path = format!("/proc/{pid}/stat");
+        let stat = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+        total += cpu_ticks(&stat).with_context(|| format!("unexpected format of {path}"))?;
+    }
+    Ok(total)
 }
 
 /// One caller's connection.
@@ -246,9 +285,17 @@ struct Outcome {
     errors: u64,
     hist: Histogram<u64>,
     elapsed: Duration,
+    /// CPU ticks the target's server processes used in the timed window
+    /// (`None`: no processes named).
+    server_ticks: Option<u64>,
 }
 
-async fn drive(target: Target, args: &Args, value: &Bytes) -> anyhow::Result<Outcome> {
+async fn drive(
+    target: Target,
+    args: &Args,
+    value: &Bytes,
+    pids: &[u32],
+) -> anyhow::Result<Outcome> {
     let shared = match target {
         Target::Distcache => Some(
             Client::with_config(ClientConfig::new(args.endpoints.clone()))
@@ -282,6 +329,11 @@ async fn drive(target: Target, args: &Args, value: &Bytes) -> anyhow::Result<Out
         )
         .await;
     }
+    let cpu_before = if pids.is_empty() {
+        None
+    } else {
+        Some(cpu_now(pids)?)
+    };
     let start = Instant::now();
     let deadline = start + Duration::from_secs(args.secs);
     let mut tasks = Vec::new();
@@ -340,6 +392,7 @@ async fn drive(target: Target, args: &Args, value: &Bytes) -> anyhow::Result<Out
         errors: 0,
         hist: Histogram::new_with_bounds(1, 60_000_000, 3)?,
         elapsed: Duration::ZERO,
+        server_ticks: None,
     };
     for t in tasks {
         let (ops, errors, hist) = t.await??;
@@ -348,12 +401,20 @@ async fn drive(target: Target, args: &Args, value: &Bytes) -> anyhow::Result<Out
         out.hist.add(&hist)?;
     }
     out.elapsed = start.elapsed();
+    if let Some(before) = cpu_before {
+        out.server_ticks = Some(cpu_now(pids)?.saturating_sub(before));
+    }
     Ok(out)
 }
 
-fn report(target: Target, args: &Args, o: &Outcome) -> f64 {
+/// Prints the target's JSON line; returns its ops/s and server CPU µs per op.
+fn report(target: Target, args: &Args, o: &Outcome) -> (f64, Option<f64>) {
     let ops_per_sec = o.ops as f64 / o.elapsed.as_secs_f64().max(1e-9);
-    let line = serde_json::json!({
+    let cpu_us_per_op = o
+        .server_ticks
+        .map(|t| t as f64 / USER_HZ * 1e6 / o.ops.max(1) as f64);
+    let round1 = |x: f64| (x * 10.0).round() / 10.0;
+    let mut line = serde_json::json!({
         "target": target.name(),
         "op": format!("{:?}", args.op).to_lowercase(),
         "callers": args.callers,
@@ -369,8 +430,14 @@ fn report(target: Target, args: &Args, o: &Outcome) -> f64 {
         "p999_us": o.hist.value_at_quantile(0.999),
         "errors": o.errors,
     });
+    if let (Some(ticks), Some(per_op)) = (o.server_ticks, cpu_us_per_op) {
+        line["server_cpu_us_per_op"] = serde_json::json!(round1(per_op));
+        line["server_cpu_cores"] = serde_json::json!(round1(
+            ticks as f64 / USER_HZ / o.elapsed.as_secs_f64().max(1e-9)
+        ));
+    }
     println!("{line}");
-    ops_per_sec
+    (ops_per_sec, cpu_us_per_op)
 }
 
 #[tokio::main]
@@ -383,7 +450,7 @@ async fn main() -> anyhow::Result<()> {
     let ours = if args.redis_only {
         None
     } else {
-        let o = drive(Target::Distcache, &args, &value).await?;
+        let o = drive(Target::Distcache, &args, &value, &args.cpu_pids).await?;
         Some(report(Target::Distcache, &args, &o))
     };
     let peer = if args.redis.is_some() {
@@ -394,21 +461,45 @@ async fn main() -> anyhow::Result<()> {
         None
     };
     if let Some(peer) = peer {
-        let o = drive(peer, &args, &value).await?;
-        let theirs = report(peer, &args, &o);
-        if let Some(ours) = ours
+        let o = drive(peer, &args, &value, &args.redis_cpu_pids).await?;
+        let (theirs, their_cpu) = report(peer, &args, &o);
+        if let Some((ours, our_cpu)) = ours
             && theirs > 0.0
         {
-            let ratio = ours / theirs;
-            println!(
-                "{}",
-                serde_json::json!({
-                    "op": format!("{:?}", args.op).to_lowercase(),
-                    "peer": peer.name(),
-                    "ratio": (ratio * 1000.0).round() / 1000.0,
-                })
-            );
+            let round3 = |x: f64| (x * 1000.0).round() / 1000.0;
+            let mut line = serde_json::json!({
+                "op": format!("{:?}", args.op).to_lowercase(),
+                "peer": peer.name(),
+                "ratio": round3(ours / theirs),
+            });
+            if let (Some(ours), Some(theirs)) = (our_cpu, their_cpu)
+                && theirs > 0.0
+            {
+                line["cpu_ratio"] = serde_json::json!(round3(ours / theirs));
+            }
+            println!("{line}");
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::cpu_ticks;
+
+    #[test]
+    fn cpu_ticks_are_utime_plus_stime_even_with_odd_command_names() {
+        let stat = "4242 (tokio (rt) x) S 1 2 3 0 -1 4194560 100 0 0 0 \
+                    1234 567 8 9 20 0 3 0 100 0 0";
+        assert_eq!(cpu_ticks(stat), Some(1234 + 567));
+        let plain = "7 (redis-server) R 1 7 7 0 -1 0 0 0 0 0 10 20 0 0 20 0 1 0 5 0 0";
+        assert_eq!(cpu_ticks(plain), Some(30));
+    }
+
+    #[test]
+    fn cpu_ticks_refuses_what_is_not_a_stat_line() {
+        assert_eq!(cpu_ticks("no parenthesis here"), None);
+        assert_eq!(cpu_ticks("1 (short) S 1 2"), None);
+        assert_eq!(cpu_ticks("1 (bad) S 1 2 3 0 -1 0 0 0 0 0 x 20"), None);
+    }
 }

@@ -310,6 +310,37 @@ async fn cluster_json_lists_a_failed_member_as_dead_after_failover() {
     );
 }
 
+/// The child processes of `pid` (from every one of its threads).
+fn member_pids(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("tasks")
+        .flatten()
+    {
+        let children = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+        out.extend(
+            children
+                .split_whitespace()
+                .filter_map(|c| c.parse::<u32>().ok()),
+        );
+    }
+    out
+}
+
+/// Threads of `pid` named like tokio's runtime threads.
+fn runtime_threads(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|rd| {
+            rd.flatten()
+                .filter(|t| {
+                    std::fs::read_to_string(t.path().join("comm"))
+                        .is_ok_and(|c| c.trim() == "tokio-rt-worker")
+                })
+                .count()
+        })
+        .unwrap_or(0)
+}
+
 #[test]
 fn local_members_die_with_a_killed_launcher() {
     // A base port whose neighbours (base+1, base+1000, base+1001) are free too.
@@ -340,6 +371,29 @@ fn local_members_die_with_a_killed_launcher() {
             distcache_e2e::wait_listening(*a, std::time::Duration::from_secs(20)),
             "member {a} did not start"
         );
+    }
+    // Each member's runtime gets the machine's CPUs shared among the two
+    // members (at least one thread), so the members do not oversubscribe.
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let each = (cpus / 2).max(1);
+    let members = member_pids(launcher.id());
+    assert_eq!(members.len(), 2, "members of the launcher: {members:?}");
+    for pid in &members {
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).expect("cmdline");
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        assert!(
+            cmdline.contains(&format!("--worker-threads {each} ")),
+            "member {pid} started without --worker-threads {each}: {cmdline}"
+        );
+        // Runtime threads: the workers (blocking-pool threads, named alike,
+        // leave after 10 s idle).
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(15);
+        let mut workers = runtime_threads(*pid);
+        while workers != each && std::time::Instant::now() < end {
+            std::thread::sleep(std::time::Duration::from_millis(250));
+            workers = runtime_threads(*pid);
+        }
+        assert_eq!(workers, each, "runtime threads of member {pid}");
     }
     launcher.kill().expect("kill -9 the launcher");
     let _ = launcher.wait();

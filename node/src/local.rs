@@ -62,6 +62,24 @@ struct Member {
     peer: String,
 }
 
+/// `--worker-threads` for each member, unless the user chose: the machine's
+/// CPUs shared among the members (N runtimes of one thread per CPU each
+/// would keep more threads runnable than there are CPUs, and pay for it in
+/// context switches).
+fn worker_threads(args: &LocalArgs) -> Vec<String> {
+    let chosen = std::env::var_os("DISTCACHE_WORKER_THREADS").is_some()
+        || args
+            .extra
+            .iter()
+            .any(|a| a == "--worker-threads" || a.starts_with("--worker-threads="));
+    if chosen {
+        return Vec::new();
+    }
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let each = (cpus / usize::from(args.nodes.max(1))).max(1);
+    vec!["--worker-threads".to_string(), each.to_string()]
+}
+
 fn spawn(
     exe: &std::path::Path,
     m: &Member,
@@ -95,6 +113,7 @@ fn spawn(
         } else {
             Vec::new()
         })
+        .args(worker_threads(args))
         .args(&args.extra)
         // The member dies with this launcher, even if it is killed -9.
         .env(PARENT_PID_ENV, std::process::id().to_string())
@@ -191,4 +210,44 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{LocalArgs, worker_threads};
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Wrap {
+        #[command(flatten)]
+        local: LocalArgs,
+    }
+
+    fn args(list: &[&str]) -> LocalArgs {
+        Wrap::parse_from(std::iter::once("local").chain(list.iter().copied())).local
+    }
+
+    #[test]
+    fn members_share_the_cpus_unless_the_user_chose() {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        for nodes in [1usize, 2, 3, 64] {
+            let n = nodes.to_string();
+            let given = worker_threads(&args(&["--nodes", &n]));
+            assert_eq!(given.len(), 2, "{given:?}");
+            assert_eq!(given[0], "--worker-threads");
+            let each: usize = given[1].parse().expect("a number");
+            assert!(each >= 1, "at least one thread each");
+            assert!(
+                each * nodes <= cpus.max(nodes),
+                "{each} x {nodes} on {cpus} CPUs"
+            );
+            assert_eq!(each, (cpus / nodes).max(1));
+        }
+        for chosen in [
+            &["--", "--worker-threads", "4"][..],
+            &["--", "--worker-threads=4"],
+        ] {
+            assert!(worker_threads(&args(chosen)).is_empty(), "{chosen:?}");
+        }
+    }
 }

@@ -20,6 +20,11 @@ mod local;
 struct Cli {
     #[command(flatten)]
     node: NodeConfig,
+    /// Threads of the node's async runtime (0: one per CPU the process may
+    /// use, which follows a container's CPU limit). `local` gives each of
+    /// its N nodes the machine's CPUs / N, at least 1, unless this is set.
+    #[arg(long, env = "DISTCACHE_WORKER_THREADS", default_value_t = 0, value_parser = clap::value_parser!(u16).range(0..=1024))]
+    worker_threads: u16,
     #[command(subcommand)]
     cmd: Option<Cmd>,
 }
@@ -66,10 +71,21 @@ fn raise_open_files() {
     }
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     local::exit_with_launcher();
     let cli = Cli::parse();
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    runtime.enable_all();
+    if cli.worker_threads > 0 {
+        runtime.worker_threads(usize::from(cli.worker_threads));
+    }
+    runtime
+        .build()
+        .context("starting the async runtime")?
+        .block_on(run(cli))
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
     if let Some(Cmd::Local(args)) = cli.cmd {
         return local::run(args).await;
     }

@@ -409,10 +409,11 @@ async fn drive(
 
 /// Prints the target's JSON line; returns its ops/s and server CPU µs per op.
 fn report(target: Target, args: &Args, o: &Outcome) -> (f64, Option<f64>) {
-    let ops_per_sec = o.ops as f64 / o.elapsed.as_secs_f64().max(1e-9);
-    let cpu_us_per_op = o
-        .server_ticks
-        .map(|t| t as f64 / USER_HZ * 1e6 / o.ops.max(1) as f64);
+    let secs = o.elapsed.as_secs_f64().max(1e-9);
+    let ops_per_sec = o.ops as f64 / secs;
+    // Server CPU seconds in the window, then per op and per second.
+    let cpu_secs = o.server_ticks.map(|t| t as f64 / USER_HZ);
+    let cpu_us_per_op = cpu_secs.map(|c| c * 1e6 / o.ops.max(1) as f64);
     let round1 = |x: f64| (x * 10.0).round() / 10.0;
     let mut line = serde_json::json!({
         "target": target.name(),
@@ -430,11 +431,9 @@ fn report(target: Target, args: &Args, o: &Outcome) -> (f64, Option<f64>) {
         "p999_us": o.hist.value_at_quantile(0.999),
         "errors": o.errors,
     });
-    if let (Some(ticks), Some(per_op)) = (o.server_ticks, cpu_us_per_op) {
+    if let (Some(cpu), Some(per_op)) = (cpu_secs, cpu_us_per_op) {
         line["server_cpu_us_per_op"] = serde_json::json!(round1(per_op));
-        line["server_cpu_cores"] = serde_json::json!(round1(
-            ticks as f64 / USER_HZ / o.elapsed.as_secs_f64().max(1e-9)
-        ));
+        line["server_cpu_cores"] = serde_json::json!(round1(cpu / secs));
     }
     println!("{line}");
     (ops_per_sec, cpu_us_per_op)

@@ -71,6 +71,11 @@ pub struct PartState {
     /// number of its last write ((0, 0): none yet; a stream is taken at the
     /// first write). Changed only under `repl`.
     pub stream: Mutex<(u64, u64)>,
+    /// As primary: when the last write was stamped (a write queued since
+    /// less than the replication deadline may still be on its way to a
+    /// backup, which then does not follow the stream yet). Changed only
+    /// under `repl`.
+    pub stamped_at: Mutex<Option<std::time::Instant>>,
     /// As primary: the stream position `(stream, seq)` this copy
     /// followed when it became primary (None: it followed none, e.g. a
     /// snapshot was cut off or it restarted). The tenure's stream id is

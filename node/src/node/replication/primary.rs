@@ -33,6 +33,12 @@ use super::stream::Acked;
 /// A queued write's answer to come: (partition, backup, answer).
 pub(in crate::node) type Pending = (u32, String, tokio::sync::oneshot::Receiver<Acked>);
 
+/// A backup to remove from a partition's in-sync set, and why: the reason
+/// starts with `refused:` (the backup refused a write), `unanswered:` (no
+/// answer in time, connection lost, heartbeats stopped) or `anti-entropy:`
+/// (its copy diverged or follows another stream).
+pub(in crate::node) type Removal = (u32, String, String);
+
 impl Node {
     /// Applies `f` (a write to partitions `parts`, all primary here) and
     /// replicates what it changed to the in-sync backups before returning.
@@ -201,7 +207,9 @@ impl Node {
     /// at the first write of this node's tenure as primary); call under
     /// the partition lock.
     pub(in crate::node) fn next_seq(&self, p: u32, epoch: u64) -> (u64, u64) {
-        let mut s = self.cluster.part(p).stream.lock();
+        let st = self.cluster.part(p);
+        *st.stamped_at.lock() = Some(std::time::Instant::now());
+        let mut s = st.stream.lock();
         if s.0 == 0 {
             *s = (self.cluster.tenure_stream_of(p, epoch), 0);
         }
@@ -222,31 +230,33 @@ impl Node {
         }
         // A frame's own timeout, plus as long again queued behind others.
         let deadline = tokio::time::Instant::now() + self.cluster.config().replication_timeout * 2;
-        let mut failed = Vec::new();
+        let mut failed: Vec<(u32, String, String)> = Vec::new();
         let mut unreachable: Vec<String> = Vec::new();
         for (p, b, rx) in acks {
-            match tokio::time::timeout_at(deadline, rx).await {
-                Ok(Ok(Acked::Applied)) => {}
+            let why = match tokio::time::timeout_at(deadline, rx).await {
+                Ok(Ok(Acked::Applied)) => continue,
                 Ok(Ok(Acked::Refused(e))) => {
                     tracing::debug!(partition = p, backup = %b, reason = e.reason, msg = %e.message, "replication refused");
-                    failed.push((p, b));
+                    failed.push((p, b, format!("refused: {}", e.message)));
+                    continue;
                 }
-                other => {
-                    if let Ok(Ok(Acked::Lost(why))) = &other {
-                        tracing::debug!(partition = p, backup = %b, %why, "replication lost");
-                    }
-                    if !unreachable.contains(&b) {
-                        unreachable.push(b.clone());
-                    }
-                    failed.push((p, b));
+                Ok(Ok(Acked::Lost(why))) => {
+                    tracing::debug!(partition = p, backup = %b, %why, "replication lost");
+                    format!("unanswered: {why}")
                 }
+                Ok(Err(_)) => "unanswered: stream ended".to_string(),
+                Err(_) => "unanswered: no answer in time".to_string(),
+            };
+            if !unreachable.contains(&b) {
+                unreachable.push(b.clone());
             }
+            failed.push((p, b, why));
         }
         let mut shrink = failed.clone();
         for b in &unreachable {
-            for pair in self.isr_places(table, b) {
-                if !shrink.contains(&pair) {
-                    shrink.push(pair);
+            for (p, m) in self.isr_places(table, b) {
+                if !shrink.iter().any(|(q, n, _)| *q == p && *n == m) {
+                    shrink.push((p, m, "unanswered: on another partition".into()));
                 }
             }
         }
@@ -257,7 +267,7 @@ impl Node {
             "replication to {} failed; the write may or may not have been applied",
             failed
                 .iter()
-                .map(|(p, b)| format!("{b}/p{p}"))
+                .map(|(p, b, _)| format!("{b}/p{p}"))
                 .collect::<Vec<_>>()
                 .join(",")
         )))
@@ -288,21 +298,29 @@ impl Node {
     }
 
     /// Removes backups from their partitions' committed in-sync sets (one
-    /// committed command per backup); true when every removal was committed
-    /// (or already true).
-    pub(in crate::node) async fn shrink_isr(&self, table: &Table, pairs: &[(u32, String)]) -> bool {
+    /// committed command per backup), each `(partition, backup, why)`; true
+    /// when every removal was committed (or already true). The reasons are
+    /// logged with the removal: a backup that was refused, did not answer or
+    /// diverged (see [`Removal`] for their prefixes).
+    pub(in crate::node) async fn shrink_isr(&self, table: &Table, pairs: &[Removal]) -> bool {
         if !self.lease_valid() {
             // Cut off from the majority: nothing can commit; fail the write
             // now rather than wait for a commit that cannot happen.
             return false;
         }
         let timeout = self.cluster.config().replication_timeout;
-        let mut per_member: BTreeMap<&str, Vec<u32>> = BTreeMap::new();
-        for (p, b) in pairs {
-            per_member.entry(b.as_str()).or_default().push(*p);
+        let mut per_member: BTreeMap<&str, (Vec<u32>, Vec<&str>)> = BTreeMap::new();
+        for (p, b, why) in pairs {
+            let (parts, whys) = per_member.entry(b.as_str()).or_default();
+            parts.push(*p);
+            // A few distinct reasons are enough to tell what happened.
+            if whys.len() < 3 && !whys.contains(&why.as_str()) {
+                whys.push(why);
+            }
         }
-        let calls = per_member.into_iter().map(|(b, partitions)| {
+        let calls = per_member.into_iter().map(|(b, (partitions, whys))| {
             let n = partitions.len();
+            let why = whys.join("; ");
             let cmd = MetaCmd::Shrink {
                 epoch: table.epoch,
                 partitions,
@@ -312,7 +330,7 @@ impl Node {
             async move {
                 match self.propose_within(cmd, timeout).await {
                     Ok((MetaReply::Done, _)) => {
-                        tracing::info!(backup = %b, partitions = n, "backup left the in-sync sets");
+                        tracing::info!(backup = %b, partitions = n, why = %why, "backup left the in-sync sets");
                         self.metrics.isr_removed(n as u64);
                         true
                     }

@@ -13,6 +13,8 @@ use crate::meta::state::{MetaCmd, MetaReply};
 use crate::net::message::{Request, Response};
 use crate::node::Node;
 
+use super::primary::Removal;
+
 impl Node {
     /// Starts snapshot transfers to backups that are not in sync, and
     /// removes backups that stopped answering from the in-sync sets.
@@ -23,7 +25,7 @@ impl Node {
             return;
         }
         let mut todo = Vec::new();
-        let mut dead: Vec<(u32, String)> = Vec::new();
+        let mut dead: Vec<Removal> = Vec::new();
         for p in 0..t.partition_count {
             if t.role_of(self.cluster.me(), p) != Role::Primary {
                 continue;
@@ -32,7 +34,9 @@ impl Node {
                 let alive = self.cluster.alive(b);
                 match (meta.in_sync(p, b), alive) {
                     (false, true) => todo.push((p, b.clone())),
-                    (true, false) => dead.push((p, b.clone())),
+                    (true, false) => {
+                        dead.push((p, b.clone(), "unanswered: heartbeats stopped".into()));
+                    }
                     _ => {}
                 }
             }
@@ -153,6 +157,15 @@ impl Node {
             let _g = st.repl.lock().await;
             let mine = self.store.digest(p);
             let (stream, seq) = *st.stream.lock();
+            // A write queued within the replication deadline may still be
+            // on its way: a backup that does not follow this tenure's
+            // stream yet may be about to (its first write), and if it
+            // refuses the write instead, the write's own wait removes it.
+            let deadline = self.cluster.config().replication_timeout * 2;
+            let recent = st
+                .stamped_at
+                .lock()
+                .is_some_and(|at| at.elapsed() < deadline);
             let synced: Vec<String> = self
                 .cluster
                 .meta()
@@ -182,7 +195,7 @@ impl Node {
                     // Same position (or nothing written this tenure): the
                     // copies must be equal.
                     (digest != mine).then_some("backup diverged")
-                } else if theirs == stream && at < seq {
+                } else if (theirs == stream && at < seq) || recent {
                     // Writes still on their way to it.
                     None
                 } else {
@@ -190,7 +203,7 @@ impl Node {
                 };
                 if let Some(why) = why {
                     tracing::warn!(partition = p, backup = %b, why, "anti-entropy: re-syncing backup");
-                    diverged.push((p, b));
+                    diverged.push((p, b, format!("anti-entropy: {why}")));
                 }
             }
         }

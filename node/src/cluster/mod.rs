@@ -10,7 +10,7 @@ pub mod rebalancer;
 pub mod seqlock;
 pub mod table;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -168,6 +168,8 @@ pub struct Cluster {
     meta: RwLock<(u64, Arc<MetaState>)>,
     /// Member -> when the last heartbeat it answered was sent.
     answered: Mutex<HashMap<String, Instant>>,
+    /// The members found alive at the last [`Cluster::liveness_changes`].
+    up: Mutex<HashSet<String>>,
     /// Per-partition replication state.
     parts: Box<[PartState]>,
     /// Heartbeat sequence number.
@@ -208,6 +210,7 @@ impl Cluster {
             tombstones: Mutex::new(HashMap::new()),
             meta: RwLock::new((0, Arc::new(MetaState::default()))),
             answered: Mutex::new(HashMap::new()),
+            up: Mutex::new(HashSet::new()),
             parts: (0..partition_count).map(|_| PartState::default()).collect(),
             seq: AtomicU64::new(1),
             streams: AtomicU64::new(stream_base()),
@@ -372,6 +375,30 @@ impl Cluster {
             .cloned()
             .collect();
         (alive, expected)
+    }
+
+    /// The other members whose liveness changed since the last call:
+    /// (now alive, no longer alive), for the heartbeat round's log lines.
+    /// Holds one name per configured member at most.
+    pub fn liveness_changes(&self) -> (Vec<String>, Vec<String>) {
+        let members = self.members();
+        let mut up = self.up.lock();
+        let (mut came, mut went) = (Vec::new(), Vec::new());
+        for m in members.iter().filter(|m| m.name != self.me.name) {
+            match (self.alive(&m.name), up.contains(&m.name)) {
+                (true, false) => {
+                    up.insert(m.name.clone());
+                    came.push(m.name.clone());
+                }
+                (false, true) => {
+                    up.remove(&m.name);
+                    went.push(m.name.clone());
+                }
+                _ => {}
+            }
+        }
+        up.retain(|n| members.iter().any(|m| &m.name == n));
+        (came, went)
     }
 
     /// Sees a majority of the expected members.
@@ -624,5 +651,24 @@ mod tests {
             "the tombstone is gone once the new process was heard"
         );
         assert_eq!(c.apply_gone(), 0);
+    }
+
+    #[test]
+    fn liveness_changes_are_reported_once_each() {
+        let c = cluster(&["b"]);
+        assert_eq!(c.liveness_changes(), (vec![], vec![]), "nobody heard yet");
+        c.record(hb("b", 5, 10, 1));
+        c.record(hb("c", 2, 10, 1));
+        assert_eq!(c.liveness_changes(), (vec!["b".into(), "c".into()], vec![]));
+        assert_eq!(
+            c.liveness_changes(),
+            (vec![], vec![]),
+            "no change, no report"
+        );
+        assert_eq!(c.apply_gone(), 1);
+        assert_eq!(c.liveness_changes(), (vec![], vec!["b".into()]));
+        assert_eq!(c.liveness_changes(), (vec![], vec![]));
+        c.record(hb("b", 6, 1, 1));
+        assert_eq!(c.liveness_changes(), (vec!["b".into()], vec![]));
     }
 }

@@ -45,6 +45,13 @@ impl Node {
             }
         }
         self.check_clock();
+        let (came, went) = self.cluster.liveness_changes();
+        for m in went {
+            tracing::warn!(member = %m, timeout = ?self.cluster.config().failure_timeout, "member failed: no heartbeat answer within the failure timeout");
+        }
+        for m in came {
+            tracing::info!(member = %m, "member answering heartbeats");
+        }
         if !self.cluster.is_current() && self.lease_valid() && self.meta_caught_up() {
             tracing::info!(
                 epoch = self.epoch(),

@@ -230,14 +230,16 @@ impl Node {
         }
         // A frame's own timeout, plus as long again queued behind others.
         let deadline = tokio::time::Instant::now() + self.cluster.config().replication_timeout * 2;
-        let mut failed: Vec<(u32, String, String)> = Vec::new();
+        let mut failed: Vec<Removal> = Vec::new();
         let mut unreachable: Vec<String> = Vec::new();
         for (p, b, rx) in acks {
             let why = match tokio::time::timeout_at(deadline, rx).await {
                 Ok(Ok(Acked::Applied)) => continue,
                 Ok(Ok(Acked::Refused(e))) => {
                     tracing::debug!(partition = p, backup = %b, reason = e.reason, msg = %e.message, "replication refused");
-                    failed.push((p, b, format!("refused: {}", e.message)));
+                    // The backup's own words, cut short (a peer's text).
+                    let said: String = e.message.chars().take(200).collect();
+                    failed.push((p, b, format!("refused: {said}")));
                     continue;
                 }
                 Ok(Ok(Acked::Lost(why))) => {

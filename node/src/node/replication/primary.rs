@@ -217,6 +217,12 @@ impl Node {
         *s
     }
 
+    /// How long a write waits for its backups' answers: a frame's own
+    /// timeout, plus as long again queued behind others.
+    pub(in crate::node) fn ack_wait(&self) -> Duration {
+        self.cluster.config().replication_timeout * 2
+    }
+
     /// Waits for the backups' answers to queued writes; a backup that
     /// refused or did not answer is removed from the ISR (committed) before
     /// this returns Ok.
@@ -228,8 +234,7 @@ impl Node {
         if acks.is_empty() {
             return Ok(());
         }
-        // A frame's own timeout, plus as long again queued behind others.
-        let deadline = tokio::time::Instant::now() + self.cluster.config().replication_timeout * 2;
+        let deadline = tokio::time::Instant::now() + self.ack_wait();
         let mut failed: Vec<Removal> = Vec::new();
         let mut unreachable: Vec<String> = Vec::new();
         for (p, b, rx) in acks {

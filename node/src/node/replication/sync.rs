@@ -149,6 +149,7 @@ impl Node {
     pub(in crate::node) async fn anti_entropy(&self) {
         let t = self.cluster.table();
         let mut diverged = Vec::new();
+        let ack_wait = self.ack_wait();
         for p in 0..t.partition_count {
             if t.role_of(self.cluster.me(), p) != Role::Primary {
                 continue;
@@ -157,15 +158,14 @@ impl Node {
             let _g = st.repl.lock().await;
             let mine = self.store.digest(p);
             let (stream, seq) = *st.stream.lock();
-            // A write queued within the replication deadline may still be
-            // on its way: a backup that does not follow this tenure's
-            // stream yet may be about to (its first write), and if it
-            // refuses the write instead, the write's own wait removes it.
-            let deadline = self.cluster.config().replication_timeout * 2;
+            // A write stamped within a write's wait for its answers may
+            // still be on its way: a backup that does not follow this
+            // tenure's stream yet may be about to (its first write), and if
+            // it refuses the write instead, the write's own wait removes it.
             let recent = st
                 .stamped_at
                 .lock()
-                .is_some_and(|at| at.elapsed() < deadline);
+                .is_some_and(|at| at.elapsed() < ack_wait);
             let synced: Vec<String> = self
                 .cluster
                 .meta()

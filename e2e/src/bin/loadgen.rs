@@ -12,12 +12,17 @@
 //! caller (what redis-rs recommends).
 //!
 //! Closed loop by default (each caller starts its next op when the last one
-//! ends: peak throughput). `--rate R` is open loop: ops are scheduled at R per
-//! second in total, spread over the callers, and an op that falls due while
-//! its caller still waits for a slow answer is timed from its scheduled start
-//! (time queued behind a slow op counts: no coordinated omission); an op that
-//! falls due while its caller is idle is timed from when it is sent (the
-//! timer's millisecond granularity is the generator's delay, not the target's).
+//! ends: peak throughput). `--rate R` is open loop: a pacer thread releases
+//! R ops per second in total, evenly spaced (to within the kernel's sleep
+//! granularity, ~50 µs), round robin over the callers, and each op is timed
+//! from its release, so time queued behind a slow answer counts (no
+//! coordinated omission). Ops released but not started by the end of the
+//! window are reported as `unstarted` (the target fell behind the rate).
+//!
+//! `--batch-keys partition` draws each batch's keys from one partition (one
+//! owner answers it, as one node answers each pipeline of
+//! `redis-benchmark --cluster -P N`); Redis targets get the same key groups,
+//! each named with one hash tag (one slot), sent as one pipeline.
 //!
 //! `--cpu-pids` / `--redis-cpu-pids` name the server processes of each target
 //! (Linux): their CPU time (user + system, every thread) over the timed
@@ -30,6 +35,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use bytes::Bytes;
 use clap::{Parser, ValueEnum};
+use distcache_client::partition::{DEFAULT_COLLECTION, DEFAULT_PARTITION_COUNT, partition_for};
 use distcache_client::{Client, ClientConfig};
 use hdrhistogram::Histogram;
 use redis::AsyncCommands;
@@ -40,6 +46,12 @@ enum Op {
     Put,
     Mixed,
     Batch,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum BatchKeys {
+    Any,
+    Partition,
 }
 
 /// Load generator for distcache (with Redis side by side).
@@ -55,6 +67,12 @@ struct Args {
     /// Keys per batch (op batch).
     #[arg(long, default_value_t = 16)]
     batch: usize,
+    /// Which keys one batch takes (op batch): `any` key, or keys of one
+    /// `partition` (one owner answers the whole batch, as one node answers
+    /// each of `redis-benchmark --cluster -P N`'s pipelines; the Redis
+    /// targets get the same groups as one hash-tagged slot each).
+    #[arg(long, value_enum, default_value = "any")]
+    batch_keys: BatchKeys,
     /// Concurrent callers.
     #[arg(long, default_value_t = 50)]
     callers: usize,
@@ -129,6 +147,61 @@ fn key(i: u64) -> String {
     format!("key:{i:08}")
 }
 
+/// The key space as one target names it. With `--batch-keys partition` a
+/// batch draws its keys from one group: the keys distcache places in one
+/// partition; a Redis target names them with that partition as a hash tag
+/// (`{17}key:00000042`), so each group is one slot there.
+struct KeySpace {
+    tagged: bool,
+    partitions: u32,
+    /// Key indexes by partition, empty ones left out (`--batch-keys
+    /// partition` only).
+    groups: Vec<Vec<u64>>,
+}
+
+impl KeySpace {
+    fn new(args: &Args, partitions: u32, redis: bool) -> KeySpace {
+        let grouped = args.op == Op::Batch && args.batch_keys == BatchKeys::Partition;
+        let mut space = KeySpace {
+            tagged: grouped && redis,
+            partitions: partitions.max(1),
+            groups: Vec::new(),
+        };
+        if grouped {
+            let mut groups = vec![Vec::new(); space.partitions as usize];
+            for i in 0..args.keys {
+                groups[space.partition(i) as usize].push(i);
+            }
+            groups.retain(|g| !g.is_empty());
+            space.groups = groups;
+        }
+        space
+    }
+
+    fn partition(&self, i: u64) -> u32 {
+        partition_for(DEFAULT_COLLECTION, key(i).as_bytes(), self.partitions)
+    }
+
+    fn name(&self, i: u64) -> String {
+        if self.tagged {
+            format!("{{{}}}{}", self.partition(i), key(i))
+        } else {
+            key(i)
+        }
+    }
+
+    /// The keys of one batch of `n`.
+    fn batch(&self, rng: &mut Rng, n: usize, keys: u64) -> Vec<String> {
+        if self.groups.is_empty() {
+            return (0..n).map(|_| self.name(rng.next(keys))).collect();
+        }
+        let group = &self.groups[rng.next(self.groups.len() as u64) as usize];
+        (0..n)
+            .map(|_| self.name(group[rng.next(group.len() as u64) as usize]))
+            .collect()
+    }
+}
+
 /// xorshift64*: a cheap per-caller key picker.
 struct Rng(u64);
 impl Rng {
@@ -147,6 +220,7 @@ impl Conn {
         op: Op,
         rng: &mut Rng,
         args: &Args,
+        space: &KeySpace,
         value: &Bytes,
     ) -> anyhow::Result<u64> {
         let op = match op {
@@ -180,12 +254,20 @@ impl Conn {
                 Ok(1)
             }
             Op::Batch => {
-                let keys: Vec<String> = (0..args.batch).map(|_| key(rng.next(args.keys))).collect();
+                let keys = space.batch(rng, args.batch, args.keys);
                 match self {
                     Conn::Distcache(c) => {
                         c.default_collection().get_many(&keys).await?;
                     }
                     Conn::Redis(r) => {
+                        let mut p = redis::pipe();
+                        for k in &keys {
+                            p.get(k);
+                        }
+                        let _: Vec<Option<Vec<u8>>> = p.query_async(r).await?;
+                    }
+                    Conn::RedisCluster(r) if space.tagged => {
+                        // One slot: one pipeline to its node.
                         let mut p = redis::pipe();
                         for k in &keys {
                             p.get(k);
@@ -251,7 +333,12 @@ async fn connect(target: Target, args: &Args, shared: Option<&Client>) -> anyhow
     })
 }
 
-async fn preload(conn: &mut Conn, args: &Args, value: &Bytes) -> anyhow::Result<()> {
+async fn preload(
+    conn: &mut Conn,
+    args: &Args,
+    space: &KeySpace,
+    value: &Bytes,
+) -> anyhow::Result<()> {
     let chunk = 500u64;
     let mut start = 0;
     while start < args.keys {
@@ -259,19 +346,19 @@ async fn preload(conn: &mut Conn, args: &Args, value: &Bytes) -> anyhow::Result<
         match conn {
             Conn::Distcache(c) => {
                 c.default_collection()
-                    .put_many((start..end).map(|i| (key(i), value.clone())), None)
+                    .put_many((start..end).map(|i| (space.name(i), value.clone())), None)
                     .await?
             }
             Conn::Redis(r) => {
                 let mut p = redis::pipe();
                 for i in start..end {
-                    p.set(key(i), value.as_ref()).ignore();
+                    p.set(space.name(i), value.as_ref()).ignore();
                 }
                 p.query_async::<()>(r).await?;
             }
             Conn::RedisCluster(r) => {
                 for i in start..end {
-                    r.set::<_, _, ()>(key(i), value.as_ref()).await?;
+                    r.set::<_, _, ()>(space.name(i), value.as_ref()).await?;
                 }
             }
         }
@@ -283,11 +370,40 @@ async fn preload(conn: &mut Conn, args: &Args, value: &Bytes) -> anyhow::Result<
 struct Outcome {
     ops: u64,
     errors: u64,
+    /// Open loop: ops released in the window that had not started by its end.
+    unstarted: u64,
     hist: Histogram<u64>,
     elapsed: Duration,
     /// CPU ticks the target's server processes used in the timed window
     /// (`None`: no processes named).
     server_ticks: Option<u64>,
+}
+
+/// The pacer (open loop): releases op k at `start + k / rate`, to caller
+/// `k mod callers`, until `deadline`. It sleeps between releases (the
+/// kernel's timer slack, ~50 µs, is its granularity, not tokio's 1 ms timer
+/// wheel, which released a millisecond's ops at once).
+fn pace(
+    start: Instant,
+    deadline: Instant,
+    rate: f64,
+    callers: &[tokio::sync::mpsc::UnboundedSender<Instant>],
+) {
+    let mut k: u64 = 0;
+    loop {
+        let due = start + Duration::from_secs_f64(k as f64 / rate);
+        if due >= deadline {
+            break;
+        }
+        let now = Instant::now();
+        if due > now {
+            std::thread::sleep(due - now);
+        }
+        let caller = &callers[(k % callers.len() as u64) as usize];
+        // A caller that ended (an error) just misses its ops.
+        let _ = caller.send(Instant::now());
+        k += 1;
+    }
 }
 
 async fn drive(
@@ -304,9 +420,18 @@ async fn drive(
         ),
         _ => None,
     };
+    let space = std::sync::Arc::new(KeySpace::new(
+        args,
+        shared
+            .as_ref()
+            .map_or(DEFAULT_PARTITION_COUNT, Client::partition_count),
+        shared.is_none(),
+    ));
     let mut first = connect(target, args, shared.as_ref()).await?;
     if args.op != Op::Put {
-        preload(&mut first, args, value).await.context("preload")?;
+        preload(&mut first, args, &space, value)
+            .await
+            .context("preload")?;
     }
     let mut conns: Vec<Conn> = Vec::with_capacity(args.callers);
     for _ in 1..args.callers {
@@ -325,7 +450,7 @@ async fn drive(
     for conn in &mut conns {
         let _ = tokio::time::timeout(
             Duration::from_secs(10),
-            conn.run(args.op, &mut rng, args, value),
+            conn.run(args.op, &mut rng, args, &space, value),
         )
         .await;
     }
@@ -336,44 +461,56 @@ async fn drive(
     };
     let start = Instant::now();
     let deadline = start + Duration::from_secs(args.secs);
+    // Open loop: a pacer thread releases the ops at their times, round
+    // robin over the callers; each op is timed from its release.
+    let (pacer, mut tickets) = if args.rate > 0.0 {
+        let (txs, rxs): (Vec<_>, Vec<_>) = (0..args.callers)
+            .map(|_| tokio::sync::mpsc::unbounded_channel::<Instant>())
+            .unzip();
+        let rate = args.rate;
+        let pacer = std::thread::Builder::new()
+            .name("pacer".into())
+            .spawn(move || pace(start, deadline, rate, &txs))
+            .context("starting the pacer thread")?;
+        (Some(pacer), rxs.into_iter().map(Some).collect())
+    } else {
+        (None, Vec::new())
+    };
     let mut tasks = Vec::new();
     for (i, mut conn) in conns.into_iter().enumerate() {
         let value = value.clone();
         let args = args.clone();
+        let space = space.clone();
+        let mut ticket = tickets.get_mut(i).and_then(Option::take);
         tasks.push(tokio::spawn(async move {
             let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ ((i as u64 + 1) * 0x1000_0001));
             let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
-            let (mut ops, mut errors) = (0u64, 0u64);
-            // Open loop: caller i's k-th op is due at start + (k * callers + i) / rate.
-            let period =
-                (args.rate > 0.0).then(|| Duration::from_secs_f64(args.callers as f64 / args.rate));
-            let mut due = start
-                + Duration::from_secs_f64(i as f64 / args.rate.max(1e-9))
-                    .min(Duration::from_secs(1));
-            while Instant::now() < deadline {
-                let t0 = match period {
-                    Some(period) => {
-                        // Coordinated omission: an op due while the caller
-                        // still waited for the previous answer (the target
-                        // was slow) is timed from when it was due. An op
-                        // due while the caller was idle is timed from when
-                        // it is sent: the timer wakes up to a millisecond
-                        // late (its granularity), the generator's delay, not
-                        // the target's.
-                        let behind = Instant::now() >= due;
-                        tokio::time::sleep_until(due.into()).await;
-                        let t = if behind { due } else { Instant::now() };
-                        if due >= deadline {
-                            break;
-                        }
-                        due += period;
-                        t
-                    }
+            let (mut ops, mut errors, mut unstarted) = (0u64, 0u64, 0u64);
+            loop {
+                let t0 = match ticket.as_mut() {
+                    // Timed from its release: time spent queued behind a
+                    // slow answer counts (no coordinated omission); the
+                    // pacer's own lateness does not.
+                    Some(rx) => match rx.recv().await {
+                        Some(released) => released,
+                        None => break,
+                    },
                     None => Instant::now(),
                 };
+                if Instant::now() >= deadline {
+                    // Released but not started in the window: the target
+                    // fell behind the rate.
+                    unstarted += 1;
+                    if let Some(rx) = ticket.as_mut() {
+                        while rx.try_recv().is_ok() {
+                            unstarted += 1;
+                        }
+                    }
+                    break;
+                }
                 match tokio::time::timeout(
                     Duration::from_secs(10),
-                    conn.run(args.op, &mut rng, &args, &value),
+                    conn.run(args.op, &mut rng, &args, &space, &value),
                 )
                 .await
                 {
@@ -384,23 +521,33 @@ async fn drive(
                     _ => errors += 1,
                 }
             }
-            anyhow::Ok((ops, errors, hist))
+            if ticket.is_none() {
+                unstarted = 0;
+            }
+            anyhow::Ok((ops, errors, unstarted, hist))
         }));
     }
     let mut out = Outcome {
         ops: 0,
         errors: 0,
+        unstarted: 0,
         hist: Histogram::new_with_bounds(1, 60_000_000, 3)?,
         elapsed: Duration::ZERO,
         server_ticks: None,
     };
     for t in tasks {
-        let (ops, errors, hist) = t.await??;
+        let (ops, errors, unstarted, hist) = t.await??;
         out.ops += ops;
         out.errors += errors;
+        out.unstarted += unstarted;
         out.hist.add(&hist)?;
     }
     out.elapsed = start.elapsed();
+    if let Some(pacer) = pacer
+        && pacer.join().is_err()
+    {
+        bail!("the pacer thread panicked");
+    }
     if let Some(before) = cpu_before {
         out.server_ticks = Some(cpu_now(pids)?.saturating_sub(before));
     }
@@ -431,6 +578,9 @@ fn report(target: Target, args: &Args, o: &Outcome) -> (f64, Option<f64>) {
         "p999_us": o.hist.value_at_quantile(0.999),
         "errors": o.errors,
     });
+    if args.rate > 0.0 {
+        line["unstarted"] = serde_json::json!(o.unstarted);
+    }
     if let (Some(cpu), Some(per_op)) = (cpu_secs, cpu_us_per_op) {
         line["server_cpu_us_per_op"] = serde_json::json!(round1(per_op));
         line["server_cpu_cores"] = serde_json::json!(round1(cpu / secs));
@@ -484,7 +634,93 @@ async fn main() -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::cpu_ticks;
+    use super::{Args, BatchKeys, KeySpace, Rng, cpu_ticks, key};
+    use clap::Parser;
+    use distcache_client::partition::{DEFAULT_COLLECTION, partition_for};
+
+    fn args(extra: &[&str]) -> Args {
+        let base = ["loadgen", "--op", "batch", "--keys", "2000"];
+        Args::parse_from(base.iter().chain(extra))
+    }
+
+    #[test]
+    fn a_partition_batch_takes_keys_of_one_partition_named_alike_on_redis() {
+        let a = args(&["--batch-keys", "partition"]);
+        assert_eq!(a.batch_keys, BatchKeys::Partition);
+        let ours = KeySpace::new(&a, 271, false);
+        let redis = KeySpace::new(&a, 271, true);
+        let grouped: usize = ours.groups.iter().map(Vec::len).sum();
+        assert_eq!(grouped, 2000, "every key in exactly one group");
+        let mut rng = Rng(7);
+        for _ in 0..50 {
+            let batch = ours.batch(&mut rng, 16, a.keys);
+            assert_eq!(batch.len(), 16);
+            let parts: std::collections::BTreeSet<u32> = batch
+                .iter()
+                .map(|k| partition_for(DEFAULT_COLLECTION, k.as_bytes(), 271))
+                .collect();
+            assert_eq!(parts.len(), 1, "{batch:?} spans partitions {parts:?}");
+        }
+        for _ in 0..50 {
+            let batch = redis.batch(&mut rng, 16, a.keys);
+            let tags: std::collections::BTreeSet<&str> = batch
+                .iter()
+                .map(|k| &k[..k.find('}').map_or(0, |i| i + 1)])
+                .collect();
+            assert_eq!(tags.len(), 1, "{batch:?} spans hash tags");
+            assert!(batch[0].starts_with('{'), "{batch:?} has no hash tag");
+        }
+        // The Redis name of key i carries key i's distcache partition.
+        let i = 42;
+        let p = partition_for(DEFAULT_COLLECTION, key(i).as_bytes(), 271);
+        assert_eq!(redis.name(i), format!("{{{p}}}{}", key(i)));
+    }
+
+    #[test]
+    fn the_pacer_releases_rate_times_window_ops_round_robin_and_in_order() {
+        let (txs, mut rxs): (Vec<_>, Vec<_>) = (0..3)
+            .map(|_| tokio::sync::mpsc::unbounded_channel::<std::time::Instant>())
+            .unzip();
+        let start = std::time::Instant::now();
+        let deadline = start + std::time::Duration::from_millis(200);
+        super::pace(start, deadline, 1000.0, &txs);
+        drop(txs);
+        let mut all = Vec::new();
+        let mut counts = Vec::new();
+        for rx in &mut rxs {
+            let mut n = 0;
+            while let Ok(t) = rx.try_recv() {
+                assert!(t >= start, "released before the start");
+                all.push(t);
+                n += 1;
+            }
+            counts.push(n);
+        }
+        // Ops 0..199 are due before the deadline: 67, 67, 66 by caller.
+        assert_eq!(counts, vec![67, 67, 66]);
+        all.sort();
+        let span = all[all.len() - 1] - all[0];
+        assert!(
+            span >= std::time::Duration::from_millis(150),
+            "releases spread over {span:?}, not the window"
+        );
+    }
+
+    #[test]
+    fn any_batch_keys_are_plain_names_over_several_partitions() {
+        let a = args(&[]);
+        assert_eq!(a.batch_keys, BatchKeys::Any);
+        for space in [KeySpace::new(&a, 271, false), KeySpace::new(&a, 271, true)] {
+            assert!(space.groups.is_empty());
+            let batch = space.batch(&mut Rng(9), 16, a.keys);
+            assert!(batch.iter().all(|k| k.starts_with("key:")), "{batch:?}");
+            let parts: std::collections::BTreeSet<u32> = batch
+                .iter()
+                .map(|k| partition_for(DEFAULT_COLLECTION, k.as_bytes(), 271))
+                .collect();
+            assert!(parts.len() > 1, "{batch:?}");
+        }
+    }
 
     #[test]
     fn cpu_ticks_are_utime_plus_stime_even_with_odd_command_names() {

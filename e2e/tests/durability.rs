@@ -1,4 +1,5 @@
-//! Durability with the WAL, on real processes: crash recovery (fsync on),
+//! Durability with the WAL, on real processes: crash recovery (fsync on, and
+//! off with grouped appends),
 //! the un-fsynced tail cut after a crash, ENOSPC on a small tmpfs, and a full
 //! 3-node cluster restart on new addresses.
 
@@ -60,6 +61,29 @@ async fn kill_9_with_fsync_then_restart_keeps_every_acknowledged_write() {
         g.fencing_token() > token_before,
         "fencing tokens never go backwards"
     );
+}
+
+/// `--wal-fsync false`: the appends of the commands one Batch stream runs
+/// are written together (one `write`), each before its command applies and
+/// is answered; a kill -9 keeps the page cache, so every acknowledged write
+/// must be back after the restart. Many callers, so the client's batch
+/// streams carry several commands per message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kill_9_without_fsync_keeps_every_acknowledged_write_of_grouped_appends() {
+    let _serial = SERIAL.lock().await;
+    let mut c = ProcCluster::start(1, &["--wal", "--wal-fsync", "false"]);
+    c.wait_safe(1, SAFE).await;
+    let client = c.client().await;
+    let load = WriteLoad::start(&client, 32, 256);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    c.kill(0);
+    let (history, acked, failed) = load.stop().await;
+    println!("crash without fsync: {acked} acknowledged writes before the kill, {failed} failed");
+    assert!(acked > 1000, "the load made progress: {acked}");
+    c.spawn(0);
+    c.wait_safe(1, SAFE).await;
+    let client = c.client().await;
+    assert_no_acknowledged_write_lost(&client, &history).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

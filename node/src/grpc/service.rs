@@ -15,6 +15,9 @@ use super::status::{to_proto, to_status};
 use crate::command::{Command, Origin, Outcome};
 use crate::error::{Error, Result};
 use crate::node::Node;
+use crate::storage::wal::{Deferred, Wal};
+use std::future::Future;
+use std::task::Poll;
 
 /// Implements every distcache gRPC service.
 #[derive(Debug, Clone)]
@@ -76,6 +79,29 @@ fn coalesce(results: Vec<proto::CommandResult>) -> Vec<proto::BatchResponse> {
         out.push(proto::BatchResponse { results: current });
     }
     out
+}
+
+/// The next finished command of `in_flight`. Whenever every command in it
+/// waits and some wait for their log appends (queued on `deferred`), those
+/// are written with one `write` and the commands polled again at once, so a
+/// command never waits for its append beyond this poll: it has applied (and
+/// released its partition) before the task waits for anything else.
+fn next_done<'a, F: Future>(
+    in_flight: &'a mut FuturesUnordered<F>,
+    deferred: &'a Deferred,
+    wal: Option<&'a Wal>,
+) -> impl Future<Output = Option<F::Output>> + 'a {
+    std::future::poll_fn(move |cx| {
+        loop {
+            match in_flight.poll_next_unpin(cx) {
+                Poll::Pending => match wal {
+                    Some(wal) if !deferred.is_empty() => deferred.flush(wal),
+                    _ => return Poll::Pending,
+                },
+                done => return done,
+            }
+        }
+    })
 }
 
 /// Most commands of one Batch stream in flight at once.
@@ -314,44 +340,35 @@ impl proto::cache_server::Cache for Api {
         let mut inbound = req.into_inner();
         let (tx, rx) = mpsc::channel(BATCH_OUT_DEPTH);
         let node = self.node.clone();
-        self.node.tasks().spawn(async move {
+        // With `--wal-fsync false` the log appends of the commands this
+        // stream runs wait in `deferred` until every command waits, then go
+        // to the OS with one `write` (`next_done`).
+        let deferred = Arc::new(Deferred::default());
+        let scope = deferred.clone();
+        self.node.tasks().spawn(scope.scope(async move {
+            let admit = |c: proto::Command| {
+                let node = node.clone();
+                let caller = access.authenticate(&creds);
+                async move {
+                    let result = match c.op.map(convert::command) {
+                        Some(cmd) => match caller.and_then(|c| c.authorize(&cmd)) {
+                            Ok(()) => node.run(cmd, Origin::Client).await.and_then(convert::result),
+                            Err(e) => Err(e),
+                        },
+                        None => Err(Error::InvalidArgument("command without op".into())),
+                    };
+                    let result = result.unwrap_or_else(|e| command_result::Result::Error(to_proto(&e, node.epoch())));
+                    proto::CommandResult { id: c.id, result: Some(result) }
+                }
+            };
             let mut in_flight = FuturesUnordered::new();
             let mut inbound_open = true;
-            loop {
+            'stream: loop {
                 tokio::select! {
                     _ = node.shutdown_token().cancelled() => break,
-                    msg = inbound.message(), if inbound_open && in_flight.len() < BATCH_IN_FLIGHT => match msg {
-                        Ok(Some(batch)) => {
-                            for c in batch.commands {
-                                let node = node.clone();
-                                let caller = access.authenticate(&creds);
-                                in_flight.push(async move {
-                                    let result = match c.op.map(convert::command) {
-                                        Some(cmd) => match caller.and_then(|c| c.authorize(&cmd)) {
-                                            Ok(()) => node.run(cmd, Origin::Client).await.and_then(convert::result),
-                                            Err(e) => Err(e),
-                                        },
-                                        None => Err(Error::InvalidArgument("command without op".into())),
-                                    };
-                                    let result = result.unwrap_or_else(|e| command_result::Result::Error(to_proto(&e, node.epoch())));
-                                    proto::CommandResult { id: c.id, result: Some(result) }
-                                });
-                            }
-                        }
-                        Ok(None) => inbound_open = false,
-                        Err(status) => {
-                            if status.code() == tonic::Code::OutOfRange {
-                                tracing::warn!(error = %status.message(), "batch stream refused a message");
-                            } else {
-                                tracing::debug!(error = %status.message(), "batch stream ended");
-                            }
-                            let _ = tx.send((Err(status), 0)).await;
-                            break;
-                        }
-                    },
-                    Some(first) = in_flight.next(), if !in_flight.is_empty() => {
+                    Some(first) = next_done(&mut in_flight, &deferred, node.wal.as_deref()), if !in_flight.is_empty() => {
                         let mut ready = vec![first];
-                        while let Some(Some(r)) = in_flight.next().now_or_never() {
+                        while let Some(Some(r)) = next_done(&mut in_flight, &deferred, node.wal.as_deref()).now_or_never() {
                             ready.push(r);
                         }
                         // Ready results coalesced into messages of about
@@ -369,10 +386,38 @@ impl proto::cache_server::Cache for Api {
                             break;
                         }
                     }
+                    msg = inbound.message(), if inbound_open && in_flight.len() < BATCH_IN_FLIGHT => {
+                        // This message and every one already received
+                        // behind it (their commands are then polled, and
+                        // their log appends written, together).
+                        let mut msg = Some(msg);
+                        while let Some(m) = msg.take() {
+                            match m {
+                                Ok(Some(batch)) => {
+                                    for c in batch.commands {
+                                        in_flight.push(admit(c));
+                                    }
+                                    if in_flight.len() < BATCH_IN_FLIGHT {
+                                        msg = inbound.message().now_or_never();
+                                    }
+                                }
+                                Ok(None) => inbound_open = false,
+                                Err(status) => {
+                                    if status.code() == tonic::Code::OutOfRange {
+                                        tracing::warn!(error = %status.message(), "batch stream refused a message");
+                                    } else {
+                                        tracing::debug!(error = %status.message(), "batch stream ended");
+                                    }
+                                    let _ = tx.send((Err(status), 0)).await;
+                                    break 'stream;
+                                }
+                            }
+                        }
+                    }
                     else => break,
                 }
             }
-        });
+        }));
         Ok(Response::new(Budgeted::new(rx, &self.budget)))
     }
 }

@@ -16,6 +16,7 @@ use std::sync::mpsc;
 use parking_lot::Mutex;
 use tokio::sync::oneshot;
 
+use super::deferred::Deferred;
 use super::record::{WalRecord, frame_into};
 use super::{Durability, WalError, list, segment_name};
 
@@ -146,9 +147,14 @@ impl Wal {
 
     /// Appends already framed records (see [`frame_ops_into`](super::frame_ops_into))
     /// as one unit of the group commit.
+    /// With `Buffered` durability, inside a [`Deferred`] scope the append
+    /// waits for the scope's task to write its queue.
     pub async fn append_framed(&self, bytes: Vec<u8>) -> Result<(), WalError> {
         if self.direct {
-            return self.write_direct(&bytes);
+            return match Deferred::queue(bytes) {
+                Ok(written) => written.await.map_err(|_| WalError::Closed)?,
+                Err(bytes) => self.write_now(&bytes),
+            };
         }
         let (done, rx) = oneshot::channel();
         self.send(Job::Append(bytes, done))?;
@@ -164,8 +170,8 @@ impl Wal {
             }
         }
         if self.direct {
-            // A failure is recorded (and refuses later writes) by write_direct.
-            let _ = self.write_direct(&bytes);
+            // A failure is recorded (and refuses later writes) by write_now.
+            let _ = self.write_now(&bytes);
             return;
         }
         let (done, _rx) = oneshot::channel();
@@ -174,7 +180,7 @@ impl Wal {
 
     /// `Buffered`: writes `bytes` to the OS now, under the writer's lock
     /// (ordered with every other append and with rotations).
-    fn write_direct(&self, bytes: &[u8]) -> Result<(), WalError> {
+    pub(super) fn write_now(&self, bytes: &[u8]) -> Result<(), WalError> {
         if bytes.is_empty() {
             return Ok(());
         }

@@ -1,10 +1,12 @@
-//! Deferred appends (`--wal-fsync false` only): a task that runs many
-//! commands at once (a client's Batch stream) can have their log appends
-//! written together. Inside [`Deferred::scope`], an append is queued and
-//! waits; the task calls [`Deferred::flush`] when every command it runs is
-//! waiting, which writes the whole queue with one `write` and wakes them.
-//! Each command still logs before it applies and is answered only after
-//! its record is in the OS; only the number of system calls changes.
+//! Deferred appends: a task that runs many commands at once (a client's
+//! Batch stream) can have their log appends handed over together. Inside
+//! [`Deferred::scope`], an append is queued and waits; the task calls
+//! [`Deferred::flush`] when every command it runs is waiting, which hands
+//! the whole queue to the log as one unit (`--wal-fsync false`: one
+//! `write`; `true`: one job of the writer thread's group commit) and each
+//! waiter gets the outcome. Each command still logs before it applies and
+//! is answered only after its record is written (and fsynced, if on); only
+//! the number of system calls and thread hand-offs changes.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -12,9 +14,8 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 use tokio::sync::oneshot;
 
+use super::writer::Waiter;
 use super::{Wal, WalError};
-
-type Waiter = oneshot::Sender<Result<(), WalError>>;
 
 tokio::task_local! {
     static DEFERRED: Arc<Deferred>;
@@ -52,20 +53,20 @@ impl Deferred {
         }
     }
 
-    /// Writes every queued append, in queue order, with one `write`, and
-    /// hands each waiter the outcome.
+    /// Hands every queued append to the log as one unit, in queue order
+    /// (`Buffered`: one `write` now; `Fsync`: one job of the group commit);
+    /// each waiter gets the outcome.
     pub fn flush(&self, wal: &Wal) {
         let queued = std::mem::take(&mut *self.queue.lock());
         if queued.is_empty() {
             return;
         }
         let mut buf = Vec::with_capacity(queued.iter().map(|(b, _)| b.len()).sum());
-        for (b, _) in &queued {
-            buf.extend_from_slice(b);
+        let mut waiters = Vec::with_capacity(queued.len());
+        for (b, w) in queued {
+            buf.extend_from_slice(&b);
+            waiters.push(w);
         }
-        let outcome = wal.write_now(&buf);
-        for (_, waiter) in queued {
-            let _ = waiter.send(outcome.clone());
-        }
+        wal.append_group(buf, waiters);
     }
 }

@@ -233,6 +233,41 @@ mod tests {
         let _ = fs::remove_dir_all(&dir);
     }
 
+    /// With fsync on, a flushed queue is one job of the writer thread:
+    /// every append is answered once it is fsynced, in queue order.
+    #[tokio::test]
+    async fn deferred_appends_with_fsync_are_one_group_commit_job() {
+        use std::sync::Arc;
+
+        let dir = tmpdir("deferred-fsync");
+        let wal = Arc::new(Wal::open(&dir, Durability::Fsync, 64 << 20).expect("open"));
+        let deferred = Arc::new(Deferred::default());
+        let appends = (0..8).map(|i| {
+            let wal = wal.clone();
+            async move { wal.append(&put(i)).await }
+        });
+        let mut all = Box::pin(futures::future::join_all(appends));
+        let d = deferred.clone();
+        deferred
+            .clone()
+            .scope(std::future::poll_fn(|cx| {
+                assert!(
+                    all.as_mut().poll(cx).is_pending(),
+                    "answered before the flush"
+                );
+                assert!(!d.is_empty(), "queued");
+                d.flush(&wal);
+                std::task::Poll::Ready(())
+            }))
+            .await;
+        let results = all.await;
+        assert!(results.iter().all(Result::is_ok), "{results:?}");
+        wal.close();
+        let rec = recover(&dir, false).expect("recover");
+        assert_eq!(rec.records, (0..8).map(put).collect::<Vec<_>>());
+        let _ = fs::remove_dir_all(&dir);
+    }
+
     #[tokio::test]
     async fn round_trip_and_rotation() {
         let dir = tmpdir("rt");

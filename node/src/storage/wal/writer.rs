@@ -20,8 +20,14 @@ use super::deferred::Deferred;
 use super::record::{WalRecord, frame_into};
 use super::{Durability, WalError, list, segment_name};
 
+/// Who waits for an append's outcome.
+pub(super) type Waiter = oneshot::Sender<Result<(), WalError>>;
+
 pub(super) enum Job {
-    Append(Vec<u8>, oneshot::Sender<Result<(), WalError>>),
+    Append(Vec<u8>, Waiter),
+    /// Several appends framed back to back, one waiter each (a
+    /// [`Deferred`] queue).
+    AppendGroup(Vec<u8>, Vec<Waiter>),
     /// Start a new segment; answers its sequence number.
     Rotate(oneshot::Sender<Result<u64, WalError>>),
 }
@@ -147,14 +153,15 @@ impl Wal {
 
     /// Appends already framed records (see [`frame_ops_into`](super::frame_ops_into))
     /// as one unit of the group commit.
-    /// With `Buffered` durability, inside a [`Deferred`] scope the append
-    /// waits for the scope's task to write its queue.
+    /// Inside a [`Deferred`] scope the append waits for the scope's task to
+    /// hand its queue over as one unit.
     pub async fn append_framed(&self, bytes: Vec<u8>) -> Result<(), WalError> {
+        let bytes = match Deferred::queue(bytes) {
+            Ok(written) => return written.await.map_err(|_| WalError::Closed)?,
+            Err(bytes) => bytes,
+        };
         if self.direct {
-            return match Deferred::queue(bytes) {
-                Ok(written) => written.await.map_err(|_| WalError::Closed)?,
-                Err(bytes) => self.write_now(&bytes),
-            };
+            return self.write_now(&bytes);
         }
         let (done, rx) = oneshot::channel();
         self.send(Job::Append(bytes, done))?;
@@ -176,6 +183,22 @@ impl Wal {
         }
         let (done, _rx) = oneshot::channel();
         let _ = self.send(Job::Append(bytes, done));
+    }
+
+    /// Appends `bytes` (records framed back to back) and hands each waiter
+    /// the outcome: `Buffered` writes them now, `Fsync` queues them to the
+    /// writer thread as one unit of the group commit.
+    pub(super) fn append_group(&self, bytes: Vec<u8>, waiters: Vec<Waiter>) {
+        if self.direct {
+            let outcome = self.write_now(&bytes);
+            for w in waiters {
+                let _ = w.send(outcome.clone());
+            }
+        } else if let Err(e) = self.send(Job::AppendGroup(bytes, waiters)) {
+            // The job (and its waiters) came back with the error only in
+            // the message: they are dropped, and each sees the log closed.
+            tracing::debug!(error = %e, "WAL closed before a grouped append");
+        }
     }
 
     /// `Buffered`: writes `bytes` to the OS now, under the writer's lock
@@ -303,6 +326,10 @@ fn writer_loop(state: &Shared, rx: mpsc::Receiver<Job>) {
                     buf.extend_from_slice(&bytes);
                     acks.push(done);
                 }
+                Job::AppendGroup(bytes, waiters) => {
+                    buf.extend_from_slice(&bytes);
+                    acks.extend(waiters);
+                }
                 Job::Rotate(done) => {
                     let r = flush(&mut w, &mut buf).and_then(|()| w.rotate());
                     match r {
@@ -338,6 +365,11 @@ fn refuse(job: Job, why: &str) {
     match job {
         Job::Append(_, done) => {
             let _ = done.send(Err(WalError::Failed(format!("WAL failed: {why}"))));
+        }
+        Job::AppendGroup(_, waiters) => {
+            for done in waiters {
+                let _ = done.send(Err(WalError::Failed(format!("WAL failed: {why}"))));
+            }
         }
         Job::Rotate(done) => {
             let _ = done.send(Err(WalError::Failed(format!("WAL failed: {why}"))));

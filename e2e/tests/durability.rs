@@ -86,6 +86,49 @@ async fn kill_9_without_fsync_keeps_every_acknowledged_write_of_grouped_appends(
     assert_no_acknowledged_write_lost(&client, &history).await;
 }
 
+/// Checkpoints every second under a write load: each rotates the log only
+/// while no write is between its record and its apply, so a write logged
+/// into a segment the checkpoint deletes is in the checkpoint's state.
+/// After kill -9 and a restart (checkpoint + later segments), every
+/// acknowledged write is back; a checkpoint that waited forever for the
+/// writes (or they for it) would stall the load.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn checkpoints_under_write_load_keep_every_acknowledged_write() {
+    let _serial = SERIAL.lock().await;
+    let mut c = ProcCluster::start(
+        1,
+        &[
+            "--wal",
+            "--wal-fsync",
+            "false",
+            "--wal-checkpoint-interval-secs",
+            "1",
+        ],
+    );
+    c.wait_safe(1, SAFE).await;
+    let client = c.client().await;
+    let load = WriteLoad::start(&client, 16, 4096);
+    tokio::time::sleep(Duration::from_millis(4500)).await;
+    c.kill(0);
+    let (history, acked, failed) = load.stop().await;
+    println!("checkpoints under load: {acked} acknowledged writes, {failed} failed");
+    assert!(
+        acked > 1000,
+        "the load made progress across checkpoints: {acked}"
+    );
+    let wal = c.dir.join("node-0").join("wal");
+    let checkpoints = std::fs::read_dir(&wal)
+        .expect("wal dir")
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("checkpoint-"))
+        .count();
+    assert!(checkpoints >= 1, "a checkpoint was written under the load");
+    c.spawn(0);
+    c.wait_safe(1, SAFE).await;
+    let client = c.client().await;
+    assert_no_acknowledged_write_lost(&client, &history).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_unsynced_tail_cut_after_a_crash_recovers_a_clean_prefix() {
     let _serial = SERIAL.lock().await;

@@ -26,15 +26,18 @@ impl Node {
                 max: most,
             });
         }
-        if self.wal.is_some() && self.store.collection(name).is_err() {
+        let applying = if self.wal.is_some() && self.store.collection(name).is_err() {
             self.log_collection(&CollectionOp::Create {
                 name: resolve_collection(name).to_string(),
                 default_ttl_ms: ttl,
                 max_entries: max,
             })
-            .await?;
-        }
+            .await?
+        } else {
+            None
+        };
         let (meta, created) = self.store.get_or_create_collection(name, ttl, max)?;
+        drop(applying);
         if created {
             self.broadcast(CollectionOp::Create {
                 name: meta.name.to_string(),
@@ -51,13 +54,16 @@ impl Node {
         let op = CollectionOp::Delete {
             name: resolve_collection(name).to_string(),
         };
-        if self.wal.is_some()
+        let applying = if self.wal.is_some()
             && self.store.collection(name).is_ok()
             && resolve_collection(name) != DEFAULT_COLLECTION
         {
-            self.log_collection(&op).await?;
-        }
+            self.log_collection(&op).await?
+        } else {
+            None
+        };
         let deleted = self.store.delete_collection(name)?;
+        drop(applying);
         self.broadcast(op).await;
         Ok(deleted)
     }
@@ -84,7 +90,7 @@ impl Node {
 
     /// Applies a collection-registry change from a peer (logged first).
     pub(super) async fn apply_collection(&self, op: &CollectionOp) -> Result<()> {
-        self.log_collection(op).await?;
+        let _applying = self.log_collection(op).await?;
         match op {
             CollectionOp::Create {
                 name,

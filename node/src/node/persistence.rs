@@ -9,7 +9,7 @@ use crate::error::Result;
 use crate::net::message::CollectionOp;
 use crate::node::Node;
 use crate::replica::{PartitionSnapshot, ReplOp};
-use crate::storage::wal::{WalRecord, frame_ops_into};
+use crate::storage::wal::{Applying, WalRecord, frame_ops_into};
 
 /// The log record of a collection-registry change.
 pub(super) fn collection_record(op: &CollectionOp) -> WalRecord {
@@ -29,40 +29,56 @@ pub(super) fn collection_record(op: &CollectionOp) -> WalRecord {
 
 impl Node {
     /// Logs `ops` (grouped per partition, in order) and waits for the log.
-    pub(in crate::node) async fn log_ops(&self, ops: &[(u32, ReplOp)]) -> Result<()> {
-        let Some(wal) = &self.wal else { return Ok(()) };
+    /// Keep what it returns until `ops` are applied ([`Applying`]; none
+    /// when nothing was logged), and take no other log guard meanwhile.
+    pub(in crate::node) async fn log_ops(
+        &self,
+        ops: &[(u32, ReplOp)],
+    ) -> Result<Option<Applying<'_>>> {
+        let Some(wal) = &self.wal else {
+            return Ok(None);
+        };
         if ops.is_empty() {
-            return Ok(());
+            return Ok(None);
         }
+        let applying = wal.applying().await;
         let mut framed = Vec::with_capacity(64 * ops.len());
         frame_ops_into(&mut framed, ops)?;
-        Ok(wal.append_framed(framed).await?)
+        wal.append_framed(framed).await?;
+        Ok(Some(applying))
     }
 
-    /// Logs a collection-registry change and waits for the log.
-    pub(in crate::node) async fn log_collection(&self, op: &CollectionOp) -> Result<()> {
-        match &self.wal {
-            Some(wal) => Ok(wal.append(&collection_record(op)).await?),
-            None => Ok(()),
-        }
+    /// Logs a collection-registry change and waits for the log; keep what
+    /// it returns until the change is applied (as [`Node::log_ops`]).
+    pub(in crate::node) async fn log_collection(
+        &self,
+        op: &CollectionOp,
+    ) -> Result<Option<Applying<'_>>> {
+        let Some(wal) = &self.wal else {
+            return Ok(None);
+        };
+        let applying = wal.applying().await;
+        wal.append(&collection_record(op)).await?;
+        Ok(Some(applying))
     }
 
-    /// Logs a received snapshot of partition `p` and waits for the log.
+    /// Logs a received snapshot of partition `p` and waits for the log;
+    /// keep what it returns until the copy is installed (as [`Node::log_ops`]).
     pub(in crate::node) async fn log_snapshot(
         &self,
         p: u32,
         snapshot: &PartitionSnapshot,
-    ) -> Result<()> {
-        match &self.wal {
-            Some(wal) => {
-                let rec = WalRecord::Install {
-                    partition: p,
-                    snapshot: snapshot.clone(),
-                };
-                Ok(wal.append(&rec).await?)
-            }
-            None => Ok(()),
-        }
+    ) -> Result<Option<Applying<'_>>> {
+        let Some(wal) = &self.wal else {
+            return Ok(None);
+        };
+        let applying = wal.applying().await;
+        let rec = WalRecord::Install {
+            partition: p,
+            snapshot: snapshot.clone(),
+        };
+        wal.append(&rec).await?;
+        Ok(Some(applying))
     }
 
     /// Applies replicated (or replayed) ops to this node's copy of `p`.

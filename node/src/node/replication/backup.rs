@@ -153,23 +153,28 @@ impl Node {
                 item.ops.iter().map(move |o| (item.partition, o.clone()))
             })
             .collect();
-        if let Err(e) = self.log_ops(&logged).await {
-            // Nothing of the frame is applied; the positions stay.
-            for &i in &accepted {
-                results[i] = Some(Error::Unavailable(format!("backup WAL: {e}")));
-            }
-            for (p, follows) in at.iter_mut() {
-                if !matches!(follows, Follows::Nothing) {
-                    *follows = self.cluster.part(*p).follows.lock().clone();
+        let applying = match self.log_ops(&logged).await {
+            Ok(applying) => applying,
+            Err(e) => {
+                // Nothing of the frame is applied; the positions stay.
+                for &i in &accepted {
+                    results[i] = Some(Error::Unavailable(format!("backup WAL: {e}")));
                 }
+                for (p, follows) in at.iter_mut() {
+                    if !matches!(follows, Follows::Nothing) {
+                        *follows = self.cluster.part(*p).follows.lock().clone();
+                    }
+                }
+                accepted.clear();
+                None
             }
-            accepted.clear();
-        }
+        };
         for &i in &accepted {
             let item = &items[i];
             tracing::trace!(partition = item.partition, seq = item.seq, ops = ?item.ops, "replicated ops applied");
             self.apply_ops(item.partition, &item.ops);
         }
+        drop(applying);
         for (p, follows) in at {
             *self.cluster.part(p).follows.lock() = follows;
         }
@@ -222,11 +227,15 @@ impl Node {
         }
         if chunk == 0 {
             st.loaded.store(false, Ordering::SeqCst);
-            if let Err(e) = self.log_snapshot(p, &snapshot).await {
-                *st.receiving.lock() = None;
-                return refused(&e);
-            }
+            let applying = match self.log_snapshot(p, &snapshot).await {
+                Ok(applying) => applying,
+                Err(e) => {
+                    *st.receiving.lock() = None;
+                    return refused(&e);
+                }
+            };
             self.install_copy(p, &snapshot);
+            drop(applying);
             // From here the copy follows the stream the snapshot was cut
             // from (it takes writes once the last chunk made it loaded).
             *st.follows.lock() = Follows::Stream {
@@ -250,11 +259,15 @@ impl Node {
                 })
                 .collect();
             let logged: Vec<(u32, ReplOp)> = ops.iter().map(|o| (p, o.clone())).collect();
-            if let Err(e) = self.log_ops(&logged).await {
-                *st.receiving.lock() = None;
-                return refused(&e);
-            }
+            let applying = match self.log_ops(&logged).await {
+                Ok(applying) => applying,
+                Err(e) => {
+                    *st.receiving.lock() = None;
+                    return refused(&e);
+                }
+            };
             self.apply_ops(p, &ops);
+            drop(applying);
         }
         tracing::trace!(
             partition = p,

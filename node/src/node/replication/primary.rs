@@ -89,8 +89,9 @@ impl Node {
         // Planned under the locks (a conditional write sees the state no
         // other write can change before it is applied), then written ahead.
         let (decided, planned) = plan()?;
-        self.log_ops(&planned).await?;
+        let applying = self.log_ops(&planned).await?;
         let (r, written) = apply(decided, planned)?;
+        drop(applying);
         // Consequences known only after applying (LRU evictions, lock states).
         let after: Vec<(u32, ReplOp)> = written
             .evicted

@@ -18,9 +18,15 @@ impl Wal {
         &self,
         state: impl FnOnce() -> Vec<WalRecord>,
     ) -> Result<u64, WalError> {
-        let (done, rx) = oneshot::channel();
-        self.send(Job::Rotate(done))?;
-        let seq = rx.await.map_err(|_| WalError::Closed)??;
+        // Rotated while no change is between its record and its apply
+        // (`applying`): a record in a segment this checkpoint replaces
+        // belongs to a change already applied, so `state` holds it.
+        let seq = {
+            let _rotating = self.gate.write().await;
+            let (done, rx) = oneshot::channel();
+            self.send(Job::Rotate(done))?;
+            rx.await.map_err(|_| WalError::Closed)??
+        };
         let mut buf = Vec::new();
         for r in state() {
             buf.extend(frame(&r)?);

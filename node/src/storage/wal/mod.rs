@@ -24,7 +24,7 @@ use std::path::Path;
 pub use deferred::Deferred;
 pub use record::{WalRecord, frame, frame_ops_into};
 pub use recovery::{Recovered, recover};
-pub use writer::Wal;
+pub use writer::{Applying, Wal};
 
 /// Whether an acknowledged append is on stable storage.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -265,6 +265,34 @@ mod tests {
         wal.close();
         let rec = recover(&dir, false).expect("recover");
         assert_eq!(rec.records, (0..8).map(put).collect::<Vec<_>>());
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    /// A checkpoint rotates only while no change is between its record and
+    /// its apply: with a change logged and not yet applied (its `applying`
+    /// guard held) the checkpoint waits, and it completes once the change
+    /// is applied. Without this, a record logged just before the rotation
+    /// and applied after the state was taken would be in neither.
+    #[tokio::test]
+    async fn a_checkpoint_waits_for_a_logged_change_to_be_applied() {
+        let dir = tmpdir("gate");
+        let wal = Wal::open(&dir, Durability::Buffered, 64 << 20).expect("open");
+        let applying = wal.applying().await;
+        wal.append(&put(1)).await.expect("append");
+        let mut checkpoint = Box::pin(wal.checkpoint(|| vec![put(1)]));
+        let waited =
+            tokio::time::timeout(std::time::Duration::from_millis(200), checkpoint.as_mut()).await;
+        assert!(
+            waited.is_err(),
+            "the checkpoint rotated while a change was being applied"
+        );
+        drop(applying);
+        checkpoint
+            .await
+            .expect("checkpoint once the change is applied");
+        wal.close();
+        let rec = recover(&dir, false).expect("recover");
+        assert_eq!(rec.records, vec![put(1)]);
         let _ = fs::remove_dir_all(&dir);
     }
 

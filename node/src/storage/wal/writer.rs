@@ -20,6 +20,9 @@ use super::deferred::Deferred;
 use super::record::{WalRecord, frame_into};
 use super::{Durability, WalError, list, segment_name};
 
+/// See [`Wal::applying`].
+pub type Applying<'a> = tokio::sync::RwLockReadGuard<'a, ()>;
+
 /// Who waits for an append's outcome.
 pub(super) type Waiter = oneshot::Sender<Result<(), WalError>>;
 
@@ -44,6 +47,10 @@ pub struct Wal {
     shared: Arc<Shared>,
     /// `Buffered`: callers write directly.
     direct: bool,
+    /// Held shared from before a record is logged until its change is
+    /// applied ([`Wal::applying`]); a checkpoint rotates holding it
+    /// exclusively.
+    pub(super) gate: tokio::sync::RwLock<()>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
@@ -119,8 +126,18 @@ impl Wal {
             failed,
             shared,
             direct: durability == Durability::Buffered,
+            gate: tokio::sync::RwLock::new(()),
             thread: Mutex::new(Some(thread)),
         })
+    }
+
+    /// Taken before logging a change and held until it is applied: a
+    /// checkpoint rotates the log only while no change is between the two,
+    /// so every record in the segments it replaces is in the state it
+    /// takes. Never take a second one while holding one (a waiting
+    /// checkpoint queues new holders behind it).
+    pub async fn applying(&self) -> Applying<'_> {
+        self.gate.read().await
     }
 
     /// Why the last append failed, while the log refuses writes (out of space

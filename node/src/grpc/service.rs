@@ -95,7 +95,7 @@ fn next_done<'a, F: Future>(
         loop {
             match in_flight.poll_next_unpin(cx) {
                 Poll::Pending => match wal {
-                    Some(wal) if !deferred.is_empty() => deferred.flush(wal),
+                    Some(wal) if !deferred.is_empty() => wal.flush_deferred(deferred),
                     _ => return Poll::Pending,
                 },
                 done => return done,

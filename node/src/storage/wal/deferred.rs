@@ -1,7 +1,8 @@
 //! Deferred appends: a task that runs many commands at once (a client's
 //! Batch stream) can have their log appends handed over together. Inside
 //! [`Deferred::scope`], an append is queued and waits; the task calls
-//! [`Deferred::flush`] when every command it runs is waiting, which hands
+//! [`Wal::flush_deferred`](super::Wal::flush_deferred) when every command
+//! it runs is waiting, which hands
 //! the whole queue to the log as one unit (`--wal-fsync false`: one
 //! `write`; `true`: one job of the writer thread's group commit) and each
 //! waiter gets the outcome. Each command still logs before it applies and
@@ -14,8 +15,10 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 use tokio::sync::oneshot;
 
-use super::writer::Waiter;
-use super::{Wal, WalError};
+use super::WalError;
+
+/// Who waits for an append's outcome.
+pub(super) type Waiter = oneshot::Sender<Result<(), WalError>>;
 
 tokio::task_local! {
     static DEFERRED: Arc<Deferred>;
@@ -53,13 +56,12 @@ impl Deferred {
         }
     }
 
-    /// Hands every queued append to the log as one unit, in queue order
-    /// (`Buffered`: one `write` now; `Fsync`: one job of the group commit);
-    /// each waiter gets the outcome.
-    pub fn flush(&self, wal: &Wal) {
+    /// Takes every queued append: their bytes back to back, in queue
+    /// order, and their waiters (see [`Wal::flush_deferred`]).
+    pub(super) fn take(&self) -> Option<(Vec<u8>, Vec<Waiter>)> {
         let queued = std::mem::take(&mut *self.queue.lock());
         if queued.is_empty() {
-            return;
+            return None;
         }
         let mut buf = Vec::with_capacity(queued.iter().map(|(b, _)| b.len()).sum());
         let mut waiters = Vec::with_capacity(queued.len());
@@ -67,6 +69,6 @@ impl Deferred {
             buf.extend_from_slice(&b);
             waiters.push(w);
         }
-        wal.append_group(buf, waiters);
+        Some((buf, waiters))
     }
 }

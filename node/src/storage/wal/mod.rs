@@ -212,7 +212,7 @@ mod tests {
                 );
                 let queued = !d.is_empty();
                 let on_disk = recover(&dir, false).expect("recover").records.len();
-                d.flush(&wal);
+                wal.flush_deferred(&d);
                 match all.as_mut().poll(cx) {
                     Poll::Ready(results) => Poll::Ready((queued, on_disk, results)),
                     Poll::Pending => panic!("not answered after the flush"),
@@ -256,7 +256,7 @@ mod tests {
                     "answered before the flush"
                 );
                 assert!(!d.is_empty(), "queued");
-                d.flush(&wal);
+                wal.flush_deferred(&d);
                 std::task::Poll::Ready(())
             }))
             .await;

@@ -16,15 +16,12 @@ use std::sync::mpsc;
 use parking_lot::Mutex;
 use tokio::sync::oneshot;
 
-use super::deferred::Deferred;
+use super::deferred::{Deferred, Waiter};
 use super::record::{WalRecord, frame_into};
 use super::{Durability, WalError, list, segment_name};
 
 /// See [`Wal::applying`].
 pub type Applying<'a> = tokio::sync::RwLockReadGuard<'a, ()>;
-
-/// Who waits for an append's outcome.
-pub(super) type Waiter = oneshot::Sender<Result<(), WalError>>;
 
 pub(super) enum Job {
     Append(Vec<u8>, Waiter),
@@ -202,10 +199,13 @@ impl Wal {
         let _ = self.send(Job::Append(bytes, done));
     }
 
-    /// Appends `bytes` (records framed back to back) and hands each waiter
-    /// the outcome: `Buffered` writes them now, `Fsync` queues them to the
-    /// writer thread as one unit of the group commit.
-    pub(super) fn append_group(&self, bytes: Vec<u8>, waiters: Vec<Waiter>) {
+    /// Hands every append queued on `deferred` to the log as one unit, in
+    /// queue order (`Buffered`: one `write` now; `Fsync`: one job of the
+    /// group commit); each waiter gets the outcome.
+    pub fn flush_deferred(&self, deferred: &Deferred) {
+        let Some((bytes, waiters)) = deferred.take() else {
+            return;
+        };
         if self.direct {
             let outcome = self.write_now(&bytes);
             for w in waiters {

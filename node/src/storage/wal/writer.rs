@@ -220,7 +220,7 @@ impl Wal {
 
     /// `Buffered`: writes `bytes` to the OS now, under the writer's lock
     /// (ordered with every other append and with rotations).
-    pub(super) fn write_now(&self, bytes: &[u8]) -> Result<(), WalError> {
+    fn write_now(&self, bytes: &[u8]) -> Result<(), WalError> {
         if bytes.is_empty() {
             return Ok(());
         }

@@ -9,7 +9,7 @@ use crate::error::Result;
 use crate::net::message::CollectionOp;
 use crate::node::Node;
 use crate::replica::{PartitionSnapshot, ReplOp};
-use crate::storage::wal::{Applying, WalRecord, frame_ops_into};
+use crate::storage::wal::{Applying, WalRecord};
 
 /// The log record of a collection-registry change.
 pub(super) fn collection_record(op: &CollectionOp) -> WalRecord {
@@ -42,9 +42,7 @@ impl Node {
             return Ok(None);
         }
         let applying = wal.applying().await;
-        let mut framed = Vec::with_capacity(64 * ops.len());
-        frame_ops_into(&mut framed, ops)?;
-        wal.append_framed(framed).await?;
+        wal.append_ops(ops).await?;
         Ok(Some(applying))
     }
 

@@ -10,8 +10,9 @@
 //! the number of system calls and thread hand-offs changes.
 
 use std::future::Future;
-use std::sync::Arc;
 
+use futures::FutureExt;
+use futures::future::Shared;
 use parking_lot::Mutex;
 use tokio::sync::oneshot;
 
@@ -20,55 +21,86 @@ use super::WalError;
 /// Who waits for an append's outcome.
 pub(super) type Waiter = oneshot::Sender<Result<(), WalError>>;
 
+/// The outcome of one flush, shared by every append it carries.
+pub(super) type Outcome = Shared<oneshot::Receiver<Result<(), WalError>>>;
+
 tokio::task_local! {
-    static DEFERRED: Arc<Deferred>;
+    static DEFERRED: std::sync::Arc<Deferred>;
 }
 
 /// One task's queue of appends waiting to be written.
 #[derive(Debug, Default)]
 pub struct Deferred {
-    queue: Mutex<Vec<(Vec<u8>, Waiter)>>,
+    queue: Mutex<Queue>,
+}
+
+/// The queued appends framed back to back, and the outcome they share (one
+/// channel per flush, not per append).
+#[derive(Debug, Default)]
+struct Queue {
+    bytes: Vec<u8>,
+    outcome: Option<(Waiter, Outcome)>,
 }
 
 impl Deferred {
     /// Runs `fut` with its log appends queued on `self`.
-    pub async fn scope<F: Future>(self: Arc<Self>, fut: F) -> F::Output {
+    pub async fn scope<F: Future>(self: std::sync::Arc<Self>, fut: F) -> F::Output {
         DEFERRED.scope(self, fut).await
     }
 
     /// Whether appends wait to be written.
     pub fn is_empty(&self) -> bool {
-        self.queue.lock().is_empty()
+        self.queue.lock().outcome.is_none()
     }
 
-    /// Queues `bytes` if the current task runs in a [`Deferred::scope`];
-    /// else gives them back.
-    pub(super) fn queue(
-        bytes: Vec<u8>,
-    ) -> Result<oneshot::Receiver<Result<(), WalError>>, Vec<u8>> {
-        match DEFERRED.try_with(Arc::clone) {
-            Ok(d) => {
-                let (tx, rx) = oneshot::channel();
-                d.queue.lock().push((bytes, tx));
-                Ok(rx)
-            }
-            Err(_) => Err(bytes),
-        }
+    /// If the current task runs in a [`Deferred::scope`], `frame` appends
+    /// its records to the queue's bytes (a framing error leaves them as
+    /// they were) and the outcome of the flush that will carry them is
+    /// returned; else None.
+    pub(super) fn queue_with(
+        frame: impl FnOnce(&mut Vec<u8>) -> Result<(), WalError>,
+    ) -> Option<Result<Outcome, WalError>> {
+        DEFERRED
+            .try_with(|d| {
+                let mut q = d.queue.lock();
+                let before = q.bytes.len();
+                if let Err(e) = frame(&mut q.bytes) {
+                    q.bytes.truncate(before);
+                    return Err(e);
+                }
+                let (_, outcome) = q.outcome.get_or_insert_with(|| {
+                    let (tx, rx) = oneshot::channel();
+                    (tx, rx.shared())
+                });
+                Ok(outcome.clone())
+            })
+            .ok()
     }
 
     /// Takes every queued append: their bytes back to back, in queue
-    /// order, and their waiters (see [`Wal::flush_deferred`]).
-    pub(super) fn take(&self) -> Option<(Vec<u8>, Vec<Waiter>)> {
-        let queued = std::mem::take(&mut *self.queue.lock());
-        if queued.is_empty() {
-            return None;
-        }
-        let mut buf = Vec::with_capacity(queued.iter().map(|(b, _)| b.len()).sum());
-        let mut waiters = Vec::with_capacity(queued.len());
-        for (b, w) in queued {
-            buf.extend_from_slice(&b);
-            waiters.push(w);
-        }
-        Some((buf, waiters))
+    /// order, and who waits for them (see [`Wal::flush_deferred`]).
+    pub(super) fn take(&self) -> Option<(Vec<u8>, Waiter)> {
+        let mut q = self.queue.lock();
+        let (waiter, _) = q.outcome.take()?;
+        Some((std::mem::take(&mut q.bytes), waiter))
+    }
+
+    /// Hands every queued append to `write` (their bytes back to back, in
+    /// queue order) and their waiter its outcome. The queue keeps its
+    /// buffer (up to [`KEPT_BUFFER`]) for the next appends: no allocation
+    /// per flush.
+    pub(super) fn write_with(&self, write: impl FnOnce(&[u8]) -> Result<(), WalError>) {
+        let mut q = self.queue.lock();
+        let Some((waiter, _)) = q.outcome.take() else {
+            return;
+        };
+        let outcome = write(&q.bytes);
+        q.bytes.clear();
+        q.bytes.shrink_to(KEPT_BUFFER);
+        drop(q);
+        let _ = waiter.send(outcome);
     }
 }
+
+/// Most bytes a queue keeps allocated between flushes.
+const KEPT_BUFFER: usize = 256 << 10;

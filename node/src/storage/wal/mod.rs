@@ -183,7 +183,8 @@ mod tests {
         assert!(matches!(record::read_records(&framed), record::Read_::Clean(r) if r.len() == 3));
     }
 
-    /// Inside a `Deferred` scope appends wait until the scope's task
+    /// Inside a `Deferred` scope appends (records, and replicated ops
+    /// framed straight into the queue) wait until the scope's task
     /// flushes; the flush writes them in queue order and answers each; the
     /// log then reads back exactly those records. Outside a scope an
     /// append is written at once.
@@ -196,9 +197,21 @@ mod tests {
         let wal = Arc::new(Wal::open(&dir, Durability::Buffered, 64 << 20).expect("open"));
         wal.append(&put(0)).await.expect("outside a scope: at once");
         let deferred = Arc::new(Deferred::default());
+        // Records and replicated ops (framed straight into the queue) mixed.
         let appends = (1..=5).map(|i| {
             let wal = wal.clone();
-            async move { wal.append(&put(i)).await }
+            async move {
+                if i % 2 == 0 {
+                    let WalRecord::Ops { partition, ops } = put(i) else {
+                        unreachable!("put is an Ops record")
+                    };
+                    let ops: Vec<(u32, ReplOp)> =
+                        ops.into_iter().map(|op| (partition, op)).collect();
+                    wal.append_ops(&ops).await
+                } else {
+                    wal.append(&put(i)).await
+                }
+            }
         });
         let mut all = Box::pin(futures::future::join_all(appends));
         let d = deferred.clone();

@@ -16,18 +16,18 @@ use std::sync::mpsc;
 use parking_lot::Mutex;
 use tokio::sync::oneshot;
 
-use super::deferred::{Deferred, Waiter};
-use super::record::{WalRecord, frame_into};
+use super::deferred::{Deferred, Outcome, Waiter};
+use super::record::{WalRecord, frame_into, frame_ops_into};
 use super::{Durability, WalError, list, segment_name};
+use crate::replica::ReplOp;
 
 /// See [`Wal::applying`].
 pub type Applying<'a> = tokio::sync::RwLockReadGuard<'a, ()>;
 
 pub(super) enum Job {
+    /// One or more records framed back to back (one append, or a
+    /// [`Deferred`] queue), and who waits for them.
     Append(Vec<u8>, Waiter),
-    /// Several appends framed back to back, one waiter each (a
-    /// [`Deferred`] queue).
-    AppendGroup(Vec<u8>, Vec<Waiter>),
     /// Start a new segment; answers its sequence number.
     Rotate(oneshot::Sender<Result<u64, WalError>>),
 }
@@ -165,15 +165,40 @@ impl Wal {
         self.append_framed(bytes).await
     }
 
-    /// Appends already framed records (see [`frame_ops_into`](super::frame_ops_into))
-    /// as one unit of the group commit.
+    /// Appends already framed records as one unit of the group commit.
     /// Inside a [`Deferred`] scope the append waits for the scope's task to
     /// hand its queue over as one unit.
     pub async fn append_framed(&self, bytes: Vec<u8>) -> Result<(), WalError> {
-        let bytes = match Deferred::queue(bytes) {
-            Ok(written) => return written.await.map_err(|_| WalError::Closed)?,
-            Err(bytes) => bytes,
-        };
+        match Deferred::queue_with(|buf| {
+            buf.extend_from_slice(&bytes);
+            Ok(())
+        }) {
+            Some(outcome) => Self::wait(outcome).await,
+            None => self.append_now(bytes).await,
+        }
+    }
+
+    /// Appends the replicated ops `ops` (framed as by
+    /// [`frame_ops_into`]) as one unit; inside a [`Deferred`] scope they
+    /// are framed straight into the scope's queue.
+    pub async fn append_ops(&self, ops: &[(u32, ReplOp)]) -> Result<(), WalError> {
+        match Deferred::queue_with(|buf| frame_ops_into(buf, ops)) {
+            Some(outcome) => Self::wait(outcome).await,
+            None => {
+                let mut framed = Vec::with_capacity(64 * ops.len());
+                frame_ops_into(&mut framed, ops)?;
+                self.append_now(framed).await
+            }
+        }
+    }
+
+    /// Waits for the flush of a [`Deferred`] queue that carries an append.
+    async fn wait(outcome: Result<Outcome, WalError>) -> Result<(), WalError> {
+        outcome?.await.map_err(|_| WalError::Closed)?
+    }
+
+    /// Writes `bytes` now (`Buffered`) or as one job of the group commit.
+    async fn append_now(&self, bytes: Vec<u8>) -> Result<(), WalError> {
         if self.direct {
             return self.write_now(&bytes);
         }
@@ -203,17 +228,16 @@ impl Wal {
     /// queue order (`Buffered`: one `write` now; `Fsync`: one job of the
     /// group commit); each waiter gets the outcome.
     pub fn flush_deferred(&self, deferred: &Deferred) {
-        let Some((bytes, waiters)) = deferred.take() else {
+        if self.direct {
+            deferred.write_with(|bytes| self.write_now(bytes));
+            return;
+        }
+        let Some((bytes, waiter)) = deferred.take() else {
             return;
         };
-        if self.direct {
-            let outcome = self.write_now(&bytes);
-            for w in waiters {
-                let _ = w.send(outcome.clone());
-            }
-        } else if let Err(e) = self.send(Job::AppendGroup(bytes, waiters)) {
-            // The job (and its waiters) came back with the error only in
-            // the message: they are dropped, and each sees the log closed.
+        if let Err(e) = self.send(Job::Append(bytes, waiter)) {
+            // The job (and its waiter) came back with the error only in
+            // the message: it is dropped, and each append sees the log closed.
             tracing::debug!(error = %e, "WAL closed before a grouped append");
         }
     }
@@ -343,10 +367,6 @@ fn writer_loop(state: &Shared, rx: mpsc::Receiver<Job>) {
                     buf.extend_from_slice(&bytes);
                     acks.push(done);
                 }
-                Job::AppendGroup(bytes, waiters) => {
-                    buf.extend_from_slice(&bytes);
-                    acks.extend(waiters);
-                }
                 Job::Rotate(done) => {
                     let r = flush(&mut w, &mut buf).and_then(|()| w.rotate());
                     match r {
@@ -382,11 +402,6 @@ fn refuse(job: Job, why: &str) {
     match job {
         Job::Append(_, done) => {
             let _ = done.send(Err(WalError::Failed(format!("WAL failed: {why}"))));
-        }
-        Job::AppendGroup(_, waiters) => {
-            for done in waiters {
-                let _ = done.send(Err(WalError::Failed(format!("WAL failed: {why}"))));
-            }
         }
         Job::Rotate(done) => {
             let _ = done.send(Err(WalError::Failed(format!("WAL failed: {why}"))));

@@ -67,6 +67,8 @@ pub const DEFAULT_IDLE_TIMEOUT_SECS: u64 = 600;
 pub const DEFAULT_MAX_LOCK_HOLD_SECS: u64 = 86_400;
 /// Default byte budget of queued Batch responses (256 MiB).
 pub const DEFAULT_BATCH_BUFFER_BYTES: u64 = 256 * 1024 * 1024;
+/// Default most commands of one Batch stream in flight at once.
+pub const DEFAULT_BATCH_IN_FLIGHT: usize = 4096;
 /// Default most collections.
 pub const DEFAULT_MAX_COLLECTIONS: u64 = 10_000;
 /// Default lock lease when a request gives none (ms).
@@ -263,6 +265,10 @@ pub struct NodeConfig {
     /// once; a stream whose client does not read waits for room.
     #[arg(long, env = "DISTCACHE_BATCH_BUFFER_BYTES", default_value_t = DEFAULT_BATCH_BUFFER_BYTES)]
     pub batch_buffer_bytes: u64,
+    /// Most commands of one Batch stream the node runs at once; the stream
+    /// reads no further message until one finishes.
+    #[arg(long, env = "DISTCACHE_BATCH_IN_FLIGHT", default_value_t = DEFAULT_BATCH_IN_FLIGHT)]
+    pub batch_in_flight: usize,
     /// Longest lock lease a client may ask for (s).
     #[arg(long, env = "DISTCACHE_MAX_LOCK_HOLD_SECS", default_value_t = DEFAULT_MAX_LOCK_HOLD_SECS)]
     pub max_lock_hold_secs: u64,
@@ -334,6 +340,7 @@ impl Default for NodeConfig {
             keepalive_secs: 0,
             max_lock_hold_secs: DEFAULT_MAX_LOCK_HOLD_SECS,
             batch_buffer_bytes: DEFAULT_BATCH_BUFFER_BYTES,
+            batch_in_flight: DEFAULT_BATCH_IN_FLIGHT,
             max_collections: DEFAULT_MAX_COLLECTIONS,
             log: "info,openraft=warn".into(),
         }
@@ -392,6 +399,9 @@ impl NodeConfig {
         if self.replication_queue_bytes < self.max_message_bytes {
             return Err("replication-queue-bytes must be at least max-message-bytes".into());
         }
+        if self.batch_in_flight == 0 {
+            return Err("batch-in-flight must be at least 1".into());
+        }
         if self.peer_max_connections == 0 || self.peer_max_connections_per_ip == 0 {
             return Err("peer connection limits must be positive".into());
         }
@@ -446,5 +456,29 @@ impl NodeConfig {
             grpc,
             peer,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::NodeConfig;
+
+    /// The defaults pass; a limit of zero (which would stall a stream or a
+    /// queue for good) is refused with the flag's name.
+    #[test]
+    fn zero_limits_are_refused_by_name() {
+        assert_eq!(NodeConfig::default().validate(), Ok(()));
+        let zero_in_flight = NodeConfig {
+            batch_in_flight: 0,
+            ..NodeConfig::default()
+        };
+        let e = zero_in_flight.validate().expect_err("refused");
+        assert!(e.contains("batch-in-flight"), "{e}");
+        let zero_queue = NodeConfig {
+            replication_queue_ops: 0,
+            ..NodeConfig::default()
+        };
+        let e = zero_queue.validate().expect_err("refused");
+        assert!(e.contains("replication-queue-ops"), "{e}");
     }
 }

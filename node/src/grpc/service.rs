@@ -104,8 +104,6 @@ fn next_done<'a, F: Future>(
     })
 }
 
-/// Most commands of one Batch stream in flight at once.
-const BATCH_IN_FLIGHT: usize = 4096;
 /// Depth of the response queue of one Batch stream.
 const BATCH_OUT_DEPTH: usize = 64;
 
@@ -340,6 +338,7 @@ impl proto::cache_server::Cache for Api {
         let mut inbound = req.into_inner();
         let (tx, rx) = mpsc::channel(BATCH_OUT_DEPTH);
         let node = self.node.clone();
+        let most_in_flight = node.config().batch_in_flight;
         // With `--wal-fsync false` the log appends of the commands this
         // stream runs wait in `deferred` until every command waits, then go
         // to the OS with one `write` (`next_done`).
@@ -386,7 +385,7 @@ impl proto::cache_server::Cache for Api {
                             break;
                         }
                     }
-                    msg = inbound.message(), if inbound_open && in_flight.len() < BATCH_IN_FLIGHT => {
+                    msg = inbound.message(), if inbound_open && in_flight.len() < most_in_flight => {
                         // This message and every one already received
                         // behind it (their commands are then polled, and
                         // their log appends written, together).
@@ -397,7 +396,7 @@ impl proto::cache_server::Cache for Api {
                                     for c in batch.commands {
                                         in_flight.push(admit(c));
                                     }
-                                    if in_flight.len() < BATCH_IN_FLIGHT {
+                                    if in_flight.len() < most_in_flight {
                                         msg = inbound.message().now_or_never();
                                     }
                                 }

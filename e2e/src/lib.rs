@@ -10,6 +10,7 @@
 pub mod cluster;
 pub mod k8s;
 pub mod netns;
+mod settle;
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;

@@ -9,7 +9,6 @@
 use std::time::{Duration, Instant};
 
 use distcache_client::partition::{DEFAULT_COLLECTION, partition_for};
-use distcache_client::{Client, ClientConfig};
 use distcache_e2e::cluster::ProcCluster;
 use distcache_node::net::message::{ReplItem, Request, Response};
 use distcache_node::net::peer::{PeerLimits, Peers};
@@ -213,39 +212,6 @@ async fn a_gap_is_refused_and_the_backup_is_resynced() {
     }
 }
 
-/// Waits until every member reports no migration running, at one epoch,
-/// twice a second apart (the rebalancer has finished its moves).
-async fn settle(c: &mut ProcCluster, timeout: Duration) {
-    let end = Instant::now() + timeout;
-    let mut last: Option<u64> = None;
-    let mut seen = String::new();
-    while Instant::now() < end {
-        let mut epochs = Vec::new();
-        let mut migrating = 0;
-        for ep in c.endpoints() {
-            match Client::with_config(ClientConfig::new([ep.clone()]).max_retries(0)).await {
-                Ok(client) => match client.health().await {
-                    Ok(h) => {
-                        epochs.push(h.epoch);
-                        migrating += h.migrations_running;
-                    }
-                    Err(_) => migrating += 1,
-                },
-                Err(_) => migrating += 1,
-            }
-        }
-        epochs.dedup();
-        seen = format!("epochs {epochs:?}, migrations running {migrating}");
-        let now = (migrating == 0 && epochs.len() == 1).then(|| epochs[0]);
-        if now.is_some() && now == last {
-            return;
-        }
-        last = now;
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
-    panic!("the cluster did not settle within {timeout:?}: {seen}");
-}
-
 /// The lines of the members' logs that say a backup left an in-sync set
 /// (an info line: the logs must be at info, which the table installs show),
 /// split by reason: (refused or diverged, unanswered). A removal for a
@@ -300,7 +266,7 @@ async fn a_quiet_primary_move_keeps_the_demoted_primary_in_sync() {
     // not be quiet (a write in flight across a move is refused and
     // re-synced, by design). Wait until no member migrates and the epoch
     // holds still.
-    settle(&mut c, Duration::from_secs(60)).await;
+    c.wait_settled(Duration::from_secs(60)).await;
     let client = c.client().await;
     let after = client.partition_table().await.expect("table");
     // Partitions whose old primary is now a backup of a new primary.

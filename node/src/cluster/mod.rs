@@ -337,12 +337,16 @@ impl Cluster {
 
     /// Whether `name` is alive (this node, or heard from within the timeout).
     pub fn alive(&self, name: &str) -> bool {
+        self.alive_in(&self.views.lock(), name, Instant::now())
+    }
+
+    /// [`Cluster::alive`] at `now` over `views` (one lock and one clock
+    /// read for a whole member list).
+    fn alive_in(&self, views: &HashMap<String, View>, name: &str, now: Instant) -> bool {
         name == self.me.name
-            || self
-                .views
-                .lock()
-                .get(name)
-                .is_some_and(|v| v.last_seen.elapsed() < self.config.failure_timeout)
+            || views.get(name).is_some_and(|v| {
+                now.saturating_duration_since(v.last_seen) < self.config.failure_timeout
+            })
     }
 
     /// Whether `name` has missed several heartbeats in a row (not yet failed):
@@ -404,7 +408,11 @@ impl Cluster {
     /// Sees a majority of the expected members.
     pub fn quorum(&self) -> bool {
         let members = self.members();
-        let alive = members.iter().filter(|m| self.alive(&m.name)).count();
+        let (views, now) = (self.views.lock(), Instant::now());
+        let alive = members
+            .iter()
+            .filter(|m| self.alive_in(&views, &m.name, now))
+            .count();
         alive > members.len() / 2
     }
 
@@ -488,12 +496,14 @@ impl Cluster {
     /// heartbeat sent within `window`.
     pub fn majority_answered_within(&self, window: Duration) -> bool {
         let members = self.members();
-        let answered = self.answered.lock();
+        let (answered, now) = (self.answered.lock(), Instant::now());
         let n = members
             .iter()
             .filter(|m| {
                 m.name == self.me.name
-                    || answered.get(&m.name).is_some_and(|t| t.elapsed() < window)
+                    || answered
+                        .get(&m.name)
+                        .is_some_and(|t| now.saturating_duration_since(*t) < window)
             })
             .count();
         n > members.len() / 2

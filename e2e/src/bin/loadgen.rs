@@ -559,7 +559,7 @@ async fn drive(
 }
 
 /// Prints the target's JSON line; returns its ops/s and server CPU µs per op.
-fn report(target: Target, args: &Args, o: &Outcome) -> (f64, Option<f64>) {
+fn report(target: Target, args: &Args, o: &Outcome) -> anyhow::Result<(f64, Option<f64>)> {
     let secs = o.elapsed.as_secs_f64().max(1e-9);
     let ops_per_sec = o.ops as f64 / secs;
     // Server CPU seconds in the window, then per op and per second.
@@ -589,8 +589,18 @@ fn report(target: Target, args: &Args, o: &Outcome) -> (f64, Option<f64>) {
         line["server_cpu_us_per_op"] = serde_json::json!(round1(per_op));
         line["server_cpu_cores"] = serde_json::json!(round1(cpu / secs));
     }
-    println!("{line}");
-    (ops_per_sec, cpu_us_per_op)
+    emit(&line)?;
+    Ok((ops_per_sec, cpu_us_per_op))
+}
+
+/// Prints one JSON line; a closed stdout (say `| head -1`) ends the run
+/// quietly, as a Unix tool does on SIGPIPE.
+fn emit(line: &serde_json::Value) -> anyhow::Result<()> {
+    use std::io::Write;
+    match writeln!(std::io::stdout().lock(), "{line}") {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
+        r => r.context("writing the report to stdout"),
+    }
 }
 
 #[tokio::main]
@@ -604,7 +614,7 @@ async fn main() -> anyhow::Result<()> {
         None
     } else {
         let o = drive(Target::Distcache, &args, &value, &args.cpu_pids).await?;
-        Some(report(Target::Distcache, &args, &o))
+        Some(report(Target::Distcache, &args, &o)?)
     };
     let peer = if args.redis.is_some() {
         Some(Target::Redis)
@@ -615,7 +625,7 @@ async fn main() -> anyhow::Result<()> {
     };
     if let Some(peer) = peer {
         let o = drive(peer, &args, &value, &args.redis_cpu_pids).await?;
-        let (theirs, their_cpu) = report(peer, &args, &o);
+        let (theirs, their_cpu) = report(peer, &args, &o)?;
         if let Some((ours, our_cpu)) = ours
             && theirs > 0.0
         {
@@ -630,7 +640,7 @@ async fn main() -> anyhow::Result<()> {
             {
                 line["cpu_ratio"] = serde_json::json!(round3(ours / theirs));
             }
-            println!("{line}");
+            emit(&line)?;
         }
     }
     Ok(())

@@ -153,6 +153,8 @@ pub struct Cluster {
     me: MemberInfo,
     config: ClusterConfig,
     provider: Box<dyn MembersProvider>,
+    /// The member list while the provider lists none: this node alone.
+    alone: Arc<Vec<MemberSpec>>,
     table: RwLock<Arc<Table>>,
     /// This node's wall clock is off from the majority's by more than
     /// the allowed offset (see `Node::check_clock`).
@@ -200,10 +202,16 @@ impl Cluster {
         config: ClusterConfig,
         partition_count: u32,
     ) -> Self {
+        let alone = Arc::new(vec![MemberSpec {
+            name: me.name.clone(),
+            grpc: me.grpc.clone(),
+            peer: me.peer.clone(),
+        }]);
         Cluster {
             me,
             config,
             provider,
+            alone,
             table: RwLock::new(Arc::new(Table::empty(partition_count, config.backup_count))),
             skewed: AtomicBool::new(false),
             views: Mutex::new(HashMap::new()),
@@ -325,11 +333,7 @@ impl Cluster {
     pub fn members(&self) -> Arc<Vec<MemberSpec>> {
         let list = self.provider.members();
         if list.is_empty() {
-            Arc::new(vec![MemberSpec {
-                name: self.me.name.clone(),
-                grpc: self.me.grpc.clone(),
-                peer: self.me.peer.clone(),
-            }])
+            self.alone.clone()
         } else {
             list
         }

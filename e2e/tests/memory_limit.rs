@@ -41,6 +41,10 @@ async fn metric(addr: &str, name: &str) -> u64 {
         .map_or(0, |v| v as u64)
 }
 
+/// How far `reject` may take the accounted bytes past the limit: one 4 KiB
+/// write (key and per-entry overhead included) per writer of `write_load`.
+const REJECT_MARGIN: u64 = 8 * (4096 + 1024);
+
 /// Keys acknowledged so far, writes refused with MEMORY_LIMIT.
 type Tally = (Arc<Mutex<Vec<String>>>, Arc<AtomicU64>);
 
@@ -171,7 +175,13 @@ async fn reject_refuses_past_the_limit_and_loses_no_acknowledged_write() {
     let o = load("reject").await;
     assert!(o.refused > 0, "nothing was refused past the limit");
     assert!(!o.acked.is_empty());
-    assert!(o.peak_used <= LIMIT, "accounted {} > limit", o.peak_used);
+    // Writes to different partitions are checked at once and charged when
+    // applied: the stated margin is one write per writer (README).
+    assert!(
+        o.peak_used <= LIMIT + REJECT_MARGIN,
+        "accounted {} > limit + {REJECT_MARGIN}",
+        o.peak_used
+    );
     assert!(
         o.peak_rss_kib <= (LIMIT >> 10) + MARGIN_KIB,
         "RSS {} KiB",

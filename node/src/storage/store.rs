@@ -198,9 +198,12 @@ impl Store {
 
     /// With the evict-lru policy (the caller checks it), evicts from partition `p` (its lock held
     /// by the caller as a write lock, `part`) the least recently used of
-    /// sampled entries until `incoming` bytes fit; the evictions are
-    /// recorded in `w` (replicated and logged like LRU evictions). An error
-    /// when nothing is left to evict.
+    /// sampled entries until `incoming` bytes fit, and counts them in
+    /// `used` at once (the caller's charge deducts them): writes to other
+    /// partitions, under other locks, make room at the same time, and a
+    /// check followed by a later charge would let two of them both fit in
+    /// the same room. The evictions are recorded in `w` (replicated and
+    /// logged like LRU evictions). An error when nothing is left to evict.
     fn make_room(
         &self,
         part: &mut PartitionData,
@@ -212,10 +215,15 @@ impl Store {
         let metas = self.collections.read().clone();
         let mut round = 0u64;
         loop {
-            let used = self.used.load(Ordering::Relaxed) as u64;
-            if used.saturating_add(incoming as u64) <= max {
-                return Ok(());
-            }
+            let reserved = self
+                .used
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |u| {
+                    ((u as u64).saturating_add(incoming as u64) <= max).then_some(u + incoming)
+                });
+            let used = match reserved {
+                Ok(_) => return Ok(()),
+                Err(u) => u as u64,
+            };
             round += 1;
             // Sample up to 16 entries from a pseudo-random position of each
             // collection of the partition; evict the least recently used.
@@ -435,6 +443,8 @@ impl Store {
             let now = self.clock.wall_ms();
             let entry = Entry::new(&key, &value, expires_at, secs(now));
             let add = cost(&entry);
+            // Bytes make_room already counted in `used` for this entry.
+            let mut reserved = 0;
             if self.memory.max_bytes > 0 && self.memory.policy == MemoryPolicy::EvictLru {
                 let replaced = part
                     .get(&*meta.name)
@@ -442,11 +452,12 @@ impl Store {
                     .map_or(0, cost);
                 if add > replaced {
                     self.make_room(&mut part, p, add - replaced, w)?;
+                    reserved = add - replaced;
                 }
             }
             let map = part.entry(meta.name.clone()).or_default();
             let old = map.insert(entry);
-            self.charge(add, old.as_ref().map_or(0, cost));
+            self.charge(add, old.as_ref().map_or(0, cost) + reserved);
             w.ops.push((
                 p,
                 ReplOp::Put {
@@ -840,6 +851,46 @@ mod tests {
             s.get("", &b("0999")).expect("read").is_some(),
             "the newest key was evicted"
         );
+    }
+
+    /// Writers to different partitions (under different locks) making
+    /// room at once never take the entries past the limit: the room is
+    /// reserved when it is found, not checked and charged later.
+    #[test]
+    fn evict_lru_writers_on_other_partitions_never_overshoot_the_limit() {
+        let clock = ManualClock::new(1_000_000);
+        let each = 6 + 1000 + ENTRY_OVERHEAD;
+        let max = (each * 20) as u64;
+        let s = Arc::new(limited(clock, max, MemoryPolicy::EvictLru));
+        let peaks: Vec<u64> = std::thread::scope(|scope| {
+            let writers: Vec<_> = (0..4)
+                .map(|t| {
+                    let s = s.clone();
+                    scope.spawn(move || {
+                        let mut peak = 0;
+                        for i in 0..2_000 {
+                            let key = b(&format!("{t}{i:05}"));
+                            // A partition with nothing left to evict refuses
+                            // (by design); the others evict.
+                            match s.put("", key, Bytes::from(vec![7u8; 1000]), None) {
+                                Ok(_) | Err(Error::MemoryLimit { .. }) => {}
+                                Err(e) => panic!("{e}"),
+                            }
+                            peak = peak.max(s.memory().0);
+                        }
+                        peak
+                    })
+                })
+                .collect();
+            writers
+                .into_iter()
+                .map(|w| w.join().expect("writer"))
+                .collect()
+        });
+        let peak = peaks.into_iter().max().unwrap_or(0);
+        assert!(peak <= max, "accounted {peak} > limit {max}");
+        assert!(s.memory().0 <= max);
+        assert!(s.memory().2 > 0, "writes past the limit evicted");
     }
 
     #[test]

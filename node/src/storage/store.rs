@@ -425,9 +425,12 @@ impl Store {
         self.put_many(collection, vec![(key, value)], ttl_ms)
     }
 
+    /// Stores one planned put; `collection` is the planned op's name (the
+    /// op recorded in `w` reuses it).
     fn put_in(
         &self,
         meta: &CollectionMeta,
+        collection: String,
         key: Bytes,
         value: Bytes,
         expires_at: u64,
@@ -458,10 +461,16 @@ impl Store {
             let map = part.entry(meta.name.clone()).or_default();
             let old = map.insert(entry);
             self.charge(add, old.as_ref().map_or(0, cost) + reserved);
+            // The collection's own name (a plan names it so already).
+            let collection = if *collection == *meta.name {
+                collection
+            } else {
+                meta.name.to_string()
+            };
             w.ops.push((
                 p,
                 ReplOp::Put {
-                    collection: meta.name.to_string(),
+                    collection,
                     key: key.clone(),
                     value,
                     expires_at,

@@ -119,11 +119,21 @@ impl Node {
             };
             match next_of(follows, from, item, epoch) {
                 Ok(true) => {
-                    *follows = Follows::Stream {
-                        from: from.to_string(),
-                        stream: item.stream,
-                        seq: item.seq,
-                    };
+                    match follows {
+                        // The usual case: the next write of the stream it follows.
+                        Follows::Stream {
+                            from: f,
+                            stream,
+                            seq,
+                        } if f == from && *stream == item.stream => *seq = item.seq,
+                        _ => {
+                            *follows = Follows::Stream {
+                                from: from.to_string(),
+                                stream: item.stream,
+                                seq: item.seq,
+                            }
+                        }
+                    }
                     accepted.push(i);
                 }
                 Ok(false) => {}
@@ -146,13 +156,17 @@ impl Node {
                 }
             }
         }
-        let logged: Vec<(u32, ReplOp)> = accepted
-            .iter()
-            .flat_map(|&i| {
-                let item = &items[i];
-                item.ops.iter().map(move |o| (item.partition, o.clone()))
-            })
-            .collect();
+        // The ops to log (none without a log: nothing to copy).
+        let logged: Vec<(u32, ReplOp)> = match self.wal {
+            Some(_) => accepted
+                .iter()
+                .flat_map(|&i| {
+                    let item = &items[i];
+                    item.ops.iter().map(move |o| (item.partition, o.clone()))
+                })
+                .collect(),
+            None => Vec::new(),
+        };
         let applying = match self.log_ops(&logged).await {
             Ok(applying) => applying,
             Err(e) => {

@@ -116,7 +116,7 @@ impl Store {
                     expires_at,
                 } => {
                     let meta = self.collection(&collection)?;
-                    self.put_in(&meta, key, value, expires_at, &mut w)?;
+                    self.put_in(&meta, collection, key, value, expires_at, &mut w)?;
                 }
                 ReplOp::Delete { collection, key } => {
                     let meta = self.collection(&collection)?;

@@ -10,6 +10,7 @@
 //! the number of system calls and thread hand-offs changes.
 
 use std::future::Future;
+use std::sync::Arc;
 
 use futures::FutureExt;
 use futures::future::Shared;
@@ -25,7 +26,7 @@ pub(super) type Waiter = oneshot::Sender<Result<(), WalError>>;
 pub(super) type Outcome = Shared<oneshot::Receiver<Result<(), WalError>>>;
 
 tokio::task_local! {
-    static DEFERRED: std::sync::Arc<Deferred>;
+    static DEFERRED: Arc<Deferred>;
 }
 
 /// One task's queue of appends waiting to be written.
@@ -44,7 +45,7 @@ struct Queue {
 
 impl Deferred {
     /// Runs `fut` with its log appends queued on `self`.
-    pub async fn scope<F: Future>(self: std::sync::Arc<Self>, fut: F) -> F::Output {
+    pub async fn scope<F: Future>(self: Arc<Self>, fut: F) -> F::Output {
         DEFERRED.scope(self, fut).await
     }
 

@@ -103,5 +103,7 @@ impl Deferred {
     }
 }
 
-/// Most bytes a queue keeps allocated between flushes.
-const KEPT_BUFFER: usize = 256 << 10;
+/// Most bytes a queue keeps allocated between flushes: a usual group (tens
+/// of records) fits, and a node with many open Batch streams keeps at most
+/// this much per stream (a larger group's buffer is freed after its flush).
+const KEPT_BUFFER: usize = 16 << 10;

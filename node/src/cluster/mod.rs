@@ -411,8 +411,14 @@ impl Cluster {
 
     /// Sees a majority of the expected members.
     pub fn quorum(&self) -> bool {
+        self.quorum_at(Instant::now())
+    }
+
+    /// [`Cluster::quorum`] as of `now` (a caller that makes several
+    /// checks reads the clock once).
+    pub fn quorum_at(&self, now: Instant) -> bool {
         let members = self.members();
-        let (views, now) = (self.views.lock(), Instant::now());
+        let views = self.views.lock();
         let alive = members
             .iter()
             .filter(|m| self.alive_in(&views, &m.name, now))
@@ -497,10 +503,10 @@ impl Cluster {
     }
 
     /// Whether a majority of the members (this node included) answered a
-    /// heartbeat sent within `window`.
-    pub fn majority_answered_within(&self, window: Duration) -> bool {
+    /// heartbeat sent within `window` before `now`.
+    pub fn majority_answered_within(&self, window: Duration, now: Instant) -> bool {
         let members = self.members();
-        let (answered, now) = (self.answered.lock(), Instant::now());
+        let answered = self.answered.lock();
         let n = members
             .iter()
             .filter(|m| {

@@ -396,11 +396,20 @@ impl Node {
     /// not stop the majority's writes, while a node the leader cannot reach
     /// is failed over only after that timeout). Monotonic clocks only.
     pub(crate) fn lease_valid(&self) -> bool {
+        self.lease_valid_at(Instant::now())
+    }
+
+    /// [`Node::lease_valid`] as of `now` (one clock read for a caller's
+    /// several checks; a contact recorded after `now` counts as recent).
+    pub(crate) fn lease_valid_at(&self, now: Instant) -> bool {
         let expected = self.cluster.members().len();
         if expected <= 1 {
             return true;
         }
-        if !self.cluster.majority_answered_within(self.cluster.lease()) {
+        if !self
+            .cluster
+            .majority_answered_within(self.cluster.lease(), now)
+        {
             return false;
         }
         if self.is_meta_leader() {
@@ -410,7 +419,7 @@ impl Node {
         let window = self.cluster.config().failure_timeout;
         self.leader_contact
             .lock()
-            .is_some_and(|t| t.elapsed() < window)
+            .is_some_and(|t| now.saturating_duration_since(t) < window)
     }
 }
 

@@ -14,13 +14,14 @@ impl Node {
     /// A write (or a lock grant) is refused at once by a node that does not
     /// see a majority of the expected members.
     pub(in crate::node) fn require_write_quorum(&self) -> Result<()> {
-        if !self.cluster.quorum() {
+        let now = std::time::Instant::now();
+        if !self.cluster.quorum_at(now) {
             return Err(Error::QuorumLost(format!(
                 "{} sees less than a majority of the expected members",
                 self.name()
             )));
         }
-        if !self.lease_valid() {
+        if !self.lease_valid_at(now) {
             return Err(Error::QuorumLost(format!(
                 "{} holds no primary lease (no recent majority or metadata leader contact)",
                 self.name()

@@ -13,6 +13,7 @@ use crate::command::{Command, Keyspace, Origin, Outcome};
 use crate::error::{Error, Result};
 use crate::node::Node;
 use crate::node::routing::Route;
+use crate::storage::Room;
 
 impl Node {
     /// Resolves once `member` misses heartbeats (polled every heartbeat).
@@ -219,7 +220,6 @@ impl Node {
 
     /// A batch whose partitions are all primary here.
     async fn execute_batch_here(&self, table: &Table, cmd: Command) -> Result<Outcome> {
-        let apply = |ops| self.store.apply_planned(ops);
         match cmd {
             Command::GetMany { collection, keys } => {
                 Ok(Outcome::Entries(self.store.get_many(&collection, &keys)?))
@@ -229,14 +229,16 @@ impl Node {
                 entries,
                 ttl_ms,
             } => {
-                let planned = self.store.plan_puts(&collection, entries, ttl_ms)?;
+                let (planned, room) = self.store.plan_puts(&collection, entries, ttl_ms)?;
                 let parts = planned.iter().map(|(p, _)| *p).collect();
+                let apply = |ops| self.store.apply_planned(ops, room);
                 self.write(table, parts, planned, apply).await?;
                 Ok(Outcome::StoredMany)
             }
             Command::DeleteMany { collection, keys } => {
                 let planned = self.store.plan_deletes(&collection, &keys)?;
                 let parts = planned.iter().map(|(p, _)| *p).collect();
+                let apply = |ops| self.store.apply_planned(ops, Room::none());
                 let n = self.write(table, parts, planned, apply).await?;
                 Ok(Outcome::DeletedCount(n))
             }
@@ -250,7 +252,6 @@ impl Node {
     /// A single-key command on partition `p`, primary here.
     #[allow(clippy::too_many_lines)]
     async fn execute_here(&self, table: &Table, p: u32, cmd: Command) -> Result<Outcome> {
-        let apply = |ops| self.store.apply_planned(ops);
         match cmd {
             Command::Get { collection, key } => {
                 let v = self.store.get(&collection, &key)?;
@@ -269,8 +270,9 @@ impl Node {
                         String::from_utf8_lossy(&value).into_owned(),
                     )
                 });
-                let planned = vec![self.store.plan_put(&collection, key, value, ttl_ms)?];
-                let res = self.write(table, vec![p], planned, apply).await;
+                let (op, room) = self.store.plan_put(&collection, key, value, ttl_ms)?;
+                let apply = |ops| self.store.apply_planned(ops, room);
+                let res = self.write(table, vec![p], vec![op], apply).await;
                 if let Some((key, value)) = what {
                     tracing::trace!(partition = p, epoch = table.epoch, %key, %value, ok = res.is_ok(), "put");
                 }
@@ -281,6 +283,7 @@ impl Node {
                 let planned = self
                     .store
                     .plan_deletes(&collection, std::slice::from_ref(&key))?;
+                let apply = |ops| self.store.apply_planned(ops, Room::none());
                 let live = self.write(table, vec![p], planned, apply).await?;
                 Ok(Outcome::Deleted(live > 0))
             }
@@ -292,12 +295,10 @@ impl Node {
             } => {
                 let plan = || {
                     if self.store.peek(&collection, &key)?.is_some() {
-                        return Ok((false, Vec::new()));
+                        return Ok(((false, Room::none()), Vec::new()));
                     }
-                    Ok((
-                        true,
-                        vec![self.store.plan_put(&collection, key, value, ttl_ms)?],
-                    ))
+                    let (op, room) = self.store.plan_put(&collection, key, value, ttl_ms)?;
+                    Ok(((true, room), vec![op]))
                 };
                 let inserted = self
                     .write_with(table, vec![p], plan, applied_with(&self.store))
@@ -312,11 +313,11 @@ impl Node {
                 ttl_ms,
             } => {
                 let plan = || match self.store.peek(&collection, &key)? {
-                    Some((current, _)) if current == expected => Ok((
-                        true,
-                        vec![self.store.plan_put(&collection, key, value, ttl_ms)?],
-                    )),
-                    _ => Ok((false, Vec::new())),
+                    Some((current, _)) if current == expected => {
+                        let (op, room) = self.store.plan_put(&collection, key, value, ttl_ms)?;
+                        Ok(((true, room), vec![op]))
+                    }
+                    _ => Ok(((false, Room::none()), Vec::new())),
                 };
                 let swapped = self
                     .write_with(table, vec![p], plan, applied_with(&self.store))
@@ -342,13 +343,13 @@ impl Node {
                         ))
                     })?;
                     let value = Bytes::from(next.to_string());
-                    let op = match (ttl_ms, expires_at) {
+                    let (op, room) = match (ttl_ms, expires_at) {
                         (None, Some(exp)) => {
                             self.store.plan_put_expiring(&collection, key, value, exp)?
                         }
                         _ => self.store.plan_put(&collection, key, value, ttl_ms)?,
                     };
-                    Ok((next, vec![op]))
+                    Ok(((next, room), vec![op]))
                 };
                 let value = self
                     .write_with(table, vec![p], plan, applied_with(&self.store))
@@ -423,10 +424,13 @@ fn parse_counter(key: &Bytes, v: &Bytes) -> Result<i64> {
         })
 }
 
-/// Applies a conditional write's planned ops; the outcome is its decision.
-fn applied_with<D>(
-    store: &crate::storage::Store,
-) -> impl FnOnce(D, Vec<(u32, crate::replica::ReplOp)>) -> Result<(D, crate::replica::Written)> + '_
-{
-    move |decided, ops| store.apply_planned(ops).map(|(_, w)| (decided, w))
+/// Planned ops, in order, each with its partition.
+type Ops = Vec<(u32, crate::replica::ReplOp)>;
+
+/// Applies a conditional write's planned ops with the room their plan
+/// reserved; the outcome is its decision.
+fn applied_with<'s, D>(
+    store: &'s crate::storage::Store,
+) -> impl FnOnce((D, Room<'s>), Ops) -> Result<(D, crate::replica::Written)> + 's {
+    move |(decided, room), ops| store.apply_planned(ops, room).map(|(_, w)| (decided, w))
 }

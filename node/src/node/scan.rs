@@ -280,7 +280,9 @@ impl Node {
                         },
                     )];
                     removed += self
-                        .write(table, vec![p], planned, |ops| self.store.apply_planned(ops))
+                        .write(table, vec![p], planned, |ops| {
+                            self.store.apply_planned(ops, crate::storage::Room::none())
+                        })
                         .await?;
                 }
                 Ok(Outcome::Cleared(removed))

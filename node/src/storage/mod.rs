@@ -5,5 +5,5 @@ pub mod wal;
 
 pub use store::{
     CollectionMeta, ENTRY_OVERHEAD, Limits, MAX_COLLECTION_NAME_BYTES, MemoryLimit, MemoryPolicy,
-    Store,
+    Room, Store,
 };

@@ -25,9 +25,11 @@ mod entries;
 mod lru_index;
 mod partition;
 mod planned;
+mod room;
 
 use entries::{Entry, EntryMap};
 use lru_index::LruIndex;
+pub use room::Room;
 
 /// Longest collection name, bytes.
 pub const MAX_COLLECTION_NAME_BYTES: usize = 255;
@@ -182,18 +184,28 @@ impl Store {
     }
 
     /// With the reject policy, refuses `incoming` bytes of new entries that
-    /// would take the store over its limit (checked when a write is planned,
-    /// before anything is logged or applied).
-    pub fn admit(&self, incoming: usize) -> Result<()> {
+    /// would take the store over its limit, and otherwise counts them at
+    /// once (checked and counted in one step when a write is planned,
+    /// before anything is logged or applied): the [`Room`] they take is
+    /// used up when the write is applied, and given back if it is not.
+    pub fn admit(&self, incoming: usize) -> Result<Room<'_>> {
         let max = self.memory.max_bytes;
         if max == 0 || self.memory.policy != MemoryPolicy::Reject {
-            return Ok(());
+            return Ok(Room::none());
         }
-        let used = self.used.load(Ordering::Relaxed) as u64;
-        if used.saturating_add(incoming as u64) > max {
-            return Err(Error::MemoryLimit { used, max });
+        let reserved = self
+            .used
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |u| {
+                ((u as u64).saturating_add(incoming as u64) <= max)
+                    .then_some(u.saturating_add(incoming))
+            });
+        match reserved {
+            Ok(_) => Ok(Room::of(&self.used, incoming)),
+            Err(used) => Err(Error::MemoryLimit {
+                used: used as u64,
+                max,
+            }),
         }
-        Ok(())
     }
 
     /// With the evict-lru policy (the caller checks it), evicts from partition `p` (its lock held
@@ -431,10 +443,9 @@ impl Store {
         &self,
         meta: &CollectionMeta,
         collection: String,
-        key: Bytes,
-        value: Bytes,
-        expires_at: u64,
+        (key, value, expires_at): (Bytes, Bytes, u64),
         w: &mut Written,
+        room: &mut Room<'_>,
     ) -> Result<()> {
         let p = self.partition(meta, &key);
         let mut evicted = Vec::new();
@@ -446,16 +457,22 @@ impl Store {
             let now = self.clock.wall_ms();
             let entry = Entry::new(&key, &value, expires_at, secs(now));
             let add = cost(&entry);
-            // Bytes make_room already counted in `used` for this entry.
+            // Bytes make_room or the plan (`room`) already counted in `used`
+            // for this entry.
             let mut reserved = 0;
-            if self.memory.max_bytes > 0 && self.memory.policy == MemoryPolicy::EvictLru {
-                let replaced = part
-                    .get(&*meta.name)
-                    .and_then(|m| m.get(&key))
-                    .map_or(0, cost);
-                if add > replaced {
-                    self.make_room(&mut part, p, add - replaced, w)?;
-                    reserved = add - replaced;
+            if self.memory.max_bytes > 0 {
+                match self.memory.policy {
+                    MemoryPolicy::EvictLru => {
+                        let replaced = part
+                            .get(&*meta.name)
+                            .and_then(|m| m.get(&key))
+                            .map_or(0, cost);
+                        if add > replaced {
+                            self.make_room(&mut part, p, add - replaced, w)?;
+                            reserved = add - replaced;
+                        }
+                    }
+                    MemoryPolicy::Reject => reserved = room.take(add),
                 }
             }
             let map = part.entry(meta.name.clone()).or_default();
@@ -595,15 +612,15 @@ impl Store {
         entries: Vec<(Bytes, Bytes)>,
         ttl_ms: Option<u64>,
     ) -> Result<Written> {
-        let planned = self.plan_puts(collection, entries, ttl_ms)?;
-        Ok(self.apply_planned(planned)?.1)
+        let (planned, room) = self.plan_puts(collection, entries, ttl_ms)?;
+        Ok(self.apply_planned(planned, room)?.1)
     }
 
     /// Removes `keys`; returns how many live entries were removed.
     #[cfg(test)]
     pub fn delete_many(&self, collection: &str, keys: &[Bytes]) -> Result<(u64, Written)> {
         let planned = self.plan_deletes(collection, keys)?;
-        self.apply_planned(planned)
+        self.apply_planned(planned, Room::none())
     }
 
     // ------------------------------------------------------------ whole-collection ops
@@ -900,6 +917,98 @@ mod tests {
         assert!(peak <= max, "accounted {peak} > limit {max}");
         assert!(s.memory().0 <= max);
         assert!(s.memory().2 > 0, "writes past the limit evicted");
+    }
+
+    /// Reject: a planned write's bytes are counted when it is planned, so
+    /// writes planned at the same moment never both fit in the same room;
+    /// a planned write that is not applied gives its room back.
+    #[test]
+    fn reject_counts_planned_writes_at_once_and_gives_back_unapplied_room() {
+        let clock = ManualClock::new(1_000_000);
+        let each = 2 + 100 + ENTRY_OVERHEAD;
+        let max = (each * 3) as u64;
+        let s = limited(clock, max, MemoryPolicy::Reject);
+        let v = || Bytes::from(vec![1u8; 100]);
+        let (a, room_a) = s.plan_put("", b("k1"), v(), None).expect("fits");
+        let (b2, room_b) = s.plan_put("", b("k2"), v(), None).expect("fits");
+        let (c, room_c) = s.plan_put("", b("k3"), v(), None).expect("fits");
+        // Planned before any of the three is applied: no room left.
+        assert!(matches!(
+            s.plan_put("", b("k4"), v(), None),
+            Err(Error::MemoryLimit { .. })
+        ));
+        assert_eq!(s.memory().0, max);
+        s.apply_planned(vec![a], room_a).expect("apply");
+        assert_eq!(s.memory().0, max, "applying uses the room up");
+        drop((b2, room_b));
+        assert_eq!(s.memory().0, (each * 2) as u64, "unapplied room given back");
+        // The collection goes between plan and apply: nothing is applied,
+        // and the room comes back.
+        s.get_or_create_collection("gone", 0, 0).expect("create");
+        let (g, room_g) = s.plan_put("gone", b("k5"), v(), None).expect("fits");
+        assert_eq!(s.memory().0, max);
+        s.delete_collection("gone").expect("delete");
+        assert!(s.apply_planned(vec![g], room_g).is_err());
+        assert_eq!(s.memory().0, (each * 2) as u64);
+        s.apply_planned(vec![c], room_c).expect("apply");
+        // Overwriting k1 needs room for the new entry when planned, and
+        // frees the old one when applied.
+        let (o, room_o) = s.plan_put("", b("k1"), v(), None).expect("fits");
+        s.apply_planned(vec![o], room_o).expect("apply");
+        assert_eq!(s.memory().0, (each * 2) as u64);
+        assert_eq!(s.size("", |_| true).expect("size"), 2);
+    }
+
+    /// Reject under concurrent writers that plan, wait, then apply (or
+    /// drop) their writes: the count never passes the limit, and once they
+    /// are done it is exactly what the entries take (no room leaks).
+    #[test]
+    fn reject_writers_on_other_partitions_never_overshoot_and_leak_nothing() {
+        let clock = ManualClock::new(1_000_000);
+        let each = 6 + 1000 + ENTRY_OVERHEAD;
+        let max = (each * 20) as u64;
+        let s = Arc::new(limited(clock, max, MemoryPolicy::Reject));
+        let peaks: Vec<u64> = std::thread::scope(|scope| {
+            let writers: Vec<_> = (0..4)
+                .map(|t| {
+                    let s = s.clone();
+                    scope.spawn(move || {
+                        let mut peak = 0;
+                        for i in 0..2_000 {
+                            let key = b(&format!("{t}{:05}", i % 40));
+                            match s.plan_put("", key, Bytes::from(vec![7u8; 1000]), None) {
+                                Ok((op, room)) => {
+                                    std::thread::yield_now();
+                                    peak = peak.max(s.memory().0);
+                                    if i % 7 == 0 {
+                                        drop((op, room));
+                                    } else {
+                                        s.apply_planned(vec![op], room).expect("apply");
+                                    }
+                                }
+                                Err(Error::MemoryLimit { .. }) => {
+                                    // Make room: delete one of ours.
+                                    let k = b(&format!("{t}{:05}", i % 40));
+                                    s.delete_many("", &[k]).expect("delete");
+                                }
+                                Err(e) => panic!("{e}"),
+                            }
+                            peak = peak.max(s.memory().0);
+                        }
+                        peak
+                    })
+                })
+                .collect();
+            writers
+                .into_iter()
+                .map(|w| w.join().expect("writer"))
+                .collect()
+        });
+        let peak = peaks.into_iter().max().unwrap_or(0);
+        assert!(peak <= max, "accounted {peak} > limit {max}");
+        let entries = s.size("", |_| true).expect("size");
+        assert!(entries > 0);
+        assert_eq!(s.memory().0, entries * each as u64, "no room leaked");
     }
 
     #[test]

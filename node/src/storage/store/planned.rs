@@ -4,7 +4,8 @@
 use bytes::Bytes;
 
 use super::Store;
-use crate::error::Result;
+use super::room::Room;
+use crate::error::{Error, Result};
 use crate::replica::{ReplOp, Written};
 
 impl Store {
@@ -18,10 +19,12 @@ impl Store {
         key: Bytes,
         value: Bytes,
         ttl_ms: Option<u64>,
-    ) -> Result<(u32, ReplOp)> {
-        Ok(self
-            .plan_puts(collection, vec![(key, value)], ttl_ms)?
-            .remove(0))
+    ) -> Result<((u32, ReplOp), Room<'_>)> {
+        let (mut ops, room) = self.plan_puts(collection, vec![(key, value)], ttl_ms)?;
+        let op = ops
+            .pop()
+            .ok_or_else(|| Error::Internal("a planned put has no op".into()))?;
+        Ok((op, room))
     }
 
     /// Validates a put that keeps an existing absolute expiry (0 = never).
@@ -31,20 +34,19 @@ impl Store {
         key: Bytes,
         value: Bytes,
         expires_at: u64,
-    ) -> Result<(u32, ReplOp)> {
+    ) -> Result<((u32, ReplOp), Room<'_>)> {
         let meta = self.collection(collection)?;
         self.check_key(&key)?;
         self.check_value(&value)?;
-        self.admit(key.len() + value.len() + super::ENTRY_OVERHEAD)?;
-        Ok((
-            self.partition(&meta, &key),
-            ReplOp::Put {
-                collection: meta.name.to_string(),
-                key,
-                value,
-                expires_at,
-            },
-        ))
+        let room = self.admit(key.len() + value.len() + super::ENTRY_OVERHEAD)?;
+        let p = self.partition(&meta, &key);
+        let op = ReplOp::Put {
+            collection: meta.name.to_string(),
+            key,
+            value,
+            expires_at,
+        };
+        Ok(((p, op), room))
     }
 
     /// Validates puts (all or nothing) and returns their ops.
@@ -53,21 +55,21 @@ impl Store {
         collection: &str,
         entries: Vec<(Bytes, Bytes)>,
         ttl_ms: Option<u64>,
-    ) -> Result<Vec<(u32, ReplOp)>> {
+    ) -> Result<(Vec<(u32, ReplOp)>, Room<'_>)> {
         let meta = self.collection(collection)?;
         self.check_batch(entries.len())?;
         for (k, v) in &entries {
             self.check_key(k)?;
             self.check_value(v)?;
         }
-        self.admit(
+        let room = self.admit(
             entries
                 .iter()
                 .map(|(k, v)| k.len() + v.len() + super::ENTRY_OVERHEAD)
                 .sum(),
         )?;
         let expires_at = self.expiry(&meta, ttl_ms);
-        Ok(entries
+        let ops = entries
             .into_iter()
             .map(|(key, value)| {
                 (
@@ -80,7 +82,8 @@ impl Store {
                     },
                 )
             })
-            .collect())
+            .collect();
+        Ok((ops, room))
     }
 
     /// Validates deletes and returns their ops.
@@ -104,7 +107,13 @@ impl Store {
 
     /// Applies planned ops as their primary (LRU included); returns how many
     /// deletes removed a live entry, and what changed.
-    pub fn apply_planned(&self, ops: Vec<(u32, ReplOp)>) -> Result<(u64, Written)> {
+    /// `room` is what planning the ops reserved; applying them uses it up
+    /// (what is left is given back when it is dropped).
+    pub fn apply_planned(
+        &self,
+        ops: Vec<(u32, ReplOp)>,
+        mut room: Room<'_>,
+    ) -> Result<(u64, Written)> {
         let mut w = Written::default();
         let mut live = 0;
         for (p, op) in ops {
@@ -116,7 +125,13 @@ impl Store {
                     expires_at,
                 } => {
                     let meta = self.collection(&collection)?;
-                    self.put_in(&meta, collection, key, value, expires_at, &mut w)?;
+                    self.put_in(
+                        &meta,
+                        collection,
+                        (key, value, expires_at),
+                        &mut w,
+                        &mut room,
+                    )?;
                 }
                 ReplOp::Delete { collection, key } => {
                     let meta = self.collection(&collection)?;

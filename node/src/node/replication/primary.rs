@@ -168,6 +168,20 @@ impl Node {
         if ops.is_empty() {
             return Ok(Vec::new());
         }
+        if table.backup_count == 0 {
+            // Nothing to queue: only the numbers are taken (each written
+            // partition once, as below), without grouping the ops.
+            let mut taken: Vec<u32> = Vec::new();
+            for &(p, _) in &ops {
+                if !taken.contains(&p) {
+                    self.next_seq(p, table.epoch);
+                    if ops.len() > 1 {
+                        taken.push(p);
+                    }
+                }
+            }
+            return Ok(Vec::new());
+        }
         let mut per_part: BTreeMap<u32, Vec<ReplOp>> = BTreeMap::new();
         for (p, op) in ops {
             per_part.entry(p).or_default().push(op);

@@ -3,9 +3,9 @@
 
 use bytes::Bytes;
 
-use super::Store;
 use super::room::Room;
-use crate::error::{Error, Result};
+use super::{CollectionMeta, Store};
+use crate::error::Result;
 use crate::replica::{ReplOp, Written};
 
 impl Store {
@@ -20,11 +20,9 @@ impl Store {
         value: Bytes,
         ttl_ms: Option<u64>,
     ) -> Result<((u32, ReplOp), Room<'_>)> {
-        let (mut ops, room) = self.plan_puts(collection, vec![(key, value)], ttl_ms)?;
-        let op = ops
-            .pop()
-            .ok_or_else(|| Error::Internal("a planned put has no op".into()))?;
-        Ok((op, room))
+        let meta = self.collection(collection)?;
+        let expires_at = self.expiry(&meta, ttl_ms);
+        self.plan_one(&meta, key, value, expires_at)
     }
 
     /// Validates a put that keeps an existing absolute expiry (0 = never).
@@ -36,10 +34,22 @@ impl Store {
         expires_at: u64,
     ) -> Result<((u32, ReplOp), Room<'_>)> {
         let meta = self.collection(collection)?;
+        self.plan_one(&meta, key, value, expires_at)
+    }
+
+    /// Validates one put of `meta` expiring at `expires_at` (no batch
+    /// buffers on the single-key path).
+    fn plan_one(
+        &self,
+        meta: &CollectionMeta,
+        key: Bytes,
+        value: Bytes,
+        expires_at: u64,
+    ) -> Result<((u32, ReplOp), Room<'_>)> {
         self.check_key(&key)?;
         self.check_value(&value)?;
         let room = self.admit(key.len() + value.len() + super::ENTRY_OVERHEAD)?;
-        let p = self.partition(&meta, &key);
+        let p = self.partition(meta, &key);
         let op = ReplOp::Put {
             collection: meta.name.to_string(),
             key,

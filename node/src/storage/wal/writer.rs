@@ -134,7 +134,13 @@ impl Wal {
     /// takes. Never take a second one while holding one (a waiting
     /// checkpoint queues new holders behind it).
     pub async fn applying(&self) -> Applying<'_> {
-        self.gate.read().await
+        // Without a checkpoint at the gate (the usual case) no future is
+        // polled; a waiting checkpoint makes `try_read` fail, and the
+        // change queues behind it as before.
+        match self.gate.try_read() {
+            Ok(g) => g,
+            Err(_) => self.gate.read().await,
+        }
     }
 
     /// Why the last append failed, while the log refuses writes (out of space

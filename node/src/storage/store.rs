@@ -784,6 +784,30 @@ mod tests {
         .with_memory_limit(MemoryLimit { max_bytes, policy })
     }
 
+    /// Runs `write(thread, i)` for i in 0..2,000 on four threads at once;
+    /// the highest accounted use seen after any write, or returned by one
+    /// (a use it saw midway).
+    fn peak_of_writers(s: &Store, write: impl Fn(usize, usize) -> u64 + Sync) -> u64 {
+        std::thread::scope(|scope| {
+            let writers: Vec<_> = (0..4)
+                .map(|t| {
+                    let write = &write;
+                    scope.spawn(move || {
+                        (0..2_000).fold(0, |peak, i| {
+                            let midway = write(t, i);
+                            peak.max(midway).max(s.memory().0)
+                        })
+                    })
+                })
+                .collect();
+            writers
+                .into_iter()
+                .map(|w| w.join().expect("writer"))
+                .max()
+                .unwrap_or(0)
+        })
+    }
+
     #[test]
     fn memory_is_accounted_per_entry_through_every_change() {
         let clock = ManualClock::new(1_000);
@@ -887,33 +911,17 @@ mod tests {
         let clock = ManualClock::new(1_000_000);
         let each = 6 + 1000 + ENTRY_OVERHEAD;
         let max = (each * 20) as u64;
-        let s = Arc::new(limited(clock, max, MemoryPolicy::EvictLru));
-        let peaks: Vec<u64> = std::thread::scope(|scope| {
-            let writers: Vec<_> = (0..4)
-                .map(|t| {
-                    let s = s.clone();
-                    scope.spawn(move || {
-                        let mut peak = 0;
-                        for i in 0..2_000 {
-                            let key = b(&format!("{t}{i:05}"));
-                            // A partition with nothing left to evict refuses
-                            // (by design); the others evict.
-                            match s.put("", key, Bytes::from(vec![7u8; 1000]), None) {
-                                Ok(_) | Err(Error::MemoryLimit { .. }) => {}
-                                Err(e) => panic!("{e}"),
-                            }
-                            peak = peak.max(s.memory().0);
-                        }
-                        peak
-                    })
-                })
-                .collect();
-            writers
-                .into_iter()
-                .map(|w| w.join().expect("writer"))
-                .collect()
+        let s = limited(clock, max, MemoryPolicy::EvictLru);
+        let peak = peak_of_writers(&s, |t, i| {
+            let key = b(&format!("{t}{i:05}"));
+            // A partition with nothing left to evict refuses (by design);
+            // the others evict.
+            match s.put("", key, Bytes::from(vec![7u8; 1000]), None) {
+                Ok(_) | Err(Error::MemoryLimit { .. }) => {}
+                Err(e) => panic!("{e}"),
+            }
+            0
         });
-        let peak = peaks.into_iter().max().unwrap_or(0);
         assert!(peak <= max, "accounted {peak} > limit {max}");
         assert!(s.memory().0 <= max);
         assert!(s.memory().2 > 0, "writes past the limit evicted");
@@ -967,44 +975,28 @@ mod tests {
         let clock = ManualClock::new(1_000_000);
         let each = 6 + 1000 + ENTRY_OVERHEAD;
         let max = (each * 20) as u64;
-        let s = Arc::new(limited(clock, max, MemoryPolicy::Reject));
-        let peaks: Vec<u64> = std::thread::scope(|scope| {
-            let writers: Vec<_> = (0..4)
-                .map(|t| {
-                    let s = s.clone();
-                    scope.spawn(move || {
-                        let mut peak = 0;
-                        for i in 0..2_000 {
-                            let key = b(&format!("{t}{:05}", i % 40));
-                            match s.plan_put("", key, Bytes::from(vec![7u8; 1000]), None) {
-                                Ok((op, room)) => {
-                                    std::thread::yield_now();
-                                    peak = peak.max(s.memory().0);
-                                    if i % 7 == 0 {
-                                        drop((op, room));
-                                    } else {
-                                        s.apply_planned(vec![op], room).expect("apply");
-                                    }
-                                }
-                                Err(Error::MemoryLimit { .. }) => {
-                                    // Make room: delete one of ours.
-                                    let k = b(&format!("{t}{:05}", i % 40));
-                                    s.delete_many("", &[k]).expect("delete");
-                                }
-                                Err(e) => panic!("{e}"),
-                            }
-                            peak = peak.max(s.memory().0);
-                        }
-                        peak
-                    })
-                })
-                .collect();
-            writers
-                .into_iter()
-                .map(|w| w.join().expect("writer"))
-                .collect()
+        let s = limited(clock, max, MemoryPolicy::Reject);
+        let peak = peak_of_writers(&s, |t, i| {
+            let key = b(&format!("{t}{:05}", i % 40));
+            match s.plan_put("", key.clone(), Bytes::from(vec![7u8; 1000]), None) {
+                Ok((op, room)) => {
+                    std::thread::yield_now();
+                    let between = s.memory().0;
+                    if i % 7 == 0 {
+                        drop((op, room));
+                    } else {
+                        s.apply_planned(vec![op], room).expect("apply");
+                    }
+                    between
+                }
+                Err(Error::MemoryLimit { .. }) => {
+                    // Make room: delete one of ours.
+                    s.delete_many("", &[key]).expect("delete");
+                    0
+                }
+                Err(e) => panic!("{e}"),
+            }
         });
-        let peak = peaks.into_iter().max().unwrap_or(0);
         assert!(peak <= max, "accounted {peak} > limit {max}");
         let entries = s.size("", |_| true).expect("size");
         assert!(entries > 0);

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 /// The bytes a planned write's new entries take, counted in the store's
 /// use when the write is planned (the reject policy): two writes planned
 /// at the same moment never both fit in the same room. Applying the write
-/// uses it up ([`Store::apply_planned`]); what a write does not apply (it
+/// uses it up (`Store::apply_planned`); what a write does not apply (it
 /// failed, or was never applied) is given back when the room is dropped.
 #[derive(Debug)]
 #[must_use = "the room is given back when dropped"]

@@ -5,6 +5,7 @@ pub mod auth;
 pub mod budget;
 mod convert;
 mod service;
+mod slots;
 mod status;
 
 pub use service::Api;

@@ -11,6 +11,7 @@ use futures::{FutureExt, StreamExt, stream::FuturesUnordered};
 use super::auth::{Access, Caller};
 use super::budget::{Budgeted, ResponseBudget};
 use super::convert;
+use super::slots::Slots;
 use super::status::{to_proto, to_status};
 use crate::command::{Command, Origin, Outcome};
 use crate::error::{Error, Result};
@@ -103,6 +104,10 @@ fn next_done<'a, F: Future>(
         }
     })
 }
+
+/// Most free command slots a Batch stream keeps (each a command future of a
+/// few KiB).
+const KEPT_SLOTS: usize = 64;
 
 /// Depth of the response queue of one Batch stream.
 const BATCH_OUT_DEPTH: usize = 64;
@@ -361,13 +366,19 @@ impl proto::cache_server::Cache for Api {
                 }
             };
             let mut in_flight = FuturesUnordered::new();
+            // Finished commands' slots, reused by the next commands (no
+            // allocation of a command's future per command).
+            let mut slots = Slots::new(most_in_flight.min(KEPT_SLOTS));
             let mut inbound_open = true;
             'stream: loop {
                 tokio::select! {
                     _ = node.shutdown_token().cancelled() => break,
                     Some(first) = next_done(&mut in_flight, &deferred, node.wal.as_deref()), if !in_flight.is_empty() => {
+                        let (first, slot) = first;
+                        slots.give_back(slot);
                         let mut ready = vec![first];
-                        while let Some(Some(r)) = next_done(&mut in_flight, &deferred, node.wal.as_deref()).now_or_never() {
+                        while let Some(Some((r, slot))) = next_done(&mut in_flight, &deferred, node.wal.as_deref()).now_or_never() {
+                            slots.give_back(slot);
                             ready.push(r);
                         }
                         // Ready results coalesced into messages of about
@@ -394,7 +405,7 @@ impl proto::cache_server::Cache for Api {
                             match m {
                                 Ok(Some(batch)) => {
                                     for c in batch.commands {
-                                        in_flight.push(admit(c));
+                                        in_flight.push(slots.fill(admit(c)));
                                     }
                                     if in_flight.len() < most_in_flight {
                                         msg = inbound.message().now_or_never();

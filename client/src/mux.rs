@@ -97,6 +97,10 @@ async fn run(
             },
             first = rx.recv() => {
                 let Some(first) = first else { break String::new() };
+                // One scheduler round first: callers made ready together
+                // (a burst of requests, or answers that woke many callers)
+                // queue behind this one and travel in the same message.
+                tokio::task::yield_now().await;
                 let mut carry = Some(first);
                 while let Some(first) = carry.take() {
                     let mut batch = Coalesce::new(max_message_bytes);

@@ -6,8 +6,16 @@ use std::time::Duration;
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Default per-request timeout (seed: 10 s).
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
-/// Default number of Batch streams (each on its own connection) per node.
+/// Batch streams (each on its own connection) per node when the node does
+/// not advise a number (a node from before the advice).
 pub const DEFAULT_STREAMS_PER_NODE: usize = 2;
+/// Most Batch streams per node taken on a node's advice.
+pub const MAX_ADVISED_STREAMS: usize = 4;
+/// Response header of a Batch stream in which the node advises how many
+/// Batch streams a client should open to it: its worker threads (a
+/// stream's commands run on one thread, so more streams than threads only
+/// add connections and system calls).
+pub const BATCH_STREAMS_HEADER: &str = "x-distcache-batch-streams";
 /// Default retries of a routing/availability failure.
 pub const DEFAULT_MAX_RETRIES: u32 = 5;
 /// Default largest message the client sends or accepts.
@@ -24,7 +32,10 @@ pub struct ClientConfig {
     /// Timeout of one request (default [`DEFAULT_REQUEST_TIMEOUT`]); lock
     /// acquisition adds its acquire timeout to this.
     pub request_timeout: Duration,
-    /// Batch streams per node (default [`DEFAULT_STREAMS_PER_NODE`]).
+    /// Batch streams per node. 0 (the default): as many as each node
+    /// advises when its first stream opens ([`BATCH_STREAMS_HEADER`], its
+    /// worker threads), at most [`MAX_ADVISED_STREAMS`];
+    /// [`DEFAULT_STREAMS_PER_NODE`] when a node gives no advice.
     pub streams_per_node: usize,
     /// Retries after NOT_OWNER / unavailable answers, with exponential
     /// backoff from 20 ms (default [`DEFAULT_MAX_RETRIES`]).
@@ -105,7 +116,7 @@ impl Default for ClientConfig {
             endpoints: vec!["127.0.0.1:7100".to_string()],
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
-            streams_per_node: DEFAULT_STREAMS_PER_NODE,
+            streams_per_node: 0,
             max_retries: DEFAULT_MAX_RETRIES,
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             gateway: false,
@@ -134,7 +145,8 @@ impl ClientConfig {
         self
     }
 
-    /// Sets the number of Batch streams per node.
+    /// Sets the number of Batch streams per node (instead of each node's
+    /// advice; at least 1).
     pub fn streams_per_node(mut self, n: usize) -> Self {
         self.streams_per_node = n.max(1);
         self

@@ -12,6 +12,7 @@ use std::collections::HashMap;
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
+use crate::config::BATCH_STREAMS_HEADER;
 use crate::conn::Conn;
 use crate::error::{Error, Result};
 use crate::proto::cache_client::CacheClient;
@@ -36,19 +37,27 @@ pub(crate) struct Mux {
 }
 
 impl Mux {
-    /// Opens a Batch stream on `channel` and starts its task.
-    pub(crate) async fn open(channel: Conn, max_message_bytes: usize) -> Result<Mux> {
+    /// Opens a Batch stream on `channel` and starts its task; also returns
+    /// the Batch streams the node advises ([`BATCH_STREAMS_HEADER`], None
+    /// when it gives no readable number).
+    pub(crate) async fn open(
+        channel: Conn,
+        max_message_bytes: usize,
+    ) -> Result<(Mux, Option<usize>)> {
         let (out_tx, out_rx) = mpsc::unbounded_channel::<BatchRequest>();
         let mut client = CacheClient::new(channel)
             .max_decoding_message_size(max_message_bytes)
             .max_encoding_message_size(max_message_bytes);
-        let inbound = client
-            .batch(UnboundedReceiverStream::new(out_rx))
-            .await?
-            .into_inner();
+        let response = client.batch(UnboundedReceiverStream::new(out_rx)).await?;
+        let advised = response
+            .metadata()
+            .get(BATCH_STREAMS_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<usize>().ok());
+        let inbound = response.into_inner();
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
         tokio::spawn(run(rx, out_tx, inbound, max_message_bytes));
-        Ok(Mux { tx })
+        Ok((Mux { tx }, advised))
     }
 
     /// True once the stream task has ended.

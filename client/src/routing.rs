@@ -9,7 +9,7 @@ use parking_lot::RwLock;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
-use crate::config::ClientConfig;
+use crate::config::{ClientConfig, DEFAULT_STREAMS_PER_NODE, MAX_ADVISED_STREAMS};
 use crate::conn::{Conn, Token};
 use crate::error::{Error, Result};
 use crate::mux::Mux;
@@ -19,7 +19,14 @@ use crate::proto::PartitionTableResponse;
 pub(crate) struct NodeConn {
     pub(crate) address: String,
     token: Token,
+    /// Room for every stream this member may get (the configured number,
+    /// or [`MAX_ADVISED_STREAMS`] when the member advises); each connects
+    /// on first use.
     slots: Vec<Slot>,
+    /// Streams in use: the configured number, or (`advised`) 1 until the
+    /// member's first stream brings its advice.
+    active: AtomicUsize,
+    advised: bool,
     next: AtomicUsize,
     open_lock: tokio::sync::Mutex<()>,
     max_message_bytes: usize,
@@ -59,7 +66,13 @@ impl NodeConn {
                 .map_err(|e| Error::InvalidArgument(format!("TLS settings: {e}")))?;
         }
         let token = Token::new(config.token.as_deref())?;
-        let slots = (0..config.streams_per_node.max(1))
+        let advised = config.streams_per_node == 0;
+        let room = if advised {
+            MAX_ADVISED_STREAMS
+        } else {
+            config.streams_per_node
+        };
+        let slots = (0..room)
             .map(|_| Slot {
                 channel: endpoint.connect_lazy(),
                 mux: RwLock::new(None),
@@ -68,6 +81,8 @@ impl NodeConn {
         Ok(NodeConn {
             address: address.to_string(),
             token,
+            active: AtomicUsize::new(if advised { 1 } else { room }),
+            advised,
             slots,
             next: AtomicUsize::new(0),
             open_lock: tokio::sync::Mutex::new(()),
@@ -82,7 +97,11 @@ impl NodeConn {
 
     /// A live Batch stream, opened on first use and reopened after a failure.
     pub(crate) async fn mux(&self) -> Result<Mux> {
-        let slot = &self.slots[self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len()];
+        let active = self
+            .active
+            .load(Ordering::Relaxed)
+            .clamp(1, self.slots.len());
+        let slot = &self.slots[self.next.fetch_add(1, Ordering::Relaxed) % active];
         if let Some(m) = slot.mux.read().as_ref().filter(|m| !m.is_closed()) {
             return Ok(m.clone());
         }
@@ -91,10 +110,24 @@ impl NodeConn {
             return Ok(m.clone());
         }
         let conn = InterceptedService::new(slot.channel.clone(), self.token.clone());
-        let m = Mux::open(conn, self.max_message_bytes).await?;
+        let (m, advice) = Mux::open(conn, self.max_message_bytes).await?;
         *slot.mux.write() = Some(m.clone());
+        if self.advised {
+            self.active
+                .store(streams_to_use(advice, self.slots.len()), Ordering::Relaxed);
+        }
         Ok(m)
     }
+}
+
+/// Streams to use on a member's advice (never trusted beyond `room`; none
+/// or 0: [`DEFAULT_STREAMS_PER_NODE`]).
+fn streams_to_use(advice: Option<usize>, room: usize) -> usize {
+    match advice {
+        Some(n) if n > 0 => n.min(room),
+        _ => DEFAULT_STREAMS_PER_NODE.min(room),
+    }
+    .max(1)
 }
 
 /// A snapshot of the partition table, resolved to connections.
@@ -174,5 +207,30 @@ impl Routing {
             Some(r) if !r.is_empty() => r[n as usize % r.len()].clone(),
             _ => self.fallback.clone(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_members_advice_is_bounded_by_the_room_and_defaults_when_absent() {
+        assert_eq!(streams_to_use(Some(1), MAX_ADVISED_STREAMS), 1);
+        assert_eq!(streams_to_use(Some(3), MAX_ADVISED_STREAMS), 3);
+        // A peer's number is never trusted beyond the room.
+        assert_eq!(
+            streams_to_use(Some(1_000_000), MAX_ADVISED_STREAMS),
+            MAX_ADVISED_STREAMS
+        );
+        assert_eq!(
+            streams_to_use(Some(0), MAX_ADVISED_STREAMS),
+            DEFAULT_STREAMS_PER_NODE
+        );
+        assert_eq!(
+            streams_to_use(None, MAX_ADVISED_STREAMS),
+            DEFAULT_STREAMS_PER_NODE
+        );
+        assert_eq!(streams_to_use(None, 1), 1);
     }
 }

@@ -26,6 +26,19 @@ except grpc.RpcError as e:
     reasons = [v for k, v in e.trailing_metadata() if k == "distcache-reason"]
     assert reasons == ["COLLECTION_NOT_FOUND"], e.trailing_metadata()
 
+# A Batch stream from a plain client: its answers come by id, and its
+# initial metadata advises how many Batch streams to open (the node's
+# worker threads: the test's node runs one).
+call = cache.Batch(
+    iter([pb.BatchRequest(commands=[pb.Command(id=7, get=pb.GetRequest(key=b"from-python"))])]),
+    timeout=10,
+)
+results = [r for resp in call for r in resp.results]
+assert [r.id for r in results] == [7], results
+assert results[0].get.found and results[0].get.value == b"hello from grpcio", results
+advice = dict(call.initial_metadata()).get("x-distcache-batch-streams")
+assert advice == "1", call.initial_metadata()
+
 locks = rpc.LocksStub(channel)
 grant = locks.TryAcquire(pb.TryAcquireLockRequest(key=b"py-lock", hold_timeout_ms=5000), timeout=10)
 assert grant.acquired and grant.grant.fencing_token > 0, grant

@@ -1,9 +1,11 @@
 //! The gRPC services of package `distcache.v1`, over a [`Node`].
 
 use bytes::Bytes;
+use distcache_client::config::BATCH_STREAMS_HEADER;
 use distcache_client::proto::{self, command, command_result};
 use std::sync::Arc;
 use tokio::sync::mpsc;
+use tonic::metadata::MetadataValue;
 use tonic::{Request, Response, Status, Streaming};
 
 use futures::{FutureExt, StreamExt, stream::FuturesUnordered};
@@ -371,6 +373,12 @@ impl proto::cache_server::Cache for Api {
             let mut slots = Slots::new(most_in_flight.min(KEPT_SLOTS));
             let mut inbound_open = true;
             'stream: loop {
+                // The client closed its side and every command is answered:
+                // the response stream ends (the shutdown branch below keeps
+                // `select!` from ever reaching its `else`).
+                if !inbound_open && in_flight.is_empty() {
+                    break;
+                }
                 tokio::select! {
                     _ = node.shutdown_token().cancelled() => break,
                     Some(first) = next_done(&mut in_flight, &deferred, node.wal.as_deref()), if !in_flight.is_empty() => {
@@ -428,7 +436,14 @@ impl proto::cache_server::Cache for Api {
                 }
             }
         }));
-        Ok(Response::new(Budgeted::new(rx, &self.budget)))
+        let mut response = Response::new(Budgeted::new(rx, &self.budget));
+        // How many Batch streams a client should open here: one per worker
+        // thread (this stream's commands run on one thread at a time).
+        let workers = tokio::runtime::Handle::current().metrics().num_workers();
+        response
+            .metadata_mut()
+            .insert(BATCH_STREAMS_HEADER, MetadataValue::from(workers.max(1)));
+        Ok(response)
     }
 }
 

@@ -79,6 +79,7 @@ pub struct Metrics {
     memory_used: Gauge,
     memory_limit: Gauge,
     memory_evicted: Gauge,
+    batch_streams: Gauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -185,6 +186,11 @@ impl Default for Metrics {
             "memory_limit_bytes",
             "--max-memory (0 = none)",
         );
+        let batch_streams = gauge(
+            &mut registry,
+            "batch_streams",
+            "Batch streams open on this node (clients open as many per node as it advises: its worker threads)",
+        );
         let memory_evicted = gauge(
             &mut registry,
             "memory_evicted_entries",
@@ -223,6 +229,7 @@ impl Default for Metrics {
             memory_used,
             memory_limit,
             memory_evicted,
+            batch_streams,
             isr_removals,
             backup_resyncs,
         }
@@ -238,6 +245,12 @@ impl Metrics {
     /// Counts one backup brought into an in-sync set by a snapshot.
     pub fn backup_resynced(&self) {
         self.backup_resyncs.inc();
+    }
+
+    /// Counts one open Batch stream until the guard is dropped.
+    pub fn batch_stream(&self) -> OpenStream {
+        self.batch_streams.inc();
+        OpenStream(self.batch_streams.clone())
     }
 
     /// Counts one served command (`error`: how it failed, if it did).
@@ -291,6 +304,17 @@ impl Metrics {
             tracing::warn!(error = %e, "encoding metrics");
         }
         out
+    }
+}
+
+/// One open Batch stream in `distcache_node_batch_streams` (see
+/// [`Metrics::batch_stream`]).
+#[derive(Debug)]
+pub struct OpenStream(Gauge);
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 

@@ -351,7 +351,9 @@ impl proto::cache_server::Cache for Api {
         // to the OS with one `write` (`next_done`).
         let deferred = Arc::new(Deferred::default());
         let scope = deferred.clone();
+        let open = node.metrics.batch_stream();
         self.node.tasks().spawn(scope.scope(async move {
+            let _open = open;
             let admit = |c: proto::Command| {
                 let node = node.clone();
                 let caller = access.authenticate(&creds);

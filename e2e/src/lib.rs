@@ -90,6 +90,26 @@ pub fn wait_listening(addr: SocketAddr, timeout: Duration) -> bool {
     false
 }
 
+/// The Prometheus text of a node's (or the operator's) metrics endpoint at
+/// `addr` (`GET /metrics`, the whole HTTP answer).
+pub async fn scrape_metrics(addr: &str) -> std::io::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await?;
+    let mut body = String::new();
+    stream.read_to_string(&mut body).await?;
+    Ok(body)
+}
+
+/// The value of the unlabelled metric `name` in scraped text, if present.
+pub fn metric_value(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+}
+
 /// A `distcache-node` process; killed (SIGKILL) when dropped.
 #[derive(Debug)]
 pub struct NodeProcess {

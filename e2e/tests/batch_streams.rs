@@ -5,35 +5,21 @@
 use std::time::{Duration, Instant};
 
 use distcache_client::{Client, ClientConfig};
-use distcache_e2e::NodeProcess;
+use distcache_e2e::{NodeProcess, metric_value, scrape_metrics};
 
-async fn scrape(addr: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    // The metrics port may open just after the gRPC one.
+/// `distcache_node_batch_streams` as scraped from `metrics` (whose port
+/// may open just after the gRPC one).
+async fn open_streams(metrics: &str) -> i64 {
     let deadline = Instant::now() + Duration::from_secs(10);
-    let mut stream = loop {
-        match tokio::net::TcpStream::connect(addr).await {
-            Ok(s) => break s,
-            Err(e) if Instant::now() > deadline => panic!("metrics at {addr}: {e}"),
+    let text = loop {
+        match scrape_metrics(metrics).await {
+            Ok(text) => break text,
+            Err(e) if Instant::now() > deadline => panic!("metrics at {metrics}: {e}"),
             Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
         }
     };
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .await
-        .expect("write");
-    let mut body = String::new();
-    stream.read_to_string(&mut body).await.expect("read");
-    body
-}
-
-/// `distcache_node_batch_streams` as scraped from `metrics`.
-async fn open_streams(metrics: &str) -> i64 {
-    let text = scrape(metrics).await;
-    text.lines()
-        .find_map(|l| l.strip_prefix("distcache_node_batch_streams "))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no distcache_node_batch_streams in:\n{text}"))
+    metric_value(&text, "distcache_node_batch_streams")
+        .unwrap_or_else(|| panic!("no distcache_node_batch_streams in:\n{text}")) as i64
 }
 
 /// Waits (bounded) until the node counts `want` open Batch streams.

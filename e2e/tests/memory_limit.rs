@@ -19,26 +19,10 @@ const LIMIT: u64 = 64 << 20;
 const MARGIN_KIB: u64 = 160 * 1024;
 
 async fn metric(addr: &str, name: &str) -> u64 {
-    let body = tokio::task::spawn_blocking({
-        let addr = addr.to_string();
-        move || {
-            use std::io::{Read, Write};
-            let mut s = std::net::TcpStream::connect(&addr).ok()?;
-            s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
-                .ok()?;
-            let mut out = String::new();
-            s.read_to_string(&mut out).ok()?;
-            Some(out)
-        }
-    })
-    .await
-    .ok()
-    .flatten()
-    .unwrap_or_default();
-    body.lines()
-        .find_map(|l| l.strip_prefix(&format!("{name} ")))
-        .and_then(|v| v.trim().parse::<f64>().ok())
-        .map_or(0, |v| v as u64)
+    let body = distcache_e2e::scrape_metrics(addr)
+        .await
+        .unwrap_or_default();
+    distcache_e2e::metric_value(&body, name).map_or(0, |v| v as u64)
 }
 
 /// Keys acknowledged so far, writes refused with MEMORY_LIMIT.

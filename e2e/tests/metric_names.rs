@@ -23,18 +23,6 @@ fn names(text: &str) -> BTreeSet<String> {
     out
 }
 
-async fn scrape(addr: &str) -> String {
-    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .await
-        .expect("write");
-    let mut body = String::new();
-    stream.read_to_string(&mut body).await.expect("read");
-    body
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_metric_the_dashboard_and_alerts_read_is_exported() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/distcache-operator/files");
@@ -52,7 +40,9 @@ async fn every_metric_the_dashboard_and_alerts_read_is_exported() {
     let _ = c.get("missing-collection-key").await;
     let _ = c.collection_handle("nope").get("k").await;
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let text = scrape(&metrics).await;
+    let text = distcache_e2e::scrape_metrics(&metrics)
+        .await
+        .expect("scrape");
     let operator = distcache_operator::metrics::Metrics::default();
     operator
         .reconciliations

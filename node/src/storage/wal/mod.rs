@@ -8,10 +8,16 @@
 //! top of it gives the current state because every logged write is a blind
 //! write of a key's (or lock's, or collection's) new state.
 //!
-//! Rooms: `record` (the record and its framing), `recovery` (reading a log
-//! back), `writer` (the writer thread and group commit), `deferred` (appends
-//! of a batch of commands written together), `checkpoint`.
+//! With `--wal-fsync true` segments are *block segments*: each group commit
+//! is one checksummed batch of such records at a 4 KiB boundary, written in
+//! place into synced zeros (see `blocks` for the layout and why).
+//!
+//! Rooms: `record` (the record and its framing), `blocks` (block segments
+//! and the preparer of their space), `recovery` (reading a log back),
+//! `writer` (the writer thread and group commit), `deferred` (appends of a
+//! batch of commands written together), `checkpoint`.
 
+mod blocks;
 mod checkpoint;
 mod deferred;
 mod record;

@@ -5,6 +5,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::Read;
 use std::path::Path;
 
+use super::blocks::{is_block_segment, read_blocks};
 use super::record::{Read_, WalRecord, read_records};
 use super::{WalError, checkpoint_name, list, segment_name};
 
@@ -45,11 +46,14 @@ pub fn recover(dir: &Path, skip_corrupt: bool) -> Result<Recovered, WalError> {
         let path = dir.join(segment_name(*seq));
         let buf = read_all(&path)?;
         let last = i + 1 == live.len();
-        match read_records(&buf) {
+        match read_segment(&buf, *seq) {
             Read_::Clean(r) => rec.records.extend(r),
             Read_::Torn(r, at) if last => {
                 rec.records.extend(r);
-                rec.truncated_bytes = buf.len() as u64 - at;
+                // Zeros after the torn bytes (a block segment's prepared
+                // space) were never written: not counted as cut.
+                let written = buf.iter().rposition(|b| *b != 0).map_or(0, |p| p + 1);
+                rec.truncated_bytes = (written as u64).saturating_sub(at);
                 truncate(&path, at)?;
                 tracing::warn!(file = %path.display(), offset = at, "WAL: torn tail truncated");
             }
@@ -79,6 +83,19 @@ pub fn recover(dir: &Path, skip_corrupt: bool) -> Result<Recovered, WalError> {
         }
     }
     Ok(rec)
+}
+
+/// Reads segment `seq`: a block segment, or appended records. A file of
+/// zeros only (a segment created and never written, whose header did not
+/// reach the disk) reads as torn at 0.
+fn read_segment(buf: &[u8], seq: u64) -> Read_ {
+    if is_block_segment(buf) {
+        read_blocks(buf, seq)
+    } else if !buf.is_empty() && buf.iter().all(|b| *b == 0) {
+        Read_::Torn(Vec::new(), 0)
+    } else {
+        read_records(buf)
+    }
 }
 
 fn read_all(path: &Path) -> Result<Vec<u8>, WalError> {

@@ -5,9 +5,16 @@
 //! the OS, so it survives a process crash, before the append returns). A
 //! write or fsync error poisons the log: every later append fails and
 //! nothing is retried into a false success.
+//!
+//! Segments are written by appending with `Buffered`, and with `Fsync` in
+//! place, one block-aligned batch per group commit into synced zeros kept
+//! ahead by a preparer thread ([`blocks`](super::blocks)). Opening the log
+//! always starts a new segment, so a segment is only ever written in one
+//! layout.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -16,6 +23,7 @@ use std::sync::mpsc;
 use parking_lot::Mutex;
 use tokio::sync::oneshot;
 
+use super::blocks::{self, Prep};
 use super::deferred::{Deferred, Outcome, Waiter};
 use super::record::{WalRecord, frame_into, frame_ops_into};
 use super::{Durability, WalError, list, segment_name};
@@ -49,38 +57,109 @@ pub struct Wal {
     /// exclusively.
     pub(super) gate: tokio::sync::RwLock<()>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// `Fsync`: the preparer of segment space, and its thread.
+    prep: Option<Preparer>,
+}
+
+/// The preparer of block segments' space and its thread.
+#[derive(Debug)]
+struct Preparer {
+    prep: Arc<Prep>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 #[derive(Debug)]
 struct Writer {
     dir: PathBuf,
-    file: File,
+    file: Arc<File>,
     seq: u64,
+    /// Appending: the file's length. Blocks: where the next batch goes.
     size: u64,
     max_segment_bytes: u64,
     fsync: bool,
+    /// Block segments (with `Fsync`), and who prepares their space.
+    blocks: Option<Arc<Prep>>,
 }
 
 impl Writer {
-    fn open(dir: &Path, seq: u64) -> std::io::Result<(File, u64)> {
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(dir.join(segment_name(seq)))?;
-        let size = file.metadata()?.len();
+    /// Creates segment `seq` (it must not exist): appended to, or a block
+    /// segment whose header is synced before it is used.
+    fn create(
+        dir: &Path,
+        seq: u64,
+        blocks: Option<&Prep>,
+        max_segment_bytes: u64,
+    ) -> std::io::Result<(Arc<File>, u64)> {
+        let path = dir.join(segment_name(seq));
+        let mut options = OpenOptions::new();
+        options.create_new(true);
+        let (file, size) = match blocks {
+            None => (options.append(true).open(&path)?, 0),
+            Some(_) => {
+                let mut file = options.write(true).open(&path)?;
+                file.write_all(&blocks::file_header(seq))?;
+                file.sync_all()?;
+                (file, blocks::BLOCK)
+            }
+        };
         if let Ok(d) = File::open(dir) {
-            let _ = d.sync_all();
+            d.sync_all()?;
+        }
+        let file = Arc::new(file);
+        if let Some(prep) = blocks {
+            let limit = blocks::align_up(max_segment_bytes) + blocks::BLOCK;
+            prep.switch(file.clone(), size, limit);
         }
         Ok((file, size))
     }
 
     fn rotate(&mut self) -> std::io::Result<u64> {
+        // Synced before the next segment exists: only the last segment
+        // may end in a torn write.
         self.file.sync_all()?;
-        let (file, size) = Writer::open(&self.dir, self.seq + 1)?;
+        let (file, size) = Writer::create(
+            &self.dir,
+            self.seq + 1,
+            self.blocks.as_deref(),
+            self.max_segment_bytes,
+        )?;
+        let old = std::mem::replace(&mut self.file, file);
+        if self.blocks.is_some() {
+            // The preparer moved to the new segment: drop the old one's
+            // unused zeros (every batch in it is already synced).
+            old.set_len(self.size)?;
+            old.sync_all()?;
+        }
         self.seq += 1;
-        self.file = file;
         self.size = size;
         Ok(self.seq)
+    }
+
+    /// Cuts the segment back to `len` (a write that ran out of space).
+    fn cut(&mut self, len: u64) -> std::io::Result<()> {
+        let file = &self.file;
+        match &self.blocks {
+            None => file.set_len(len),
+            Some(prep) => prep.cut(len, || file.set_len(len)),
+        }
+    }
+
+    /// Writes `bytes` (framed records) at the end of the segment.
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        let Some(prep) = &self.blocks else {
+            (&*self.file).write_all(bytes)?;
+            self.size += bytes.len() as u64;
+            return Ok(());
+        };
+        let batch = blocks::batch(self.seq, self.size, bytes).ok_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, "WAL batch over 4 GiB")
+        })?;
+        let end = self.size + batch.len() as u64;
+        prep.before_write(end);
+        self.file.write_all_at(&batch, self.size)?;
+        self.size = blocks::align_up(end);
+        prep.written(self.size);
+        Ok(())
     }
 }
 
@@ -93,16 +172,34 @@ impl Wal {
         max_segment_bytes: u64,
     ) -> Result<Wal, WalError> {
         let (_, segs) = list(dir)?;
-        let seq = segs.last().copied().unwrap_or(1);
-        let (file, size) = Writer::open(dir, seq)
+        let seq = segs.last().map_or(1, |s| s + 1);
+        let max_segment_bytes = max_segment_bytes.max(1024);
+        let fsync = durability == Durability::Fsync;
+        let prep = fsync.then(|| Arc::new(Prep::default()));
+        let (file, size) = Writer::create(dir, seq, prep.as_deref(), max_segment_bytes)
             .map_err(|e| WalError::io(format!("opening WAL in {}", dir.display()), &e))?;
+        let prep = match prep {
+            Some(prep) => {
+                let p = prep.clone();
+                let thread = std::thread::Builder::new()
+                    .name("distcache-wal-prep".into())
+                    .spawn(move || p.run())
+                    .map_err(|e| WalError::io("WAL preparer thread".into(), &e))?;
+                Some(Preparer {
+                    prep,
+                    thread: Mutex::new(Some(thread)),
+                })
+            }
+            None => None,
+        };
         let writer = Arc::new(Mutex::new(Writer {
             dir: dir.to_path_buf(),
             file,
             seq,
             size,
-            max_segment_bytes: max_segment_bytes.max(1024),
-            fsync: durability == Durability::Fsync,
+            max_segment_bytes,
+            fsync,
+            blocks: prep.as_ref().map(|p| p.prep.clone()),
         }));
         let (tx, rx) = mpsc::channel::<Job>();
         let failed: Arc<Mutex<Option<String>>> = Arc::default();
@@ -125,6 +222,7 @@ impl Wal {
             direct: durability == Durability::Buffered,
             gate: tokio::sync::RwLock::new(()),
             thread: Mutex::new(Some(thread)),
+            prep,
         })
     }
 
@@ -261,10 +359,7 @@ impl Wal {
             return Err(WalError::Failed(format!("WAL failed: {why}")));
         }
         let size_before = w.size;
-        let mut result = w.file.write_all(bytes);
-        if result.is_ok() {
-            w.size += bytes.len() as u64;
-        }
+        let mut result = w.write(bytes);
         if result.is_ok() && w.size > w.max_segment_bytes {
             result = w.rotate().map(|_| ());
         }
@@ -288,6 +383,12 @@ impl Wal {
         self.tx.lock().take();
         if let Some(t) = self.thread.lock().take() {
             let _ = t.join();
+        }
+        if let Some(p) = &self.prep {
+            p.prep.stop();
+            if let Some(t) = p.thread.lock().take() {
+                let _ = t.join();
+            }
         }
     }
 }
@@ -322,11 +423,7 @@ impl Shared {
                 self.failed.lock().take();
                 Ok(())
             }
-            Err(e)
-                if !synced
-                    && e.raw_os_error() == Some(28)
-                    && w.file.set_len(size_before).is_ok() =>
-            {
+            Err(e) if !synced && e.raw_os_error() == Some(28) && w.cut(size_before).is_ok() => {
                 w.size = size_before;
                 let why = format!("{e} (in {})", w.dir.display());
                 tracing::error!(error = %why, "WAL out of space: writes are refused until space returns");
@@ -419,8 +516,7 @@ fn flush(w: &mut Writer, buf: &mut Vec<u8>) -> std::io::Result<()> {
     if buf.is_empty() {
         return Ok(());
     }
-    w.file.write_all(buf)?;
-    w.size += buf.len() as u64;
+    w.write(buf)?;
     buf.clear();
     Ok(())
 }

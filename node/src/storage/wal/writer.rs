@@ -164,8 +164,8 @@ impl Writer {
 }
 
 impl Wal {
-    /// Opens the log for appending after [`recover`](super::recover) (new records go to the
-    /// last segment, or a first one).
+    /// Opens the log for appending after [`recover`](super::recover): new
+    /// records go to a new segment (so each segment has one layout).
     pub fn open(
         dir: &Path,
         durability: Durability,

@@ -164,10 +164,11 @@ async fn fsync_a_torn_last_batch_is_cut_and_damage_before_valid_batches_stops_th
     let mut buf = std::fs::read(&last).expect("read");
     assert!(buf.starts_with(b"DCWAL2"), "fsync on writes block segments");
     let end = buf.iter().rposition(|b| *b != 0).expect("written");
-    let block = end / 4096 * 4096;
-    assert!(block >= 4096, "a batch after the header block");
-    // That block unwritten but for its last byte, which is garbage.
-    buf[block..end].fill(0);
+    // Batches start on 512-byte sectors: this sector holds only the last
+    // batch. It is left unwritten but for its last byte, which is garbage.
+    let sector = end / 512 * 512;
+    assert!(sector >= 4096, "a batch after the header block");
+    buf[sector..end].fill(0);
     buf[end] ^= 0xff;
     std::fs::write(&last, &buf).expect("tear");
     c.spawn(0);

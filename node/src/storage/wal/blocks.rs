@@ -7,16 +7,19 @@
 //! 111-115 µs into synced zeros against 140-218 µs appending. So with
 //! fsync on, a segment is written in place: a preparer thread keeps some
 //! synced zeros ahead of the writer ([`Prep`]), and each group commit is
-//! one *batch* at the next block boundary:
+//! one *batch* at the next sector (512-byte) boundary:
 //!
 //! ```text
 //! block 0:  FILE_MAGIC | seq u64 LE | crc32(magic, seq) u32 LE | zeros
-//! batch at offset X (X % BLOCK == 0):
+//! batch at offset X (X % SECTOR == 0):
 //!           BATCH_MAGIC u32 | len u32 | crc32(seq, X, records) u32 | crc32(first 12 bytes) u32
 //!           records (the usual framing, `len` bytes), zeros to the next block
 //! ```
 //!
-//! The segment ends at the first block boundary with all zeros from there
+//! Starting each batch on its own sector means no sector holding an earlier
+//! (acknowledged) batch is ever written again, so a torn sector write can
+//! only hit the batch being written. The segment ends at the first sector
+//! boundary with all zeros from there
 //! to the end of the file. After a crash, the last group commit may be on
 //! disk in part, in any order of its pages: the writer writes a batch only
 //! after the previous batch's `fdatasync` returned, so only that last batch
@@ -36,8 +39,10 @@ use parking_lot::{Condvar, Mutex};
 
 use super::record::{Read_, WalRecord, read_records};
 
-/// Alignment of batches, and the size of the file header block.
+/// The size of the file header block.
 pub(super) const BLOCK: u64 = 4096;
+/// Alignment of batches.
+pub(super) const SECTOR: u64 = 512;
 const FILE_MAGIC: [u8; 8] = *b"DCWAL2\r\n";
 const BATCH_MAGIC: u32 = 0xDC5A_B10C;
 const BATCH_HEADER: usize = 16;
@@ -47,7 +52,7 @@ const AHEAD: u64 = 4 << 20;
 const CHUNK: u64 = 1 << 20;
 
 pub(super) fn align_up(at: u64) -> u64 {
-    at.div_ceil(BLOCK) * BLOCK
+    at.div_ceil(SECTOR) * SECTOR
 }
 
 /// The first block of segment `seq`.
@@ -143,8 +148,8 @@ fn tail(buf: &[u8], at: usize, seq: u64, records: Vec<WalRecord>) -> Read_ {
     if buf[at..].iter().all(|b| *b == 0) {
         return Read_::Clean(records);
     }
-    let later = (at + BLOCK as usize..buf.len())
-        .step_by(BLOCK as usize)
+    let later = (at + SECTOR as usize..buf.len())
+        .step_by(SECTOR as usize)
         .find(|y| batch_at(buf, *y, seq).is_some());
     match later {
         Some(y) => Read_::Corrupt(
@@ -356,7 +361,7 @@ mod tests {
         for s in &segs[..segs.len() - 1] {
             let buf = fs::read(dir.join(segment_name(*s))).expect("read");
             assert!(is_block_segment(&buf), "segment {s} is a block segment");
-            assert_eq!(buf.len() as u64 % BLOCK, 0, "trimmed to a block");
+            assert_eq!(buf.len() as u64 % SECTOR, 0, "trimmed to a sector");
             assert!(
                 buf.len() as u64 <= (16 << 10) + 64 * BLOCK,
                 "no prepared zeros left in a finished segment: {}",
@@ -383,8 +388,9 @@ mod tests {
         let _ = fs::remove_dir_all(&dir);
     }
 
-    /// The last batch on disk in part, cut at every byte or with any one of
-    /// its blocks never written (pages reach the disk in any order), before
+    /// The last batch on disk in part, cut at every 97th byte or with any
+    /// one of its sectors never written (pages reach the disk in any
+    /// order), before
     /// prepared zeros: recovery keeps exactly the batches before it, cuts
     /// the segment there, and the next recovery reads it clean.
     #[test]
@@ -401,11 +407,10 @@ mod tests {
             buf[cut..].fill(0);
             cases.push((format!("cut at {cut}"), buf));
         }
-        for block in (last..end).step_by(BLOCK as usize) {
+        for sector in (last..end).step_by(SECTOR as usize) {
             let mut buf = full.clone();
-            let to = (block + BLOCK as usize).min(buf.len());
-            buf[block..to].fill(0);
-            cases.push((format!("block at {block} unwritten"), buf));
+            buf[sector..sector + SECTOR as usize].fill(0);
+            cases.push((format!("sector at {sector} unwritten"), buf));
         }
         for (what, buf) in cases {
             let got = recover_file(&dir, 1, &buf).unwrap_or_else(|e| panic!("{what}: {e}"));
@@ -450,7 +455,7 @@ mod tests {
             assert_eq!(kept, recs[..3], "{what}: skip keeps what precedes");
         }
         let mut lost = full.clone();
-        lost[bad..bad + BLOCK as usize].fill(0);
+        lost[bad..bad + SECTOR as usize].fill(0);
         let err = recover_file(&dir, 1, &lost).expect_err("lost block");
         assert!(err.contains(&format!("offset {bad}")), "{err}");
         // In a segment that is not the last, even a bad last batch is damage.
@@ -477,11 +482,11 @@ mod tests {
         let dir = tmpdir("stale");
         let recs: Vec<WalRecord> = (0..4).map(|i| put(i, 30)).collect();
         let (mine, starts) = segment(2, &recs, 4 * BLOCK as usize);
-        let end = starts[3] + BLOCK as usize;
+        let end = starts[3] + SECTOR as usize;
         let (other, other_starts) = segment(1, &[put(99, 30)], 0);
         let mut buf = mine.clone();
         let o = other_starts[0];
-        buf[end..end + BLOCK as usize].copy_from_slice(&other[o..o + BLOCK as usize]);
+        buf[end..end + SECTOR as usize].copy_from_slice(&other[o..o + SECTOR as usize]);
         assert_eq!(recover_file(&dir, 2, &buf).expect("stale"), recs);
         let mut buf = mine.clone();
         let s = starts[1];

@@ -50,6 +50,10 @@ const BATCH_HEADER: usize = 16;
 const AHEAD: u64 = 4 << 20;
 /// Zeros written (and synced) per step of the preparer.
 const CHUNK: u64 = 1 << 20;
+/// Free space the preparer never takes: the rest of the node (its metadata
+/// log, checkpoints) and other users of the volume keep it, and near a full
+/// disk the writer appends into real space as before.
+const RESERVE: u64 = 64 << 20;
 
 pub(super) fn align_up(at: u64) -> u64 {
     at.div_ceil(SECTOR) * SECTOR
@@ -253,8 +257,8 @@ impl Prep {
                 (file, s.zeroed, (s.zeroed + CHUNK).min(s.limit))
             };
             let len = (to - from) as usize;
-            let result = file
-                .write_all_at(&zeros[..len], from)
+            let result = Self::room(&file, len as u64)
+                .and_then(|()| file.write_all_at(&zeros[..len], from))
                 .and_then(|()| file.sync_data());
             let mut s = self.state.lock();
             match result {
@@ -263,12 +267,25 @@ impl Prep {
                     // Give the space back; the writer appends past the zeros.
                     let _ = file.set_len(from);
                     s.paused = true;
-                    tracing::warn!(error = %e, "WAL: preparing segment space failed; writes append");
+                    tracing::info!(error = %e, "WAL: not preparing more of this segment; writes append");
                 }
             }
             s.filling = false;
             self.cv.notify_all();
         }
+    }
+
+    /// Whether `len` more bytes leave [`RESERVE`] free on the volume.
+    fn room(file: &File, len: u64) -> std::io::Result<()> {
+        let st = nix::sys::statvfs::fstatvfs(file).map_err(std::io::Error::from)?;
+        let free = u64::from(st.blocks_available()).saturating_mul(st.fragment_size());
+        if free < len.saturating_add(RESERVE) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::StorageFull,
+                format!("{free} bytes free, {RESERVE} kept free"),
+            ));
+        }
+        Ok(())
     }
 
     fn wanted(s: &PrepState) -> bool {

@@ -143,9 +143,8 @@ fn segments(c: &ProcCluster) -> Vec<std::path::PathBuf> {
 }
 
 /// `--wal-fsync true` (block segments), on a real process: after kill -9,
-/// the last written block of the last batch is made unwritten (a machine
-/// crash before that group commit's fsync: its pages reach the disk in any
-/// order). The node starts from a clean prefix of history. Then, after a
+/// the last batch is cut short (a machine crash before that group commit's
+/// fsync). The node starts from a clean prefix of history. Then, after a
 /// second kill, one bit of the log's first batch is flipped, with later
 /// batches intact: that is damage, not a torn tail, and the node refuses
 /// to start, naming the file and offset.
@@ -161,16 +160,21 @@ async fn fsync_a_torn_last_batch_is_cut_and_damage_before_valid_batches_stops_th
     let (history, acked, _) = load.stop().await;
     assert!(acked > 100, "the load made progress: {acked}");
     let last = segments(&c).pop().expect("a segment");
-    let mut buf = std::fs::read(&last).expect("read");
+    let buf = std::fs::read(&last).expect("read");
     assert!(buf.starts_with(b"DCWAL2"), "fsync on writes block segments");
-    let end = buf.iter().rposition(|b| *b != 0).expect("written");
-    // Batches start on 512-byte sectors: this sector holds only the last
-    // batch. It is left unwritten but for its last byte, which is garbage.
-    let sector = end / 512 * 512;
-    assert!(sector >= 4096, "a batch after the header block");
-    buf[sector..end].fill(0);
-    buf[end] ^= 0xff;
-    std::fs::write(&last, &buf).expect("tear");
+    // Batches start on 512-byte sectors with a magic number: the last one
+    // is cut short 20 bytes in (its header and a little of its records on
+    // disk, as when a SIGKILL or power loss interrupts its write).
+    let magic = 0xDC5A_B10Cu32.to_le_bytes();
+    let batch = (4096..buf.len())
+        .step_by(512)
+        .rfind(|at| buf[*at..].starts_with(&magic))
+        .expect("a batch");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&last)
+        .and_then(|f| f.set_len(batch as u64 + 20))
+        .expect("cut the last batch");
     c.spawn(0);
     c.wait_safe(1, SAFE).await;
     let client = c.client().await;

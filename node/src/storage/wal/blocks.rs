@@ -25,9 +25,10 @@
 //! after the previous batch's `fdatasync` returned, so only that last batch
 //! can be incomplete, and nothing valid follows it. Recovery therefore
 //! reads a bad batch as a torn tail (cut, never acknowledged) only when no
-//! valid batch follows it. A bad batch with a valid batch after it is
-//! damage to acknowledged data, reported with the file and offset
-//! (RELIABILITY.md row 11). The sequence number and the offset in each
+//! valid batch follows it and it looks cut short (the file ends in it, or a
+//! sector of it is unwritten). Any other bad batch is damage to
+//! acknowledged data, reported with the file and offset (RELIABILITY.md
+//! row 11). The sequence number and the offset in each
 //! batch's checksum make a stale or misplaced block read as bad, never as
 //! a batch of this segment.
 
@@ -146,8 +147,9 @@ pub(super) fn read_blocks(buf: &[u8], seq: u64) -> Read_ {
 }
 
 /// What follows the last valid batch, at `at`: zeros to the end are the
-/// segment's end; a bad batch with no valid batch after it is the torn
-/// last group commit; a bad batch with a valid one after it is damage.
+/// segment's end; a bad batch with a valid one after it is damage; a bad
+/// last batch is the torn last group commit if it looks cut short
+/// ([`cut_short`]), else damage.
 fn tail(buf: &[u8], at: usize, seq: u64, records: Vec<WalRecord>) -> Read_ {
     if buf[at..].iter().all(|b| *b == 0) {
         return Read_::Clean(records);
@@ -161,8 +163,38 @@ fn tail(buf: &[u8], at: usize, seq: u64, records: Vec<WalRecord>) -> Read_ {
             at as u64,
             format!("bad batch, and a valid batch follows at offset {y}"),
         ),
-        None => Read_::Torn(records, at as u64),
+        None if cut_short(buf, at) => Read_::Torn(records, at as u64),
+        None => Read_::Corrupt(
+            records,
+            at as u64,
+            "the last batch is damaged (checksum mismatch, every sector of it written)".into(),
+        ),
     }
+}
+
+/// Whether the bad batch at `at` looks like a write cut short rather than
+/// damaged bytes: the file ends inside it, or a sector of it is unwritten
+/// (zeros). A `pwrite` interrupted by SIGKILL stops at a page boundary, and
+/// after a power loss each sector holds its new bytes or its old zeros, so
+/// a torn batch always has one of these. A batch whose sectors all hold
+/// data but whose checksum fails was damaged after it was written. (A
+/// value with 512 zero bytes at a sector boundary can make damage look
+/// torn; etcd's WAL uses the same test.)
+fn cut_short(buf: &[u8], at: usize) -> bool {
+    let unwritten = |from: usize, to: usize| buf[from..to].iter().all(|b| *b == 0);
+    let Some(head) = buf.get(at..at + BATCH_HEADER) else {
+        return true;
+    };
+    if word(head, 0) != BATCH_MAGIC || word(head, 12) != crc32fast::hash(&head[..12]) {
+        return unwritten(at, (at + SECTOR as usize).min(buf.len()));
+    }
+    let end = at + BATCH_HEADER + word(head, 4) as usize;
+    if end > buf.len() {
+        return true;
+    }
+    (at..end)
+        .step_by(SECTOR as usize)
+        .any(|s| unwritten(s, (s + SECTOR as usize).min(end)))
 }
 
 /// The preparer: keeps [`AHEAD`] bytes of synced zeros past what the
@@ -278,7 +310,7 @@ impl Prep {
     /// Whether `len` more bytes leave [`RESERVE`] free on the volume.
     fn room(file: &File, len: u64) -> std::io::Result<()> {
         let st = nix::sys::statvfs::fstatvfs(file).map_err(std::io::Error::from)?;
-        let free = u64::from(st.blocks_available()).saturating_mul(st.fragment_size());
+        let free = st.blocks_available().saturating_mul(st.fragment_size());
         if free < len.saturating_add(RESERVE) {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::StorageFull,
@@ -405,11 +437,11 @@ mod tests {
         let _ = fs::remove_dir_all(&dir);
     }
 
-    /// The last batch on disk in part, cut at every 97th byte or with any
-    /// one of its sectors never written (pages reach the disk in any
-    /// order), before
-    /// prepared zeros: recovery keeps exactly the batches before it, cuts
-    /// the segment there, and the next recovery reads it clean.
+    /// The last batch on disk in part: the file cut at every 97th byte of
+    /// it, or any one of its sectors never written before prepared zeros
+    /// (pages reach the disk in any order): recovery keeps exactly the
+    /// batches before it, cuts the segment there, and the next recovery
+    /// reads it clean.
     #[test]
     fn a_torn_last_batch_keeps_exactly_the_batches_before_it() {
         let dir = tmpdir("torn");
@@ -420,9 +452,7 @@ mod tests {
         let end = last + BATCH_HEADER + frame(&recs[6]).expect("frame").len();
         let mut cases = Vec::new();
         for cut in (last + 1..end).step_by(97).chain([end - 1]) {
-            let mut buf = full.clone();
-            buf[cut..].fill(0);
-            cases.push((format!("cut at {cut}"), buf));
+            cases.push((format!("file cut at {cut}"), full[..cut].to_vec()));
         }
         for sector in (last..end).step_by(SECTOR as usize) {
             let mut buf = full.clone();
@@ -475,6 +505,18 @@ mod tests {
         lost[bad..bad + SECTOR as usize].fill(0);
         let err = recover_file(&dir, 1, &lost).expect_err("lost block");
         assert!(err.contains(&format!("offset {bad}")), "{err}");
+        // The last batch, every sector of it written: a flipped bit in its
+        // payload or header is damage too, not a torn tail.
+        let last = starts[7];
+        for (what, byte) in [
+            ("last payload", last + BATCH_HEADER + 20),
+            ("last magic", last),
+        ] {
+            let mut buf = full.clone();
+            buf[byte] ^= 0x10;
+            let err = recover_file(&dir, 1, &buf).expect_err(what);
+            assert!(err.contains(&format!("offset {last}")), "{what}: {err}");
+        }
         // In a segment that is not the last, even a bad last batch is damage.
         let mut torn = full.clone();
         torn[starts[7] + BATCH_HEADER + 3] ^= 1;
@@ -492,10 +534,12 @@ mod tests {
 
     /// A batch is valid only in its own segment and at its own offset: a
     /// stale or misplaced block (another segment's batch, or this
-    /// segment's batch copied elsewhere) after the end is not replayed,
-    /// and a header naming another segment is reported.
+    /// segment's batch copied elsewhere) after the end is never replayed.
+    /// Right at the end, with every sector written, it is reported as
+    /// damage; after an unwritten sector it is cut as a torn tail. A
+    /// header naming another segment is reported.
     #[test]
-    fn stale_or_misplaced_batches_are_not_replayed() {
+    fn stale_or_misplaced_batches_are_never_replayed() {
         let dir = tmpdir("stale");
         let recs: Vec<WalRecord> = (0..4).map(|i| put(i, 30)).collect();
         let (mine, starts) = segment(2, &recs, 4 * BLOCK as usize);
@@ -504,7 +548,9 @@ mod tests {
         let mut buf = mine.clone();
         let o = other_starts[0];
         buf[end..end + SECTOR as usize].copy_from_slice(&other[o..o + SECTOR as usize]);
-        assert_eq!(recover_file(&dir, 2, &buf).expect("stale"), recs);
+        let err = recover_file(&dir, 2, &buf).expect_err("stale");
+        assert!(err.contains(&format!("offset {end}")), "{err}");
+        assert_eq!(recover(&dir, true).expect("skip").records, recs);
         let mut buf = mine.clone();
         let s = starts[1];
         buf.copy_within(s..s + BLOCK as usize, end + BLOCK as usize);

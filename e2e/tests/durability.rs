@@ -15,6 +15,13 @@ const SAFE: Duration = Duration::from_secs(60);
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn kill_9_with_fsync_then_restart_keeps_every_acknowledged_write() {
     let _serial = SERIAL.lock().await;
+    // Once in CI; DISTCACHE_FAULT_REPEAT=N runs it N times.
+    for _ in 0..distcache_e2e::netns::repeat() {
+        kill_9_with_fsync_once().await;
+    }
+}
+
+async fn kill_9_with_fsync_once() {
     let mut c = ProcCluster::start(1, &["--wal", "--wal-fsync", "true"]);
     c.wait_safe(1, SAFE).await;
     let client = c.client().await;
@@ -151,6 +158,13 @@ fn segments(c: &ProcCluster) -> Vec<std::path::PathBuf> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn fsync_a_torn_last_batch_is_cut_and_damage_before_valid_batches_stops_the_start() {
     let _serial = SERIAL.lock().await;
+    // Once in CI; DISTCACHE_FAULT_REPEAT=N runs it N times.
+    for _ in 0..distcache_e2e::netns::repeat() {
+        fsync_tear_once().await;
+    }
+}
+
+async fn fsync_tear_once() {
     let mut c = ProcCluster::start(1, &["--wal", "--wal-fsync", "true"]);
     c.wait_safe(1, SAFE).await;
     let client = c.client().await;

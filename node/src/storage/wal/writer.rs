@@ -389,6 +389,13 @@ impl Wal {
             if let Some(t) = p.thread.lock().take() {
                 let _ = t.join();
             }
+            // A log closed cleanly ends at its last batch: the prepared
+            // zeros are given back (a crash leaves them; recovery reads
+            // them as the segment's end).
+            let w = self.shared.writer.lock();
+            if let Err(e) = w.file.set_len(w.size).and_then(|()| w.file.sync_all()) {
+                tracing::warn!(error = %e, "WAL: trimming the last segment on close");
+            }
         }
     }
 }

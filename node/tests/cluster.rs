@@ -15,11 +15,20 @@ use distcache_node::replica::ReplOp;
 use distcache_node::server::Running;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+/// A loopback port free a moment ago: below the kernel's ephemeral range
+/// (32768 and up), so no outbound connection (these tests run side by side)
+/// can be handed it before its node listens, and never the same one twice
+/// in this process. (Port 0 could hand back a port another test's
+/// connection then took: "Address already in use" in CI.)
 fn port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("port")
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    loop {
+        let k = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let port = 20_000 + ((std::process::id().wrapping_mul(7) + k) % 12_000) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 async fn cluster(n: usize) -> Vec<Running> {

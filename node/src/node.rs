@@ -253,7 +253,12 @@ impl Node {
                     "WAL read"
                 );
                 let durability = Durability::from_fsync(config.wal_fsync);
-                let w = Wal::open(dir, durability, config.wal_max_segment_bytes)?;
+                let w = Wal::open_with(
+                    dir,
+                    durability,
+                    config.wal_max_segment_bytes,
+                    config.wal_prepare_bytes,
+                )?;
                 (Some(Arc::new(w)), rec.records)
             }
             None => (None, Vec::new()),

@@ -47,9 +47,7 @@ pub(super) const SECTOR: u64 = 512;
 const FILE_MAGIC: [u8; 8] = *b"DCWAL2\r\n";
 const BATCH_MAGIC: u32 = 0xDC5A_B10C;
 const BATCH_HEADER: usize = 16;
-/// Synced zeros the preparer keeps ahead of the writer.
-const AHEAD: u64 = 4 << 20;
-/// Zeros written (and synced) per step of the preparer.
+/// Most zeros written (and synced) per step of the preparer.
 const CHUNK: u64 = 1 << 20;
 /// Free space the preparer never takes: the rest of the node (its metadata
 /// log, checkpoints) and other users of the volume keep it, and near a full
@@ -197,13 +195,15 @@ fn cut_short(buf: &[u8], at: usize) -> bool {
         .any(|s| unwritten(s, (s + SECTOR as usize).min(end)))
 }
 
-/// The preparer: keeps [`AHEAD`] bytes of synced zeros past what the
-/// writer wrote in the current segment, [`CHUNK`] at a time, on its own
-/// thread (owned by the [`Wal`](super::Wal), stopped by its `close`).
-#[derive(Debug, Default)]
+/// The preparer: keeps `ahead` bytes (`--wal-prepare-bytes`) of synced
+/// zeros past what the writer wrote in the current segment, [`CHUNK`] at a
+/// time, on its own thread (owned by the [`Wal`](super::Wal), stopped by
+/// its `close`).
+#[derive(Debug)]
 pub(super) struct Prep {
     state: Mutex<PrepState>,
     cv: Condvar,
+    ahead: u64,
 }
 
 #[derive(Debug, Default)]
@@ -224,6 +224,15 @@ struct PrepState {
 }
 
 impl Prep {
+    /// A preparer keeping `ahead` bytes of zeros ahead (0: none).
+    pub(super) fn new(ahead: u64) -> Self {
+        Prep {
+            state: Mutex::default(),
+            cv: Condvar::new(),
+            ahead,
+        }
+    }
+
     /// A new segment, written from `start`, whose zeros stop at `limit`.
     pub(super) fn switch(&self, file: Arc<File>, start: u64, limit: u64) {
         let mut s = self.state.lock();
@@ -250,7 +259,7 @@ impl Prep {
     pub(super) fn written(&self, end: u64) {
         let mut s = self.state.lock();
         s.written = end;
-        if s.zeroed < end.saturating_add(AHEAD) {
+        if s.zeroed < end.saturating_add(self.ahead) {
             self.cv.notify_all();
         }
     }
@@ -276,17 +285,19 @@ impl Prep {
 
     /// The preparer thread's loop, until [`Prep::stop`].
     pub(super) fn run(&self) {
-        let zeros = vec![0u8; CHUNK as usize];
+        let chunk = CHUNK.min(self.ahead).max(1);
+        let zeros = vec![0u8; chunk as usize];
         loop {
             let (file, from, to) = {
                 let mut s = self.state.lock();
-                self.cv.wait_while(&mut s, |s| !s.stop && !Self::wanted(s));
+                self.cv
+                    .wait_while(&mut s, |s| !s.stop && !Self::wanted(s, self.ahead));
                 if s.stop {
                     return;
                 }
                 let Some(file) = s.file.clone() else { continue };
                 s.filling = true;
-                (file, s.zeroed, (s.zeroed + CHUNK).min(s.limit))
+                (file, s.zeroed, (s.zeroed + chunk).min(s.limit))
             };
             let len = (to - from) as usize;
             let result = Self::room(&file, len as u64)
@@ -320,12 +331,12 @@ impl Prep {
         Ok(())
     }
 
-    fn wanted(s: &PrepState) -> bool {
+    fn wanted(s: &PrepState, ahead: u64) -> bool {
         s.file.is_some()
             && !s.filling
             && !s.paused
             && s.zeroed < s.limit
-            && s.zeroed < s.written.saturating_add(AHEAD)
+            && s.zeroed < s.written.saturating_add(ahead)
     }
 }
 
@@ -437,6 +448,28 @@ mod tests {
         let rec = recover(&dir, false).expect("recover").records;
         assert_eq!(rec.len(), 301);
         assert_eq!(rec.last(), Some(&put(1_000, 10)));
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    /// `--wal-prepare-bytes 0`: block segments without prepared zeros (the
+    /// writer grows the file), read back the same.
+    #[tokio::test]
+    async fn without_prepared_zeros_the_writer_grows_the_segment() {
+        let dir = tmpdir("noprep");
+        let wal = Wal::open_with(&dir, Durability::Fsync, 64 << 20, 0).expect("open");
+        for i in 0..50 {
+            wal.append(&put(i, 100)).await.expect("append");
+        }
+        let buf = fs::read(dir.join(segment_name(1))).expect("read");
+        assert!(is_block_segment(&buf));
+        assert_ne!(
+            buf.last(),
+            Some(&0),
+            "no zeros past the last batch while open"
+        );
+        wal.close();
+        let rec = recover(&dir, false).expect("recover").records;
+        assert_eq!(rec, (0..50).map(|i| put(i, 100)).collect::<Vec<_>>());
         let _ = fs::remove_dir_all(&dir);
     }
 
@@ -581,7 +614,7 @@ mod tests {
                 .open(&path)
                 .expect("open"),
         );
-        let prep = Arc::new(Prep::default());
+        let prep = Arc::new(Prep::new(4 << 20));
         let limit = 3 * CHUNK + BLOCK;
         prep.switch(file.clone(), BLOCK, limit);
         let p = prep.clone();

@@ -171,15 +171,27 @@ impl Wal {
         durability: Durability,
         max_segment_bytes: u64,
     ) -> Result<Wal, WalError> {
+        let prepare = crate::config::DEFAULT_WAL_PREPARE_BYTES;
+        Self::open_with(dir, durability, max_segment_bytes, prepare)
+    }
+
+    /// [`Wal::open`] with `--wal-prepare-bytes`: with `Fsync`, the synced
+    /// zeros kept ahead of the writer (0: none, the writer grows the file).
+    pub fn open_with(
+        dir: &Path,
+        durability: Durability,
+        max_segment_bytes: u64,
+        prepare_bytes: u64,
+    ) -> Result<Wal, WalError> {
         let (_, segs) = list(dir)?;
         let seq = segs.last().map_or(1, |s| s + 1);
         let max_segment_bytes = max_segment_bytes.max(1024);
         let fsync = durability == Durability::Fsync;
-        let prep = fsync.then(|| Arc::new(Prep::default()));
+        let prep = fsync.then(|| Arc::new(Prep::new(prepare_bytes)));
         let (file, size) = Writer::create(dir, seq, prep.as_deref(), max_segment_bytes)
             .map_err(|e| WalError::io(format!("opening WAL in {}", dir.display()), &e))?;
         let prep = match prep {
-            Some(prep) => {
+            Some(prep) if prepare_bytes > 0 => {
                 let p = prep.clone();
                 let thread = std::thread::Builder::new()
                     .name("distcache-wal-prep".into())
@@ -190,6 +202,10 @@ impl Wal {
                     thread: Mutex::new(Some(thread)),
                 })
             }
+            Some(prep) => Some(Preparer {
+                prep,
+                thread: Mutex::new(None),
+            }),
             None => None,
         };
         let writer = Arc::new(Mutex::new(Writer {

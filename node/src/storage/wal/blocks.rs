@@ -116,6 +116,10 @@ fn batch_at(buf: &[u8], at: usize, seq: u64) -> Option<usize> {
 /// Reads a block segment named with sequence `seq`.
 pub(super) fn read_blocks(buf: &[u8], seq: u64) -> Read_ {
     let header = file_header(seq);
+    if buf.len() < BLOCK as usize && header.starts_with(&buf[..buf.len().min(20)]) {
+        // The header block itself was cut short: no batch was ever in it.
+        return Read_::Torn(Vec::new(), 0);
+    }
     if buf.len() < BLOCK as usize || buf[..20] != header[..20] {
         return Read_::Corrupt(
             Vec::new(),
@@ -593,9 +597,16 @@ mod tests {
         assert_eq!(recover_file(&dir, 2, &buf).expect("misplaced"), recs);
         let err = recover_file(&dir, 3, &mine).expect_err("header names 2");
         assert!(err.contains("sequence 3"), "{err}");
-        // A segment created and never written (its header not on disk).
+        // A segment created and never written (its header not on disk), or
+        // whose header block was cut short: empty, cut to nothing.
         let got = recover_file(&dir, 5, &vec![0u8; BLOCK as usize]).expect("empty");
         assert!(got.is_empty());
+        for cut in [8, 20, 1000] {
+            let got = recover_file(&dir, 5, &file_header(5)[..cut]).expect("short header");
+            assert!(got.is_empty(), "cut at {cut}");
+            let len = fs::metadata(dir.join(segment_name(5))).expect("meta").len();
+            assert_eq!(len, 0, "cut to nothing");
+        }
         let _ = fs::remove_dir_all(&dir);
     }
 

@@ -149,6 +149,23 @@ fn segments(c: &ProcCluster) -> Vec<std::path::PathBuf> {
     segs
 }
 
+/// Every key holds a value that was written (a prefix of its history),
+/// none invented.
+async fn assert_only_written_values(
+    client: &Client,
+    history: &std::collections::HashMap<String, distcache_e2e::cluster::KeyHistory>,
+) {
+    for (key, h) in history {
+        if let Some(v) = client.get(key).await.expect("get") {
+            let v: u64 = std::str::from_utf8(&v)
+                .expect("utf8")
+                .parse()
+                .expect("number");
+            assert!(v <= h.attempted, "{key}: {v} was never written");
+        }
+    }
+}
+
 /// `--wal-fsync true` (block segments), on a real process: after kill -9,
 /// the last batch is cut short (a machine crash before that group commit's
 /// fsync). The node starts from a clean prefix of history. Then, after a
@@ -192,15 +209,7 @@ async fn fsync_tear_once() {
     c.spawn(0);
     c.wait_safe(1, SAFE).await;
     let client = c.client().await;
-    for (key, h) in &history {
-        if let Some(v) = client.get(key).await.expect("get") {
-            let v: u64 = std::str::from_utf8(&v)
-                .expect("utf8")
-                .parse()
-                .expect("number");
-            assert!(v <= h.attempted, "{key}: {v} was never written");
-        }
-    }
+    assert_only_written_values(&client, &history).await;
     client.put("after-tear", "ok").await.expect("writes resume");
     let log = std::fs::read_to_string(c.dir.join("node-0.log")).expect("node log");
     assert!(
@@ -254,34 +263,17 @@ async fn an_unsynced_tail_cut_after_a_crash_recovers_a_clean_prefix() {
     let (history, _, _) = load.stop().await;
     // SIGKILL keeps the page cache: emulate losing what was not fsynced by
     // cutting the last segment mid-record.
-    let wal = c.dir.join("node-0").join("wal");
-    let mut segs: Vec<_> = std::fs::read_dir(&wal)
-        .expect("wal dir")
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|x| x == "log"))
-        .collect();
-    segs.sort();
-    let last = segs.last().expect("a segment");
-    let len = std::fs::metadata(last).expect("meta").len();
+    let last = segments(&c).pop().expect("a segment");
+    let len = std::fs::metadata(&last).expect("meta").len();
     let f = std::fs::OpenOptions::new()
         .write(true)
-        .open(last)
+        .open(&last)
         .expect("open");
     f.set_len(len.saturating_sub(37)).expect("cut");
     c.spawn(0);
     c.wait_safe(1, SAFE).await;
     let client = c.client().await;
-    // Every key holds a value that was written (a prefix of history), none invented.
-    for (key, h) in &history {
-        if let Some(v) = client.get(key).await.expect("get") {
-            let v: u64 = std::str::from_utf8(&v)
-                .expect("utf8")
-                .parse()
-                .expect("number");
-            assert!(v <= h.attempted, "{key}: {v} was never written");
-        }
-    }
+    assert_only_written_values(&client, &history).await;
     client.put("after", "ok").await.expect("writes resume");
 }
 

@@ -45,6 +45,8 @@ pub(super) const BLOCK: u64 = 4096;
 /// Alignment of batches.
 pub(super) const SECTOR: u64 = 512;
 const FILE_MAGIC: [u8; 8] = *b"DCWAL2\r\n";
+/// The file header's bytes: magic, sequence number, CRC (zeros follow).
+const FILE_HEADER: usize = 20;
 const BATCH_MAGIC: u32 = 0xDC5A_B10C;
 const BATCH_HEADER: usize = 16;
 /// Most zeros written (and synced) per step of the preparer.
@@ -64,7 +66,7 @@ pub(super) fn file_header(seq: u64) -> Vec<u8> {
     out[..8].copy_from_slice(&FILE_MAGIC);
     out[8..16].copy_from_slice(&seq.to_le_bytes());
     let crc = crc32fast::hash(&out[..16]);
-    out[16..20].copy_from_slice(&crc.to_le_bytes());
+    out[16..FILE_HEADER].copy_from_slice(&crc.to_le_bytes());
     out
 }
 
@@ -116,11 +118,11 @@ fn batch_at(buf: &[u8], at: usize, seq: u64) -> Option<usize> {
 /// Reads a block segment named with sequence `seq`.
 pub(super) fn read_blocks(buf: &[u8], seq: u64) -> Read_ {
     let header = file_header(seq);
-    if buf.len() < BLOCK as usize && header.starts_with(&buf[..buf.len().min(20)]) {
+    if buf.len() < BLOCK as usize && header.starts_with(&buf[..buf.len().min(FILE_HEADER)]) {
         // The header block itself was cut short: no batch was ever in it.
         return Read_::Torn(Vec::new(), 0);
     }
-    if buf.len() < BLOCK as usize || buf[..20] != header[..20] {
+    if buf.len() < BLOCK as usize || buf[..FILE_HEADER] != header[..FILE_HEADER] {
         return Read_::Corrupt(
             Vec::new(),
             0,

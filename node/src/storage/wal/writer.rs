@@ -76,8 +76,8 @@ struct Writer {
     /// Appending: the file's length. Blocks: where the next batch goes.
     size: u64,
     max_segment_bytes: u64,
-    fsync: bool,
-    /// Block segments (with `Fsync`), and who prepares their space.
+    /// Block segments, and who prepares their space: present exactly
+    /// with `Fsync` (so also whether a group commit fsyncs).
     blocks: Option<Arc<Prep>>,
 }
 
@@ -214,7 +214,6 @@ impl Wal {
             seq,
             size,
             max_segment_bytes,
-            fsync,
             blocks: prep.as_ref().map(|p| p.prep.clone()),
         }));
         let (tx, rx) = mpsc::channel::<Job>();
@@ -509,7 +508,7 @@ fn writer_loop(state: &Shared, rx: mpsc::Receiver<Job>) {
         }
         if result.is_ok() {
             result = flush(&mut w, &mut buf);
-            if result.is_ok() && w.fsync {
+            if result.is_ok() && w.blocks.is_some() {
                 synced = true;
                 result = w.file.sync_data();
             }

@@ -79,7 +79,15 @@ struct Writer {
     /// Block segments, and who prepares their space: present exactly
     /// with `Fsync` (so also whether a group commit fsyncs).
     blocks: Option<Arc<Prep>>,
+    /// Appending: where the chunk whose write-back was last started begins
+    /// and ends ([`Writer::write_back`]).
+    written_back: (u64, u64),
 }
+
+/// Appending (`--wal-fsync false`): the write-back of each this many bytes
+/// is started as they are written, so a rotation's sync waits for at most
+/// about this much, not a whole segment.
+const WRITE_BACK_STEP: u64 = 4 << 20;
 
 impl Writer {
     /// Creates segment `seq` (it must not exist): appended to, or a block
@@ -124,6 +132,7 @@ impl Writer {
             self.max_segment_bytes,
         )?;
         let old = std::mem::replace(&mut self.file, file);
+        self.written_back = (0, 0);
         if self.blocks.is_some() {
             // The preparer moved to the new segment: drop the old one's
             // unused zeros (every batch in it is already synced).
@@ -135,9 +144,36 @@ impl Writer {
         Ok(self.seq)
     }
 
+    /// Appending: starts the write-back of what was written since the last
+    /// call, without waiting for it, and drops the chunk before it from
+    /// the page cache (written back by now; recovery is the only reader of
+    /// the log). Without it a rotation's `sync_all` would write a whole
+    /// segment while every append waits for the writer's lock, and the log
+    /// would fill the page cache (which counts against a pod's memory).
+    /// `POSIX_FADV_DONTNEED` starts write-back of dirty pages and drops
+    /// clean ones; it is advice, so a failure changes nothing but timing.
+    fn write_back(&mut self) {
+        use nix::fcntl::{PosixFadviseAdvice, posix_fadvise};
+        let (from, to) = (self.written_back.0, self.size);
+        let (Ok(offset), Ok(len)) = (i64::try_from(from), i64::try_from(to.saturating_sub(from)))
+        else {
+            return;
+        };
+        if let Err(e) = posix_fadvise(
+            &*self.file,
+            offset,
+            len,
+            PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+        ) {
+            tracing::debug!(error = %e, "WAL: write-back advice refused");
+        }
+        self.written_back = (self.written_back.1, to);
+    }
+
     /// Cuts the segment back to `len` (a write that ran out of space).
     fn cut(&mut self, len: u64) -> std::io::Result<()> {
         let file = &self.file;
+        self.written_back = (self.written_back.0.min(len), self.written_back.1.min(len));
         match &self.blocks {
             None => file.set_len(len),
             Some(prep) => prep.cut(len, || file.set_len(len)),
@@ -149,6 +185,9 @@ impl Writer {
         let Some(prep) = &self.blocks else {
             (&*self.file).write_all(bytes)?;
             self.size += bytes.len() as u64;
+            if self.size.saturating_sub(self.written_back.1) >= WRITE_BACK_STEP {
+                self.write_back();
+            }
             return Ok(());
         };
         let batch = blocks::batch(self.seq, self.size, bytes).ok_or_else(|| {
@@ -215,6 +254,7 @@ impl Wal {
             size,
             max_segment_bytes,
             blocks: prep.as_ref().map(|p| p.prep.clone()),
+            written_back: (0, 0),
         }));
         let (tx, rx) = mpsc::channel::<Job>();
         let failed: Arc<Mutex<Option<String>>> = Arc::default();
@@ -541,4 +581,56 @@ fn flush(w: &mut Writer, buf: &mut Vec<u8>) -> std::io::Result<()> {
     w.write(buf)?;
     buf.clear();
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::storage::wal::recover;
+
+    /// With `--wal-fsync false` the write-back of each `WRITE_BACK_STEP`
+    /// is started as it is written (so a rotation's sync is short), a
+    /// rotation starts the count again, and every record reads back.
+    #[tokio::test]
+    async fn appending_starts_write_back_per_step_and_loses_nothing() {
+        let dir = std::env::temp_dir().join(format!("dc-wal-wb-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).expect("dir");
+        let wal = Wal::open(&dir, Durability::Buffered, 8 << 20).expect("open");
+        let rec = |i: u64| WalRecord::Ops {
+            partition: (i % 271) as u32,
+            ops: vec![ReplOp::Put {
+                collection: "c".into(),
+                key: Bytes::from(format!("k{i}")),
+                value: Bytes::from(vec![b'v'; 1000]),
+                expires_at: 0,
+            }],
+        };
+        let (mut n, mut seen_back) = (0u64, 0u64);
+        while wal.shared.writer.lock().seq < 3 {
+            let batch: Vec<WalRecord> = (n..n + 100).map(rec).collect();
+            wal.append_all(&batch).await.expect("append");
+            n += 100;
+            let w = wal.shared.writer.lock();
+            assert!(w.written_back.0 <= w.written_back.1 && w.written_back.1 <= w.size);
+            assert!(
+                w.size - w.written_back.1 < WRITE_BACK_STEP + 200 * 1024,
+                "{w:?}"
+            );
+            seen_back = seen_back.max(w.written_back.1);
+        }
+        assert!(
+            seen_back >= WRITE_BACK_STEP,
+            "write-back never started: {seen_back}"
+        );
+        wal.close();
+        let back = recover(&dir, false).expect("recover");
+        assert_eq!(back.records.len() as u64, n);
+        for (i, r) in back.records.iter().enumerate() {
+            assert_eq!(r, &rec(i as u64));
+        }
+        let _ = fs::remove_dir_all(&dir);
+    }
 }

@@ -1,5 +1,5 @@
 //! Peer transport: what both sides share, and the client side (a small pool
-//! of multiplexed connections per peer, and lockstep connections of their
+//! of multiplexed connections per peer, and ordered connections of their
 //! own for replication streams); the server side is in `peer_server`.
 
 use std::collections::HashMap;
@@ -104,25 +104,43 @@ type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Response>>>>;
 type BoxRead = Box<dyn AsyncRead + Send + Unpin>;
 type BoxWrite = Box<dyn AsyncWrite + Send + Unpin>;
 
-/// A connection used in lockstep by one task (see [`Peers::direct`]).
-/// After any error the connection is in an unknown state: drop it.
-pub struct Direct {
+/// The sending half of a connection of one task (see [`Peers::direct`]):
+/// requests go out in order, several may wait for their answers, which
+/// the backup writes in the same order on the [`DirectRx`] half. After any
+/// error the connection is in an unknown state: drop both halves.
+pub struct DirectTx {
     addr: String,
-    rd: BoxRead,
     wr: BufWriter<BoxWrite>,
     next_id: u64,
+}
+
+/// The reading half of a [`DirectTx`]'s connection.
+pub struct DirectRx {
+    addr: String,
+    rd: BoxRead,
     max_frame_bytes: usize,
 }
 
-impl std::fmt::Debug for Direct {
+impl std::fmt::Debug for DirectTx {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Direct").field("addr", &self.addr).finish()
+        f.debug_struct("DirectTx")
+            .field("addr", &self.addr)
+            .finish()
     }
 }
 
-impl Direct {
-    /// Sends `req` and reads its answer, all within `timeout`.
-    pub async fn call(&mut self, req: Request, timeout: Duration) -> Result<Response> {
+impl std::fmt::Debug for DirectRx {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DirectRx")
+            .field("addr", &self.addr)
+            .finish()
+    }
+}
+
+impl DirectTx {
+    /// Writes `req` (and flushes it) within `timeout`; returns its id,
+    /// which its answer carries.
+    pub async fn send(&mut self, req: Request, timeout: Duration) -> Result<u64> {
         let id = self.next_id;
         self.next_id += 1;
         let bytes = encode(&Envelope {
@@ -132,29 +150,44 @@ impl Direct {
         })
         .map_err(|e| Error::Internal(format!("encode: {e}")))?;
         let addr = &self.addr;
-        let exchange = async {
-            let lost = |e: std::io::Error| Error::Unavailable(format!("peer {addr}: {e}"));
-            write_frame(&mut self.wr, &bytes).await.map_err(lost)?;
-            self.wr.flush().await.map_err(lost)?;
-            let frame = read_frame(&mut self.rd, self.max_frame_bytes, timeout, timeout, None)
-                .await
-                .map_err(|e| Error::Unavailable(format!("peer {addr}: {e}")))?
-                .ok_or_else(|| Error::Unavailable(format!("peer {addr} closed the connection")))?;
-            let env = decode(&frame.bytes)
-                .map_err(|e| Error::Unavailable(format!("undecodable answer from {addr}: {e}")))?;
-            match env.body {
-                Body::Response(resp) if env.id == id && env.version == PROTOCOL_VERSION => Ok(resp),
-                _ => Err(Error::Unavailable(format!(
-                    "answer from {addr} is not for request {id}"
-                ))),
-            }
+        let write = async {
+            write_frame(&mut self.wr, &bytes).await?;
+            self.wr.flush().await
         };
-        match tokio::time::timeout(timeout, exchange).await {
-            Ok(r) => r,
+        match tokio::time::timeout(timeout, write).await {
+            Ok(Ok(())) => Ok(id),
+            Ok(Err(e)) => Err(Error::Unavailable(format!("peer {addr}: {e}"))),
             Err(_) => Err(Error::Unavailable(format!(
-                "peer {addr} did not answer within {timeout:?}"
+                "peer {addr} took no request within {timeout:?}"
             ))),
         }
+    }
+}
+
+impl DirectRx {
+    /// Reads the next answer (its request's id and the response), waiting
+    /// `timeout` at most. Takes the half and gives it back, so the read
+    /// can be kept across the caller's other waits (a read cut off
+    /// mid-frame would leave the connection unusable).
+    pub async fn recv(mut self, timeout: Duration) -> (Self, Result<(u64, Response)>) {
+        let read = read_frame(&mut self.rd, self.max_frame_bytes, timeout, timeout, None).await;
+        let addr = &self.addr;
+        let answer = match read {
+            Err(e) => Err(Error::Unavailable(format!("peer {addr}: {e}"))),
+            Ok(None) => Err(Error::Unavailable(format!(
+                "peer {addr} closed the connection"
+            ))),
+            Ok(Some(frame)) => match decode(&frame.bytes) {
+                Err(e) => Err(Error::Unavailable(format!(
+                    "undecodable answer from {addr}: {e}"
+                ))),
+                Ok(env) => match env.body {
+                    Body::Response(resp) if env.version == PROTOCOL_VERSION => Ok((env.id, resp)),
+                    _ => Err(Error::Unavailable(format!("unexpected frame from {addr}"))),
+                },
+            },
+        };
+        (self, answer)
     }
 }
 
@@ -310,17 +343,21 @@ impl Peers {
     }
 
     /// A connection of its own to the peer at `addr`, for one task that
-    /// waits for each answer before it sends the next request (a
-    /// replication stream): no pool, no writer or reader task in between.
-    pub async fn direct(&self, addr: &str) -> Result<Direct> {
+    /// sends requests and reads their answers in order, several in flight
+    /// (a replication stream): no pool, no writer or reader task in between.
+    pub async fn direct(&self, addr: &str) -> Result<(DirectTx, DirectRx)> {
         let (rd, wr) = self.open(addr).await?;
-        Ok(Direct {
+        let tx = DirectTx {
             addr: addr.to_string(),
-            rd,
             wr: BufWriter::new(wr),
             next_id: 1,
+        };
+        let rx = DirectRx {
+            addr: addr.to_string(),
+            rd,
             max_frame_bytes: self.limits.max_frame_bytes,
-        })
+        };
+        Ok((tx, rx))
     }
 
     /// Starts the writer and reader tasks of a new connection.
@@ -454,10 +491,11 @@ mod tests {
         write_frame(wr, &answer).await.expect("write");
     }
 
-    /// A lockstep connection refuses an answer that is not for its request
-    /// and reports a peer that closed.
+    /// An ordered connection gives each answer with the id it carries
+    /// (the caller matches it to its request) and reports a peer that
+    /// closed.
     #[tokio::test]
-    async fn a_direct_call_takes_only_its_own_answer() {
+    async fn a_direct_connection_gives_answers_with_their_ids() {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr").to_string();
         let peer = tokio::spawn(async move {
@@ -470,16 +508,15 @@ mod tests {
             let _ = read_frame(&mut rd, 1 << 20, S, S, None).await;
         });
         let peers = Peers::new(PeerLimits::default(), None, None, CancellationToken::new());
-        let mut direct = peers.direct(&addr).await.expect("connect");
-        let r = direct.call(Request::ListCollections, S).await;
-        assert!(matches!(r, Ok(Response::Ok)), "{r:?}");
-        let r = direct.call(Request::ListCollections, S).await;
-        assert!(
-            r.as_ref()
-                .is_err_and(|e| e.to_string().contains("not for request")),
-            "{r:?}"
-        );
-        let r = direct.call(Request::ListCollections, S).await;
+        let (mut tx, rx) = peers.direct(&addr).await.expect("connect");
+        let id = tx.send(Request::ListCollections, S).await.expect("send");
+        let (rx, r) = rx.recv(S).await;
+        assert!(matches!(r, Ok((got, Response::Ok)) if got == id), "{r:?}");
+        let id = tx.send(Request::ListCollections, S).await.expect("send");
+        let (rx, r) = rx.recv(S).await;
+        assert!(matches!(r, Ok((got, _)) if got == id + 7), "{r:?}");
+        let _ = tx.send(Request::ListCollections, S).await;
+        let (_, r) = rx.recv(S).await;
         assert!(r.is_err(), "{r:?}");
         peer.await.expect("peer task");
     }

@@ -205,9 +205,10 @@ where
         let held = frame.permit;
         drop(frame.bytes);
         if matches!(req, Request::Replicate { .. }) {
-            // A replication stream waits for each answer before it sends
-            // its next frame, and its frames must be applied in order:
-            // handled right here, without a task of its own.
+            // A replication stream's frames must be applied in the order
+            // they were sent (several may be in flight): each is handled
+            // right here, without a task of its own, before the next one
+            // is read.
             let resp = (server.handler)(caller.clone(), req).await;
             drop(held);
             if let Err(why) = answer(&writer, env.id, resp, limits.frame_timeout).await {

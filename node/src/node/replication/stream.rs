@@ -283,7 +283,12 @@ impl Stream {
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
-                (half, answer) = async { reading.as_mut().expect("reading while in flight").await }, if reading.is_some() => {
+                (half, answer) = async {
+                    match reading {
+                        Some(read) => read.as_mut().await,
+                        None => std::future::pending().await,
+                    }
+                }, if reading.is_some() => {
                     self.reading = None;
                     self.answered(half, answer);
                 }

@@ -49,6 +49,8 @@ pub const DEFAULT_PEER_INFLIGHT_BYTES: u64 = 256 * 1024 * 1024;
 pub const DEFAULT_REPLICATION_QUEUE_BYTES: u64 = 256 * 1024 * 1024;
 /// Default of `--replication-queue-ops`.
 pub const DEFAULT_REPLICATION_QUEUE_OPS: usize = 65_536;
+/// Default of `--replication-frames-in-flight`.
+pub const DEFAULT_REPLICATION_FRAMES_IN_FLIGHT: usize = 4;
 /// Default idle peer connection timeout (s).
 pub const DEFAULT_PEER_IDLE_TIMEOUT_SECS: u64 = 120;
 /// Default WAL segment size (64 MiB).
@@ -175,6 +177,10 @@ pub struct NodeConfig {
     /// and is re-synced by snapshot).
     #[arg(long, env = "DISTCACHE_REPLICATION_QUEUE_BYTES", default_value_t = DEFAULT_REPLICATION_QUEUE_BYTES)]
     pub replication_queue_bytes: u64,
+    /// Replication frames sent to one backup before the first of them is
+    /// answered (1 = wait for each answer), 1-1024.
+    #[arg(long, env = "DISTCACHE_REPLICATION_FRAMES_IN_FLIGHT", default_value_t = DEFAULT_REPLICATION_FRAMES_IN_FLIGHT)]
+    pub replication_frames_in_flight: usize,
     /// Most inbound peer connections at once (more wait in the listen backlog).
     #[arg(long, env = "DISTCACHE_PEER_MAX_CONNECTIONS", default_value_t = DEFAULT_PEER_MAX_CONNECTIONS)]
     pub peer_max_connections: usize,
@@ -321,6 +327,7 @@ impl Default for NodeConfig {
             peer_inflight_bytes: DEFAULT_PEER_INFLIGHT_BYTES,
             replication_queue_ops: DEFAULT_REPLICATION_QUEUE_OPS,
             replication_queue_bytes: DEFAULT_REPLICATION_QUEUE_BYTES,
+            replication_frames_in_flight: DEFAULT_REPLICATION_FRAMES_IN_FLIGHT,
             peer_max_connections: DEFAULT_PEER_MAX_CONNECTIONS,
             peer_max_connections_per_ip: DEFAULT_PEER_MAX_CONNECTIONS_PER_IP,
             peer_idle_timeout_secs: DEFAULT_PEER_IDLE_TIMEOUT_SECS,
@@ -404,6 +411,9 @@ impl NodeConfig {
         }
         if self.replication_queue_ops == 0 {
             return Err("replication-queue-ops must be at least 1".into());
+        }
+        if !(1..=1024).contains(&self.replication_frames_in_flight) {
+            return Err("replication-frames-in-flight must be 1-1024".into());
         }
         if self.replication_queue_bytes < self.max_message_bytes {
             return Err("replication-queue-bytes must be at least max-message-bytes".into());
@@ -489,5 +499,13 @@ mod tests {
         };
         let e = zero_queue.validate().expect_err("refused");
         assert!(e.contains("replication-queue-ops"), "{e}");
+        for frames in [0, 1025] {
+            let bad = NodeConfig {
+                replication_frames_in_flight: frames,
+                ..NodeConfig::default()
+            };
+            let e = bad.validate().expect_err("refused");
+            assert!(e.contains("replication-frames-in-flight"), "{e}");
+        }
     }
 }

@@ -285,6 +285,7 @@ impl Node {
             (
                 config.replication_queue_ops,
                 config.replication_queue_bytes as usize,
+                config.replication_frames_in_flight,
             ),
             tasks.clone(),
             shutdown.clone(),

@@ -2,7 +2,7 @@
 //! primary is queued, in the order it was applied, to one stream per backup
 //! process; the stream sends whatever has queued up as one frame, waits for
 //! the backup's per-item answers and hands each to the write waiting for it.
-//! Up to [`MAX_FRAMES_IN_FLIGHT`] frames are in flight per backup, in
+//! Up to `--replication-frames-in-flight` frames are in flight per backup, in
 //! order on one connection, so the backup sees the items in queue order;
 //! under load the queue grows while frames are in flight and the next frame
 //! carries all of it (coalescing), with no timer (the stream yields once to
@@ -58,6 +58,7 @@ pub struct Streams {
     max_batch_bytes: usize,
     queue: usize,
     queue_bytes: usize,
+    frames_in_flight: usize,
     tasks: TaskTracker,
     shutdown: CancellationToken,
     senders: parking_lot::Mutex<HashMap<String, Queue>>,
@@ -93,13 +94,14 @@ fn item_bytes(ops: &[ReplOp]) -> usize {
 impl Streams {
     /// Streams sending as member `me` through `peers`; a frame waits
     /// `timeout` for its answer; frames carry up to `max_batch_bytes` (one
-    /// larger item travels alone); `(items, bytes)` wait per backup at most.
+    /// larger item travels alone); `(items, bytes, frames)`: items and
+    /// bytes wait per backup at most, frames are in flight to it at most.
     pub fn new(
         peers: Arc<Peers>,
         me: String,
         timeout: Duration,
         max_batch_bytes: usize,
-        (queue, queue_bytes): (usize, usize),
+        (queue, queue_bytes, frames_in_flight): (usize, usize, usize),
         tasks: TaskTracker,
         shutdown: CancellationToken,
     ) -> Streams {
@@ -110,6 +112,7 @@ impl Streams {
             max_batch_bytes,
             queue: queue.max(1),
             queue_bytes,
+            frames_in_flight: frames_in_flight.max(1),
             tasks,
             shutdown,
             senders: parking_lot::Mutex::new(HashMap::new()),
@@ -187,6 +190,7 @@ impl Streams {
             addr: addr.to_string(),
             timeout: self.timeout,
             max_batch_bytes: self.max_batch_bytes,
+            frames_in_flight: self.frames_in_flight,
             conn: None,
             reading: None,
             in_flight: std::collections::VecDeque::new(),
@@ -197,12 +201,11 @@ impl Streams {
     }
 }
 
-/// Most frames sent to one backup before the first of them is answered.
-/// The backup handles a stream's frames one after the other, in order;
-/// a frame sent while the one before it is in flight waits in the socket
-/// and is read as soon as that one is answered, so the writes queued
-/// behind a slow answer do not wait for another round trip.
-const MAX_FRAMES_IN_FLIGHT: usize = 4;
+// Frames in flight (`--replication-frames-in-flight`): the backup handles
+// a stream's frames one after the other, in order; a frame sent while the
+// one before it is in flight waits in the socket and is read as soon as
+// that one is answered, so the writes queued behind a slow answer do not
+// wait for another round trip.
 
 /// A frame sent and not yet answered.
 struct Sent {
@@ -264,6 +267,8 @@ struct Stream {
     addr: String,
     timeout: Duration,
     max_batch_bytes: usize,
+    /// Most frames sent and not yet answered.
+    frames_in_flight: usize,
     /// The stream's own connection to the backup (opened when needed,
     /// dropped after any error): its sending half, and its reading half
     /// while no answer is awaited.
@@ -296,7 +301,7 @@ impl Stream {
                     let why = format!("peer {} did not answer within {:?}", self.addr, self.timeout);
                     self.broken(&why);
                 }
-                q = rx.recv(), if open && self.in_flight.len() < MAX_FRAMES_IN_FLIGHT => match q {
+                q = rx.recv(), if open && self.in_flight.len() < self.frames_in_flight => match q {
                     Some(first) => self.gather(first, &mut rx).await,
                     None => open = false,
                 },
@@ -462,8 +467,9 @@ mod tests {
         }
     }
 
-    /// Streams to plaintext fake backups, answers awaited `timeout`.
-    fn streams(timeout: Duration) -> (Streams, TaskTracker, CancellationToken) {
+    /// Streams to plaintext fake backups, answers awaited `timeout`, up to
+    /// `frames` in flight.
+    fn streams(timeout: Duration, frames: usize) -> (Streams, TaskTracker, CancellationToken) {
         let shutdown = CancellationToken::new();
         let peers = Arc::new(Peers::new(
             PeerLimits::default(),
@@ -477,7 +483,7 @@ mod tests {
             "n1".into(),
             timeout,
             1 << 20,
-            (1024, 1 << 20),
+            (1024, 1 << 20, frames),
             tasks.clone(),
             shutdown.clone(),
         );
@@ -515,7 +521,7 @@ mod tests {
     async fn frames_are_pipelined_in_order_and_answers_reach_their_writes() {
         let backup = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = backup.local_addr().expect("addr").to_string();
-        let (s, tasks, shutdown) = streams(S);
+        let (s, tasks, shutdown) = streams(S, 4);
         let first = s.send(&addr, item(1)).await;
         let (conn, _) = backup.accept().await.expect("accept");
         let (mut rd, mut wr) = conn.into_split();
@@ -542,6 +548,42 @@ mod tests {
         tasks.wait().await;
     }
 
+    /// With `--replication-frames-in-flight 1` the stream waits for each
+    /// answer: the second write is not sent before the first frame is
+    /// answered, and then travels in the next frame.
+    #[tokio::test]
+    async fn one_frame_in_flight_waits_for_each_answer() {
+        let backup = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = backup.local_addr().expect("addr").to_string();
+        let (s, tasks, shutdown) = streams(S, 1);
+        let first = s.send(&addr, item(1)).await;
+        let (conn, _) = backup.accept().await.expect("accept");
+        let (mut rd, mut wr) = conn.into_split();
+        let (id1, _) = read_request(&mut rd).await;
+        let second = s.send(&addr, item(2)).await;
+        let early = tokio::time::timeout(Duration::from_millis(300), read_request(&mut rd)).await;
+        assert!(
+            early.is_err(),
+            "a second frame was sent while the first was in flight"
+        );
+        answer(&mut wr, id1, 1).await;
+        let (id2, seqs) = tokio::time::timeout(S, read_request(&mut rd))
+            .await
+            .expect("the next frame");
+        assert_eq!(seqs, vec![2]);
+        answer(&mut wr, id2, 1).await;
+        for rx in [first, second] {
+            let acked = tokio::time::timeout(S, rx)
+                .await
+                .expect("answered")
+                .expect("sent");
+            assert!(matches!(acked, Acked::Applied), "{acked:?}");
+        }
+        shutdown.cancel();
+        tasks.close();
+        tasks.wait().await;
+    }
+
     /// An answer that is not for the oldest frame in flight, or no answer
     /// within the timeout, fails every frame in flight (their writes are
     /// lost, never applied by word of a wrong answer) and the next write
@@ -550,7 +592,7 @@ mod tests {
     async fn a_wrong_or_missing_answer_fails_every_frame_in_flight() {
         let backup = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = backup.local_addr().expect("addr").to_string();
-        let (s, tasks, shutdown) = streams(Duration::from_millis(300));
+        let (s, tasks, shutdown) = streams(Duration::from_millis(300), 4);
         let first = s.send(&addr, item(1)).await;
         let (conn, _) = backup.accept().await.expect("accept");
         let (mut rd, mut wr) = conn.into_split();

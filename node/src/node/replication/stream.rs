@@ -201,12 +201,6 @@ impl Streams {
     }
 }
 
-// Frames in flight (`--replication-frames-in-flight`): the backup handles
-// a stream's frames one after the other, in order; a frame sent while the
-// one before it is in flight waits in the socket and is read as soon as
-// that one is answered, so the writes queued behind a slow answer do not
-// wait for another round trip.
-
 /// A frame sent and not yet answered.
 struct Sent {
     id: u64,
@@ -217,11 +211,16 @@ struct Sent {
 }
 
 impl Sent {
-    /// Hands every waiter `acked`, and gives back the frame's bytes.
-    fn settle(self, acked: impl Fn() -> Acked) {
+    /// Gives back the frame's bytes to its stream's queued-bytes count.
+    fn release(&self) {
         if let Some(held) = &self.held {
             held.fetch_sub(self.bytes, Ordering::SeqCst);
         }
+    }
+
+    /// Hands every waiter `acked`, and gives back the frame's bytes.
+    fn settle(self, acked: impl Fn() -> Acked) {
+        self.release();
         for done in self.waiters {
             let _ = done.send(acked());
         }
@@ -231,9 +230,7 @@ impl Sent {
     fn answered(self, resp: Response) -> std::result::Result<(), String> {
         match resp {
             Response::Replicated(results) if results.len() == self.waiters.len() => {
-                if let Some(held) = &self.held {
-                    held.fetch_sub(self.bytes, Ordering::SeqCst);
-                }
+                self.release();
                 for (done, r) in self.waiters.into_iter().zip(results) {
                     let _ = done.send(match r {
                         None => Acked::Applied,
@@ -267,7 +264,12 @@ struct Stream {
     addr: String,
     timeout: Duration,
     max_batch_bytes: usize,
-    /// Most frames sent and not yet answered.
+    /// Most frames sent and not yet answered
+    /// (`--replication-frames-in-flight`). The backup handles a stream's
+    /// frames one after the other, in order; a frame sent while the one
+    /// before it is in flight waits in the socket and is read as soon as
+    /// that one is answered, so the writes queued behind a slow answer do
+    /// not wait for another round trip.
     frames_in_flight: usize,
     /// The stream's own connection to the backup (opened when needed,
     /// dropped after any error): its sending half, and its reading half
@@ -405,22 +407,19 @@ impl Stream {
     /// Hands out an answer read from the connection, and reads the next
     /// one while frames are still in flight.
     fn answered(&mut self, half: DirectRx, answer: crate::error::Result<(u64, Response)>) {
-        let outcome = match (answer, self.in_flight.pop_front()) {
-            (Ok((id, resp)), Some(sent)) if id == sent.id => sent.answered(resp),
-            (Ok(_), Some(sent)) => {
-                let why = format!("answer from {} is not for request {}", self.addr, sent.id);
-                sent.settle(|| Acked::Lost(why.clone()));
-                Err(why)
-            }
+        let outcome = match (answer, self.in_flight.front()) {
+            (Ok((id, resp)), Some(front)) if id == front.id => self
+                .in_flight
+                .pop_front()
+                .map_or(Ok(()), |sent| sent.answered(resp)),
+            (Ok(_), Some(sent)) => Err(format!(
+                "answer from {} is not for request {}",
+                self.addr, sent.id
+            )),
             (Ok(_), None) => Err(format!("unasked answer from {}", self.addr)),
-            (Err(e), sent) => {
-                let why = e.to_string();
-                if let Some(sent) = sent {
-                    sent.settle(|| Acked::Lost(why.clone()));
-                }
-                Err(why)
-            }
+            (Err(e), _) => Err(e.to_string()),
         };
+        // `broken` answers the frames still in flight as lost.
         if let Err(why) = outcome {
             self.broken(&why);
             return;
@@ -449,6 +448,7 @@ impl Stream {
 mod tests {
     use tokio::io::AsyncWriteExt;
     use tokio::net::TcpListener;
+    use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
     use super::*;
     use crate::net::frame::{read_frame, write_frame};
@@ -467,27 +467,76 @@ mod tests {
         }
     }
 
-    /// Streams to plaintext fake backups, answers awaited `timeout`, up to
-    /// `frames` in flight.
-    fn streams(timeout: Duration, frames: usize) -> (Streams, TaskTracker, CancellationToken) {
-        let shutdown = CancellationToken::new();
-        let peers = Arc::new(Peers::new(
-            PeerLimits::default(),
-            None,
-            None,
-            shutdown.clone(),
-        ));
-        let tasks = TaskTracker::new();
-        let s = Streams::new(
-            peers,
-            "n1".into(),
-            timeout,
-            1 << 20,
-            (1024, 1 << 20, frames),
-            tasks.clone(),
-            shutdown.clone(),
-        );
-        (s, tasks, shutdown)
+    /// Streams (answers awaited `timeout`, up to `frames` in flight) to a
+    /// plaintext fake backup listening at `addr`.
+    struct Fixture {
+        streams: Streams,
+        tasks: TaskTracker,
+        shutdown: CancellationToken,
+        backup: TcpListener,
+        addr: String,
+    }
+
+    impl Fixture {
+        async fn new(timeout: Duration, frames: usize) -> Fixture {
+            let backup = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            let addr = backup.local_addr().expect("addr").to_string();
+            let shutdown = CancellationToken::new();
+            let peers = Arc::new(Peers::new(
+                PeerLimits::default(),
+                None,
+                None,
+                shutdown.clone(),
+            ));
+            let tasks = TaskTracker::new();
+            let streams = Streams::new(
+                peers,
+                "n1".into(),
+                timeout,
+                1 << 20,
+                (1024, 1 << 20, frames),
+                tasks.clone(),
+                shutdown.clone(),
+            );
+            Fixture {
+                streams,
+                tasks,
+                shutdown,
+                backup,
+                addr,
+            }
+        }
+
+        /// Queues the write numbered `seq` to the backup.
+        async fn send(&self, seq: u64) -> oneshot::Receiver<Acked> {
+            self.streams.send(&self.addr, item(seq)).await
+        }
+
+        /// The backup's side of the stream's next connection.
+        async fn accept(&self) -> (OwnedReadHalf, OwnedWriteHalf) {
+            let (conn, _) = tokio::time::timeout(S, self.backup.accept())
+                .await
+                .expect("a connection")
+                .expect("accept");
+            conn.into_split()
+        }
+
+        async fn stop(self) {
+            self.shutdown.cancel();
+            self.tasks.close();
+            self.tasks.wait().await;
+        }
+    }
+
+    /// Every write's outcome, each checked by `ok`.
+    async fn expect_acked(writes: Vec<oneshot::Receiver<Acked>>, ok: fn(&Acked) -> bool) {
+        for rx in writes {
+            let acked = tokio::time::timeout(S, rx)
+                .await
+                .expect("answered")
+                .expect("sent");
+            assert!(ok(&acked), "{acked:?}");
+        }
     }
 
     /// Reads one request: its id and the seqs of its items.
@@ -519,15 +568,12 @@ mod tests {
     /// write gets its own frame's answer.
     #[tokio::test]
     async fn frames_are_pipelined_in_order_and_answers_reach_their_writes() {
-        let backup = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = backup.local_addr().expect("addr").to_string();
-        let (s, tasks, shutdown) = streams(S, 4);
-        let first = s.send(&addr, item(1)).await;
-        let (conn, _) = backup.accept().await.expect("accept");
-        let (mut rd, mut wr) = conn.into_split();
+        let f = Fixture::new(S, 4).await;
+        let first = f.send(1).await;
+        let (mut rd, mut wr) = f.accept().await;
         let (id1, seqs1) = read_request(&mut rd).await;
         assert_eq!(seqs1, vec![1]);
-        let second = s.send(&addr, item(2)).await;
+        let second = f.send(2).await;
         // Stop-and-wait would never send this before the answer above.
         let (id2, seqs2) = tokio::time::timeout(S, read_request(&mut rd))
             .await
@@ -536,16 +582,8 @@ mod tests {
         assert!(id2 > id1);
         answer(&mut wr, id1, 1).await;
         answer(&mut wr, id2, 1).await;
-        for rx in [first, second] {
-            let acked = tokio::time::timeout(S, rx)
-                .await
-                .expect("answered")
-                .expect("sent");
-            assert!(matches!(acked, Acked::Applied), "{acked:?}");
-        }
-        shutdown.cancel();
-        tasks.close();
-        tasks.wait().await;
+        expect_acked(vec![first, second], |a| matches!(a, Acked::Applied)).await;
+        f.stop().await;
     }
 
     /// With `--replication-frames-in-flight 1` the stream waits for each
@@ -553,14 +591,11 @@ mod tests {
     /// answered, and then travels in the next frame.
     #[tokio::test]
     async fn one_frame_in_flight_waits_for_each_answer() {
-        let backup = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = backup.local_addr().expect("addr").to_string();
-        let (s, tasks, shutdown) = streams(S, 1);
-        let first = s.send(&addr, item(1)).await;
-        let (conn, _) = backup.accept().await.expect("accept");
-        let (mut rd, mut wr) = conn.into_split();
+        let f = Fixture::new(S, 1).await;
+        let first = f.send(1).await;
+        let (mut rd, mut wr) = f.accept().await;
         let (id1, _) = read_request(&mut rd).await;
-        let second = s.send(&addr, item(2)).await;
+        let second = f.send(2).await;
         let early = tokio::time::timeout(Duration::from_millis(300), read_request(&mut rd)).await;
         assert!(
             early.is_err(),
@@ -572,16 +607,8 @@ mod tests {
             .expect("the next frame");
         assert_eq!(seqs, vec![2]);
         answer(&mut wr, id2, 1).await;
-        for rx in [first, second] {
-            let acked = tokio::time::timeout(S, rx)
-                .await
-                .expect("answered")
-                .expect("sent");
-            assert!(matches!(acked, Acked::Applied), "{acked:?}");
-        }
-        shutdown.cancel();
-        tasks.close();
-        tasks.wait().await;
+        expect_acked(vec![first, second], |a| matches!(a, Acked::Applied)).await;
+        f.stop().await;
     }
 
     /// An answer that is not for the oldest frame in flight, or no answer
@@ -590,46 +617,27 @@ mod tests {
     /// goes on a new connection.
     #[tokio::test]
     async fn a_wrong_or_missing_answer_fails_every_frame_in_flight() {
-        let backup = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = backup.local_addr().expect("addr").to_string();
-        let (s, tasks, shutdown) = streams(Duration::from_millis(300), 4);
-        let first = s.send(&addr, item(1)).await;
-        let (conn, _) = backup.accept().await.expect("accept");
-        let (mut rd, mut wr) = conn.into_split();
+        let f = Fixture::new(Duration::from_millis(300), 4).await;
+        let first = f.send(1).await;
+        let (mut rd, mut wr) = f.accept().await;
         let (id1, _) = read_request(&mut rd).await;
-        let second = s.send(&addr, item(2)).await;
+        let second = f.send(2).await;
         let (id2, _) = read_request(&mut rd).await;
         // The second frame's answer first.
         answer(&mut wr, id2, 1).await;
-        for rx in [first, second] {
-            let acked = tokio::time::timeout(S, rx)
-                .await
-                .expect("answered")
-                .expect("sent");
-            assert!(matches!(acked, Acked::Lost(_)), "{acked:?}");
-        }
+        expect_acked(vec![first, second], |a| matches!(a, Acked::Lost(_))).await;
         assert!(id2 > id1);
         // A new connection; this backup never answers.
-        let third = s.send(&addr, item(3)).await;
-        let (conn, _) = tokio::time::timeout(S, backup.accept())
-            .await
-            .expect("a new connection")
-            .expect("accept");
-        let (mut rd, _wr) = conn.into_split();
+        let third = f.send(3).await;
+        let (mut rd, _wr) = f.accept().await;
         let (_, seqs) = read_request(&mut rd).await;
         assert_eq!(seqs, vec![3]);
-        let acked = tokio::time::timeout(S, third)
-            .await
-            .expect("answered")
-            .expect("sent");
         // (Whichever notices first: the read's idle limit or the frame's
         // deadline, both the stream's timeout.)
-        assert!(
-            matches!(&acked, Acked::Lost(why) if why.contains("did not answer") || why.contains("idle")),
-            "{acked:?}"
-        );
-        shutdown.cancel();
-        tasks.close();
-        tasks.wait().await;
+        expect_acked(vec![third], |a| {
+            matches!(a, Acked::Lost(why) if why.contains("did not answer") || why.contains("idle"))
+        })
+        .await;
+        f.stop().await;
     }
 }

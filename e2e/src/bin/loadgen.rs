@@ -28,7 +28,11 @@
 //! (Linux): their CPU time (user + system, every thread) over the timed
 //! window is reported per op (`server_cpu_us_per_op`), a steadier measure
 //! than peak throughput on a shared machine, and compared in the last line
-//! (`cpu_ratio`: distcache's CPU per op over the peer's).
+//! (`cpu_ratio`: distcache's CPU per op over the peer's). Every line also
+//! reports the generator's own CPU per op (`loadgen_cpu_us_per_op`, the
+//! pacer included): on a machine the servers share with it, that is CPU
+//! they did not get. `--threads 1` runs the generator on one thread (fewer
+//! cross-thread wake-ups, about a third less CPU per op at moderate rates).
 
 use std::time::{Duration, Instant};
 
@@ -107,6 +111,12 @@ struct Args {
     /// The Redis servers' processes: report their CPU time per op.
     #[arg(long, value_delimiter = ',')]
     redis_cpu_pids: Vec<u32>,
+    /// The generator's own runtime threads: 0 = one per CPU (tokio's
+    /// multi-threaded default); 1 = one thread (fewer cross-thread
+    /// wake-ups, so less of a shared machine's CPU taken from the servers
+    /// at moderate `--rate`s).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
 }
 
 /// Clock ticks per second of `/proc/<pid>/stat` times: Linux's USER_HZ,
@@ -377,6 +387,9 @@ struct Outcome {
     /// CPU ticks the target's server processes used in the timed window
     /// (`None`: no processes named).
     server_ticks: Option<u64>,
+    /// CPU ticks this generator used in the timed window (every thread,
+    /// the pacer's too).
+    own_ticks: u64,
 }
 
 /// The pacer's granularity: it wakes at most once per tick and releases
@@ -463,6 +476,7 @@ async fn drive(
     } else {
         Some(cpu_now(pids)?)
     };
+    let own_before = cpu_now(&[std::process::id()])?;
     let start = Instant::now();
     let deadline = start + Duration::from_secs(args.secs);
     // Open loop: a pacer thread releases the ops at their times, round
@@ -538,6 +552,7 @@ async fn drive(
         hist: Histogram::new_with_bounds(1, 60_000_000, 3)?,
         elapsed: Duration::ZERO,
         server_ticks: None,
+        own_ticks: 0,
     };
     for t in tasks {
         let (ops, errors, unstarted, hist) = t.await??;
@@ -547,6 +562,7 @@ async fn drive(
         out.hist.add(&hist)?;
     }
     out.elapsed = start.elapsed();
+    out.own_ticks = cpu_now(&[std::process::id()])?.saturating_sub(own_before);
     if let Some(pacer) = pacer
         && pacer.join().is_err()
     {
@@ -585,6 +601,9 @@ fn report(target: Target, args: &Args, o: &Outcome) -> anyhow::Result<(f64, Opti
     if args.rate > 0.0 {
         line["unstarted"] = serde_json::json!(o.unstarted);
     }
+    line["loadgen_cpu_us_per_op"] = serde_json::json!(round1(
+        o.own_ticks as f64 / USER_HZ * 1e6 / o.ops.max(1) as f64
+    ));
     if let (Some(cpu), Some(per_op)) = (cpu_secs, cpu_us_per_op) {
         line["server_cpu_us_per_op"] = serde_json::json!(round1(per_op));
         line["server_cpu_cores"] = serde_json::json!(round1(cpu / secs));
@@ -603,12 +622,34 @@ fn emit(line: &serde_json::Value) -> anyhow::Result<()> {
     }
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     if args.callers == 0 || args.secs == 0 || args.batch == 0 {
         bail!("--callers, --secs and --batch must be positive");
     }
+    let runtime = runtime(args.threads).context("starting the runtime")?;
+    runtime.block_on(run(args))
+}
+
+/// The generator's runtime: `--threads` 0 is tokio's multi-threaded
+/// default (a worker per CPU), 1 a single-threaded runtime, N that many
+/// workers.
+fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    match threads {
+        0 => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build(),
+        1 => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+        n => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(n)
+            .enable_all()
+            .build(),
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
     let value = Bytes::from(vec![b'x'; args.value_bytes]);
     let ours = if args.redis_only {
         None
@@ -648,7 +689,7 @@ async fn main() -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::{Args, BatchKeys, KeySpace, Rng, cpu_ticks, key};
+    use super::{Args, BatchKeys, KeySpace, Rng, cpu_ticks, key, runtime};
     use clap::Parser;
     use distcache_client::partition::{DEFAULT_COLLECTION, partition_for};
 
@@ -688,6 +729,20 @@ mod tests {
         let i = 42;
         let p = partition_for(DEFAULT_COLLECTION, key(i).as_bytes(), 271);
         assert_eq!(redis.name(i), format!("{{{p}}}{}", key(i)));
+    }
+
+    #[test]
+    fn threads_picks_the_runtime_one_thread_or_n_workers() {
+        use tokio::runtime::RuntimeFlavor;
+        assert_eq!(args(&[]).threads, 0, "tokio's default unless asked");
+        assert_eq!(args(&["--threads", "1"]).threads, 1);
+        let one = runtime(1).expect("runtime");
+        assert_eq!(one.handle().runtime_flavor(), RuntimeFlavor::CurrentThread);
+        let three = runtime(3).expect("runtime");
+        assert_eq!(three.handle().runtime_flavor(), RuntimeFlavor::MultiThread);
+        assert_eq!(three.metrics().num_workers(), 3);
+        let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+        assert_eq!(runtime(0).expect("runtime").metrics().num_workers(), cpus);
     }
 
     #[test]

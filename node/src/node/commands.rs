@@ -230,16 +230,16 @@ impl Node {
                 ttl_ms,
             } => {
                 let (planned, room) = self.store.plan_puts(&collection, entries, ttl_ms)?;
-                let parts = planned.iter().map(|(p, _)| *p).collect();
+                let parts: Vec<u32> = planned.iter().map(|(p, _)| *p).collect();
                 let apply = |ops| self.store.apply_planned(ops, room);
-                self.write(table, parts, planned, apply).await?;
+                self.write(table, &parts, planned, apply).await?;
                 Ok(Outcome::StoredMany)
             }
             Command::DeleteMany { collection, keys } => {
                 let planned = self.store.plan_deletes(&collection, &keys)?;
-                let parts = planned.iter().map(|(p, _)| *p).collect();
+                let parts: Vec<u32> = planned.iter().map(|(p, _)| *p).collect();
                 let apply = |ops| self.store.apply_planned(ops, Room::none());
-                let n = self.write(table, parts, planned, apply).await?;
+                let n = self.write(table, &parts, planned, apply).await?;
                 Ok(Outcome::DeletedCount(n))
             }
             single => Err(Error::Internal(format!(
@@ -272,7 +272,7 @@ impl Node {
                 });
                 let (op, room) = self.store.plan_put(&collection, key, value, ttl_ms)?;
                 let apply = |ops| self.store.apply_planned(ops, room);
-                let res = self.write(table, vec![p], vec![op], apply).await;
+                let res = self.write(table, &[p], vec![op], apply).await;
                 if let Some((key, value)) = what {
                     tracing::trace!(partition = p, epoch = table.epoch, %key, %value, ok = res.is_ok(), "put");
                 }
@@ -284,7 +284,7 @@ impl Node {
                     .store
                     .plan_deletes(&collection, std::slice::from_ref(&key))?;
                 let apply = |ops| self.store.apply_planned(ops, Room::none());
-                let live = self.write(table, vec![p], planned, apply).await?;
+                let live = self.write(table, &[p], planned, apply).await?;
                 Ok(Outcome::Deleted(live > 0))
             }
             Command::PutIfAbsent {
@@ -301,7 +301,7 @@ impl Node {
                     Ok(((true, room), vec![op]))
                 };
                 let inserted = self
-                    .write_with(table, vec![p], plan, applied_with(&self.store))
+                    .write_with(table, &[p], plan, applied_with(&self.store))
                     .await?;
                 Ok(Outcome::Inserted(inserted))
             }
@@ -320,7 +320,7 @@ impl Node {
                     _ => Ok(((false, Room::none()), Vec::new())),
                 };
                 let swapped = self
-                    .write_with(table, vec![p], plan, applied_with(&self.store))
+                    .write_with(table, &[p], plan, applied_with(&self.store))
                     .await?;
                 Ok(Outcome::Swapped(swapped))
             }
@@ -352,7 +352,7 @@ impl Node {
                     Ok(((next, room), vec![op]))
                 };
                 let value = self
-                    .write_with(table, vec![p], plan, applied_with(&self.store))
+                    .write_with(table, &[p], plan, applied_with(&self.store))
                     .await?;
                 Ok(Outcome::Counter(value))
             }

@@ -47,7 +47,7 @@ impl Node {
 
     /// Replicates `key`'s lock state (after a change on this primary).
     pub(super) async fn replicate_lock(&self, table: &Table, p: u32, key: &Bytes) -> Result<()> {
-        self.write(table, vec![p], Vec::new(), |_| {
+        self.write(table, &[p], Vec::new(), |_| {
             let state = self.locks.replica(key);
             let ops = vec![(
                 p,

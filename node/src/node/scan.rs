@@ -280,7 +280,7 @@ impl Node {
                         },
                     )];
                     removed += self
-                        .write(table, vec![p], planned, |ops| {
+                        .write(table, &[p], planned, |ops| {
                             self.store.apply_planned(ops, crate::storage::Room::none())
                         })
                         .await?;

@@ -21,6 +21,8 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use smallvec::SmallVec;
+
 use crate::cluster::table::{Role, Table};
 use crate::error::{Error, Result};
 use crate::meta::state::{MetaCmd, MetaReply};
@@ -48,7 +50,7 @@ impl Node {
     pub(in crate::node) async fn write<R>(
         &self,
         table: &Table,
-        parts: Vec<u32>,
+        parts: &[u32],
         planned: Vec<(u32, ReplOp)>,
         apply: impl FnOnce(Vec<(u32, ReplOp)>) -> Result<(R, Written)>,
     ) -> Result<R> {
@@ -63,15 +65,17 @@ impl Node {
     pub(in crate::node) async fn write_with<D, R>(
         &self,
         table: &Table,
-        mut parts: Vec<u32>,
+        parts: &[u32],
         plan: impl FnOnce() -> Result<(D, Vec<(u32, ReplOp)>)>,
         apply: impl FnOnce(D, Vec<(u32, ReplOp)>) -> Result<(R, Written)>,
     ) -> Result<R> {
         let c = &self.cluster;
         self.require_write_quorum()?;
+        // Inline for the usual few partitions: no allocation per write.
+        let mut parts: SmallVec<[u32; 4]> = SmallVec::from_slice(parts);
         parts.sort_unstable();
         parts.dedup();
-        let mut guards = Vec::with_capacity(parts.len());
+        let mut guards: SmallVec<[_; 4]> = SmallVec::with_capacity(parts.len());
         for &p in &parts {
             let repl = &c.part(p).repl;
             // The clock is read only when the lock has to be waited for.

@@ -66,12 +66,16 @@ pub struct PartitionSnapshot {
     pub lock_high_water: u64,
 }
 
+/// Ops, each with its partition: what a write plans and applies. Inline
+/// for the usual one op (a write allocates no list for it).
+pub type Ops = smallvec::SmallVec<[(u32, ReplOp); 1]>;
+
 /// What a write changed, per partition, for replication.
 #[derive(Debug, Default)]
 pub struct Written {
     /// Ops applied, each with its partition, in order (including LRU
     /// evictions in the written partitions).
-    pub ops: Vec<(u32, ReplOp)>,
+    pub ops: Ops,
     /// The LRU evictions among `ops` (logged after the fact).
     pub evicted: Vec<(u32, ReplOp)>,
     /// LRU evictions applied in other partitions than the written ones.

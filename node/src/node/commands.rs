@@ -4,15 +4,17 @@
 
 use std::time::Duration;
 
-use crate::cluster::table::{Role, Table};
 use bytes::Bytes;
 use distcache_client::partition::partition_for;
 use distcache_client::proto::ErrorReason;
+use smallvec::smallvec;
 
+use crate::cluster::table::{Role, Table};
 use crate::command::{Command, Keyspace, Origin, Outcome};
 use crate::error::{Error, Result};
 use crate::node::Node;
 use crate::node::routing::Route;
+use crate::replica::Ops;
 use crate::storage::Room;
 
 impl Node {
@@ -272,7 +274,7 @@ impl Node {
                 });
                 let (op, room) = self.store.plan_put(&collection, key, value, ttl_ms)?;
                 let apply = |ops| self.store.apply_planned(ops, room);
-                let res = self.write(table, &[p], vec![op], apply).await;
+                let res = self.write(table, &[p], smallvec![op], apply).await;
                 if let Some((key, value)) = what {
                     tracing::trace!(partition = p, epoch = table.epoch, %key, %value, ok = res.is_ok(), "put");
                 }
@@ -295,10 +297,10 @@ impl Node {
             } => {
                 let plan = || {
                     if self.store.peek(&collection, &key)?.is_some() {
-                        return Ok(((false, Room::none()), Vec::new()));
+                        return Ok(((false, Room::none()), Ops::new()));
                     }
                     let (op, room) = self.store.plan_put(&collection, key, value, ttl_ms)?;
-                    Ok(((true, room), vec![op]))
+                    Ok(((true, room), smallvec![op]))
                 };
                 let inserted = self
                     .write_with(table, &[p], plan, applied_with(&self.store))
@@ -315,9 +317,9 @@ impl Node {
                 let plan = || match self.store.peek(&collection, &key)? {
                     Some((current, _)) if current == expected => {
                         let (op, room) = self.store.plan_put(&collection, key, value, ttl_ms)?;
-                        Ok(((true, room), vec![op]))
+                        Ok(((true, room), smallvec![op]))
                     }
-                    _ => Ok(((false, Room::none()), Vec::new())),
+                    _ => Ok(((false, Room::none()), Ops::new())),
                 };
                 let swapped = self
                     .write_with(table, &[p], plan, applied_with(&self.store))
@@ -349,7 +351,7 @@ impl Node {
                         }
                         _ => self.store.plan_put(&collection, key, value, ttl_ms)?,
                     };
-                    Ok(((next, room), vec![op]))
+                    Ok(((next, room), smallvec![op]))
                 };
                 let value = self
                     .write_with(table, &[p], plan, applied_with(&self.store))
@@ -423,9 +425,6 @@ fn parse_counter(key: &Bytes, v: &Bytes) -> Result<i64> {
             ))
         })
 }
-
-/// Planned ops, in order, each with its partition.
-type Ops = Vec<(u32, crate::replica::ReplOp)>;
 
 /// Applies a conditional write's planned ops with the room their plan
 /// reserved; the outcome is its decision.

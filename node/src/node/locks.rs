@@ -8,7 +8,7 @@ use crate::cluster::table::Table;
 use crate::error::{Error, Result};
 use crate::locking::Grant;
 use crate::node::Node;
-use crate::replica::{ReplOp, Written};
+use crate::replica::{Ops, ReplOp, Written};
 
 impl Node {
     /// A write (or a lock grant) is refused at once by a node that does not
@@ -47,9 +47,9 @@ impl Node {
 
     /// Replicates `key`'s lock state (after a change on this primary).
     pub(super) async fn replicate_lock(&self, table: &Table, p: u32, key: &Bytes) -> Result<()> {
-        self.write(table, &[p], Vec::new(), |_| {
+        self.write(table, &[p], Ops::new(), |_| {
             let state = self.locks.replica(key);
-            let ops = vec![(
+            let ops = smallvec::smallvec![(
                 p,
                 ReplOp::Lock {
                     key: key.clone(),

@@ -273,7 +273,7 @@ impl Node {
                 let meta = self.store.collection(collection)?;
                 let mut removed = 0;
                 for &p in parts {
-                    let planned = vec![(
+                    let planned = smallvec::smallvec![(
                         p,
                         ReplOp::Clear {
                             collection: meta.name.to_string(),

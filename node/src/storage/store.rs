@@ -946,7 +946,8 @@ mod tests {
             Err(Error::MemoryLimit { .. })
         ));
         assert_eq!(s.memory().0, max);
-        s.apply_planned(vec![a], room_a).expect("apply");
+        s.apply_planned(smallvec::smallvec![a], room_a)
+            .expect("apply");
         assert_eq!(s.memory().0, max, "applying uses the room up");
         drop((b2, room_b));
         assert_eq!(s.memory().0, (each * 2) as u64, "unapplied room given back");
@@ -956,13 +957,15 @@ mod tests {
         let (g, room_g) = s.plan_put("gone", b("k5"), v(), None).expect("fits");
         assert_eq!(s.memory().0, max);
         s.delete_collection("gone").expect("delete");
-        assert!(s.apply_planned(vec![g], room_g).is_err());
+        assert!(s.apply_planned(smallvec::smallvec![g], room_g).is_err());
         assert_eq!(s.memory().0, (each * 2) as u64);
-        s.apply_planned(vec![c], room_c).expect("apply");
+        s.apply_planned(smallvec::smallvec![c], room_c)
+            .expect("apply");
         // Overwriting k1 needs room for the new entry when planned, and
         // frees the old one when applied.
         let (o, room_o) = s.plan_put("", b("k1"), v(), None).expect("fits");
-        s.apply_planned(vec![o], room_o).expect("apply");
+        s.apply_planned(smallvec::smallvec![o], room_o)
+            .expect("apply");
         assert_eq!(s.memory().0, (each * 2) as u64);
         assert_eq!(s.size("", |_| true).expect("size"), 2);
     }
@@ -985,7 +988,8 @@ mod tests {
                     if i % 7 == 0 {
                         drop((op, room));
                     } else {
-                        s.apply_planned(vec![op], room).expect("apply");
+                        s.apply_planned(smallvec::smallvec![op], room)
+                            .expect("apply");
                     }
                     between
                 }

@@ -28,7 +28,7 @@ use crate::error::{Error, Result};
 use crate::meta::state::{MetaCmd, MetaReply};
 use crate::net::message::ReplItem;
 use crate::node::Node;
-use crate::replica::{ReplOp, Written};
+use crate::replica::{Ops, ReplOp, Written};
 
 use super::stream::Acked;
 
@@ -44,6 +44,23 @@ pub(in crate::node) type Pending = (u32, String, tokio::sync::oneshot::Receiver<
 /// (its copy diverged or follows another stream).
 pub(in crate::node) type Removal = (u32, String, String);
 
+/// `ops` grouped per partition, in partition order (each group in the
+/// order given). A write's ops are usually of one partition: no map then.
+fn per_partition(ops: Ops) -> SmallVec<[(u32, Vec<ReplOp>); 1]> {
+    match ops.first() {
+        Some(&(first, _)) if ops.iter().all(|(p, _)| *p == first) => {
+            smallvec::smallvec![(first, ops.into_iter().map(|(_, op)| op).collect())]
+        }
+        _ => {
+            let mut groups: BTreeMap<u32, Vec<ReplOp>> = BTreeMap::new();
+            for (p, op) in ops {
+                groups.entry(p).or_default().push(op);
+            }
+            groups.into_iter().collect()
+        }
+    }
+}
+
 impl Node {
     /// Applies `f` (a write to partitions `parts`, all primary here) and
     /// replicates what it changed to the in-sync backups before returning.
@@ -51,8 +68,8 @@ impl Node {
         &self,
         table: &Table,
         parts: &[u32],
-        planned: Vec<(u32, ReplOp)>,
-        apply: impl FnOnce(Vec<(u32, ReplOp)>) -> Result<(R, Written)>,
+        planned: Ops,
+        apply: impl FnOnce(Ops) -> Result<(R, Written)>,
     ) -> Result<R> {
         self.write_with(table, parts, || Ok(((), planned)), |(), ops| apply(ops))
             .await
@@ -66,8 +83,8 @@ impl Node {
         &self,
         table: &Table,
         parts: &[u32],
-        plan: impl FnOnce() -> Result<(D, Vec<(u32, ReplOp)>)>,
-        apply: impl FnOnce(D, Vec<(u32, ReplOp)>) -> Result<(R, Written)>,
+        plan: impl FnOnce() -> Result<(D, Ops)>,
+        apply: impl FnOnce(D, Ops) -> Result<(R, Written)>,
     ) -> Result<R> {
         let c = &self.cluster;
         self.require_write_quorum()?;
@@ -164,11 +181,7 @@ impl Node {
     /// committed in-sync backup; the receivers yield the backups' answers.
     /// Every applied write takes a sequence number, sent or not, so a
     /// backup that misses one sees the gap.
-    pub(in crate::node) async fn enqueue(
-        &self,
-        table: &Table,
-        ops: Vec<(u32, ReplOp)>,
-    ) -> Result<Vec<Pending>> {
+    pub(in crate::node) async fn enqueue(&self, table: &Table, ops: Ops) -> Result<Vec<Pending>> {
         if ops.is_empty() {
             return Ok(Vec::new());
         }
@@ -186,14 +199,10 @@ impl Node {
             }
             return Ok(Vec::new());
         }
-        let mut per_part: BTreeMap<u32, Vec<ReplOp>> = BTreeMap::new();
-        for (p, op) in ops {
-            per_part.entry(p).or_default().push(op);
-        }
         // Every write takes its number, backups or not: a copy's stream
         // position must account for every write it applied (a demoted
         // primary is followed on by its position).
-        let stamped: Vec<(u32, u64, u64, Vec<ReplOp>)> = per_part
+        let stamped: SmallVec<[_; 1]> = per_partition(ops)
             .into_iter()
             .map(|(p, ops)| {
                 let (stream, seq) = self.next_seq(p, table.epoch);
@@ -213,18 +222,23 @@ impl Node {
         let mut pending = Vec::new();
         for (p, stream, seq, ops) in stamped {
             let expanding = self.cluster.part(p).expanding.lock().clone();
-            for b in table
+            let targets: SmallVec<[&String; 2]> = table
                 .backups(p)
                 .iter()
                 .filter(|b| meta.in_sync(p, b) || expanding.contains(*b))
-            {
+                .collect();
+            // The last backup takes the ops themselves, the others a copy.
+            let last = targets.len().saturating_sub(1);
+            let mut ops = Some(ops);
+            for (i, b) in targets.into_iter().enumerate() {
                 let Some(m) = table.member(b) else { continue };
+                let ops = if i == last { ops.take() } else { ops.clone() };
                 let item = ReplItem {
                     partition: p,
                     epoch: table.epoch,
                     stream,
                     seq,
-                    ops: ops.clone(),
+                    ops: ops.unwrap_or_default(),
                 };
                 let rx = self.streams.send(&m.peer, item).await;
                 pending.push((p, b.clone(), rx));
@@ -325,7 +339,7 @@ impl Node {
             if table.role_of(self.cluster.me(), p) == Role::Primary
                 && self.log_ops(&ops).await.is_ok()
             {
-                let acks = self.enqueue(&table, ops).await;
+                let acks = self.enqueue(&table, ops.into()).await;
                 drop(g);
                 if let Ok(acks) = acks {
                     let _ = self.await_acks(&table, acks).await;
@@ -399,5 +413,43 @@ impl Node {
             })
             .map(|p| (p, member.to_string()))
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use super::per_partition;
+    use crate::replica::{Ops, ReplOp};
+
+    fn del(key: &str) -> ReplOp {
+        ReplOp::Delete {
+            collection: "c".into(),
+            key: Bytes::copy_from_slice(key.as_bytes()),
+        }
+    }
+
+    /// One partition's ops stay one group, in order; ops of several
+    /// partitions are grouped per partition in partition order, each group
+    /// keeping the order it was given (the order the backups apply).
+    #[test]
+    fn ops_are_grouped_per_partition_keeping_their_order() {
+        let one: Ops = [(7, del("a")), (7, del("b")), (7, del("c"))]
+            .into_iter()
+            .collect();
+        let groups = per_partition(one);
+        assert_eq!(groups.len(), 1);
+        assert_eq!(groups[0], (7, vec![del("a"), del("b"), del("c")]));
+
+        let mixed: Ops = [(9, del("a")), (2, del("b")), (9, del("c")), (2, del("d"))]
+            .into_iter()
+            .collect();
+        let groups: Vec<_> = per_partition(mixed).into_iter().collect();
+        assert_eq!(
+            groups,
+            vec![(2, vec![del("b"), del("d")]), (9, vec![del("a"), del("c")]),]
+        );
+        assert!(per_partition(Ops::new()).is_empty());
     }
 }

@@ -6,7 +6,7 @@ use bytes::Bytes;
 use super::room::Room;
 use super::{CollectionMeta, Store};
 use crate::error::Result;
-use crate::replica::{ReplOp, Written};
+use crate::replica::{Ops, ReplOp, Written};
 
 impl Store {
     // ------------------------------------------------------------ planned writes
@@ -65,7 +65,7 @@ impl Store {
         collection: &str,
         entries: Vec<(Bytes, Bytes)>,
         ttl_ms: Option<u64>,
-    ) -> Result<(Vec<(u32, ReplOp)>, Room<'_>)> {
+    ) -> Result<(Ops, Room<'_>)> {
         let meta = self.collection(collection)?;
         self.check_batch(entries.len())?;
         for (k, v) in &entries {
@@ -97,7 +97,7 @@ impl Store {
     }
 
     /// Validates deletes and returns their ops.
-    pub fn plan_deletes(&self, collection: &str, keys: &[Bytes]) -> Result<Vec<(u32, ReplOp)>> {
+    pub fn plan_deletes(&self, collection: &str, keys: &[Bytes]) -> Result<Ops> {
         let meta = self.collection(collection)?;
         self.check_batch(keys.len())?;
         keys.iter().try_for_each(|k| self.check_key(k))?;
@@ -119,11 +119,7 @@ impl Store {
     /// deletes removed a live entry, and what changed.
     /// `room` is what planning the ops reserved; applying them uses it up
     /// (what is left is given back when it is dropped).
-    pub fn apply_planned(
-        &self,
-        ops: Vec<(u32, ReplOp)>,
-        mut room: Room<'_>,
-    ) -> Result<(u64, Written)> {
+    pub fn apply_planned(&self, ops: Ops, mut room: Room<'_>) -> Result<(u64, Written)> {
         let mut w = Written::default();
         let mut live = 0;
         for (p, op) in ops {

@@ -18,7 +18,9 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::frame::{read_frame, write_frame};
-use super::message::{Body, Envelope, PROTOCOL_VERSION, Request, Response, decode, encode};
+use super::message::{
+    Body, Envelope, PROTOCOL_VERSION, Request, Response, decode, encode, encode_into,
+};
 use crate::error::{Error, Result};
 use crate::security::peer_tls::PeerTls;
 
@@ -112,7 +114,14 @@ pub struct DirectTx {
     addr: String,
     wr: BufWriter<BoxWrite>,
     next_id: u64,
+    /// The last frame's encoding, its buffer kept for the next (up to
+    /// [`KEPT_ENCODE_BYTES`]).
+    encoded: Vec<u8>,
 }
+
+/// Most bytes a [`DirectTx`] keeps allocated for encoding between frames
+/// (a larger frame's buffer is freed after it is written).
+const KEPT_ENCODE_BYTES: usize = 64 << 10;
 
 /// The reading half of a [`DirectTx`]'s connection.
 pub struct DirectRx {
@@ -143,18 +152,26 @@ impl DirectTx {
     pub async fn send(&mut self, req: Request, timeout: Duration) -> Result<u64> {
         let id = self.next_id;
         self.next_id += 1;
-        let bytes = encode(&Envelope {
-            version: PROTOCOL_VERSION,
-            id,
-            body: Body::Request(req),
-        })
+        self.encoded.clear();
+        encode_into(
+            &mut self.encoded,
+            &Envelope {
+                version: PROTOCOL_VERSION,
+                id,
+                body: Body::Request(req),
+            },
+        )
         .map_err(|e| Error::Internal(format!("encode: {e}")))?;
         let addr = &self.addr;
         let write = async {
-            write_frame(&mut self.wr, &bytes).await?;
+            write_frame(&mut self.wr, &self.encoded).await?;
             self.wr.flush().await
         };
-        match tokio::time::timeout(timeout, write).await {
+        let written = tokio::time::timeout(timeout, write).await;
+        if self.encoded.capacity() > KEPT_ENCODE_BYTES {
+            self.encoded = Vec::new();
+        }
+        match written {
             Ok(Ok(())) => Ok(id),
             Ok(Err(e)) => Err(Error::Unavailable(format!("peer {addr}: {e}"))),
             Err(_) => Err(Error::Unavailable(format!(
@@ -351,6 +368,7 @@ impl Peers {
             addr: addr.to_string(),
             wr: BufWriter::new(wr),
             next_id: 1,
+            encoded: Vec::new(),
         };
         let rx = DirectRx {
             addr: addr.to_string(),

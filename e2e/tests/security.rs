@@ -552,8 +552,12 @@ async fn batch_streams_whose_responses_are_never_read_cannot_grow_the_node() {
     println!("RSS grew by {} MiB with 40 unread streams", grown >> 20);
     // Without the budget this scenario grows the node by ~1.3 GiB (measured:
     // 1,282 MiB with --batch-buffer-bytes 4000000000); with a 16 MiB budget
-    // it grew 97 MiB in 3 of 3 runs.
-    assert!(grown < 300 << 20, "RSS grew by {} MiB", grown >> 20);
+    // it grew 33-177 MiB in 20 runs and 306 MiB once (session 20): the
+    // budget bounds the responses being encoded, and the transport can keep
+    // an encoded response after its room was given back (see README,
+    // Limits of the client port). Half of the unbounded growth separates
+    // the two.
+    assert!(grown < 640 << 20, "RSS grew by {} MiB", grown >> 20);
     assert!(node.alive(), "the node aborted under the address-space cap");
     // A well-behaved client is still served.
     c.put("small", "ok").await.expect("put while others stall");

@@ -635,18 +635,14 @@ fn main() -> anyhow::Result<()> {
 /// default (a worker per CPU), 1 a single-threaded runtime, N that many
 /// workers.
 fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
-    match threads {
-        0 => tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build(),
-        1 => tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build(),
-        n => tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(n)
-            .enable_all()
-            .build(),
+    let mut builder = match threads {
+        1 => tokio::runtime::Builder::new_current_thread(),
+        _ => tokio::runtime::Builder::new_multi_thread(),
+    };
+    if threads > 1 {
+        builder.worker_threads(threads);
     }
+    builder.enable_all().build()
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {

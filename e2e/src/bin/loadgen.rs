@@ -399,12 +399,14 @@ struct Outcome {
 const PACER_TICK: Duration = Duration::from_micros(100);
 
 /// The pacer (open loop): releases op k at `start + k / rate` (or within
-/// [`PACER_TICK`] after), to caller `k mod callers`, until `deadline`.
+/// [`PACER_TICK`] after), until `deadline`: each wake-up sends one message,
+/// the release time and the range of ops it releases, to [`dispatch`] in
+/// the runtime (one cross-thread wake-up per tick, not one per caller).
 fn pace(
     start: Instant,
     deadline: Instant,
     rate: f64,
-    callers: &[tokio::sync::mpsc::UnboundedSender<Instant>],
+    out: &tokio::sync::mpsc::UnboundedSender<(Instant, u64, u64)>,
 ) {
     let due = |k: u64| start + Duration::from_secs_f64(k as f64 / rate);
     let mut k: u64 = 0;
@@ -415,11 +417,36 @@ fn pace(
             continue;
         }
         let released = Instant::now();
+        let from = k;
         while due(k) <= released && due(k) < deadline {
-            // A caller that ended (an error) just misses its ops.
-            let _ = callers[(k % callers.len() as u64) as usize].send(released);
             k += 1;
         }
+        if out.send((released, from, k)).is_err() {
+            return;
+        }
+    }
+}
+
+/// Hands ops `from..to`, released at `released`, to their callers: op k to
+/// caller `k mod callers` (a caller that ended, on an error, just misses
+/// its ops).
+fn release(
+    callers: &[tokio::sync::mpsc::UnboundedSender<Instant>],
+    (released, from, to): (Instant, u64, u64),
+) {
+    for k in from..to {
+        let _ = callers[(k % callers.len() as u64) as usize].send(released);
+    }
+}
+
+/// In the runtime: passes the pacer's releases on to the callers (wake-ups
+/// within the runtime cost no system call).
+async fn dispatch(
+    mut from_pacer: tokio::sync::mpsc::UnboundedReceiver<(Instant, u64, u64)>,
+    callers: Vec<tokio::sync::mpsc::UnboundedSender<Instant>>,
+) {
+    while let Some(r) = from_pacer.recv().await {
+        release(&callers, r);
     }
 }
 
@@ -486,9 +513,11 @@ async fn drive(
             .map(|_| tokio::sync::mpsc::unbounded_channel::<Instant>())
             .unzip();
         let rate = args.rate;
+        let (to_dispatch, from_pacer) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(dispatch(from_pacer, txs));
         let pacer = std::thread::Builder::new()
             .name("pacer".into())
-            .spawn(move || pace(start, deadline, rate, &txs))
+            .spawn(move || pace(start, deadline, rate, &to_dispatch))
             .context("starting the pacer thread")?;
         (Some(pacer), rxs.into_iter().map(Some).collect())
     } else {
@@ -748,7 +777,16 @@ mod tests {
             .unzip();
         let start = std::time::Instant::now();
         let deadline = start + std::time::Duration::from_millis(200);
-        super::pace(start, deadline, 1000.0, &txs);
+        let (out, mut ranges) = tokio::sync::mpsc::unbounded_channel();
+        super::pace(start, deadline, 1000.0, &out);
+        drop(out);
+        let mut next = 0;
+        while let Ok(r) = ranges.try_recv() {
+            assert_eq!(r.1, next, "ranges follow each other");
+            assert!(r.2 > r.1, "a tick releases at least one op");
+            next = r.2;
+            super::release(&txs, r);
+        }
         drop(txs);
         let mut all = Vec::new();
         let mut counts = Vec::new();

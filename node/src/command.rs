@@ -204,6 +204,30 @@ pub enum Outcome {
     },
 }
 
+impl Outcome {
+    /// The variant's name (for messages: never formats a value).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Outcome::Value(_) => "Value",
+            Outcome::Stored => "Stored",
+            Outcome::StoredMany => "StoredMany",
+            Outcome::Deleted(_) => "Deleted",
+            Outcome::Inserted(_) => "Inserted",
+            Outcome::Swapped(_) => "Swapped",
+            Outcome::Counter(_) => "Counter",
+            Outcome::Entries(_) => "Entries",
+            Outcome::DeletedCount(_) => "DeletedCount",
+            Outcome::Granted(_) => "Granted",
+            Outcome::MaybeGranted(_) => "MaybeGranted",
+            Outcome::Released => "Released",
+            Outcome::ForceReleased(_) => "ForceReleased",
+            Outcome::Count(_) => "Count",
+            Outcome::Cleared(_) => "Cleared",
+            Outcome::KeysPage { .. } => "KeysPage",
+        }
+    }
+}
+
 /// Where a command came from. A command from a peer was already forwarded
 /// once: if this node is not the owner either, it answers NOT_OWNER rather
 /// than forwarding again.

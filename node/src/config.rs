@@ -275,8 +275,9 @@ pub struct NodeConfig {
     /// does not answer within 20 s is disconnected.
     #[arg(long, env = "DISTCACHE_KEEPALIVE_SECS", default_value_t = 0)]
     pub keepalive_secs: u64,
-    /// Bytes of Batch-stream responses the node queues for all clients at
-    /// once; a stream whose client does not read waits for room.
+    /// Bytes of large responses (over 1 MiB, Batch or unary) the node holds
+    /// encoded for all clients at once, until written to their connections;
+    /// a large response waits for room.
     #[arg(long, env = "DISTCACHE_BATCH_BUFFER_BYTES", default_value_t = DEFAULT_BATCH_BUFFER_BYTES)]
     pub batch_buffer_bytes: u64,
     /// Most commands of one Batch stream the node runs at once; the stream

@@ -10,6 +10,7 @@ use tokio::net::TcpListener;
 use crate::error::{Error, Result};
 use crate::grpc::Api;
 use crate::grpc::auth::Access;
+use crate::grpc::budget::HandoffService;
 use crate::listener::{self, ConnLimits};
 use crate::node::Node;
 use crate::security::tls::{ReloadingCert, TlsFiles, server_config};
@@ -92,11 +93,11 @@ pub async fn serve(
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(
+        .add_service(HandoffService::new(
             proto::cache_server::CacheServer::new(api.clone())
                 .max_decoding_message_size(max)
                 .max_encoding_message_size(max),
-        )
+        ))
         .add_service(
             proto::collections_server::CollectionsServer::new(api.clone())
                 .max_decoding_message_size(max)

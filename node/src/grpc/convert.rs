@@ -132,9 +132,9 @@ pub fn result(outcome: Outcome) -> Result<command_result::Result> {
     })
 }
 
-/// Unexpected outcome for the RPC that asked.
-pub fn mismatch(outcome: &Outcome) -> Error {
-    Error::Internal(format!("unexpected outcome {outcome:?}"))
+/// Unexpected outcome (its [`Outcome::kind`]) for the RPC that asked.
+pub fn mismatch(kind: &str) -> Error {
+    Error::Internal(format!("unexpected outcome {kind}"))
 }
 
 /// Keys page token: the (partition, key) the next page starts after.

@@ -11,7 +11,7 @@ use tonic::{Request, Response, Status, Streaming};
 use futures::{FutureExt, StreamExt, stream::FuturesUnordered};
 
 use super::auth::{Access, Caller};
-use super::budget::{Budgeted, ResponseBudget};
+use super::budget::{Budgeted, ResponseBudget, SMALL_RESPONSE};
 use super::convert;
 use super::slots::Slots;
 use super::status::{to_proto, to_status};
@@ -116,8 +116,10 @@ const BATCH_OUT_DEPTH: usize = 64;
 
 impl Api {
     /// Runs a client's command and picks its answer out of the outcome (the
-    /// one unary handler body).
-    async fn unary<T>(
+    /// one unary handler body). A large answer waits for room in the
+    /// response budget and holds it until its bytes are written, as a Batch
+    /// stream's does.
+    async fn unary<T: prost::Message>(
         &self,
         caller: Caller,
         cmd: Command,
@@ -125,14 +127,23 @@ impl Api {
     ) -> Result<Response<T>, Status> {
         caller.authorize(&cmd).map_err(|e| self.status(e))?;
         let outcome = self.node.run(cmd, Origin::Client).await;
-        self.reply(outcome.and_then(|o| {
-            let mismatch = convert::mismatch(&o);
-            answer(o).ok_or(mismatch)
-        }))
+        let mut response = self.reply(outcome.and_then(|o| {
+            // Only the variant's name is kept for the error: formatting the
+            // outcome (values included) on every call cost a 16 MiB answer
+            // seconds of CPU and a 64 MiB string.
+            let kind = o.kind();
+            answer(o).ok_or_else(|| convert::mismatch(kind))
+        }))?;
+        let len = response.get_ref().encoded_len();
+        if len > SMALL_RESPONSE {
+            let handoff = self.budget.hold(len).await;
+            response.extensions_mut().insert(handoff);
+        }
+        Ok(response)
     }
 
     /// A unary data RPC: the same command and answer as on the Batch stream.
-    async fn data<T>(
+    async fn data<T: prost::Message>(
         &self,
         caller: Caller,
         op: command::Op,
@@ -438,7 +449,10 @@ impl proto::cache_server::Cache for Api {
                 }
             }
         }));
-        let mut response = Response::new(Budgeted::new(rx, &self.budget));
+        let budgeted = Budgeted::new(rx, &self.budget);
+        let handoff = budgeted.handoff();
+        let mut response = Response::new(budgeted);
+        response.extensions_mut().insert(handoff);
         // How many Batch streams a client should open here: one per worker
         // thread (this stream's commands run on one thread at a time).
         let workers = tokio::runtime::Handle::current().metrics().num_workers();

@@ -613,3 +613,42 @@ async fn unary_answers_that_are_never_read_cannot_grow_the_node() {
         grown >> 20
     );
 }
+
+/// One `GetMany` naming a 4 MiB value's key 20,000 times asks for an 80 GB
+/// answer from a few hundred KiB of request: the node refuses it (the
+/// answer is counted as it is built, against `--max-message-bytes`) instead
+/// of encoding it, which aborted the node under its address-space cap
+/// (session 21), and keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_read_of_one_key_repeated_cannot_blow_up_its_answer() {
+    use distcache_client::proto::{self, cache_client::CacheClient};
+    let mut node = NodeProcess::start_under(Some(2048 << 20), &[], &[]);
+    let c = Client::connect([node.addr.to_string()])
+        .await
+        .expect("client");
+    c.put("big", vec![7u8; 4 << 20]).await.expect("put 4 MiB");
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", node.addr))
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connect");
+    let mut raw = CacheClient::new(channel).max_decoding_message_size(128 << 20);
+    let ask = |n: usize| proto::GetManyRequest {
+        collection: String::new(),
+        keys: vec![bytes::Bytes::from_static(b"big"); n],
+    };
+    let refused = raw.get_many(ask(20_000)).await.expect_err("refused");
+    assert_eq!(
+        refused.code(),
+        tonic::Code::ResourceExhausted,
+        "{refused:?}"
+    );
+    assert!(
+        refused.message().contains("max-message-bytes"),
+        "{refused:?}"
+    );
+    assert!(node.alive(), "the node aborted");
+    let fine = raw.get_many(ask(10)).await.expect("40 MiB fits");
+    assert_eq!(fine.into_inner().entries.len(), 10);
+    c.put("small", "ok").await.expect("still serving");
+}

@@ -212,6 +212,7 @@ impl Node {
             max_key_bytes: config.max_key_bytes,
             max_value_bytes: config.max_value_bytes,
             max_batch_keys: config.max_batch_keys,
+            max_answer_bytes: config.max_message_bytes,
         };
         let cluster_config = ClusterConfig {
             backup_count: config.backup_count,

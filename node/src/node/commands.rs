@@ -216,6 +216,7 @@ impl Node {
                 })
                 .collect();
             by_key.clear();
+            self.store.check_answer(found)?;
         }
         Ok(merged)
     }

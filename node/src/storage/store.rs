@@ -43,6 +43,9 @@ pub struct Limits {
     pub max_value_bytes: u64,
     /// Most keys in one batch operation.
     pub max_batch_keys: u64,
+    /// Largest answer of a batch read (keys and values, bytes): the
+    /// largest message a client or peer may be sent.
+    pub max_answer_bytes: u64,
 }
 
 /// A collection's settings and LRU index.
@@ -367,6 +370,16 @@ impl Store {
         check_limit("max-value-bytes", value.len(), self.limits.max_value_bytes)
     }
 
+    /// Refuses a batch read's answer (parts from several members, merged)
+    /// larger than a message may be.
+    pub fn check_answer(&self, entries: &[(Bytes, Bytes)]) -> Result<()> {
+        let answer = entries
+            .iter()
+            .map(|(k, v)| k.len() + v.len() + ENTRY_FRAMING)
+            .fold(0usize, usize::saturating_add);
+        check_limit("max-message-bytes", answer, self.limits.max_answer_bytes)
+    }
+
     fn check_batch(&self, n: usize) -> Result<()> {
         check_limit("max-batch-keys", n, self.limits.max_batch_keys)
     }
@@ -595,13 +608,19 @@ impl Store {
         let meta = self.collection(collection)?;
         self.check_batch(keys.len())?;
         keys.iter().try_for_each(|k| self.check_key(k))?;
-        Ok(keys
-            .iter()
-            .filter_map(|k| {
-                let p = self.partition(&meta, k);
-                self.get_in(&meta, p, k).map(|v| (k.clone(), v))
-            })
-            .collect())
+        // Counted as it is built: a key asked for many times answers its
+        // value as often (shared, not copied), and its encoding would not.
+        let mut answer = 0usize;
+        let mut found = Vec::new();
+        for k in keys {
+            let p = self.partition(&meta, k);
+            if let Some(v) = self.get_in(&meta, p, k) {
+                answer = answer.saturating_add(k.len() + v.len() + ENTRY_FRAMING);
+                check_limit("max-message-bytes", answer, self.limits.max_answer_bytes)?;
+                found.push((k.clone(), v));
+            }
+        }
+        Ok(found)
     }
 
     /// Stores every entry. All entries are validated before any is stored.
@@ -725,6 +744,10 @@ impl Store {
     }
 }
 
+/// Bytes an answered entry adds to a message beyond its key and value
+/// (field tags and lengths), at most.
+const ENTRY_FRAMING: usize = 16;
+
 fn check_limit(limit: &'static str, actual: usize, max: u64) -> Result<()> {
     if actual as u64 > max {
         return Err(Error::LimitExceeded {
@@ -763,6 +786,7 @@ mod tests {
                 max_key_bytes: 64,
                 max_value_bytes: 1024,
                 max_batch_keys: 100,
+                max_answer_bytes: 1 << 20,
             },
         )
     }
@@ -779,6 +803,7 @@ mod tests {
                 max_key_bytes: 64,
                 max_value_bytes: 1024,
                 max_batch_keys: 100,
+                max_answer_bytes: 1 << 20,
             },
         )
         .with_memory_limit(MemoryLimit { max_bytes, policy })
@@ -806,6 +831,50 @@ mod tests {
                 .max()
                 .unwrap_or(0)
         })
+    }
+
+    /// A batch read's answer may not outgrow a message, counted as it is
+    /// built: a key asked for again and again answers its value each time.
+    #[test]
+    fn a_batch_answer_larger_than_a_message_is_refused() {
+        let s = Store::new(
+            271,
+            ManualClock::new(1_000),
+            Limits {
+                max_key_bytes: 64,
+                max_value_bytes: 1024,
+                max_batch_keys: 100,
+                max_answer_bytes: 4096,
+            },
+        );
+        s.put("", b("k"), Bytes::from(vec![7u8; 1000]), None)
+            .expect("put");
+        let three = s.get_many("", &vec![b("k"); 3]).expect("3 KiB fits");
+        assert_eq!(three.len(), 3);
+        assert!(s.check_answer(&three).is_ok());
+        let e = s
+            .get_many("", &vec![b("k"); 50])
+            .expect_err("50 KiB does not");
+        assert!(
+            matches!(
+                e,
+                Error::LimitExceeded {
+                    limit: "max-message-bytes",
+                    max: 4096,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        let merged = [three.clone(), three].concat();
+        assert!(
+            s.check_answer(&merged).is_err(),
+            "merged parts are counted too"
+        );
+        assert!(
+            s.get_many("", &vec![b("absent"); 100]).is_ok(),
+            "keys not found add nothing"
+        );
     }
 
     #[test]

@@ -31,6 +31,12 @@ use tonic::server::NamedService;
 /// Responses up to this size (bytes) pass without taking room.
 pub const SMALL_RESPONSE: usize = 1 << 20;
 
+/// The room a response of `len` encoded bytes takes from a budget of `max`
+/// (a response larger than the whole budget takes all of it).
+fn room_for(len: usize, max: u32) -> u32 {
+    u32::try_from(len).unwrap_or(u32::MAX).clamp(1, max)
+}
+
 /// The node-wide budget.
 #[derive(Debug, Clone)]
 pub struct ResponseBudget {
@@ -51,9 +57,13 @@ impl ResponseBudget {
     /// Waits for room for a large unary answer of `len` encoded bytes; the
     /// answer's body takes it along ([`HandoffBody`]).
     pub async fn hold(&self, len: usize) -> Arc<Handoff> {
-        let n = u32::try_from(len).unwrap_or(u32::MAX).clamp(1, self.max);
         // The semaphore is never closed: the error case cannot happen.
-        let room = self.permits.clone().acquire_many_owned(n).await.ok();
+        let room = self
+            .permits
+            .clone()
+            .acquire_many_owned(room_for(len, self.max))
+            .await
+            .ok();
         Arc::new(Handoff {
             room: Mutex::new(room),
         })
@@ -115,7 +125,7 @@ impl<T: Unpin> Stream for Budgeted<T> {
         }
         let len = self.next.as_ref().map_or(0, |(_, len)| *len);
         if len > SMALL_RESPONSE {
-            let n = u32::try_from(len).unwrap_or(u32::MAX).clamp(1, self.max);
+            let n = room_for(len, self.max);
             match self.room.poll_acquire_many(cx, n) {
                 Poll::Ready(permit) => *self.handoff.room.lock() = permit,
                 Poll::Pending => return Poll::Pending,
@@ -177,8 +187,8 @@ impl http_body::Body for HandoffBody {
     }
 }
 
-/// A gRPC service whose responses carrying a [`Handoff`] (Batch streams)
-/// get a [`HandoffBody`].
+/// A gRPC service whose responses carrying a [`Handoff`] (Batch streams
+/// and large unary answers) get a [`HandoffBody`].
 #[derive(Debug, Clone)]
 pub struct HandoffService<S> {
     inner: S,

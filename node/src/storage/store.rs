@@ -375,7 +375,7 @@ impl Store {
     pub fn check_answer(&self, entries: &[(Bytes, Bytes)]) -> Result<()> {
         let answer = entries
             .iter()
-            .map(|(k, v)| k.len() + v.len() + ENTRY_FRAMING)
+            .map(|(k, v)| answered_bytes(k, v))
             .fold(0usize, usize::saturating_add);
         check_limit("max-message-bytes", answer, self.limits.max_answer_bytes)
     }
@@ -615,7 +615,7 @@ impl Store {
         for k in keys {
             let p = self.partition(&meta, k);
             if let Some(v) = self.get_in(&meta, p, k) {
-                answer = answer.saturating_add(k.len() + v.len() + ENTRY_FRAMING);
+                answer = answer.saturating_add(answered_bytes(k, &v));
                 check_limit("max-message-bytes", answer, self.limits.max_answer_bytes)?;
                 found.push((k.clone(), v));
             }
@@ -744,9 +744,11 @@ impl Store {
     }
 }
 
-/// Bytes an answered entry adds to a message beyond its key and value
-/// (field tags and lengths), at most.
-const ENTRY_FRAMING: usize = 16;
+/// Bytes an answered entry adds to a message, at most: its key and value
+/// and their field tags and lengths (16 bytes).
+fn answered_bytes(key: &[u8], value: &[u8]) -> usize {
+    key.len() + value.len() + 16
+}
 
 fn check_limit(limit: &'static str, actual: usize, max: u64) -> Result<()> {
     if actual as u64 > max {

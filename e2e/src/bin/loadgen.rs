@@ -117,6 +117,44 @@ struct Args {
     /// at moderate `--rate`s).
     #[arg(long, default_value_t = 0)]
     threads: usize,
+    /// Adds a `timeline` to the report: per window of this many
+    /// milliseconds (by the op's start, or its release in open loop), the
+    /// ops, how many took over 1 ms, and the slowest in µs (0 = off).
+    #[arg(long, default_value_t = 0)]
+    timeline_ms: u64,
+    /// Runs the load (at `--rate`, if given) this many seconds before the
+    /// timed `--secs`, and does not count them: connections, buffers and
+    /// the servers' threads are warm when timing starts.
+    #[arg(long, default_value_t = 0.0)]
+    warmup_secs: f64,
+}
+
+/// Per window of the run: ops, ops over 1 ms, the slowest (µs).
+#[derive(Debug, Clone, Default)]
+struct Timeline(Vec<[u64; 3]>);
+
+impl Timeline {
+    fn record(&mut self, window: usize, us: u64) {
+        if self.0.len() <= window {
+            self.0.resize(window + 1, [0; 3]);
+        }
+        let w = &mut self.0[window];
+        w[0] += 1;
+        w[1] += u64::from(us > 1_000);
+        w[2] = w[2].max(us);
+    }
+
+    fn add(&mut self, other: &Timeline) {
+        for (i, o) in other.0.iter().enumerate() {
+            if self.0.len() <= i {
+                self.0.resize(i + 1, [0; 3]);
+            }
+            let w = &mut self.0[i];
+            w[0] += o[0];
+            w[1] += o[1];
+            w[2] = w[2].max(o[2]);
+        }
+    }
 }
 
 /// Clock ticks per second of `/proc/<pid>/stat` times: Linux's USER_HZ,
@@ -390,6 +428,7 @@ struct Outcome {
     /// CPU ticks this generator used in the timed window (every thread,
     /// the pacer's too).
     own_ticks: u64,
+    timeline: Timeline,
 }
 
 /// The pacer's granularity: it wakes at most once per tick and releases
@@ -498,41 +537,40 @@ async fn drive(
         )
         .await;
     }
-    let cpu_before = if pids.is_empty() {
-        None
+    // Every caller is set up (its histogram allocated, its task running)
+    // before the clock starts: set-up inside the timed window would count
+    // as the target's latency (it showed as ~100 ms of multi-ms ops at the
+    // start of every open-loop run).
+    let ready = std::sync::Arc::new(tokio::sync::Barrier::new(args.callers + 1));
+    let (go, window) = tokio::sync::watch::channel(None::<(Instant, Instant, Instant)>);
+    let (ticket_txs, mut tickets): (Vec<_>, Vec<_>) = if args.rate > 0.0 {
+        (0..args.callers)
+            .map(|_| {
+                let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Instant>();
+                (tx, Some(rx))
+            })
+            .unzip()
     } else {
-        Some(cpu_now(pids)?)
-    };
-    let own_before = cpu_now(&[std::process::id()])?;
-    let start = Instant::now();
-    let deadline = start + Duration::from_secs(args.secs);
-    // Open loop: a pacer thread releases the ops at their times, round
-    // robin over the callers; each op is timed from its release.
-    let (pacer, mut tickets) = if args.rate > 0.0 {
-        let (txs, rxs): (Vec<_>, Vec<_>) = (0..args.callers)
-            .map(|_| tokio::sync::mpsc::unbounded_channel::<Instant>())
-            .unzip();
-        let rate = args.rate;
-        let (to_dispatch, from_pacer) = tokio::sync::mpsc::unbounded_channel();
-        tokio::spawn(dispatch(from_pacer, txs));
-        let pacer = std::thread::Builder::new()
-            .name("pacer".into())
-            .spawn(move || pace(start, deadline, rate, &to_dispatch))
-            .context("starting the pacer thread")?;
-        (Some(pacer), rxs.into_iter().map(Some).collect())
-    } else {
-        (None, Vec::new())
+        (Vec::new(), Vec::new())
     };
     let mut tasks = Vec::new();
     for (i, mut conn) in conns.into_iter().enumerate() {
         let value = value.clone();
         let args = args.clone();
         let space = space.clone();
+        let ready = ready.clone();
+        let mut window = window.clone();
         let mut ticket = tickets.get_mut(i).and_then(Option::take);
+        let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
         tasks.push(tokio::spawn(async move {
             let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ ((i as u64 + 1) * 0x1000_0001));
-            let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
             let (mut ops, mut errors, mut unstarted) = (0u64, 0u64, 0u64);
+            let mut timeline = Timeline::default();
+            ready.wait().await;
+            let (_, start, deadline) = match *window.wait_for(Option::is_some).await? {
+                Some(w) => w,
+                None => bail!("no start time"),
+            };
             loop {
                 let t0 = match ticket.as_mut() {
                     // Timed from its release: time spent queued behind a
@@ -561,19 +599,54 @@ async fn drive(
                 )
                 .await
                 {
+                    // Warm-up: run, not counted.
+                    Ok(Ok(_)) if t0 < start => {}
                     Ok(Ok(n)) => {
                         ops += n;
-                        hist.saturating_record(t0.elapsed().as_micros() as u64);
+                        let us = t0.elapsed().as_micros() as u64;
+                        hist.saturating_record(us);
+                        let at = t0.saturating_duration_since(start).as_millis() as u64;
+                        if let Some(window) = at.checked_div(args.timeline_ms) {
+                            timeline.record(window as usize, us);
+                        }
                     }
+                    _ if t0 < start => {}
                     _ => errors += 1,
                 }
             }
             if ticket.is_none() {
                 unstarted = 0;
             }
-            anyhow::Ok((ops, errors, unstarted, hist))
+            anyhow::Ok((ops, errors, unstarted, hist, timeline))
         }));
     }
+    ready.wait().await;
+    let warm = Instant::now();
+    let start = warm + Duration::from_secs_f64(args.warmup_secs);
+    let deadline = start + Duration::from_secs(args.secs);
+    // Open loop: a pacer thread releases the ops at their times, round
+    // robin over the callers; each op is timed from its release.
+    let pacer = if args.rate > 0.0 {
+        let rate = args.rate;
+        let (to_dispatch, from_pacer) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(dispatch(from_pacer, ticket_txs));
+        Some(
+            std::thread::Builder::new()
+                .name("pacer".into())
+                .spawn(move || pace(warm, deadline, rate, &to_dispatch))
+                .context("starting the pacer thread")?,
+        )
+    } else {
+        None
+    };
+    go.send_replace(Some((warm, start, deadline)));
+    tokio::time::sleep_until(start.into()).await;
+    let cpu_before = if pids.is_empty() {
+        None
+    } else {
+        Some(cpu_now(pids)?)
+    };
+    let own_before = cpu_now(&[std::process::id()])?;
     let mut out = Outcome {
         ops: 0,
         errors: 0,
@@ -582,9 +655,11 @@ async fn drive(
         elapsed: Duration::ZERO,
         server_ticks: None,
         own_ticks: 0,
+        timeline: Timeline::default(),
     };
     for t in tasks {
-        let (ops, errors, unstarted, hist) = t.await??;
+        let (ops, errors, unstarted, hist, timeline) = t.await??;
+        out.timeline.add(&timeline);
         out.ops += ops;
         out.errors += errors;
         out.unstarted += unstarted;
@@ -633,6 +708,9 @@ fn report(target: Target, args: &Args, o: &Outcome) -> anyhow::Result<(f64, Opti
     line["loadgen_cpu_us_per_op"] = serde_json::json!(round1(
         o.own_ticks as f64 / USER_HZ * 1e6 / o.ops.max(1) as f64
     ));
+    if args.timeline_ms > 0 {
+        line["timeline"] = serde_json::json!(o.timeline.0);
+    }
     if let (Some(cpu), Some(per_op)) = (cpu_secs, cpu_us_per_op) {
         line["server_cpu_us_per_op"] = serde_json::json!(round1(per_op));
         line["server_cpu_cores"] = serde_json::json!(round1(cpu / secs));
@@ -655,6 +733,9 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     if args.callers == 0 || args.secs == 0 || args.batch == 0 {
         bail!("--callers, --secs and --batch must be positive");
+    }
+    if !(0.0..=3600.0).contains(&args.warmup_secs) {
+        bail!("--warmup-secs must be between 0 and 3600");
     }
     let runtime = runtime(args.threads).context("starting the runtime")?;
     runtime.block_on(run(args))
@@ -714,13 +795,33 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::{Args, BatchKeys, KeySpace, Rng, cpu_ticks, key, runtime};
+    use super::{Args, BatchKeys, KeySpace, Rng, Timeline, cpu_ticks, key, runtime};
     use clap::Parser;
     use distcache_client::partition::{DEFAULT_COLLECTION, partition_for};
 
     fn args(extra: &[&str]) -> Args {
         let base = ["loadgen", "--op", "batch", "--keys", "2000"];
         Args::parse_from(base.iter().chain(extra))
+    }
+
+    #[test]
+    fn a_timeline_counts_ops_slow_ops_and_the_slowest_per_window_and_merges() {
+        let mut a = Timeline::default();
+        a.record(0, 200);
+        a.record(0, 1_500);
+        a.record(2, 1_000);
+        assert_eq!(a.0, vec![[2, 1, 1_500], [0, 0, 0], [1, 0, 1_000]]);
+        let mut b = Timeline::default();
+        b.record(1, 3_000);
+        b.record(3, 5);
+        b.record(0, 700);
+        a.add(&b);
+        assert_eq!(
+            a.0,
+            vec![[3, 1, 1_500], [1, 1, 3_000], [1, 0, 1_000], [1, 0, 5]]
+        );
+        let parsed = args(&["--timeline-ms", "50", "--warmup-secs", "1.5"]);
+        assert_eq!((parsed.timeline_ms, parsed.warmup_secs), (50, 1.5));
     }
 
     #[test]

@@ -535,6 +535,15 @@ impl WriteLoad {
     }
 }
 
+/// One member's Health answer (None: unreachable or refused).
+pub async fn health_of(addr: &str) -> Option<distcache_client::proto::HealthResponse> {
+    use distcache_client::proto::{HealthRequest, cluster_client::ClusterClient};
+    let mut c = ClusterClient::connect(format!("http://{addr}"))
+        .await
+        .ok()?;
+    Some(c.health(HealthRequest {}).await.ok()?.into_inner())
+}
+
 /// Reads every key back and returns the violations: keys whose value is
 /// older than the last acknowledged write (or missing), or newer than any
 /// write attempted.

@@ -21,10 +21,26 @@ fn must(args: &[&str]) {
 
 /// Cuts (`on`) or heals traffic between addresses `a` and `b`, both ways.
 pub fn cut(a: &str, b: &str, on: bool) {
+    cut_one_way(a, b, on);
+    cut_one_way(b, a, on);
+}
+
+/// Drops (`on`) or lets through again the packets from `from` to `to` only:
+/// a one-way cut (the other direction still flows; over TCP, data already
+/// in flight still arrives while its acknowledgements are lost).
+pub fn cut_one_way(from: &str, to: &str, on: bool) {
     let verb = if on { "add" } else { "del" };
-    for (x, y) in [(a, b), (b, a)] {
-        must(&["rule", verb, "pref", "10", "from", x, "to", y, "blackhole"]);
-    }
+    must(&[
+        "rule",
+        verb,
+        "pref",
+        "10",
+        "from",
+        from,
+        "to",
+        to,
+        "blackhole",
+    ]);
 }
 
 /// Runs the test function `name` of the current test executable inside a

@@ -19,7 +19,9 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use distcache_client::{Client, ClientConfig, Error};
-use distcache_e2e::cluster::{ProcCluster, WriteLoad, assert_no_acknowledged_write_lost};
+use distcache_e2e::cluster::{
+    ProcCluster, WriteLoad, assert_no_acknowledged_write_lost, health_of,
+};
 use distcache_e2e::netns::{self, cut};
 
 const IPS: [&str; 5] = [
@@ -266,14 +268,6 @@ fn churn_of_kill_9_and_restarts_loses_nothing() {
             churn_once(true, secs, 0x7f4a_7c15 + run as u64).await;
         }
     });
-}
-
-async fn health_of(addr: &str) -> Option<distcache_client::proto::HealthResponse> {
-    use distcache_client::proto::{HealthRequest, cluster_client::ClusterClient};
-    let mut c = ClusterClient::connect(format!("http://{addr}"))
-        .await
-        .ok()?;
-    Some(c.health(HealthRequest {}).await.ok()?.into_inner())
 }
 
 async fn partitioned_leader_once() {

@@ -103,6 +103,19 @@ impl ProcCluster {
         c
     }
 
+    /// The first `n` members on `ips[..n]`, started; later [`join`]s take
+    /// the next addresses of `ips`.
+    ///
+    /// [`join`]: ProcCluster::join
+    pub fn start_first_of(ips: &[&str], n: usize, extra: &[&str]) -> ProcCluster {
+        let mut c = ProcCluster::create(&ips[..n.min(ips.len())], extra);
+        c.ips = ips.iter().map(|s| s.to_string()).collect();
+        for i in 0..c.members.len() {
+            c.spawn(i);
+        }
+        c
+    }
+
     /// Member `i`'s process id, when it runs.
     pub fn pid(&self, i: usize) -> Option<u32> {
         self.members[i].child.as_ref().map(|c| c.id())

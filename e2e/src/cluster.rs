@@ -640,3 +640,86 @@ pub async fn assert_no_acknowledged_write_lost(
         &again[..again.len().min(10)]
     );
 }
+
+impl ProcCluster {
+    /// Compares every partition's copies (digest of each backup against its
+    /// primary's, asked over the peer port as a member would); returns how
+    /// many copies had data (a non-zero digest) and the partitions whose
+    /// copies differ, as `"p<n>: <primary> <digest> / <backup> <digest>"`.
+    /// Call when no write is in flight: a quiet, safe cluster's copies are
+    /// equal.
+    pub async fn diverging_copies(&self, client: &Client) -> (usize, Vec<String>) {
+        use distcache_node::net::message::{Request, Response};
+        use distcache_node::net::peer::{PeerLimits, Peers};
+        // A member never admits a connection in its own name: ask each
+        // member as member 0, and member 0 as member 1.
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let names: HashMap<String, String> = self
+            .members
+            .iter()
+            .map(|m| (m.peer.clone(), m.name.clone()))
+            .collect();
+        let as_member = |me: &str| {
+            let tls = self.pki.as_ref().map(|_| {
+                let d = self.pki_dir();
+                distcache_node::security::peer_tls::PeerTls::load(
+                    distcache_node::security::peer_tls::PeerTlsFiles {
+                        cert: d.join(format!("{me}.crt")),
+                        key: d.join(format!("{me}.key")),
+                        ca: d.join("ca.crt"),
+                    },
+                )
+                .expect("member TLS material")
+            });
+            let peers = Peers::new(PeerLimits::default(), None, tls, shutdown.clone());
+            let names = names.clone();
+            peers.set_directory(Box::new(move |addr| names.get(addr).cloned()));
+            peers
+        };
+        let (first, second) = (&self.members[0].name, &self.members[1].name);
+        let (as_first, as_second) = (as_member(first), as_member(second));
+        let peer_of = |name: &str| {
+            self.members
+                .iter()
+                .find(|m| m.name == name)
+                .map(|m| m.peer.clone())
+        };
+        let table = client.partition_table().await.expect("partition table");
+        let mut diverging = Vec::new();
+        let mut with_data = 0;
+        for owners in &table.partitions {
+            let p = owners.partition;
+            let mut copies = Vec::new();
+            for name in std::iter::once(&owners.primary).chain(owners.backups.iter()) {
+                let Some(addr) = peer_of(name) else {
+                    diverging.push(format!("p{p}: {name} is not a known member"));
+                    continue;
+                };
+                let peers = if name == first { &as_second } else { &as_first };
+                let digest = match peers
+                    .call(
+                        &addr,
+                        Request::Digest {
+                            epoch: 0,
+                            partition: p,
+                        },
+                        Duration::from_secs(5),
+                    )
+                    .await
+                {
+                    Ok(Response::Digest { digest, .. }) => digest,
+                    other => panic!("digest of p{p} at {name}: {other:?}"),
+                };
+                with_data += usize::from(digest != 0);
+                copies.push((name.clone(), digest));
+            }
+            if let Some((first, d0)) = copies.first()
+                && let Some((other, d)) = copies.iter().find(|(_, d)| d != d0)
+            {
+                diverging.push(format!("p{p}: {first} {d0:#x} / {other} {d:#x}"));
+            }
+        }
+        shutdown.cancel();
+        (with_data, diverging)
+    }
+}

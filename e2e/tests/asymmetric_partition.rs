@@ -13,7 +13,8 @@
 //! 5. one way between two followers.
 //!
 //! Checked: nothing acknowledged is lost; the cluster is safe again after
-//! the heal and takes writes (no wedge). Runs once per backup count (1, 2);
+//! the heal and takes writes (no wedge); every backup's copy equals its
+//! primary's once the load stopped (digests over the peer port). Runs once per backup count (1, 2);
 //! `DISTCACHE_FAULT_REPEAT=N` repeats it.
 
 use std::sync::atomic::Ordering;
@@ -90,6 +91,13 @@ async fn one_way_once(backups: u32) {
     );
     assert!(after > 0, "no write acknowledged after the heal: wedged");
     assert_no_acknowledged_write_lost(&client, &history).await;
+    let (with_data, diverging) = c.diverging_copies(&client).await;
+    println!(
+        "{with_data} copies with data compared, {} differ",
+        diverging.len()
+    );
+    assert!(with_data > 0, "no copy holds data: nothing was compared");
+    assert!(diverging.is_empty(), "copies differ: {diverging:?}");
 }
 
 #[test]

@@ -10,7 +10,8 @@
 //!   is cut off.
 //!
 //! Checked: nothing acknowledged is lost (the preloaded keys included), the
-//! cluster is safe again with one table. Each runs once (CI);
+//! cluster is safe again with one table, and every partition's backups hold
+//! the same copy as its primary (digests over the peer port). Each runs once (CI);
 //! `DISTCACHE_FAULT_REPEAT=N` repeats them.
 
 use std::sync::{Mutex, MutexGuard, PoisonError};
@@ -57,6 +58,17 @@ async fn assert_preload_kept(client: &distcache_client::Client) {
     );
 }
 
+/// Every partition's backups hold its primary's copy (and there is data).
+async fn assert_copies_agree(c: &ProcCluster, client: &distcache_client::Client) {
+    let (with_data, diverging) = c.diverging_copies(client).await;
+    println!(
+        "{with_data} copies with data compared, {} differ",
+        diverging.len()
+    );
+    assert!(with_data > 0, "no copy holds data: nothing was compared");
+    assert!(diverging.is_empty(), "copies differ: {diverging:?}");
+}
+
 async fn migration_source_killed_once() {
     let mut c = ProcCluster::start(3, &[]);
     c.wait_safe(3, SAFE).await;
@@ -98,6 +110,7 @@ async fn migration_source_killed_once() {
     );
     assert_no_acknowledged_write_lost(&client, &history).await;
     assert_preload_kept(&client).await;
+    assert_copies_agree(&c, &client).await;
 }
 
 /// One scenario at a time (they share the machine's 2 cores).
@@ -170,6 +183,7 @@ async fn join_and_leave_during_a_cut_once() {
         "joined and left during cuts: {acked} acknowledged, {failed} failed; safe at epoch {epoch}"
     );
     assert_no_acknowledged_write_lost(&client, &history).await;
+    assert_copies_agree(&c, &client).await;
 }
 
 #[test]

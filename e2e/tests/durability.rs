@@ -1,6 +1,7 @@
 //! Durability with the WAL, on real processes: crash recovery (fsync on, and
 //! off with grouped appends),
-//! the un-fsynced tail cut after a crash, ENOSPC on a small tmpfs, and a full
+//! the un-fsynced tail cut after a crash, ENOSPC on a small tmpfs, fsync EIO
+//! (an LD_PRELOAD shim built with cc), and a full
 //! 3-node cluster restart on new addresses.
 
 use std::process::Command;
@@ -362,6 +363,170 @@ async fn enospc_refuses_writes_loses_nothing_and_recovers_when_space_returns() {
         .await
         .expect("in time");
     let _ = Command::new("umount").arg(&mnt).status();
+}
+
+/// An `LD_PRELOAD` shim: `fsync` and `fdatasync` fail with EIO while the
+/// file named by `DISTCACHE_EIO_WHEN` exists (a disk that starts failing).
+const EIO_SHIM: &str = r#"
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <errno.h>
+#include <stdlib.h>
+#include <unistd.h>
+static int tripped(void) {
+    const char *f = getenv("DISTCACHE_EIO_WHEN");
+    return f != NULL && access(f, F_OK) == 0;
+}
+int fdatasync(int fd) {
+    if (tripped()) { errno = EIO; return -1; }
+    int (*real)(int) = (int (*)(int))dlsym(RTLD_NEXT, "fdatasync");
+    return real(fd);
+}
+int fsync(int fd) {
+    if (tripped()) { errno = EIO; return -1; }
+    int (*real)(int) = (int (*)(int))dlsym(RTLD_NEXT, "fsync");
+    return real(fd);
+}
+"#;
+
+/// Builds the EIO shim into `dir`; returns (the library, the trip file).
+fn eio_shim(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    std::fs::create_dir_all(dir).expect("dir");
+    let (src, shim) = (dir.join("eio.c"), dir.join("libeio.so"));
+    std::fs::write(&src, EIO_SHIM).expect("shim source");
+    let built = Command::new("cc")
+        .args(["-shared", "-fPIC", "-o"])
+        .arg(&shim)
+        .arg(&src)
+        .arg("-ldl")
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        built,
+        "cannot build the fsync-EIO shim (needs a C compiler, cc): the EIO test cannot run here"
+    );
+    (shim, dir.join("trip"))
+}
+
+/// Restarts member `i` of `c` with the EIO shim preloaded.
+fn under_shim(c: &mut ProcCluster, i: usize, shim: &std::path::Path, trip: &std::path::Path) {
+    c.env.insert(
+        i,
+        vec![
+            ("LD_PRELOAD".into(), shim.display().to_string()),
+            ("DISTCACHE_EIO_WHEN".into(), trip.display().to_string()),
+        ],
+    );
+    c.kill(i);
+    c.spawn(i);
+}
+
+/// Waits up to 10 s for member `i`'s process to exit.
+async fn exits(c: &mut ProcCluster, i: usize) -> bool {
+    for _ in 0..100 {
+        if !c.members[i].running() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
+/// RELIABILITY #12, EIO (one node): once `fdatasync` fails the write is not
+/// acknowledged and the node stops at once (fail-stop: it never retries
+/// into a false success, since the kernel may have dropped the pages the
+/// failed fsync left dirty); after a restart on a good disk every
+/// acknowledged write is there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fsync_eio_stops_the_node_and_loses_nothing() {
+    let _serial = SERIAL.lock().await;
+    let dir = std::env::temp_dir().join(format!("dc-eio-{}", std::process::id()));
+    let (shim, trip) = eio_shim(&dir);
+    let wal = dir.join("wal");
+    let mut c = ProcCluster::start(1, &["--wal-dir", wal.to_str().expect("utf8")]);
+    under_shim(&mut c, 0, &shim, &trip);
+    c.wait_safe(1, SAFE).await;
+    let client = Client::with_config(ClientConfig::new(c.endpoints()).max_retries(0))
+        .await
+        .expect("client");
+    for i in 0..100 {
+        client
+            .put(format!("eio{i}"), format!("v{i}"))
+            .await
+            .expect("put before the disk fails");
+    }
+    std::fs::write(&trip, b"").expect("trip");
+    let e = client
+        .put("during", "x")
+        .await
+        .expect_err("a write whose fsync failed is not acknowledged");
+    println!("write with a failing fsync: {e}");
+    assert!(
+        exits(&mut c, 0).await,
+        "the node kept running on a failed log"
+    );
+    std::fs::remove_file(&trip).expect("untrip");
+    c.env.remove(&0);
+    c.spawn(0);
+    c.wait_safe(1, SAFE).await;
+    let client = c.client().await;
+    for i in 0..100 {
+        assert_eq!(
+            client
+                .get(format!("eio{i}"))
+                .await
+                .expect("get after restart"),
+            Some(bytes::Bytes::from(format!("v{i}"))),
+            "acknowledged eio{i} survives"
+        );
+    }
+    client
+        .put("after-restart", "ok")
+        .await
+        .expect("writes resume on a good disk");
+    println!(
+        "fsync EIO, one node: stopped at once; 100 acknowledged before, all kept after a restart"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// RELIABILITY #12, EIO in a cluster: member 0's disk fails under a write
+/// load (backup 1). It stops at once, its partitions fail over to their
+/// in-sync backups, writes go on, and nothing acknowledged is lost; it
+/// rejoins after a restart on a good disk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fsync_eio_on_one_member_fails_over_and_loses_nothing() {
+    let _serial = SERIAL.lock().await;
+    let dir = std::env::temp_dir().join(format!("dc-eio3-{}", std::process::id()));
+    let (shim, trip) = eio_shim(&dir);
+    let mut c = ProcCluster::start(3, &["--wal"]);
+    under_shim(&mut c, 0, &shim, &trip);
+    c.wait_safe(3, SAFE).await;
+    let client = c.client().await;
+    let load = WriteLoad::start(&client, 8, 64);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    std::fs::write(&trip, b"").expect("trip");
+    assert!(
+        exits(&mut c, 0).await,
+        "member 0 kept running on a failed log"
+    );
+    let stopped = load.acked.load(std::sync::atomic::Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let after = load.acked.load(std::sync::atomic::Ordering::SeqCst) - stopped;
+    assert!(
+        after > 0,
+        "no write acknowledged after member 0 stopped: no failover"
+    );
+    std::fs::remove_file(&trip).expect("untrip");
+    c.env.remove(&0);
+    c.spawn(0);
+    c.wait_safe(3, SAFE).await;
+    let (history, acked, failed) = load.stop().await;
+    println!(
+        "fsync EIO on member 0 of 3: it stopped, {after} acknowledged in the 5 s after; {acked} acknowledged, {failed} failed in all"
+    );
+    assert_no_acknowledged_write_lost(&client, &history).await;
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -116,7 +116,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let peer = server::bind_peer(&node).await?;
     node.start(peer).await;
     tracing::info!(name = node.name(), address = %bound, "distcache node serving");
-    server::serve(listener, node, shutdown_signal()).await?;
+    let fatal = {
+        let node = node.clone();
+        async move { node.fatal().await }
+    };
+    tokio::select! {
+        served = server::serve(listener, node, shutdown_signal()) => served?,
+        why = fatal => {
+            tracing::error!(%why, "the write-ahead log failed: stopping now (fail-stop); this node's partitions fail over, and a restart recovers from the log");
+            anyhow::bail!("write-ahead log failed: {why}");
+        }
+    }
     tracing::info!("stopped");
     Ok(())
 }

@@ -455,6 +455,25 @@ impl Node {
         });
     }
 
+    /// Resolves, with the reason, once this node must stop at once: its
+    /// write-ahead log failed for good ([`Wal::poisoned`]). The process then
+    /// exits as after a crash (fail-stop, as PostgreSQL does on a failed
+    /// fsync): its partitions fail over to their in-sync backups instead of
+    /// staying unwritable behind a primary that can acknowledge nothing, and
+    /// a restart recovers from the log's complete records.
+    pub async fn fatal(&self) -> String {
+        let Some(wal) = self.wal.clone() else {
+            return std::future::pending().await;
+        };
+        let mut tick = tokio::time::interval(Duration::from_millis(50));
+        loop {
+            tick.tick().await;
+            if let Some(why) = wal.poisoned() {
+                return why;
+            }
+        }
+    }
+
     /// Why the node is failed (a background task panicked), if it is.
     pub fn failure(&self) -> Option<String> {
         self.failure.lock().clone()

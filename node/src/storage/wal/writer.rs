@@ -302,6 +302,16 @@ impl Wal {
         self.failed.lock().clone()
     }
 
+    /// Why the log failed for good, if it did: a write or fsync error other
+    /// than running out of space. Nothing more is acknowledged from it (the
+    /// kernel may have dropped the pages a failed fsync left dirty).
+    pub fn poisoned(&self) -> Option<String> {
+        self.shared
+            .poisoned
+            .load(Ordering::SeqCst)
+            .then(|| self.failure().unwrap_or_default())
+    }
+
     pub(super) fn send(&self, job: Job) -> Result<(), WalError> {
         let tx = self.tx.lock().clone();
         match tx {

@@ -116,6 +116,22 @@ impl ProcCluster {
         c
     }
 
+    /// The index of the member the others name as metadata leader (asked
+    /// in turn); None while nobody names one (an election is on).
+    pub async fn leader_index(&self) -> Option<usize> {
+        for m in &self.members {
+            if let Some(h) = health_of(&m.grpc).await
+                && let Some(i) = self
+                    .members
+                    .iter()
+                    .position(|x| x.name == h.metadata_leader)
+            {
+                return Some(i);
+            }
+        }
+        None
+    }
+
     /// Member `i`'s process id, when it runs.
     pub fn pid(&self, i: usize) -> Option<u32> {
         self.members[i].child.as_ref().map(|c| c.id())

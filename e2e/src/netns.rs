@@ -7,6 +7,16 @@ use std::process::Command;
 
 const INSIDE: &str = "DISTCACHE_NETNS_INSIDE";
 
+/// Member addresses inside a test's namespace (the client stays on
+/// 127.0.0.1, never cut).
+pub const IPS: [&str; 5] = [
+    "127.0.0.2",
+    "127.0.0.3",
+    "127.0.0.4",
+    "127.0.0.5",
+    "127.0.0.6",
+];
+
 /// Runs `ip` with `args`; true on success.
 pub fn ip(args: &[&str]) -> bool {
     Command::new("ip")

@@ -20,31 +20,16 @@
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use distcache_e2e::cluster::{
-    ProcCluster, WriteLoad, assert_no_acknowledged_write_lost, health_of,
-};
-use distcache_e2e::netns::{self, cut_one_way};
+use distcache_e2e::cluster::{ProcCluster, WriteLoad, assert_no_acknowledged_write_lost};
+use distcache_e2e::netns::{self, IPS, cut_one_way};
 
-const IPS: [&str; 5] = [
-    "127.0.0.2",
-    "127.0.0.3",
-    "127.0.0.4",
-    "127.0.0.5",
-    "127.0.0.6",
-];
 const SAFE: Duration = Duration::from_secs(90);
 const HOLD: Duration = Duration::from_secs(5);
 
-/// The member the others name as metadata leader (asked in turn).
 async fn leader_of(c: &ProcCluster) -> usize {
-    for m in &c.members {
-        if let Some(h) = health_of(&m.grpc).await
-            && let Some(i) = c.members.iter().position(|x| x.name == h.metadata_leader)
-        {
-            return i;
-        }
-    }
-    panic!("no member names a metadata leader");
+    c.leader_index()
+        .await
+        .expect("no member names a metadata leader")
 }
 
 /// Holds the one-way cuts `pairs` (from, to) for [`HOLD`], then heals them.

@@ -6,9 +6,7 @@ use std::time::{Duration, Instant};
 
 use distcache_client::LockOptions;
 use distcache_client::partition::lock_partition_for;
-use distcache_e2e::cluster::{
-    ProcCluster, WriteLoad, assert_no_acknowledged_write_lost, health_of,
-};
+use distcache_e2e::cluster::{ProcCluster, WriteLoad, assert_no_acknowledged_write_lost};
 
 const SAFE: Duration = Duration::from_secs(60);
 
@@ -327,17 +325,8 @@ async fn a_flapping_leader_loses_no_acknowledged_write() {
     let runs = [1_000u64, 2_000, 500, 3_000, 1_000, 1_500, 2_000, 1_000];
     let mut paused = Vec::new();
     for (stop, run) in stops.into_iter().zip(runs) {
-        let mut leader = None;
-        for m in &c.members {
-            if let Some(h) = health_of(&m.grpc).await {
-                leader = c.members.iter().position(|x| x.name == h.metadata_leader);
-                if leader.is_some() {
-                    break;
-                }
-            }
-        }
         // No leader named (an election is on): stall member 0.
-        let i = leader.unwrap_or(0);
+        let i = c.leader_index().await.unwrap_or(0);
         paused.push(c.members[i].name.clone());
         c.pause(i);
         tokio::time::sleep(Duration::from_millis(stop)).await;

@@ -22,15 +22,8 @@ use distcache_client::{Client, ClientConfig, Error};
 use distcache_e2e::cluster::{
     ProcCluster, WriteLoad, assert_no_acknowledged_write_lost, health_of,
 };
-use distcache_e2e::netns::{self, cut};
+use distcache_e2e::netns::{self, IPS, cut};
 
-const IPS: [&str; 5] = [
-    "127.0.0.2",
-    "127.0.0.3",
-    "127.0.0.4",
-    "127.0.0.5",
-    "127.0.0.6",
-];
 const SAFE: Duration = Duration::from_secs(90);
 
 fn backup(n: u32) -> Vec<String> {

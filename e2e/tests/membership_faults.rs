@@ -21,7 +21,7 @@ use bytes::Bytes;
 use distcache_e2e::cluster::{
     ProcCluster, WriteLoad, assert_no_acknowledged_write_lost, health_of,
 };
-use distcache_e2e::netns::{self, cut};
+use distcache_e2e::netns::{self, IPS, cut};
 
 const SAFE: Duration = Duration::from_secs(120);
 const PRELOAD_KEYS: usize = 30_000;
@@ -134,14 +134,6 @@ fn a_migration_source_killed_midway_loses_nothing() {
         }
     });
 }
-
-const IPS: [&str; 5] = [
-    "127.0.0.2",
-    "127.0.0.3",
-    "127.0.0.4",
-    "127.0.0.5",
-    "127.0.0.6",
-];
 
 /// Cuts member `i` off from every other member (`on`) or heals it.
 fn isolate(i: usize, members: usize, on: bool) {

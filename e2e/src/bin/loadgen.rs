@@ -134,11 +134,15 @@ struct Args {
 struct Timeline(Vec<[u64; 3]>);
 
 impl Timeline {
-    fn record(&mut self, window: usize, us: u64) {
+    fn slot(&mut self, window: usize) -> &mut [u64; 3] {
         if self.0.len() <= window {
             self.0.resize(window + 1, [0; 3]);
         }
-        let w = &mut self.0[window];
+        &mut self.0[window]
+    }
+
+    fn record(&mut self, window: usize, us: u64) {
+        let w = self.slot(window);
         w[0] += 1;
         w[1] += u64::from(us > 1_000);
         w[2] = w[2].max(us);
@@ -146,10 +150,7 @@ impl Timeline {
 
     fn add(&mut self, other: &Timeline) {
         for (i, o) in other.0.iter().enumerate() {
-            if self.0.len() <= i {
-                self.0.resize(i + 1, [0; 3]);
-            }
-            let w = &mut self.0[i];
+            let w = self.slot(i);
             w[0] += o[0];
             w[1] += o[1];
             w[2] = w[2].max(o[2]);
@@ -542,7 +543,7 @@ async fn drive(
     // as the target's latency (it showed as ~100 ms of multi-ms ops at the
     // start of every open-loop run).
     let ready = std::sync::Arc::new(tokio::sync::Barrier::new(args.callers + 1));
-    let (go, window) = tokio::sync::watch::channel(None::<(Instant, Instant, Instant)>);
+    let (go, window) = tokio::sync::watch::channel(None::<(Instant, Instant)>);
     let (ticket_txs, mut tickets): (Vec<_>, Vec<_>) = if args.rate > 0.0 {
         (0..args.callers)
             .map(|_| {
@@ -567,7 +568,7 @@ async fn drive(
             let (mut ops, mut errors, mut unstarted) = (0u64, 0u64, 0u64);
             let mut timeline = Timeline::default();
             ready.wait().await;
-            let (_, start, deadline) = match *window.wait_for(Option::is_some).await? {
+            let (start, deadline) = match *window.wait_for(Option::is_some).await? {
                 Some(w) => w,
                 None => bail!("no start time"),
             };
@@ -639,7 +640,7 @@ async fn drive(
     } else {
         None
     };
-    go.send_replace(Some((warm, start, deadline)));
+    go.send_replace(Some((start, deadline)));
     tokio::time::sleep_until(start.into()).await;
     let cpu_before = if pids.is_empty() {
         None
@@ -736,6 +737,10 @@ fn main() -> anyhow::Result<()> {
     }
     if !(0.0..=3600.0).contains(&args.warmup_secs) {
         bail!("--warmup-secs must be between 0 and 3600");
+    }
+    // Each caller keeps one timeline slot per window of the timed run.
+    if args.timeline_ms > 0 && args.secs.saturating_mul(1000) / args.timeline_ms > 100_000 {
+        bail!("--timeline-ms is too fine for --secs: at most 100,000 windows");
     }
     let runtime = runtime(args.threads).context("starting the runtime")?;
     runtime.block_on(run(args))

@@ -646,3 +646,84 @@ async fn a_batch_read_of_one_key_repeated_cannot_blow_up_its_answer() {
     assert_eq!(fine.into_inner().entries.len(), 10);
     c.put("small", "ok").await.expect("still serving");
 }
+
+/// 60 clients each open a Batch stream, ask once for 16 MiB (four 4 MiB
+/// values), read the whole answer and keep the stream open. tonic's encoder
+/// kept the buffer of a stream's largest answer for the stream's life, so
+/// these 60 idle streams held 962 MiB that no budget counted; the node now
+/// encodes each answer into a buffer of its own, freed once written.
+/// Checks that the node grew by less than [`UNREAD_GROWTH_LIMIT`], stayed
+/// alive under its address-space cap and served others meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_streams_that_read_large_answers_cannot_grow_the_node() {
+    use distcache_client::proto::{self, cache_client::CacheClient};
+    let mut node = NodeProcess::start_under(
+        Some(1536 << 20),
+        &[
+            "--batch-buffer-bytes",
+            "16777216",
+            "--max-value-bytes",
+            "4194304",
+        ],
+        &[("MALLOC_MMAP_THRESHOLD_", "131072")],
+    );
+    let c = Client::connect([node.addr.to_string()])
+        .await
+        .expect("client");
+    let keys: Vec<String> = (0..4).map(|i| format!("big{i}")).collect();
+    for k in &keys {
+        c.put(k, vec![7u8; 4 << 20]).await.expect("put 4 MiB");
+    }
+    let base = node.rss_bytes();
+    let ask = proto::BatchRequest {
+        commands: vec![proto::Command {
+            id: 1,
+            op: Some(proto::command::Op::GetMany(proto::GetManyRequest {
+                collection: String::new(),
+                keys: keys.iter().map(|k| bytes::Bytes::from(k.clone())).collect(),
+            })),
+        }],
+    };
+    let mut open = Vec::new();
+    let mut answered = 0usize;
+    for _ in 0..60 {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", node.addr))
+            .expect("endpoint")
+            .connect()
+            .await
+            .expect("connect");
+        let mut raw = CacheClient::new(channel).max_decoding_message_size(64 << 20);
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        tx.send(ask.clone()).await.expect("queue the ask");
+        let mut answers = raw
+            .batch(futures::stream::unfold(rx, |mut rx| async move {
+                rx.recv().await.map(|ask| (ask, rx))
+            }))
+            .await
+            .expect("stream opens")
+            .into_inner();
+        // Every answer is read in full: the node holds nothing for a slow
+        // reader here, only what its encoder keeps.
+        let got = tokio::time::timeout(Duration::from_secs(20), answers.message())
+            .await
+            .expect("answered within 20 s")
+            .expect("an answer")
+            .expect("not the end");
+        answered += got.results.len();
+        open.push((raw, tx, answers));
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let grown = node.rss_bytes().saturating_sub(base);
+    println!(
+        "RSS grew by {} MiB with 60 idle streams that read 16 MiB each ({answered} results)",
+        grown >> 20
+    );
+    assert_eq!(answered, 60, "every stream got its answer");
+    assert!(node.alive(), "the node aborted under the address-space cap");
+    c.put("small", "ok").await.expect("put while others idle");
+    assert!(
+        grown < UNREAD_GROWTH_LIMIT,
+        "RSS grew by {} MiB",
+        grown >> 20
+    );
+}

@@ -93,10 +93,11 @@ pub async fn serve(
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(HandoffService::new(
+        .add_service(HandoffService::<_, proto::BatchResponse>::new(
             proto::cache_server::CacheServer::new(api.clone())
                 .max_decoding_message_size(max)
                 .max_encoding_message_size(max),
+            max,
         ))
         .add_service(
             proto::collections_server::CollectionsServer::new(api.clone())

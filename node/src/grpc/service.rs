@@ -11,7 +11,7 @@ use tonic::{Request, Response, Status, Streaming};
 use futures::{FutureExt, StreamExt, stream::FuturesUnordered};
 
 use super::auth::{Access, Caller};
-use super::budget::{Budgeted, ResponseBudget, SMALL_RESPONSE};
+use super::budget::{Answers, Budgeted, ResponseBudget, SMALL_RESPONSE};
 use super::convert;
 use super::slots::Slots;
 use super::status::{to_proto, to_status};
@@ -345,7 +345,9 @@ impl proto::cache_server::Cache for Api {
         .await
     }
 
-    type BatchStream = Budgeted<Result<proto::BatchResponse, Status>>;
+    /// Empty: the stream's answers travel in the response's extensions
+    /// ([`Answers`]) to the body that encodes them ([`super::budget::AnswerBody`]).
+    type BatchStream = futures::stream::Empty<Result<proto::BatchResponse, Status>>;
 
     async fn batch(
         &self,
@@ -449,10 +451,9 @@ impl proto::cache_server::Cache for Api {
                 }
             }
         }));
-        let budgeted = Budgeted::new(rx, &self.budget);
-        let handoff = budgeted.handoff();
-        let mut response = Response::new(budgeted);
-        response.extensions_mut().insert(handoff);
+        let answers = Answers::new(Budgeted::new(rx, &self.budget));
+        let mut response = Response::new(futures::stream::empty());
+        response.extensions_mut().insert(answers);
         // How many Batch streams a client should open here: one per worker
         // thread (this stream's commands run on one thread at a time).
         let workers = tokio::runtime::Handle::current().metrics().num_workers();

@@ -647,15 +647,11 @@ async fn a_batch_read_of_one_key_repeated_cannot_blow_up_its_answer() {
     c.put("small", "ok").await.expect("still serving");
 }
 
-/// 60 clients each open a Batch stream, ask once for 16 MiB (four 4 MiB
-/// values), read the whole answer and keep the stream open. tonic's encoder
-/// kept the buffer of a stream's largest answer for the stream's life, so
-/// these 60 idle streams held 962 MiB that no budget counted; the node now
-/// encodes each answer into a buffer of its own, freed once written.
-/// Checks that the node grew by less than [`UNREAD_GROWTH_LIMIT`], stayed
-/// alive under its address-space cap and served others meanwhile.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn idle_streams_that_read_large_answers_cannot_grow_the_node() {
+/// 60 clients each open a Batch stream, send one command, read its whole
+/// answer and keep the stream open: the node grows by less than
+/// [`UNREAD_GROWTH_LIMIT`], stays alive under its address-space cap and
+/// serves others meanwhile.
+async fn idle_streams_cannot_grow_the_node(ask: fn(&[String]) -> proto_op::Op) {
     use distcache_client::proto::{self, cache_client::CacheClient};
     let mut node = NodeProcess::start_under(
         Some(1536 << 20),
@@ -678,10 +674,7 @@ async fn idle_streams_that_read_large_answers_cannot_grow_the_node() {
     let ask = proto::BatchRequest {
         commands: vec![proto::Command {
             id: 1,
-            op: Some(proto::command::Op::GetMany(proto::GetManyRequest {
-                collection: String::new(),
-                keys: keys.iter().map(|k| bytes::Bytes::from(k.clone())).collect(),
-            })),
+            op: Some(ask(&keys)),
         }],
     };
     let mut open = Vec::new();
@@ -692,7 +685,9 @@ async fn idle_streams_that_read_large_answers_cannot_grow_the_node() {
             .connect()
             .await
             .expect("connect");
-        let mut raw = CacheClient::new(channel).max_decoding_message_size(64 << 20);
+        let mut raw = CacheClient::new(channel)
+            .max_decoding_message_size(64 << 20)
+            .max_encoding_message_size(64 << 20);
         let (tx, rx) = tokio::sync::mpsc::channel(1);
         tx.send(ask.clone()).await.expect("queue the ask");
         let mut answers = raw
@@ -703,19 +698,26 @@ async fn idle_streams_that_read_large_answers_cannot_grow_the_node() {
             .expect("stream opens")
             .into_inner();
         // Every answer is read in full: the node holds nothing for a slow
-        // reader here, only what its encoder keeps.
+        // reader here, only what a stream keeps once it has been used.
         let got = tokio::time::timeout(Duration::from_secs(20), answers.message())
             .await
             .expect("answered within 20 s")
             .expect("an answer")
             .expect("not the end");
+        assert!(
+            !matches!(
+                got.results.first().and_then(|r| r.result.as_ref()),
+                Some(proto::command_result::Result::Error(_)) | None
+            ),
+            "{got:?}"
+        );
         answered += got.results.len();
         open.push((raw, tx, answers));
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
     let grown = node.rss_bytes().saturating_sub(base);
     println!(
-        "RSS grew by {} MiB with 60 idle streams that read 16 MiB each ({answered} results)",
+        "RSS grew by {} MiB with 60 idle streams ({answered} results)",
         grown >> 20
     );
     assert_eq!(answered, 60, "every stream got its answer");
@@ -726,4 +728,107 @@ async fn idle_streams_that_read_large_answers_cannot_grow_the_node() {
         "RSS grew by {} MiB",
         grown >> 20
     );
+}
+
+use distcache_client::proto::command as proto_op;
+
+/// Each stream reads 16 MiB (four 4 MiB values). tonic's encoder kept the
+/// buffer of a stream's largest answer for the stream's life, so these 60
+/// idle streams held 962 MiB that no budget counted; the node now encodes
+/// each answer into a buffer of its own, freed once written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_streams_that_read_large_answers_cannot_grow_the_node() {
+    idle_streams_cannot_grow_the_node(|keys| {
+        proto_op::Op::GetMany(distcache_client::proto::GetManyRequest {
+            collection: String::new(),
+            keys: keys.iter().map(|k| bytes::Bytes::from(k.clone())).collect(),
+        })
+    })
+    .await;
+}
+
+/// Each stream writes one 4 MiB value (the same key, so the store holds
+/// one): what the stream's decoder keeps of the request once it is applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_streams_that_wrote_large_values_cannot_grow_the_node() {
+    idle_streams_cannot_grow_the_node(|_| {
+        proto_op::Op::Put(distcache_client::proto::PutRequest {
+            collection: String::new(),
+            key: bytes::Bytes::from_static(b"same"),
+            value: vec![9u8; 4 << 20].into(),
+            ttl_ms: None,
+        })
+    })
+    .await;
+}
+
+/// 40 Batch streams (10 connections of 4) each announce a 32 MiB message,
+/// send 8 MiB of it and stall. tonic read every stream's bytes as they came
+/// (up to `--max-message-bytes` held per stream, whatever the number of
+/// streams); the node now reads a large message only once it has room for
+/// it in `--request-buffer-bytes` (16 MiB here), so the others wait unread,
+/// held back by HTTP/2 flow control. Checks that the node grew by less than
+/// [`UNREAD_GROWTH_LIMIT`], stayed alive and served others meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_large_requests_cannot_grow_the_node() {
+    let mut node = NodeProcess::start_under(
+        Some(1536 << 20),
+        &["--request-buffer-bytes", "16777216"],
+        &[("MALLOC_MMAP_THRESHOLD_", "131072")],
+    );
+    let c = Client::connect([node.addr.to_string()])
+        .await
+        .expect("client");
+    c.put("small", "before").await.expect("put");
+    let base = node.rss_bytes();
+    let mut stalled = Vec::new();
+    for _ in 0..10 {
+        let tcp = tokio::net::TcpStream::connect(node.addr)
+            .await
+            .expect("connect");
+        let (client, connection) = h2::client::handshake(tcp).await.expect("HTTP/2");
+        let driver = tokio::spawn(connection);
+        for _ in 0..4 {
+            let request =
+                http::Request::post(format!("http://{}/distcache.v1.Cache/Batch", node.addr))
+                    .header("content-type", "application/grpc")
+                    .header("te", "trailers")
+                    .body(())
+                    .expect("request");
+            let mut client = client.clone().ready().await.expect("ready");
+            let (response, mut send) = client.send_request(request, false).expect("stream");
+            let mut message = vec![0u8];
+            message.extend_from_slice(&(32u32 << 20).to_be_bytes());
+            message.resize(5 + (8 << 20), 7);
+            send.send_data(bytes::Bytes::from(message), false)
+                .expect("queued");
+            stalled.push((response, send));
+        }
+        stalled_drivers_keep_running(&driver);
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let grown = node.rss_bytes().saturating_sub(base);
+    println!(
+        "RSS grew by {} MiB with 40 stalled 32 MiB requests",
+        grown >> 20
+    );
+    assert!(node.alive(), "the node aborted under the address-space cap");
+    c.put("small", "during")
+        .await
+        .expect("put while others stall");
+    assert_eq!(
+        c.get("small").await.expect("get").as_deref(),
+        Some(&b"during"[..])
+    );
+    assert!(
+        grown < UNREAD_GROWTH_LIMIT,
+        "RSS grew by {} MiB",
+        grown >> 20
+    );
+    drop(stalled);
+}
+
+/// A connection's driver has not failed (the node did not reset it).
+fn stalled_drivers_keep_running(driver: &tokio::task::JoinHandle<Result<(), h2::Error>>) {
+    assert!(!driver.is_finished(), "the node closed the connection");
 }

@@ -71,6 +71,8 @@ pub const DEFAULT_IDLE_TIMEOUT_SECS: u64 = 600;
 pub const DEFAULT_MAX_LOCK_HOLD_SECS: u64 = 86_400;
 /// Default byte budget of queued Batch responses (256 MiB).
 pub const DEFAULT_BATCH_BUFFER_BYTES: u64 = 256 * 1024 * 1024;
+/// Default `--request-buffer-bytes` (256 MiB).
+pub const DEFAULT_REQUEST_BUFFER_BYTES: u64 = 256 * 1024 * 1024;
 /// Default most commands of one Batch stream in flight at once.
 pub const DEFAULT_BATCH_IN_FLIGHT: usize = 4096;
 /// Default most collections.
@@ -280,6 +282,12 @@ pub struct NodeConfig {
     /// a large response waits for room.
     #[arg(long, env = "DISTCACHE_BATCH_BUFFER_BYTES", default_value_t = DEFAULT_BATCH_BUFFER_BYTES)]
     pub batch_buffer_bytes: u64,
+    /// Bytes of large Batch requests (over 1 MiB each) the node receives
+    /// for all clients at once, from a message's first byte until it is
+    /// decoded; a large request waits for room (HTTP/2 flow control holds
+    /// its client back).
+    #[arg(long, env = "DISTCACHE_REQUEST_BUFFER_BYTES", default_value_t = DEFAULT_REQUEST_BUFFER_BYTES)]
+    pub request_buffer_bytes: u64,
     /// Most commands of one Batch stream the node runs at once; the stream
     /// reads no further message until one finishes.
     #[arg(long, env = "DISTCACHE_BATCH_IN_FLIGHT", default_value_t = DEFAULT_BATCH_IN_FLIGHT)]
@@ -357,6 +365,7 @@ impl Default for NodeConfig {
             keepalive_secs: 0,
             max_lock_hold_secs: DEFAULT_MAX_LOCK_HOLD_SECS,
             batch_buffer_bytes: DEFAULT_BATCH_BUFFER_BYTES,
+            request_buffer_bytes: DEFAULT_REQUEST_BUFFER_BYTES,
             batch_in_flight: DEFAULT_BATCH_IN_FLIGHT,
             max_collections: DEFAULT_MAX_COLLECTIONS,
             log: "info,openraft=warn".into(),

@@ -34,6 +34,8 @@ use prost::Message;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::PollSemaphore;
 use tonic::Status;
+
+use super::inbound::InboundBody;
 use tonic::body::Body;
 use tonic::codegen::{Service, http};
 use tonic::server::NamedService;
@@ -66,6 +68,11 @@ impl ResponseBudget {
             permits: Arc::new(Semaphore::new(max as usize)),
             max,
         }
+    }
+
+    /// The budget's semaphore and the most room one message may take.
+    pub fn semaphore(&self) -> (PollSemaphore, u32) {
+        (PollSemaphore::new(self.permits.clone()), self.max)
     }
 
     /// Waits for room for a large unary answer of `len` encoded bytes; the
@@ -323,7 +330,8 @@ impl<S: NamedService, M> NamedService for HandoffService<S, M> {
 
 impl<S, M> Service<http::Request<Body>> for HandoffService<S, M>
 where
-    S: Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>,
+    S: Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>
+        + NamedService,
     S::Future: Send + 'static,
     M: Message + Unpin + Send + 'static,
 {
@@ -336,6 +344,21 @@ where
     }
 
     fn call(&mut self, req: http::Request<Body>) -> Self::Future {
+        // A Batch stream's requests are decoded by the handler (`Inbound`):
+        // tonic gets an empty body.
+        let is_batch = req
+            .uri()
+            .path()
+            .strip_prefix('/')
+            .and_then(|p| p.strip_prefix(S::NAME))
+            == Some("/Batch");
+        let req = if is_batch {
+            let (mut parts, body) = req.into_parts();
+            parts.extensions.insert(InboundBody::new(body));
+            http::Request::from_parts(parts, Body::empty())
+        } else {
+            req
+        };
         let call = self.inner.call(req);
         let max = self.max;
         Box::pin(async move {

@@ -4,6 +4,7 @@ mod admin;
 pub mod auth;
 pub mod budget;
 mod convert;
+pub mod inbound;
 mod service;
 mod slots;
 mod status;

@@ -13,6 +13,7 @@ use futures::{FutureExt, StreamExt, stream::FuturesUnordered};
 use super::auth::{Access, Caller};
 use super::budget::{Answers, Budgeted, ResponseBudget, SMALL_RESPONSE};
 use super::convert;
+use super::inbound::{Inbound, InboundBody};
 use super::slots::Slots;
 use super::status::{to_proto, to_status};
 use crate::command::{Command, Origin, Outcome};
@@ -28,6 +29,8 @@ pub struct Api {
     pub(super) node: Arc<Node>,
     access: Access,
     budget: ResponseBudget,
+    /// Room for large Batch requests being received (`Inbound`).
+    requests: ResponseBudget,
 }
 
 impl Api {
@@ -39,10 +42,12 @@ impl Api {
     /// Services over `node`, each call checked by `access`.
     pub fn with_access(node: Arc<Node>, access: Access) -> Self {
         let budget = ResponseBudget::new(node.config().batch_buffer_bytes);
+        let requests = ResponseBudget::new(node.config().request_buffer_bytes);
         Api {
             node,
             access,
             budget,
+            requests,
         }
     }
 
@@ -355,7 +360,15 @@ impl proto::cache_server::Cache for Api {
     ) -> Result<Response<Self::BatchStream>, Status> {
         self.caller(&req)?;
         let (access, creds) = (self.access.clone(), self.access.credentials(&req));
-        let mut inbound = req.into_inner();
+        let max = usize::try_from(self.node.config().max_message_bytes).unwrap_or(usize::MAX);
+        let mut inbound = match req
+            .extensions()
+            .get::<InboundBody>()
+            .and_then(InboundBody::take)
+        {
+            Some(body) => Requests::Own(Inbound::new(body, &self.requests, max)),
+            None => Requests::Tonic(req.into_inner()),
+        };
         let (tx, rx) = mpsc::channel(BATCH_OUT_DEPTH);
         let node = self.node.clone();
         let most_in_flight = node.config().batch_in_flight;
@@ -461,6 +474,23 @@ impl proto::cache_server::Cache for Api {
             .metadata_mut()
             .insert(BATCH_STREAMS_HEADER, MetadataValue::from(workers.max(1)));
         Ok(response)
+    }
+}
+
+/// A Batch stream's requests: decoded by the node ([`Inbound`]) when the
+/// stream came through [`super::budget::HandoffService`], else by tonic.
+enum Requests {
+    Own(Inbound<proto::BatchRequest>),
+    Tonic(Streaming<proto::BatchRequest>),
+}
+
+impl Requests {
+    /// The next message; `None` once the client closed its side. Cancel safe.
+    async fn message(&mut self) -> std::result::Result<Option<proto::BatchRequest>, Status> {
+        match self {
+            Requests::Own(inbound) => inbound.message().await,
+            Requests::Tonic(streaming) => streaming.message().await,
+        }
     }
 }
 

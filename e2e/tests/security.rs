@@ -762,15 +762,14 @@ async fn idle_streams_that_wrote_large_values_cannot_grow_the_node() {
     .await;
 }
 
-/// 40 Batch streams (10 connections of 4) each announce a 32 MiB message,
+/// 40 calls to `path` (10 connections of 4 streams) each announce a 32 MiB message,
 /// send 8 MiB of it and stall. tonic read every stream's bytes as they came
 /// (up to `--max-message-bytes` held per stream, whatever the number of
 /// streams); the node now reads a large message only once it has room for
 /// it in `--request-buffer-bytes` (16 MiB here), so the others wait unread,
 /// held back by HTTP/2 flow control. Checks that the node grew by less than
 /// [`UNREAD_GROWTH_LIMIT`], stayed alive and served others meanwhile.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn stalled_large_requests_cannot_grow_the_node() {
+async fn stalled_large_requests_cannot_grow_the_node(path: &str) {
     let mut node = NodeProcess::start_under(
         Some(1536 << 20),
         &["--request-buffer-bytes", "16777216"],
@@ -809,7 +808,7 @@ async fn stalled_large_requests_cannot_grow_the_node() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     let grown = node.rss_bytes().saturating_sub(base);
     println!(
-        "RSS grew by {} MiB with 40 stalled 32 MiB requests",
+        "RSS grew by {} MiB with 40 stalled 32 MiB requests to {path}",
         grown >> 20
     );
     assert!(node.alive(), "the node aborted under the address-space cap");
@@ -826,6 +825,18 @@ async fn stalled_large_requests_cannot_grow_the_node() {
         grown >> 20
     );
     drop(stalled);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_large_batch_requests_cannot_grow_the_node() {
+    stalled_large_requests_cannot_grow_the_node("/distcache.v1.Cache/Batch").await;
+}
+
+/// The same with unary calls, on the Cache service and on another one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_large_unary_requests_cannot_grow_the_node() {
+    stalled_large_requests_cannot_grow_the_node("/distcache.v1.Cache/Put").await;
+    stalled_large_requests_cannot_grow_the_node("/distcache.v1.Locks/Acquire").await;
 }
 
 /// A connection's driver has not failed (the node did not reset it).

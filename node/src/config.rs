@@ -282,10 +282,10 @@ pub struct NodeConfig {
     /// a large response waits for room.
     #[arg(long, env = "DISTCACHE_BATCH_BUFFER_BYTES", default_value_t = DEFAULT_BATCH_BUFFER_BYTES)]
     pub batch_buffer_bytes: u64,
-    /// Bytes of large Batch requests (over 1 MiB each) the node receives
-    /// for all clients at once, from a message's first byte until it is
-    /// decoded; a large request waits for room (HTTP/2 flow control holds
-    /// its client back).
+    /// Bytes of large requests (over 1 MiB each, Batch or unary) the node
+    /// receives for all clients at once, from a message's first byte until
+    /// it is decoded; a large request waits for room (HTTP/2 flow control
+    /// holds its client back).
     #[arg(long, env = "DISTCACHE_REQUEST_BUFFER_BYTES", default_value_t = DEFAULT_REQUEST_BUFFER_BYTES)]
     pub request_buffer_bytes: u64,
     /// Most commands of one Batch stream the node runs at once; the stream

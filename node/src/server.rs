@@ -11,6 +11,7 @@ use crate::error::{Error, Result};
 use crate::grpc::Api;
 use crate::grpc::auth::Access;
 use crate::grpc::budget::HandoffService;
+use crate::grpc::inbound::RequestRoom;
 use crate::listener::{self, ConnLimits};
 use crate::node::Node;
 use crate::security::tls::{ReloadingCert, TlsFiles, server_config};
@@ -48,6 +49,7 @@ pub async fn serve(
     };
     spawn_reloads(&node, cert.clone(), access.users());
     let api = Api::with_access(node.clone(), access);
+    let requests = api.requests();
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health
@@ -93,27 +95,33 @@ pub async fn serve(
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(HandoffService::<_, proto::BatchResponse>::new(
-            proto::cache_server::CacheServer::new(api.clone())
-                .max_decoding_message_size(max)
-                .max_encoding_message_size(max),
-            max,
+        .add_service(RequestRoom::new(
+            HandoffService::<_, proto::BatchResponse>::new(
+                proto::cache_server::CacheServer::new(api.clone())
+                    .max_decoding_message_size(max)
+                    .max_encoding_message_size(max),
+                max,
+            ),
+            requests.clone(),
         ))
-        .add_service(
+        .add_service(RequestRoom::new(
             proto::collections_server::CollectionsServer::new(api.clone())
                 .max_decoding_message_size(max)
                 .max_encoding_message_size(max),
-        )
-        .add_service(
+            requests.clone(),
+        ))
+        .add_service(RequestRoom::new(
             proto::locks_server::LocksServer::new(api.clone())
                 .max_decoding_message_size(max)
                 .max_encoding_message_size(max),
-        )
-        .add_service(
+            requests.clone(),
+        ))
+        .add_service(RequestRoom::new(
             proto::cluster_server::ClusterServer::new(api)
                 .max_decoding_message_size(max)
                 .max_encoding_message_size(max),
-        );
+            requests,
+        ));
     let served = match (&tls, cert) {
         (Some(files), Some(cert)) => {
             let config = server_config(files, cert)?;

@@ -35,7 +35,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::PollSemaphore;
 use tonic::Status;
 
-use super::inbound::InboundBody;
+use super::inbound::{BATCH_PATH, InboundBody};
 use tonic::body::Body;
 use tonic::codegen::{Service, http};
 use tonic::server::NamedService;
@@ -330,8 +330,7 @@ impl<S: NamedService, M> NamedService for HandoffService<S, M> {
 
 impl<S, M> Service<http::Request<Body>> for HandoffService<S, M>
 where
-    S: Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>
-        + NamedService,
+    S: Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>,
     S::Future: Send + 'static,
     M: Message + Unpin + Send + 'static,
 {
@@ -346,13 +345,7 @@ where
     fn call(&mut self, req: http::Request<Body>) -> Self::Future {
         // A Batch stream's requests are decoded by the handler (`Inbound`):
         // tonic gets an empty body.
-        let is_batch = req
-            .uri()
-            .path()
-            .strip_prefix('/')
-            .and_then(|p| p.strip_prefix(S::NAME))
-            == Some("/Batch");
-        let req = if is_batch {
+        let req = if req.uri().path() == BATCH_PATH {
             let (mut parts, body) = req.into_parts();
             parts.extensions.insert(InboundBody::new(body));
             http::Request::from_parts(parts, Body::empty())

@@ -20,12 +20,15 @@ use std::task::{Context, Poll, ready};
 
 use bytes::{Buf, Bytes};
 use http_body::Body as _;
+use http_body::Frame;
 use parking_lot::Mutex;
 use prost::Message;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::PollSemaphore;
 use tonic::Status;
 use tonic::body::Body;
+use tonic::codegen::{Service, http};
+use tonic::server::NamedService;
 
 use super::budget::{ResponseBudget, SMALL_RESPONSE};
 
@@ -173,11 +176,155 @@ impl<M: Message + Default> Inbound<M> {
     }
 }
 
+/// A unary request's body (every service but Batch streams): the frames
+/// pass as they come, except that the frame starting a message over
+/// [`SMALL_RESPONSE`] waits for room for the message's size from the same
+/// budget as [`Inbound`]'s, held until the body is dropped (tonic drops it
+/// once it decoded the message) or the next message starts. tonic reads a
+/// request's bytes as they come, so without this every stalled request
+/// could hold up to `--max-message-bytes`.
+pub struct RoomBody {
+    inner: Body,
+    budget: PollSemaphore,
+    most_room: u32,
+    room: Option<OwnedSemaphorePermit>,
+    /// The header bytes seen of the next message.
+    header: [u8; HEADER],
+    have: usize,
+    /// Bytes of the current message still to pass.
+    left: usize,
+    /// A frame that starts a large message, with the room it waits for.
+    waiting: Option<(Frame<Bytes>, u32)>,
+}
+
+impl RoomBody {
+    fn new(inner: Body, budget: &ResponseBudget) -> Self {
+        let (budget, most_room) = budget.semaphore();
+        RoomBody {
+            inner,
+            budget,
+            most_room,
+            room: None,
+            header: [0; HEADER],
+            have: 0,
+            left: 0,
+            waiting: None,
+        }
+    }
+
+    /// Follows the message framing through `data`; the room the largest
+    /// large message it starts needs, if any.
+    fn scan(&mut self, mut data: &[u8]) -> Option<u32> {
+        let mut needs = None;
+        while !data.is_empty() {
+            if self.left > 0 {
+                let k = self.left.min(data.len());
+                self.left -= k;
+                data = &data[k..];
+                continue;
+            }
+            let k = (HEADER - self.have).min(data.len());
+            self.header[self.have..self.have + k].copy_from_slice(&data[..k]);
+            self.have += k;
+            data = &data[k..];
+            if self.have == HEADER {
+                self.have = 0;
+                // A new message: the previous one's room is done.
+                self.room = None;
+                let h = self.header;
+                let len = u32::from_be_bytes([h[1], h[2], h[3], h[4]]);
+                self.left = usize::try_from(len).unwrap_or(usize::MAX);
+                if self.left > SMALL_RESPONSE {
+                    let room = len.clamp(1, self.most_room);
+                    needs = Some(needs.map_or(room, |n: u32| n.max(room)));
+                }
+            }
+        }
+        needs
+    }
+}
+
+impl http_body::Body for RoomBody {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        if self.waiting.is_none() {
+            let frame = match ready!(Pin::new(&mut self.inner).poll_frame(cx)) {
+                Some(Ok(frame)) => frame,
+                other => return Poll::Ready(other),
+            };
+            let needs = frame.data_ref().and_then(|d| {
+                let d = d.clone();
+                self.scan(&d)
+            });
+            match needs {
+                Some(room) => self.waiting = Some((frame, room)),
+                None => return Poll::Ready(Some(Ok(frame))),
+            }
+        }
+        let room = self.waiting.as_ref().map_or(1, |(_, room)| *room);
+        let permit = ready!(self.budget.poll_acquire_many(cx, room));
+        self.room = permit;
+        Poll::Ready(self.waiting.take().map(|(frame, _)| Ok(frame)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.waiting.is_none() && self.inner.is_end_stream()
+    }
+}
+
+/// Wraps a gRPC service so that its requests' bodies are [`RoomBody`]s,
+/// except Batch streams', which [`Inbound`] reads under the same budget.
+#[derive(Debug, Clone)]
+pub struct RequestRoom<S> {
+    inner: S,
+    budget: ResponseBudget,
+}
+
+impl<S> RequestRoom<S> {
+    /// Wraps `inner`; large requests take room from `budget`.
+    pub fn new(inner: S, budget: ResponseBudget) -> Self {
+        RequestRoom { inner, budget }
+    }
+}
+
+impl<S: NamedService> NamedService for RequestRoom<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S> Service<http::Request<Body>> for RequestRoom<S>
+where
+    S: Service<http::Request<Body>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<Body>) -> Self::Future {
+        if req.uri().path() == BATCH_PATH {
+            return self.inner.call(req);
+        }
+        let budget = &self.budget;
+        self.inner
+            .call(req.map(|body| Body::new(RoomBody::new(body, budget))))
+    }
+}
+
+/// The path of the Batch stream, whose requests [`Inbound`] decodes.
+pub const BATCH_PATH: &str = "/distcache.v1.Cache/Batch";
+
 #[cfg(test)]
 mod tests {
     use distcache_client::proto::{BatchRequest, Command, GetRequest, command};
     use futures::FutureExt;
-    use http_body::Frame;
 
     use super::*;
 
@@ -286,5 +433,63 @@ mod tests {
             assert_eq!(status.code(), code, "{status:?}");
             assert!(status.message().contains(says), "{status:?}");
         }
+    }
+
+    /// The Batch path is the generated Cache service's.
+    #[test]
+    fn the_batch_path_is_the_cache_services() {
+        assert_eq!(
+            BATCH_PATH,
+            format!(
+                "/{}/Batch",
+                distcache_client::proto::cache_server::SERVICE_NAME
+            )
+        );
+    }
+
+    /// A unary body passes its frames as they come; the frame starting a
+    /// large message waits while the budget is held, and its room is given
+    /// back when the body is dropped. Small messages never wait.
+    #[tokio::test]
+    async fn a_unary_bodys_large_message_waits_for_room_until_the_body_is_dropped() {
+        let budget = ResponseBudget::new(4 << 20);
+        let bytes = [framed(&ask(1, 10)), framed(&ask(2, 2 << 20))].concat();
+        let frames: VecDeque<Bytes> = bytes.chunks(16 << 10).map(Bytes::copy_from_slice).collect();
+        let count = frames.len();
+        let held = budget
+            .semaphore()
+            .0
+            .clone_inner()
+            .acquire_many_owned(3 << 20)
+            .await;
+        let mut body = RoomBody::new(Body::new(Frames(frames)), &budget);
+        let mut next =
+            || std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).now_or_never();
+        // The first frame holds the small message and starts the large one.
+        assert!(next().is_none(), "the large message waits for room");
+        drop(held);
+        let mut passed = 0;
+        while let Some(Some(frame)) = next() {
+            assert!(frame.expect("ok").is_data());
+            passed += 1;
+        }
+        assert_eq!(passed, count);
+        let left = budget.semaphore().0.available_permits();
+        assert!(left < 4 << 20 && left > 1 << 20, "room held: {left} left");
+        drop(body);
+        assert_eq!(budget.semaphore().0.available_permits(), 4 << 20);
+
+        let small: VecDeque<Bytes> = [Bytes::from(framed(&ask(3, 100)))].into();
+        let _all = budget
+            .semaphore()
+            .0
+            .clone_inner()
+            .acquire_many_owned(4 << 20)
+            .await;
+        let mut body = RoomBody::new(Body::new(Frames(small)), &budget);
+        let frame = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx))
+            .now_or_never()
+            .expect("a small message never waits");
+        assert!(frame.expect("a frame").expect("ok").is_data());
     }
 }

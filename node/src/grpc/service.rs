@@ -51,6 +51,11 @@ impl Api {
         }
     }
 
+    /// The budget of large requests being received (for [`super::inbound::RequestRoom`]).
+    pub fn requests(&self) -> ResponseBudget {
+        self.requests.clone()
+    }
+
     /// The caller of `req`, or UNAUTHENTICATED.
     pub(super) fn caller<T>(&self, req: &Request<T>) -> Result<Caller, Status> {
         self.access.caller(req).map_err(|e| self.status(e))

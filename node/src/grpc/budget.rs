@@ -34,8 +34,6 @@ use prost::Message;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::PollSemaphore;
 use tonic::Status;
-
-use super::inbound::{BATCH_PATH, InboundBody};
 use tonic::body::Body;
 use tonic::codegen::{Service, http};
 use tonic::server::NamedService;
@@ -343,15 +341,6 @@ where
     }
 
     fn call(&mut self, req: http::Request<Body>) -> Self::Future {
-        // A Batch stream's requests are decoded by the handler (`Inbound`):
-        // tonic gets an empty body.
-        let req = if req.uri().path() == BATCH_PATH {
-            let (mut parts, body) = req.into_parts();
-            parts.extensions.insert(InboundBody::new(body));
-            http::Request::from_parts(parts, Body::empty())
-        } else {
-            req
-        };
         let call = self.inner.call(req);
         let max = self.max;
         Box::pin(async move {

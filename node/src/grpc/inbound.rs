@@ -36,8 +36,8 @@ use super::budget::{ResponseBudget, SMALL_RESPONSE};
 /// message's length (big-endian u32).
 const HEADER: usize = 5;
 
-/// A Batch stream's request body, handed from [`super::budget::HandoffService`]
-/// to the handler in the request's extensions (tonic is given an empty
+/// A Batch stream's request body, handed from [`RequestRoom`] to the
+/// handler in the request's extensions (tonic is given an empty
 /// body in its place).
 #[derive(Debug, Clone)]
 pub struct InboundBody(Arc<Mutex<Option<Body>>>);
@@ -278,7 +278,8 @@ impl http_body::Body for RoomBody {
 }
 
 /// Wraps a gRPC service so that its requests' bodies are [`RoomBody`]s,
-/// except Batch streams', which [`Inbound`] reads under the same budget.
+/// except Batch streams', which go to the handler in the extensions
+/// ([`InboundBody`]) for [`Inbound`] to read under the same budget.
 #[derive(Debug, Clone)]
 pub struct RequestRoom<S> {
     inner: S,
@@ -310,7 +311,12 @@ where
 
     fn call(&mut self, req: http::Request<Body>) -> Self::Future {
         if req.uri().path() == BATCH_PATH {
-            return self.inner.call(req);
+            // The handler decodes it (`Inbound`): tonic gets an empty body.
+            let (mut parts, body) = req.into_parts();
+            parts.extensions.insert(InboundBody::new(body));
+            return self
+                .inner
+                .call(http::Request::from_parts(parts, Body::empty()));
         }
         let budget = &self.budget;
         self.inner

@@ -483,7 +483,7 @@ impl proto::cache_server::Cache for Api {
 }
 
 /// A Batch stream's requests: decoded by the node ([`Inbound`]) when the
-/// stream came through [`super::budget::HandoffService`], else by tonic.
+/// stream came through [`super::inbound::RequestRoom`], else by tonic.
 enum Requests {
     Own(Inbound<proto::BatchRequest>),
     Tonic(Streaming<proto::BatchRequest>),

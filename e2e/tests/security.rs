@@ -492,22 +492,18 @@ async fn idle_connections_are_closed_and_a_flood_cannot_lock_clients_out() {
     assert!(node.alive(), "the node died under the flood");
 }
 
-/// 40 connections whose receive windows stay at 1 KiB each ask 8 times
-/// for 16 MiB (four 4 MiB values) and never read: as Batch streams, or as
-/// unary `GetMany` calls. Checks that the node stayed alive, served a
-/// well-behaved client and grew by less than [`UNREAD_GROWTH_LIMIT`].
-async fn unread_large_answers_stay_within_the_budget(unary: bool) {
-    use distcache_client::proto::{self, cache_client::CacheClient};
-    let budget = std::env::var("DC_TEST_BUDGET").unwrap_or_else(|_| "16777216".into());
-    // glibc's dynamic mmap threshold keeps freed 16 MiB buffers in the heap
-    // (RSS then measures the allocator's history, not live memory): fix it.
-    // Under a 1.5 GiB address-space cap: unbounded, this flood aborts the
-    // node ("memory allocation failed"); bounded, it must not.
-    let mut node = NodeProcess::start_under(
+/// A node under a 1.5 GiB address-space cap with a response budget of
+/// `budget` bytes, holding four 4 MiB values; a client and their keys.
+/// Unbounded, the floods below abort such a node ("memory allocation
+/// failed"); bounded, they must not. glibc's dynamic mmap threshold would
+/// keep freed 16 MiB buffers in the heap (RSS then measures the
+/// allocator's history, not live memory): it is fixed.
+async fn node_with_four_large_values(budget: &str) -> (NodeProcess, Client, Vec<String>) {
+    let node = NodeProcess::start_under(
         Some(1536 << 20),
         &[
             "--batch-buffer-bytes",
-            &budget,
+            budget,
             "--max-value-bytes",
             "4194304",
         ],
@@ -520,6 +516,17 @@ async fn unread_large_answers_stay_within_the_budget(unary: bool) {
     for k in &keys {
         c.put(k, vec![7u8; 4 << 20]).await.expect("put 4 MiB");
     }
+    (node, c, keys)
+}
+
+/// 40 connections whose receive windows stay at 1 KiB each ask 8 times
+/// for 16 MiB (four 4 MiB values) and never read: as Batch streams, or as
+/// unary `GetMany` calls. Checks that the node stayed alive, served a
+/// well-behaved client and grew by less than [`UNREAD_GROWTH_LIMIT`].
+async fn unread_large_answers_stay_within_the_budget(unary: bool) {
+    use distcache_client::proto::{self, cache_client::CacheClient};
+    let budget = std::env::var("DC_TEST_BUDGET").unwrap_or_else(|_| "16777216".into());
+    let (mut node, c, keys) = node_with_four_large_values(&budget).await;
     let base = node.rss_bytes();
     let ask = proto::GetManyRequest {
         collection: String::new(),
@@ -653,23 +660,7 @@ async fn a_batch_read_of_one_key_repeated_cannot_blow_up_its_answer() {
 /// serves others meanwhile.
 async fn idle_streams_cannot_grow_the_node(ask: fn(&[String]) -> proto_op::Op) {
     use distcache_client::proto::{self, cache_client::CacheClient};
-    let mut node = NodeProcess::start_under(
-        Some(1536 << 20),
-        &[
-            "--batch-buffer-bytes",
-            "16777216",
-            "--max-value-bytes",
-            "4194304",
-        ],
-        &[("MALLOC_MMAP_THRESHOLD_", "131072")],
-    );
-    let c = Client::connect([node.addr.to_string()])
-        .await
-        .expect("client");
-    let keys: Vec<String> = (0..4).map(|i| format!("big{i}")).collect();
-    for k in &keys {
-        c.put(k, vec![7u8; 4 << 20]).await.expect("put 4 MiB");
-    }
+    let (mut node, c, keys) = node_with_four_large_values("16777216").await;
     let base = node.rss_bytes();
     let ask = proto::BatchRequest {
         commands: vec![proto::Command {

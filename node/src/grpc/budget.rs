@@ -40,14 +40,14 @@ use tonic::server::NamedService;
 
 /// The length prefix of a gRPC message: a compression flag and the
 /// message's length (big-endian u32).
-const MESSAGE_HEADER: usize = 5;
+pub(super) const MESSAGE_HEADER: usize = 5;
 
 /// Responses up to this size (bytes) pass without taking room.
 pub const SMALL_RESPONSE: usize = 1 << 20;
 
 /// The room a response of `len` encoded bytes takes from a budget of `max`
 /// (a response larger than the whole budget takes all of it).
-fn room_for(len: usize, max: u32) -> u32 {
+pub(super) fn room_for(len: usize, max: u32) -> u32 {
     u32::try_from(len).unwrap_or(u32::MAX).clamp(1, max)
 }
 
@@ -90,8 +90,8 @@ impl ResponseBudget {
 }
 
 /// The room of the large response a stream last handed to the transport
-/// (or of a unary answer), until its encoded bytes pass through the
-/// response's [`HandoffBody`].
+/// (or of a unary answer), until its encoded bytes leave the response's
+/// body ([`AnswerBody`], or [`HandoffBody`] for a unary answer).
 #[derive(Debug, Default)]
 pub struct Handoff {
     room: Mutex<Option<OwnedSemaphorePermit>>,
@@ -462,6 +462,15 @@ mod tests {
             };
             (body, budget)
         };
+        let trailers = |body: &mut AnswerBody<proto::BatchResponse>| {
+            std::future::poll_fn(|cx| Pin::new(&mut *body).poll_frame(cx))
+                .now_or_never()
+                .expect("ready")
+                .expect("trailers")
+                .expect("ok")
+                .into_trailers()
+                .expect("trailers")
+        };
         let next = |body: &mut AnswerBody<proto::BatchResponse>| {
             std::future::poll_fn(|cx| Pin::new(&mut *body).poll_frame(cx))
                 .now_or_never()
@@ -497,11 +506,7 @@ mod tests {
                 );
             }
         }
-        let end = next(&mut body)
-            .expect("trailers")
-            .expect("ok")
-            .into_trailers()
-            .expect("trailers");
+        let end = trailers(&mut body);
         assert_eq!(
             end.get("grpc-status").map(|v| v.as_bytes()),
             Some(&b"0"[..])
@@ -510,11 +515,7 @@ mod tests {
         assert!(next(&mut body).is_none());
 
         let (mut body, _) = frames(vec![Err(Status::unavailable("leaving"))], 64 << 20);
-        let end = next(&mut body)
-            .expect("trailers")
-            .expect("ok")
-            .into_trailers()
-            .expect("trailers");
+        let end = trailers(&mut body);
         assert_eq!(
             end.get("grpc-status").map(|v| v.as_bytes()),
             Some(&b"14"[..])
@@ -525,11 +526,7 @@ mod tests {
         );
 
         let (mut body, _) = frames(vec![Ok(answer(100))], 50);
-        let end = next(&mut body)
-            .expect("trailers")
-            .expect("ok")
-            .into_trailers()
-            .expect("trailers");
+        let end = trailers(&mut body);
         assert_eq!(
             end.get("grpc-status").map(|v| v.as_bytes()),
             Some(&b"11"[..]),

@@ -30,11 +30,10 @@ use tonic::body::Body;
 use tonic::codegen::{Service, http};
 use tonic::server::NamedService;
 
-use super::budget::{ResponseBudget, SMALL_RESPONSE};
+use super::budget::{MESSAGE_HEADER, ResponseBudget, SMALL_RESPONSE, room_for};
 
-/// The length prefix of a gRPC message: a compression flag and the
-/// message's length (big-endian u32).
-const HEADER: usize = 5;
+/// The length prefix of a gRPC message.
+const HEADER: usize = MESSAGE_HEADER;
 
 /// A Batch stream's request body, handed from [`RequestRoom`] to the
 /// handler in the request's extensions (tonic is given an empty
@@ -117,9 +116,7 @@ impl<M: Message + Default> Inbound<M> {
             }
             if let Some(len) = self.next {
                 if len > SMALL_RESPONSE && self.room.is_none() {
-                    let room = u32::try_from(len)
-                        .unwrap_or(u32::MAX)
-                        .clamp(1, self.most_room);
+                    let room = room_for(len, self.most_room);
                     self.room = ready!(self.budget.poll_acquire_many(cx, room));
                 }
                 if self.buffered >= len {
@@ -235,7 +232,7 @@ impl RoomBody {
                 let len = u32::from_be_bytes([h[1], h[2], h[3], h[4]]);
                 self.left = usize::try_from(len).unwrap_or(usize::MAX);
                 if self.left > SMALL_RESPONSE {
-                    let room = len.clamp(1, self.most_room);
+                    let room = room_for(self.left, self.most_room);
                     needs = Some(needs.map_or(room, |n: u32| n.max(room)));
                 }
             }
@@ -257,10 +254,7 @@ impl http_body::Body for RoomBody {
                 Some(Ok(frame)) => frame,
                 other => return Poll::Ready(other),
             };
-            let needs = frame.data_ref().and_then(|d| {
-                let d = d.clone();
-                self.scan(&d)
-            });
+            let needs = frame.data_ref().and_then(|d| self.scan(d));
             match needs {
                 Some(room) => self.waiting = Some((frame, room)),
                 None => return Poll::Ready(Some(Ok(frame))),
